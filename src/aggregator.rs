@@ -1,0 +1,305 @@
+//! The aggregator: one thread that owns every open window's set of ids.
+//!
+//! Workers send it [`Batch`]es; it inserts each id into the `scc::HashSet` of the
+//! batch's window. A window is closed `grace` after it ends, by removing its set
+//! from the map whole and reporting the set's size: there is no moment at which
+//! ids can slip in between counting and clearing. Windows close strictly in order,
+//! one after the other, so a window that received nothing is reported with 0.
+//!
+//! Invariants: every window from the one the service started in to the one it
+//! stops in is reported exactly once; a batch for a window that is already closed
+//! (only possible if a worker was held up for longer than the grace) is counted as
+//! late and logged, never silently merged into another window.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use flume::{Receiver, RecvTimeoutError};
+
+use crate::batch::Batch;
+use crate::sink::{CountSink, WindowReport};
+use crate::window::{WindowLength, WindowStart};
+
+/// The ids of one open window.
+type IdSet = scc::HashSet<i64>;
+
+pub struct Aggregator {
+    length: WindowLength,
+    grace: Duration,
+    open: BTreeMap<WindowStart, IdSet>,
+    /// The oldest window not yet reported; all earlier ones are.
+    next_close: WindowStart,
+    sinks: Vec<Box<dyn CountSink>>,
+    late_ids: u64,
+}
+
+impl Aggregator {
+    /// An aggregator whose first window is the one containing `started_at`.
+    pub fn new(
+        length: WindowLength,
+        grace: Duration,
+        started_at: SystemTime,
+        sinks: Vec<Box<dyn CountSink>>,
+    ) -> Self {
+        Aggregator {
+            length,
+            grace,
+            open: BTreeMap::new(),
+            next_close: length.window_of(started_at),
+            sinks,
+            late_ids: 0,
+        }
+    }
+
+    /// Receives batches until every sender is gone, closing windows as they fall due,
+    /// then reports what is left (see [`Aggregator::finish`]).
+    pub fn run(mut self, batches: Receiver<Batch>) {
+        loop {
+            let now = SystemTime::now();
+            let deadline = self.next_deadline();
+            if now >= deadline {
+                // Batches already queued were sealed before now: they may belong to
+                // the window about to close, so they go in first.
+                for batch in batches.try_iter().take(batches.len()) {
+                    self.ingest(batch);
+                }
+                self.close_due(now);
+                continue;
+            }
+            let wait = deadline.duration_since(now).unwrap_or_default();
+            match batches.recv_timeout(wait) {
+                Ok(batch) => self.ingest(batch),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.finish(SystemTime::now());
+    }
+
+    /// Adds a batch of ids to its window's set.
+    pub fn ingest(&mut self, batch: Batch) {
+        if batch.window < self.next_close {
+            self.late_ids += batch.ids.len() as u64;
+            tracing::warn!(
+                window_start = %batch.window,
+                ids = batch.ids.len(),
+                late_ids_total = self.late_ids,
+                "ids arrived after their window was closed; not counted"
+            );
+            return;
+        }
+        let set = self
+            .open
+            .entry(batch.window)
+            .or_insert_with(|| IdSet::with_capacity(batch.ids.len()));
+        for id in batch.ids {
+            // Err means the id was already in the set: exactly the repeat to drop.
+            let _ = set.insert_sync(id);
+        }
+    }
+
+    /// When the oldest open window is due to close.
+    pub fn next_deadline(&self) -> SystemTime {
+        self.length.end_of(self.next_close) + self.grace
+    }
+
+    /// Closes every window whose grace has passed at `now`.
+    pub fn close_due(&mut self, now: SystemTime) {
+        while now >= self.next_deadline() {
+            self.close_next(false);
+        }
+    }
+
+    /// Reports everything at shutdown, once every worker has flushed: windows that
+    /// ended by `now` are complete; the one containing `now` is closed early and
+    /// marked partial, as is any later window (a clock that stepped back).
+    pub fn finish(mut self, now: SystemTime) {
+        while self.length.end_of(self.next_close) <= now {
+            self.close_next(false);
+        }
+        self.close_next(true);
+        while let Some(&last) = self.open.keys().next_back() {
+            while self.next_close <= last {
+                self.close_next(true);
+            }
+        }
+    }
+
+    /// Ids that arrived after their window was reported, since start.
+    pub fn late_ids(&self) -> u64 {
+        self.late_ids
+    }
+
+    fn close_next(&mut self, partial: bool) {
+        let window = self.next_close;
+        // Swap the set out whole: removing it from the map is the close.
+        let unique_requests = self.open.remove(&window).map_or(0, |set| set.len() as u64);
+        self.next_close = self.length.next(window);
+        let report = WindowReport {
+            window_start: window,
+            window_secs: self.length.as_secs(),
+            unique_requests,
+            partial,
+        };
+        tracing::info!(
+            window_start = %window,
+            unique_requests,
+            partial,
+            "window closed"
+        );
+        for sink in &mut self.sinks {
+            sink.publish(&report);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    /// A sink that remembers what it was given.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<Vec<WindowReport>>>);
+
+    impl CountSink for Recorded {
+        fn publish(&mut self, report: &WindowReport) {
+            self.0.lock().unwrap().push(*report);
+        }
+    }
+
+    impl Recorded {
+        fn counts(&self) -> Vec<(u64, u64, bool)> {
+            let reports = self.0.lock().unwrap();
+            reports
+                .iter()
+                .map(|r| (r.window_start.unix_secs(), r.unique_requests, r.partial))
+                .collect()
+        }
+    }
+
+    fn at_ms(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn batch(window_secs: u64, ids: &[i64]) -> Batch {
+        Batch {
+            window: WindowStart::from_unix_secs(window_secs),
+            ids: ids.to_vec(),
+        }
+    }
+
+    /// 60 s windows, 500 ms grace, started at 100.000 s (window 60).
+    fn aggregator() -> (Aggregator, Recorded) {
+        let recorded = Recorded::default();
+        let agg = Aggregator::new(
+            WindowLength::from_secs(60),
+            Duration::from_millis(500),
+            at_ms(100_000),
+            vec![Box::new(recorded.clone())],
+        );
+        (agg, recorded)
+    }
+
+    #[test]
+    fn counts_distinct_ids_across_batches() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(60, &[1, 2, 3, 2]));
+        agg.ingest(batch(60, &[3, 4, i64::MIN, i64::MAX, 1]));
+        agg.close_due(at_ms(120_500));
+        assert_eq!(recorded.counts(), vec![(60, 6, false)]);
+    }
+
+    #[test]
+    fn closes_exactly_at_end_plus_grace() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(60, &[1]));
+        assert_eq!(agg.next_deadline(), at_ms(120_500));
+        agg.close_due(at_ms(120_499));
+        assert_eq!(recorded.counts(), vec![]);
+        agg.close_due(at_ms(120_500));
+        assert_eq!(recorded.counts(), vec![(60, 1, false)]);
+        assert_eq!(agg.next_deadline(), at_ms(180_500));
+    }
+
+    #[test]
+    fn the_same_id_counts_again_in_the_next_window() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(60, &[7, 8]));
+        // The next window's ids may arrive before the previous window closes.
+        agg.ingest(batch(120, &[7]));
+        agg.close_due(at_ms(180_500));
+        assert_eq!(recorded.counts(), vec![(60, 2, false), (120, 1, false)]);
+    }
+
+    #[test]
+    fn idle_windows_are_reported_with_zero() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(180, &[1]));
+        agg.close_due(at_ms(240_500));
+        assert_eq!(
+            recorded.counts(),
+            vec![(60, 0, false), (120, 0, false), (180, 1, false)]
+        );
+    }
+
+    #[test]
+    fn late_batches_are_counted_apart() {
+        let (mut agg, recorded) = aggregator();
+        agg.close_due(at_ms(120_500));
+        agg.ingest(batch(60, &[1, 2]));
+        assert_eq!(agg.late_ids(), 2);
+        agg.close_due(at_ms(180_500));
+        assert_eq!(recorded.counts(), vec![(60, 0, false), (120, 0, false)]);
+    }
+
+    #[test]
+    fn finish_closes_ended_windows_normally_and_the_current_one_as_partial() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(60, &[1, 2]));
+        agg.ingest(batch(120, &[3]));
+        // Shut down 200 ms into window 120, before window 60's grace had passed.
+        agg.finish(at_ms(120_200));
+        assert_eq!(recorded.counts(), vec![(60, 2, false), (120, 1, true)]);
+    }
+
+    #[test]
+    fn finish_reports_later_windows_too() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(180, &[9]));
+        agg.finish(at_ms(100_000));
+        assert_eq!(
+            recorded.counts(),
+            vec![(60, 0, true), (120, 0, true), (180, 1, true)]
+        );
+    }
+
+    #[test]
+    fn run_drains_the_channel_and_finishes_when_workers_are_gone() {
+        let recorded = Recorded::default();
+        let now = SystemTime::now();
+        let length = WindowLength::from_secs(3600);
+        let agg = Aggregator::new(
+            length,
+            Duration::from_millis(500),
+            now,
+            vec![Box::new(recorded.clone())],
+        );
+        let (tx, rx) = flume::bounded(4);
+        let window = length.window_of(now);
+        let thread = std::thread::spawn(move || agg.run(rx));
+        for chunk in [[1, 2], [2, 3], [4, 4]] {
+            tx.send(Batch {
+                window,
+                ids: chunk.to_vec(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        thread.join().unwrap();
+        let counts = recorded.counts();
+        assert_eq!(counts.last(), Some(&(window.unix_secs(), 4, true)));
+    }
+}

@@ -1,0 +1,254 @@
+//! Every knob of the service, as a command-line flag and a `VERVE_*` environment variable.
+//!
+//! [`Config`] is the single source of truth: `--help` is generated from it and
+//! `docs/configuration.md` mirrors it (a test keeps the two in step). Values are
+//! checked here, at start-up, so that a bad one is a one-line error naming the
+//! variable rather than a surprise later.
+
+use std::error::Error as _;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser, ValueEnum};
+
+use crate::window::WindowLength;
+
+/// Counts unique request ids per time window, thread-per-core.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "verve", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on; every worker binds it with SO_REUSEPORT.
+    #[arg(long, env = "VERVE_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+
+    /// Worker threads, each with its own runtime and listener [default: available cores].
+    #[arg(long, env = "VERVE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
+    /// Length of a counting window in seconds; windows align to multiples of it (UTC).
+    #[arg(long, env = "VERVE_WINDOW_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub window_secs: u64,
+
+    /// How long after a window ends it is closed and counted, in milliseconds.
+    #[arg(long, env = "VERVE_WINDOW_GRACE_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub window_grace_ms: u64,
+
+    /// File that receives one line per closed window with its unique count.
+    #[arg(
+        long,
+        env = "VERVE_COUNT_LOG",
+        default_value = "logs/unique-requests.log"
+    )]
+    pub count_log: PathBuf,
+
+    /// I/O driver of the worker runtimes: auto (io_uring when the kernel allows it, else epoll), uring or epoll.
+    #[arg(long, env = "VERVE_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
+    pub io_driver: IoDriver,
+
+    /// Ids a worker collects before it hands them to the aggregator as one batch.
+    #[arg(long, env = "VERVE_BATCH_IDS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_ids: u32,
+
+    /// Longest a partly filled batch waits before it is sent anyway, in milliseconds.
+    #[arg(long, env = "VERVE_FLUSH_MS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    pub flush_ms: u64,
+
+    /// Batches that may wait for the aggregator; when full, requests get 503.
+    #[arg(long, env = "VERVE_QUEUE_BATCHES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub queue_batches: u32,
+
+    /// Pin each worker thread to one CPU of those the process may use.
+    #[arg(long, env = "VERVE_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_workers: bool,
+
+    /// On shutdown, how long open connections may take to finish, in milliseconds.
+    #[arg(long, env = "VERVE_SHUTDOWN_DRAIN_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub shutdown_drain_ms: u64,
+}
+
+/// Which kernel interface the worker runtimes use for I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoDriver {
+    /// io_uring when the kernel (and seccomp) allow it, epoll otherwise.
+    Auto,
+    /// io_uring; start-up fails if it is unavailable.
+    Uring,
+    /// epoll, readiness-based I/O.
+    Epoll,
+}
+
+impl Config {
+    /// Reads flags and environment. `--help` and `--version` print and exit here.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// As [`Config::load`], with explicit arguments (the environment is still read).
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = Config::try_parse_from(args).map_err(|err| match err.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => err.exit(),
+            _ => ConfigError(one_line(&err)),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.window_grace_ms <= self.flush_ms {
+            return Err(ConfigError(format!(
+                "VERVE_WINDOW_GRACE_MS ({}) must be larger than VERVE_FLUSH_MS ({}): \
+                 a window may only close after the workers' last batches for it have arrived",
+                self.window_grace_ms, self.flush_ms
+            )));
+        }
+        if self.window_grace_ms >= self.window_secs * 1000 {
+            return Err(ConfigError(format!(
+                "VERVE_WINDOW_GRACE_MS ({}) must be shorter than the window ({} s)",
+                self.window_grace_ms, self.window_secs
+            )));
+        }
+        Ok(())
+    }
+
+    /// Worker threads to start: the configured number, else one per available core.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    pub fn window_length(&self) -> WindowLength {
+        WindowLength::from_secs(self.window_secs)
+    }
+
+    pub fn window_grace(&self) -> Duration {
+        Duration::from_millis(self.window_grace_ms)
+    }
+
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_ms)
+    }
+
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+}
+
+/// A configuration problem, as one line that names the variable at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Rewrites a clap error as one line that names both the flag and its variable.
+fn one_line(err: &clap::Error) -> String {
+    let arg = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => Some(arg.as_str()),
+        _ => None,
+    };
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) => Some(value.as_str()),
+        _ => None,
+    };
+    match (arg, value) {
+        (Some(arg), Some(value)) => {
+            let flag = arg.split_whitespace().next().unwrap_or(arg);
+            let var = env_var_of(flag).unwrap_or_else(|| flag.to_owned());
+            let reason = match (err.source(), err.get(ContextKind::ValidValue)) {
+                (Some(source), _) => source.to_string(),
+                (None, Some(valid)) => format!("expected one of {valid}"),
+                (None, None) => "not accepted".to_owned(),
+            };
+            format!("invalid value '{value}' for {var} ({flag}): {reason}")
+        }
+        _ => {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            first.trim_start_matches("error: ").to_owned()
+        }
+    }
+}
+
+/// The environment variable behind a long flag such as `--workers`.
+fn env_var_of(flag: &str) -> Option<String> {
+    let long = flag.strip_prefix("--")?;
+    Config::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::load_from(std::iter::once("verve").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.window_secs, 60);
+        assert_eq!(c.window_grace_ms, 500);
+        assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
+        assert_eq!(c.io_driver, IoDriver::Auto);
+    }
+
+    #[test]
+    fn a_bad_number_names_the_variable_in_one_line() {
+        let err = load(&["--workers", "many"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid value 'many' for VERVE_WORKERS (--workers): invalid digit found in string"
+        );
+        let err = load(&["--window-secs", "0"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid value '0' for VERVE_WINDOW_SECS (--window-secs): 0 is not in 1..=86400"
+        );
+    }
+
+    #[test]
+    fn a_bad_choice_lists_the_valid_ones() {
+        let err = load(&["--io-driver", "kqueue"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid value 'kqueue' for VERVE_IO_DRIVER (--io-driver): expected one of auto, uring, epoll"
+        );
+    }
+
+    #[test]
+    fn grace_must_outlast_the_flush_interval() {
+        let err = load(&["--window-grace-ms", "2", "--flush-ms", "2"]).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("VERVE_WINDOW_GRACE_MS (2) must be larger"));
+        let err = load(&["--window-secs", "1", "--window-grace-ms", "1000"]).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("VERVE_WINDOW_GRACE_MS (1000) must be shorter"));
+    }
+}

@@ -1,0 +1,27 @@
+//! verve counts the distinct request ids it receives in each time window.
+//!
+//! How the parts fit: [`server`] runs one thread per worker, each with its own
+//! monoio runtime and SO_REUSEPORT listener. A worker parses `GET
+//! /api/verve/accept?id=…`, stamps the id with the [`window`] of its arrival, and
+//! appends it to its [`batch`]. Sealed batches cross one bounded flume channel to
+//! the single [`aggregator`] thread, which keeps an `scc::HashSet` of ids per open
+//! window. A short grace after a window ends, the aggregator swaps the set out,
+//! and hands its size to every [`sink`] (the count log). [`service`] starts and
+//! stops all of it; [`config`] is every knob.
+//!
+//! Nothing on a worker blocks on anything but its own client, and nothing between
+//! a worker and the aggregator is unbounded: when the channel is full, new ids are
+//! refused with 503 while the ids already accepted wait their turn.
+
+pub mod aggregator;
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod service;
+pub mod sink;
+pub mod window;
+
+pub use config::Config;
+pub use error::StartError;
+pub use service::Verve;

@@ -1,0 +1,45 @@
+//! The `verve` binary: configuration, logging, signals; the rest is the library.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing_subscriber::EnvFilter;
+use verve::{Config, Verve};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => return fail(err),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    // Registered before start-up so that a signal during start-up is not lost.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => signals,
+        Err(err) => return fail(format!("cannot install signal handlers: {err}")),
+    };
+    let verve = match Verve::start(&config) {
+        Ok(verve) => verve,
+        Err(err) => return fail(err),
+    };
+    let signal = signals.forever().next();
+    tracing::info!(signal, "shutting down");
+    verve.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn fail(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("verve: {err}");
+    ExitCode::FAILURE
+}

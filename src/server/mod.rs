@@ -1,0 +1,147 @@
+//! The HTTP front: listeners, worker threads, connections, request parsing, responses.
+//!
+//! [`Workers::start`] claims the address, then starts one thread per worker, each
+//! with its own monoio runtime and its own SO_REUSEPORT listener on that address:
+//! the kernel spreads incoming connections over the listeners, and a connection
+//! stays on the worker that accepted it for its whole life.
+
+mod affinity;
+mod connection;
+pub mod query;
+pub mod request;
+pub mod response;
+mod worker;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::batch::Batch;
+use crate::config::{Config, IoDriver};
+use crate::error::StartError;
+use worker::WorkerSettings;
+
+pub use connection::ACCEPT_PATH;
+
+/// The I/O driver the workers actually run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Uring,
+    Epoll,
+}
+
+impl Driver {
+    /// Turns the configured choice into a driver this kernel can run.
+    pub fn resolve(choice: IoDriver) -> Result<Driver, StartError> {
+        let uring = monoio::utils::detect_uring();
+        match choice {
+            IoDriver::Auto if uring => Ok(Driver::Uring),
+            IoDriver::Auto | IoDriver::Epoll => Ok(Driver::Epoll),
+            IoDriver::Uring if uring => Ok(Driver::Uring),
+            IoDriver::Uring => Err(StartError::UringUnavailable),
+        }
+    }
+}
+
+impl fmt::Display for Driver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Driver::Uring => "io_uring",
+            Driver::Epoll => "epoll",
+        })
+    }
+}
+
+/// Makes sure no other process listens on `addr`, and resolves port 0 to a real port.
+///
+/// SO_REUSEPORT would let a second process bind the same port and silently take
+/// half the connections. A socket bound *without* SO_REUSEPORT conflicts with any
+/// listener on the port, so binding one (and closing it again) is the check.
+pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let probe = || -> io::Result<SocketAddr> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // Lets a restart bind while old connections linger in TIME_WAIT; still
+        // conflicts with a listening socket.
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("bound address is not an IP address"))
+    };
+    probe().map_err(|source| StartError::bind(addr, source))
+}
+
+/// The running worker threads.
+pub(crate) struct Workers {
+    threads: Vec<JoinHandle<()>>,
+    /// Dropping it tells every worker to stop.
+    shutdown: flume::Sender<()>,
+}
+
+impl Workers {
+    /// Starts the workers on `addr` (already claimed) and waits until each listens.
+    pub(crate) fn start(
+        config: &Config,
+        addr: SocketAddr,
+        driver: Driver,
+        batches: &flume::Sender<Batch>,
+    ) -> Result<Workers, StartError> {
+        let count = config.worker_count();
+        let cpus = match config.pin_workers {
+            true => affinity::allowed_cpus().unwrap_or_default(),
+            false => Vec::new(),
+        };
+        let (shutdown, stop) = flume::bounded::<()>(0);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut workers = Workers {
+            threads: Vec::with_capacity(count),
+            shutdown,
+        };
+        for index in 0..count {
+            let settings = WorkerSettings {
+                index,
+                addr,
+                driver,
+                window_length: config.window_length(),
+                batch_ids: config.batch_ids as usize,
+                flush_interval: config.flush_interval(),
+                drain: config.shutdown_drain(),
+                cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+            };
+            let (batches, stop, ready) = (batches.clone(), stop.clone(), ready_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("verve-worker-{index}"))
+                .spawn(move || worker::run(settings, batches, stop, ready))
+                .map_err(StartError::Thread)?;
+            workers.threads.push(thread);
+        }
+        drop(ready_tx);
+        for _ in 0..count {
+            let outcome = ready_rx.recv().unwrap_or_else(|_| {
+                Err(StartError::Thread(io::Error::other(
+                    "a worker died while starting",
+                )))
+            });
+            if let Err(err) = outcome {
+                workers.stop();
+                return Err(err);
+            }
+        }
+        Ok(workers)
+    }
+
+    /// Stops accepting, lets connections drain, flushes, and waits for every worker.
+    pub(crate) fn stop(self) {
+        drop(self.shutdown);
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}

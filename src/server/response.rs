@@ -1,0 +1,109 @@
+//! The responses the server sends, assembled from static pieces.
+//!
+//! Every answer is `text/plain` with body `ok` or `failed`: clients of the accept
+//! endpoint only ever need to tell the two apart, and the status code says why.
+//! Responses are appended to the connection's write buffer so that a pipelined
+//! batch of requests goes back in one write.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    TooLarge,
+    NotImplemented,
+    Unavailable,
+}
+
+impl Status {
+    fn status_line(self) -> &'static [u8] {
+        match self {
+            Status::Ok => b"HTTP/1.1 200 OK\r\n",
+            Status::BadRequest => b"HTTP/1.1 400 Bad Request\r\n",
+            Status::NotFound => b"HTTP/1.1 404 Not Found\r\n",
+            Status::MethodNotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nallow: GET\r\n",
+            Status::TooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            Status::NotImplemented => b"HTTP/1.1 501 Not Implemented\r\n",
+            Status::Unavailable => b"HTTP/1.1 503 Service Unavailable\r\n",
+        }
+    }
+
+    /// The numeric code, for logs and metrics.
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::BadRequest => 400,
+            Status::NotFound => 404,
+            Status::MethodNotAllowed => 405,
+            Status::TooLarge => 431,
+            Status::NotImplemented => 501,
+            Status::Unavailable => 503,
+        }
+    }
+}
+
+/// What the response says about the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// HTTP/1.1 default: nothing to say.
+    KeepAlive,
+    /// An HTTP/1.0 client asked for keep-alive and must be told it got it.
+    KeepAliveHttp10,
+    /// The server closes after this response.
+    Close,
+}
+
+/// Appends a full response to `out`. `head_only` leaves out the body (HEAD).
+pub fn write(out: &mut Vec<u8>, status: Status, persistence: Persistence, head_only: bool) {
+    let (length, body): (&[u8], &[u8]) = if status == Status::Ok {
+        (b"content-length: 2\r\n", b"ok")
+    } else {
+        (b"content-length: 6\r\n", b"failed")
+    };
+    out.extend_from_slice(status.status_line());
+    out.extend_from_slice(b"content-type: text/plain\r\n");
+    out.extend_from_slice(length);
+    out.extend_from_slice(match persistence {
+        Persistence::KeepAlive => b"",
+        Persistence::KeepAliveHttp10 => b"connection: keep-alive\r\n",
+        Persistence::Close => b"connection: close\r\n",
+    });
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(status: Status, persistence: Persistence, head_only: bool) -> String {
+        let mut out = Vec::new();
+        write(&mut out, status, persistence, head_only);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn ok_keep_alive() {
+        assert_eq!(
+            render(Status::Ok, Persistence::KeepAlive, false),
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+        );
+    }
+
+    #[test]
+    fn failures_close_or_confirm_keep_alive() {
+        assert_eq!(
+            render(Status::BadRequest, Persistence::Close, false),
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 6\r\n\
+             connection: close\r\n\r\nfailed"
+        );
+        assert_eq!(
+            render(Status::MethodNotAllowed, Persistence::KeepAliveHttp10, true),
+            "HTTP/1.1 405 Method Not Allowed\r\nallow: GET\r\ncontent-type: text/plain\r\n\
+             content-length: 6\r\nconnection: keep-alive\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! A worker: one thread, one monoio runtime, one SO_REUSEPORT listener.
+//!
+//! Everything a worker owns lives on its thread and is shared between its
+//! connection tasks through `Rc`, with `Cell`/`RefCell` instead of locks: the tasks
+//! never run at the same time. The only thing that crosses threads on the request
+//! path is a sealed batch of ids, sent to the aggregator over the bounded channel.
+//!
+//! Shutdown: the accept loop stops, open connections are told to close (their read
+//! side is shut down, so idle keep-alive clients see end-of-stream at once while
+//! buffered requests are still answered), the worker waits for them up to a
+//! deadline, then flushes its batch to the aggregator and returns.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use monoio::time::TimeDriver;
+use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use super::connection::Connection;
+use super::Driver;
+use crate::batch::{Batch, Batcher, Overloaded};
+use crate::error::StartError;
+use crate::window::{WindowLength, WindowStart};
+
+/// What a worker needs to know, copied into its thread.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerSettings {
+    pub index: usize,
+    pub addr: SocketAddr,
+    pub driver: Driver,
+    pub window_length: WindowLength,
+    pub batch_ids: usize,
+    pub flush_interval: Duration,
+    pub drain: Duration,
+    /// The CPU to pin this thread to, if pinning.
+    pub cpu: Option<usize>,
+}
+
+/// State shared by the tasks of one worker thread.
+pub(crate) struct Worker {
+    window_length: WindowLength,
+    batcher: RefCell<Batcher>,
+    connections: RefCell<OpenConnections>,
+    draining: Cell<bool>,
+}
+
+impl Worker {
+    #[inline]
+    pub(crate) fn window_of(&self, t: SystemTime) -> WindowStart {
+        self.window_length.window_of(t)
+    }
+
+    /// Accepts an id into its window's batch, or refuses it under overload.
+    #[inline]
+    pub(crate) fn accept(&self, window: WindowStart, id: i64) -> Result<(), Overloaded> {
+        self.batcher.borrow_mut().push(window, id)
+    }
+
+    /// Whether the worker is shutting down, so responses should close connections.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+}
+
+/// The sockets of this worker's open connections, so shutdown can reach idle ones.
+#[derive(Default)]
+struct OpenConnections {
+    next_key: u64,
+    fds: HashMap<u64, RawFd>,
+}
+
+/// Removes a connection from [`OpenConnections`] when its task ends, however it ends.
+struct Registration {
+    worker: Rc<Worker>,
+    key: u64,
+}
+
+impl Registration {
+    fn new(worker: Rc<Worker>, fd: RawFd) -> Self {
+        let key = {
+            let mut open = worker.connections.borrow_mut();
+            let key = open.next_key;
+            open.next_key += 1;
+            open.fds.insert(key, fd);
+            key
+        };
+        Registration { worker, key }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.worker.connections.borrow_mut().fds.remove(&self.key);
+    }
+}
+
+/// Runs a worker on the current thread until `shutdown` is dropped by its sender.
+///
+/// `ready` receives the outcome of building the runtime and binding the listener,
+/// so start-up can fail with a clear error instead of a thread dying quietly.
+pub(crate) fn run(
+    settings: WorkerSettings,
+    batches: flume::Sender<Batch>,
+    shutdown: flume::Receiver<()>,
+    ready: mpsc::Sender<Result<(), StartError>>,
+) {
+    if let Some(cpu) = settings.cpu {
+        if let Err(err) = super::affinity::pin_current_thread(cpu) {
+            tracing::warn!(worker = settings.index, cpu, error = %err, "could not pin worker");
+        }
+    }
+    let runtime = match build_runtime(settings.driver) {
+        Ok(runtime) => runtime,
+        Err(source) => {
+            let _ = ready.send(Err(StartError::Runtime {
+                driver: settings.driver,
+                source,
+            }));
+            return;
+        }
+    };
+    match runtime {
+        FusionRuntime::Uring(mut rt) => rt.block_on(serve(settings, batches, shutdown, ready)),
+        FusionRuntime::Legacy(mut rt) => rt.block_on(serve(settings, batches, shutdown, ready)),
+    }
+}
+
+type WorkerRuntime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+
+fn build_runtime(driver: Driver) -> io::Result<WorkerRuntime> {
+    Ok(match driver {
+        Driver::Uring => RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()?
+            .into(),
+        Driver::Epoll => RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .into(),
+    })
+}
+
+async fn serve(
+    settings: WorkerSettings,
+    batches: flume::Sender<Batch>,
+    shutdown: flume::Receiver<()>,
+    ready: mpsc::Sender<Result<(), StartError>>,
+) {
+    let options = ListenerOpts::new().reuse_port(true).reuse_addr(true);
+    let listener = match TcpListener::bind_with_config(settings.addr, &options) {
+        Ok(listener) => listener,
+        Err(source) => {
+            let _ = ready.send(Err(StartError::bind(settings.addr, source)));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let worker = Rc::new(Worker {
+        window_length: settings.window_length,
+        batcher: RefCell::new(Batcher::new(batches, settings.batch_ids)),
+        connections: RefCell::new(OpenConnections::default()),
+        draining: Cell::new(false),
+    });
+    monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
+
+    accept_until_shutdown(&listener, &worker, shutdown).await;
+    drop(listener);
+    drain(&worker, settings.drain).await;
+    worker.batcher.borrow_mut().finish();
+    tracing::debug!(worker = settings.index, "worker stopped");
+}
+
+async fn accept_until_shutdown(
+    listener: &TcpListener,
+    worker: &Rc<Worker>,
+    shutdown: flume::Receiver<()>,
+) {
+    let stop = shutdown.recv_async();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        monoio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    monoio::spawn(serve_connection(stream, worker.clone()));
+                }
+                Err(err) => {
+                    // Usually EMFILE/ENFILE: back off instead of spinning on the error.
+                    tracing::warn!(error = %err, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, worker: Rc<Worker>) {
+    // Responses go out in one write per read; Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    let _registration = Registration::new(worker.clone(), stream.as_raw_fd());
+    if let Err(err) = Connection::new(stream).run(worker).await {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+/// Sends partly filled batches at least every `interval`, so that ids reach the
+/// aggregator well within a window's grace even when traffic is light.
+async fn flush_periodically(worker: Rc<Worker>, interval: Duration) {
+    while !worker.is_draining() {
+        monoio::time::sleep(interval).await;
+        worker.batcher.borrow_mut().flush();
+    }
+}
+
+/// Lets open connections finish, closing idle ones, for at most `limit`.
+async fn drain(worker: &Rc<Worker>, limit: Duration) {
+    worker.draining.set(true);
+    for &fd in worker.connections.borrow().fds.values() {
+        // SAFETY: only open sockets are registered: a connection task deregisters in
+        // the same synchronous step that closes its stream, and this runs on the same
+        // thread. Shutting down the read side neither closes nor reuses the fd.
+        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    }
+    let deadline = Instant::now() + limit;
+    while !worker.connections.borrow().fds.is_empty() && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left = worker.connections.borrow().fds.len();
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "closing connections still open after the drain deadline"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Starting and stopping the whole service: workers, aggregator and sinks.
+//!
+//! [`Verve::start`] returns once every worker listens, so a caller (the binary, or a
+//! test) can connect at once; [`Verve::shutdown`] returns once every accepted id
+//! has been counted and every window reported.
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use crate::aggregator::Aggregator;
+use crate::config::Config;
+use crate::error::StartError;
+use crate::server::{claim_address, Driver, Workers};
+use crate::sink::{CountSink, LogSink};
+
+/// A running service.
+pub struct Verve {
+    addr: SocketAddr,
+    driver: Driver,
+    workers: Workers,
+    aggregator: JoinHandle<()>,
+}
+
+impl Verve {
+    /// Starts the service as configured.
+    pub fn start(config: &Config) -> Result<Verve, StartError> {
+        let driver = Driver::resolve(config.io_driver)?;
+        let sinks: Vec<Box<dyn CountSink>> = vec![Box::new(LogSink::open(&config.count_log)?)];
+        let addr = claim_address(config.addr)?;
+
+        let (batches, received) = flume::bounded(config.queue_batches as usize);
+        // Taken before any worker accepts, so no request predates the first window.
+        let started_at = SystemTime::now();
+        let workers = Workers::start(config, addr, driver, &batches)?;
+        // From here on only the workers hold senders: when they are gone, the
+        // aggregator knows every batch has arrived.
+        drop(batches);
+
+        let aggregator = Aggregator::new(
+            config.window_length(),
+            config.window_grace(),
+            started_at,
+            sinks,
+        );
+        let aggregator = match std::thread::Builder::new()
+            .name("verve-aggregator".into())
+            .spawn(move || aggregator.run(received))
+        {
+            Ok(thread) => thread,
+            Err(err) => {
+                workers.stop();
+                return Err(StartError::Thread(err));
+            }
+        };
+
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            %addr,
+            workers = config.worker_count(),
+            io_driver = %driver,
+            store = "local",
+            sinks = "log",
+            window_secs = config.window_secs,
+            window_grace_ms = config.window_grace_ms,
+            count_log = %config.count_log.display(),
+            "verve listening"
+        );
+        Ok(Verve {
+            addr,
+            driver,
+            workers,
+            aggregator,
+        })
+    }
+
+    /// The address the workers listen on, with the real port if 0 was configured.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The I/O driver the workers run on.
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    /// Stops accepting, drains connections, counts every accepted id, reports the
+    /// open window as partial, and returns when all of that is done.
+    pub fn shutdown(self) {
+        self.workers.stop();
+        if self.aggregator.join().is_err() {
+            tracing::error!("the aggregator panicked; the last windows may be unreported");
+        }
+    }
+}

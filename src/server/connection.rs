@@ -9,10 +9,10 @@
 
 use std::io;
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::query::parse_accept_query;
@@ -23,6 +23,11 @@ use crate::window::WindowStart;
 
 /// Read buffer growth step; a typical request is well under this.
 const READ_CHUNK: usize = 4096;
+
+/// After an error response, how long and how much unread input is discarded before
+/// closing; see [`Connection::linger`].
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// The path of the one counting endpoint.
 pub const ACCEPT_PATH: &[u8] = b"/api/verve/accept";
@@ -64,7 +69,7 @@ impl Connection {
             }
 
             let window = worker.window_of(SystemTime::now());
-            let close = self.answer_buffered(&worker, window);
+            let next = self.answer_buffered(&worker, window);
             if !self.write_buf.is_empty() {
                 let out = std::mem::take(&mut self.write_buf);
                 let (written, mut out) = self.stream.write_all(out).await;
@@ -72,17 +77,22 @@ impl Connection {
                 self.write_buf = out;
                 written?;
             }
-            if close {
-                return Ok(());
+            match next {
+                Next::Read => {}
+                Next::Close => return Ok(()),
+                Next::CloseAfterError => {
+                    self.linger().await;
+                    return Ok(());
+                }
             }
         }
     }
 
     /// Answers every complete request in the read buffer into the write buffer and
-    /// drops the answered bytes. Returns whether the connection must close.
-    fn answer_buffered(&mut self, worker: &Worker, window: WindowStart) -> bool {
+    /// drops the answered bytes. Says what the connection does next.
+    fn answer_buffered(&mut self, worker: &Worker, window: WindowStart) -> Next {
         let mut consumed = 0;
-        let mut close = false;
+        let mut next = Next::Read;
         while consumed < self.read_buf.len() {
             match request::parse(&self.read_buf[consumed..]) {
                 Ok(Some(req)) => {
@@ -101,7 +111,7 @@ impl Connection {
                         req.method == Method::Head,
                     );
                     if !keep_alive {
-                        close = true;
+                        next = Next::Close;
                         break;
                     }
                 }
@@ -114,14 +124,44 @@ impl Connection {
                         FrameError::UnsupportedBody => Status::NotImplemented,
                     };
                     response::write(&mut self.write_buf, status, Persistence::Close, false);
-                    close = true;
+                    next = Next::CloseAfterError;
                     break;
                 }
             }
         }
         self.read_buf.drain(..consumed);
-        close
+        next
     }
+
+    /// Closes gracefully after an error response while the client may still be
+    /// sending (an oversize request, say): closing a socket with unread input makes
+    /// the kernel send a reset, which can destroy the response before the client
+    /// reads it. So: stop writing, then read and discard, within bounds.
+    async fn linger(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut discarded = 0;
+        let mut buf = std::mem::take(&mut self.read_buf);
+        while discarded < LINGER_BYTES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            buf.clear();
+            match monoio::time::timeout(left, self.stream.read(buf)).await {
+                Ok((Ok(n), returned)) if n > 0 => {
+                    discarded += n;
+                    buf = returned;
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// What a connection does after answering what it has read.
+enum Next {
+    Read,
+    Close,
+    /// Close after an unframeable request; see [`Connection::linger`].
+    CloseAfterError,
 }
 
 /// Decides the answer to one request, accepting its id when it is valid.

@@ -1,0 +1,334 @@
+//! Test harness: runs the real `verve` binary on a free loopback port and talks to
+//! it over real sockets. Every wait has a deadline; nothing sleeps hoping.
+
+#![allow(dead_code)] // each test file uses its own share of the harness
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use verve::config::IoDriver;
+use verve::server::Driver;
+use verve::window::{WindowLength, WindowStart};
+
+/// Window length used by the integration tests.
+pub const WINDOW_SECS: u64 = 2;
+pub const GRACE_MS: u64 = 300;
+
+/// The io drivers this machine can run: epoll always, io_uring where allowed.
+pub fn drivers() -> Vec<&'static str> {
+    let mut drivers = vec!["epoll"];
+    if Driver::resolve(IoDriver::Uring).is_ok() {
+        drivers.push("uring");
+    } else {
+        eprintln!("io_uring unavailable here: testing epoll only");
+    }
+    drivers
+}
+
+pub struct Verve {
+    child: Child,
+    pub addr: SocketAddr,
+    pub count_log: PathBuf,
+    stderr: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// One line of the count log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowLine {
+    pub window_start: String,
+    pub unique_requests: u64,
+    pub partial: bool,
+}
+
+impl Verve {
+    /// Starts verve with test defaults (2 s windows, port 0) plus `env`.
+    pub fn start(env: &[(&str, &str)]) -> Verve {
+        let dir = tempfile::tempdir().unwrap();
+        let count_log = dir.path().join("counts.log");
+        let mut child = command(env)
+            .env("VERVE_COUNT_LOG", &count_log)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn verve");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut verve = Verve {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            count_log,
+            stderr,
+            _dir: dir,
+        };
+        let line = verve.wait_for_stderr("verve listening", Duration::from_secs(15));
+        let addr = token(&line, "addr").expect("addr= in the start-up line");
+        verve.addr = addr.parse().unwrap();
+        verve
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    pub fn wait_for_stderr(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Give the reader thread a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "verve exited ({status}) before '{needle}':\n{}",
+                    self.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' on stderr:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Every line of the count log so far.
+    pub fn windows(&self) -> Vec<WindowLine> {
+        let text = std::fs::read_to_string(&self.count_log).unwrap_or_default();
+        text.lines().map(parse_count_line).collect()
+    }
+
+    /// Waits until the count log has a line for `window` and returns it.
+    pub fn wait_for_window(&self, window: WindowStart) -> WindowLine {
+        let start = window.to_string();
+        let deadline = Instant::now() + Duration::from_secs(WINDOW_SECS * 3 + 10);
+        loop {
+            let lines = self.windows();
+            let matching: Vec<_> = lines.iter().filter(|l| l.window_start == start).collect();
+            assert!(
+                matching.len() <= 1,
+                "window {start} reported twice: {lines:?}"
+            );
+            if let Some(line) = matching.first() {
+                return (*line).clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "window {start} never reported: {lines:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(mut self) -> (ExitStatus, Vec<WindowLine>) {
+        signal(&self.child, libc::SIGTERM);
+        let status = wait_with_deadline(&mut self.child, Duration::from_secs(15));
+        (status, self.windows())
+    }
+}
+
+impl Drop for Verve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `verve` command with the test defaults and `env` on top.
+pub fn command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verve"));
+    cmd.env_clear()
+        .env("RUST_LOG", "info")
+        .env("VERVE_ADDR", "127.0.0.1:0")
+        .env("VERVE_WORKERS", "2")
+        .env("VERVE_WINDOW_SECS", WINDOW_SECS.to_string())
+        .env("VERVE_WINDOW_GRACE_MS", GRACE_MS.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd
+}
+
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(rc, 0, "kill failed");
+}
+
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn token<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(prefix.as_str()))
+}
+
+pub fn parse_count_line(line: &str) -> WindowLine {
+    let field = |key| token(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"));
+    WindowLine {
+        window_start: field("window_start").to_owned(),
+        unique_requests: field("unique_requests").parse().unwrap(),
+        partial: field("partial").parse().unwrap(),
+    }
+}
+
+pub fn window_length() -> WindowLength {
+    WindowLength::from_secs(WINDOW_SECS)
+}
+
+/// Runs `send` so that it starts and ends inside one window, and returns that
+/// window. Starts just after a boundary; if `send` overruns the window (a very
+/// slow machine), tries again, so the window asserted on is always the right one.
+pub fn within_one_window<T>(mut send: impl FnMut() -> T) -> (WindowStart, T) {
+    let length = window_length();
+    for _ in 0..3 {
+        let now = SystemTime::now();
+        let next = length.end_of(length.window_of(now));
+        // Waiting for the clock to reach a boundary is the condition itself.
+        std::thread::sleep(
+            next.duration_since(now).unwrap_or_default() + Duration::from_millis(20),
+        );
+        let before = length.window_of(SystemTime::now());
+        let result = send();
+        if length.window_of(SystemTime::now()) == before {
+            return (before, result);
+        }
+        eprintln!("sending overran window {before}; trying again in the next one");
+    }
+    panic!("could not send within one {WINDOW_SECS} s window three times");
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A client connection that reads responses one at a time.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.reader.get_mut().write_all(raw).unwrap();
+    }
+
+    pub fn get(&mut self, target: &str) -> Response {
+        self.send(format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        self.read_response()
+    }
+
+    pub fn read_response(&mut self) -> Response {
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line).unwrap();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
+            .parse()
+            .unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_owned(), value.trim().to_owned()));
+        }
+        let response = Response {
+            status,
+            body: String::new(),
+            headers,
+        };
+        let len: usize = response.header("content-length").unwrap().parse().unwrap();
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body).unwrap();
+        Response {
+            body: String::from_utf8(body).unwrap(),
+            ..response
+        }
+    }
+
+    /// True when the server has closed the connection (end of stream, nothing left).
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest).is_ok() && rest.is_empty()
+    }
+}
+
+/// Sends each id on `client` as its own keep-alive request and checks every answer.
+pub fn accept_all(client: &mut Client, ids: impl IntoIterator<Item = i64>) {
+    for id in ids {
+        let response = client.get(&format!("/api/verve/accept?id={id}"));
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "id {id}"
+        );
+    }
+}
+
+/// The number of distinct ids in `ids`.
+pub fn distinct(ids: impl IntoIterator<Item = i64>) -> u64 {
+    ids.into_iter().collect::<HashSet<_>>().len() as u64
+}

@@ -1,0 +1,97 @@
+//! Start-up failures: one clear line on stderr, a non-zero exit, no backtrace.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{command, wait_with_deadline, Verve};
+
+/// Runs verve expecting it to fail at once, and returns its stderr.
+fn fails(env: &[(&str, &str)]) -> String {
+    let mut child = command(env)
+        .env(
+            "VERVE_COUNT_LOG",
+            std::env::temp_dir().join("verve-startup-test.log"),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
+#[test]
+fn a_port_in_use_by_another_process_is_refused() {
+    let first = Verve::start(&[]);
+    let addr = first.addr.to_string();
+    let err = fails(&[("VERVE_ADDR", &addr)]);
+    assert_eq!(
+        err,
+        format!(
+            "verve: cannot listen on {addr}: address already in use by another process \
+             (stop it or set VERVE_ADDR to a free port)"
+        )
+    );
+    // The first instance still owns the port and serves.
+    let mut client = common::Client::connect(first.addr);
+    assert_eq!(client.get("/api/verve/accept?id=1").status, 200);
+}
+
+#[test]
+fn a_port_held_by_a_plain_listener_is_refused() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let err = fails(&[("VERVE_ADDR", &addr)]);
+    assert!(err.contains("address already in use"), "{err}");
+}
+
+#[test]
+fn bad_values_name_their_variable() {
+    assert_eq!(
+        fails(&[("VERVE_WINDOW_SECS", "soon")]),
+        "verve: invalid value 'soon' for VERVE_WINDOW_SECS (--window-secs): invalid digit found in string"
+    );
+    assert_eq!(
+        fails(&[("VERVE_ADDR", "localhost")]),
+        "verve: invalid value 'localhost' for VERVE_ADDR (--addr): invalid socket address syntax"
+    );
+    assert_eq!(
+        fails(&[("VERVE_IO_DRIVER", "fast")]),
+        "verve: invalid value 'fast' for VERVE_IO_DRIVER (--io-driver): expected one of auto, uring, epoll"
+    );
+}
+
+#[test]
+fn an_unwritable_count_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let path = blocker.join("counts.log");
+    let mut child = command(&[])
+        .env("VERVE_COUNT_LOG", &path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.starts_with(&format!(
+            "verve: cannot open count log {}: ",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with("(set VERVE_COUNT_LOG to a writable path)"),
+        "{stderr}"
+    );
+}

@@ -62,7 +62,7 @@ fn bad_values_name_their_variable() {
     );
     assert_eq!(
         fails(&[("VERVE_IO_DRIVER", "fast")]),
-        "verve: invalid value 'fast' for VERVE_IO_DRIVER (--io-driver): expected one of auto, uring, epoll"
+        "verve: invalid value 'fast' for VERVE_IO_DRIVER (--io-driver): expected one of epoll, uring, auto"
     );
 }
 

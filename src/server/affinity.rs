@@ -7,7 +7,7 @@ use std::io;
 use std::mem;
 
 /// The CPUs this process may run on, in ascending order.
-pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
     let set = unsafe {
         let mut set: libc::cpu_set_t = mem::zeroed();
@@ -24,7 +24,7 @@ pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
 }
 
 /// Pins the calling thread to `cpu`.
-pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: as above; the set is fully initialised before use.
     unsafe {
         let mut set: libc::cpu_set_t = mem::zeroed();

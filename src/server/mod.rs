@@ -5,7 +5,7 @@
 //! the kernel spreads incoming connections over the listeners, and a connection
 //! stays on the worker that accepted it for its whole life.
 
-mod affinity;
+pub mod affinity;
 mod connection;
 pub mod query;
 pub mod request;

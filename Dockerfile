@@ -1,0 +1,18 @@
+# Build: docker build -t verve .
+# Run:   docker run --network host verve
+# Configure with VERVE_* environment variables (see docs/configuration.md).
+
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin verve
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/verve --create-home verve
+COPY --from=build /src/target/release/verve /usr/local/bin/verve
+USER verve
+WORKDIR /var/lib/verve
+ENV VERVE_ADDR=0.0.0.0:8080 \
+    VERVE_COUNT_LOG=/var/lib/verve/logs/unique-requests.log
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/verve"]

@@ -1,0 +1,70 @@
+//! docs/configuration.md must list exactly the flags of `verve --help`, with the
+//! same environment variables and defaults.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// (environment variable, default) per flag, as `--help` prints them.
+fn from_help() -> BTreeMap<String, (String, Option<String>)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_verve"))
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut flags = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in help.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("--") {
+            let flag = rest.split_whitespace().next().unwrap();
+            current = (flag != "help" && flag != "version").then(|| format!("--{flag}"));
+        } else if let (Some(flag), Some(env)) = (&current, line.strip_prefix("[env: ")) {
+            let env = env.trim_end_matches("=]").to_owned();
+            flags.insert(flag.clone(), (env, None));
+        } else if let (Some(flag), Some(default)) = (&current, line.strip_prefix("[default: ")) {
+            let default = default.trim_end_matches(']').to_owned();
+            flags.get_mut(flag).expect("[env] comes before [default]").1 = Some(default);
+        }
+    }
+    flags
+}
+
+/// (environment variable, default cell) per flag, from the docs table.
+fn from_docs() -> BTreeMap<String, (String, String)> {
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    docs.lines()
+        .filter(|l| l.starts_with("| `--"))
+        .map(|row| {
+            let cells: Vec<_> = row.split('|').map(str::trim).collect();
+            let unquote = |s: &str| s.trim_matches('`').to_owned();
+            (unquote(cells[1]), (unquote(cells[2]), cells[3].to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn configuration_docs_match_help() {
+    let help = from_help();
+    let docs = from_docs();
+    assert!(
+        help.len() >= 10,
+        "parsed too few flags from --help: {help:?}"
+    );
+    assert_eq!(
+        help.keys().collect::<Vec<_>>(),
+        docs.keys().collect::<Vec<_>>(),
+        "flags in --help vs docs/configuration.md"
+    );
+    for (flag, (env, default)) in &help {
+        let (doc_env, doc_default) = &docs[flag];
+        assert_eq!(env, doc_env, "{flag}: environment variable");
+        if let Some(default) = default {
+            assert_eq!(doc_default, &format!("`{default}`"), "{flag}: default");
+        }
+    }
+}

@@ -19,7 +19,9 @@ const REQUEST: &[u8] = b"GET /api/verve/accept?id=123456789 HTTP/1.1\r\nHost: 12
 fn parsing(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("request", |b| b.iter(|| request::parse(black_box(REQUEST)).unwrap().unwrap().len));
+    group.bench_function("request", |b| {
+        b.iter(|| request::parse(black_box(REQUEST)).unwrap().unwrap().len)
+    });
 
     let pipelined = REQUEST.repeat(16);
     group.throughput(Throughput::Elements(16));
@@ -36,11 +38,19 @@ fn parsing(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let mut scratch = Vec::new();
     group.bench_function("query_id", |b| {
-        b.iter(|| parse_accept_query(black_box(b"id=123456789"), &mut scratch).unwrap().id)
+        b.iter(|| {
+            parse_accept_query(black_box(b"id=123456789"), &mut scratch)
+                .unwrap()
+                .id
+        })
     });
     let with_endpoint = b"id=-42&endpoint=http%3A%2F%2F127.0.0.1%3A9000%2Fcallback%3Fx%3D1";
     group.bench_function("query_id_endpoint", |b| {
-        b.iter(|| parse_accept_query(black_box(with_endpoint), &mut scratch).unwrap().id)
+        b.iter(|| {
+            parse_accept_query(black_box(with_endpoint), &mut scratch)
+                .unwrap()
+                .id
+        })
     });
     group.finish();
 }
@@ -68,7 +78,12 @@ fn ids(n: usize, range: u64) -> Vec<i64> {
 }
 
 fn aggregator(start: SystemTime) -> Aggregator {
-    Aggregator::new(WindowLength::from_secs(60), Duration::from_millis(500), start, vec![Box::new(Discard)])
+    Aggregator::new(
+        WindowLength::from_secs(60),
+        Duration::from_millis(500),
+        start,
+        vec![Box::new(Discard)],
+    )
 }
 
 fn aggregation(c: &mut Criterion) {
@@ -78,16 +93,47 @@ fn aggregation(c: &mut Criterion) {
     let window = WindowStart::from_unix_secs(6_000);
 
     // 1M ids from a range of 2M (so some repeat), in batches of 512 as workers send them.
-    let batches: Vec<Batch> =
-        ids(1 << 20, 2 << 20).chunks(512).map(|ids| Batch { window, ids: ids.to_vec() }).collect();
+    let batches: Vec<Batch> = ids(1 << 20, 2 << 20)
+        .chunks(512)
+        .map(|ids| Batch {
+            window,
+            ids: ids.to_vec(),
+        })
+        .collect();
     group.throughput(Throughput::Elements(1 << 20));
-    group.bench_function("ingest_1m_ids", |b| {
+    let ingest = |agg: &mut Aggregator, batches: Vec<Batch>| {
+        for batch in batches {
+            agg.ingest(batch);
+        }
+    };
+    group.bench_function("ingest_1m_ids_first_window", |b| {
         b.iter_batched(
             || (aggregator(start), batches.clone()),
             |(mut agg, batches)| {
-                for batch in batches {
-                    agg.ingest(batch);
-                }
+                ingest(&mut agg, batches);
+                agg
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The steady state: the window before was about as busy, so the set is presized.
+    let next: Vec<Batch> = batches
+        .iter()
+        .map(|b| Batch {
+            window: WindowStart::from_unix_secs(6_060),
+            ids: b.ids.clone(),
+        })
+        .collect();
+    group.bench_function("ingest_1m_ids_steady", |b| {
+        b.iter_batched(
+            || {
+                let mut agg = aggregator(start);
+                ingest(&mut agg, batches.clone());
+                agg.close_due(SystemTime::UNIX_EPOCH + Duration::from_secs(6_061));
+                (agg, next.clone())
+            },
+            |(mut agg, batches)| {
+                ingest(&mut agg, batches);
                 agg
             },
             BatchSize::PerIteration,
@@ -100,7 +146,10 @@ fn aggregation(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut agg = aggregator(start);
-                agg.ingest(Batch { window, ids: distinct.clone() });
+                agg.ingest(Batch {
+                    window,
+                    ids: distinct.clone(),
+                });
                 agg
             },
             |mut agg| {

@@ -20,7 +20,10 @@ use crate::batch::Batch;
 use crate::sink::{CountSink, WindowReport};
 use crate::window::{WindowLength, WindowStart};
 
-/// The ids of one open window.
+/// The ids of one open window, with std's randomly keyed SipHash: clients choose the
+/// ids, so they must not be able to aim at collisions. (foldhash was faster in the
+/// criterion bench but cost the aggregator twice the CPU under wrk load, see
+/// docs/performance.md.)
 type IdSet = scc::HashSet<i64>;
 
 pub struct Aggregator {
@@ -31,6 +34,10 @@ pub struct Aggregator {
     next_close: WindowStart,
     sinks: Vec<Box<dyn CountSink>>,
     late_ids: u64,
+    /// The size of the last closed window: new sets start at this capacity, since
+    /// traffic changes little from one window to the next and growing a set of
+    /// millions of ids step by step costs far more than reserving it once.
+    capacity_hint: usize,
 }
 
 impl Aggregator {
@@ -48,6 +55,7 @@ impl Aggregator {
             next_close: length.window_of(started_at),
             sinks,
             late_ids: 0,
+            capacity_hint: 0,
         }
     }
 
@@ -88,10 +96,11 @@ impl Aggregator {
             );
             return;
         }
+        let capacity = self.capacity_hint.max(batch.ids.len());
         let set = self
             .open
             .entry(batch.window)
-            .or_insert_with(|| IdSet::with_capacity(batch.ids.len()));
+            .or_insert_with(|| IdSet::with_capacity(capacity));
         for id in batch.ids {
             // Err means the id was already in the set: exactly the repeat to drop.
             let _ = set.insert_sync(id);
@@ -134,6 +143,9 @@ impl Aggregator {
         let window = self.next_close;
         // Swap the set out whole: removing it from the map is the close.
         let unique_requests = self.open.remove(&window).map_or(0, |set| set.len() as u64);
+        if !partial {
+            self.capacity_hint = unique_requests as usize;
+        }
         self.next_close = self.length.next(window);
         let report = WindowReport {
             window_start: window,

@@ -1,11 +1,10 @@
 //! One client connection: read, frame, answer, in order, until either side closes.
 //!
-//! The connection owns a read buffer and a write buffer for its whole life and hands
-//! them to the kernel and back on every turn (monoio's owned-buffer I/O), so a
-//! request costs no allocation. Everything that can be answered from one read is
-//! answered, in order, with one write: pipelined requests are batched for free.
-//! A request that is malformed, too large or unframeable gets its error response
-//! and the connection closes, since what follows it cannot be trusted.
+//! The connection owns its [`Exchange`] buffers for its whole life and hands them to
+//! the kernel and back on every turn (monoio's owned-buffer I/O), so a request costs
+//! no allocation. Everything that can be answered from one read is answered, in
+//! order, with one write: pipelined requests are batched for free. After an error
+//! response the connection closes, since what follows cannot be trusted.
 
 use std::io;
 use std::rc::Rc;
@@ -15,66 +14,56 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::query::parse_accept_query;
-use super::request::{self, FrameError, Method, Request, MAX_REQUEST_BYTES};
-use super::response::{self, Persistence, Status};
+use super::exchange::{Exchange, Next};
+use super::request::MAX_REQUEST_BYTES;
 use super::worker::Worker;
-use crate::window::WindowStart;
 
 /// Read buffer growth step; a typical request is well under this.
 const READ_CHUNK: usize = 4096;
 
 /// After an error response, how long and how much unread input is discarded before
-/// closing; see [`Connection::linger`].
+/// closing; see `Connection::linger`.
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
 
-/// The path of the one counting endpoint.
-pub const ACCEPT_PATH: &[u8] = b"/api/verve/accept";
-
 pub(crate) struct Connection {
     stream: TcpStream,
-    /// Bytes read but not yet answered; always starts at a request boundary.
-    read_buf: Vec<u8>,
-    /// Responses to the requests of the current read, sent in one write.
-    write_buf: Vec<u8>,
-    /// Where an escaped endpoint is decoded.
-    scratch: Vec<u8>,
+    exchange: Exchange,
 }
 
 impl Connection {
     pub(crate) fn new(stream: TcpStream) -> Self {
         Connection {
             stream,
-            read_buf: Vec::with_capacity(READ_CHUNK),
-            write_buf: Vec::with_capacity(READ_CHUNK),
-            scratch: Vec::new(),
+            exchange: Exchange::with_capacity(READ_CHUNK),
         }
     }
 
     /// Serves requests until the client closes, asks to close, or errs.
     pub(crate) async fn run(mut self, worker: Rc<Worker>) -> io::Result<()> {
         loop {
-            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+            if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4 {
                 // Only a request longer than one chunk gets here; `parse` caps it.
-                self.read_buf.reserve(READ_CHUNK.min(MAX_REQUEST_BYTES));
+                self.exchange
+                    .read_buf
+                    .reserve(READ_CHUNK.min(MAX_REQUEST_BYTES));
             }
-            let buf = std::mem::take(&mut self.read_buf);
+            let buf = std::mem::take(&mut self.exchange.read_buf);
             let (len, capacity) = (buf.len(), buf.capacity());
             let (read, buf) = self.stream.read(buf.slice_mut(len..capacity)).await;
-            self.read_buf = buf.into_inner();
+            self.exchange.read_buf = buf.into_inner();
             if read? == 0 {
                 // End of stream; a request cut short by it is simply not answered.
                 return Ok(());
             }
 
             let window = worker.window_of(SystemTime::now());
-            let next = self.answer_buffered(&worker, window);
-            if !self.write_buf.is_empty() {
-                let out = std::mem::take(&mut self.write_buf);
+            let next = self.exchange.answer(&worker, window);
+            if !self.exchange.write_buf.is_empty() {
+                let out = std::mem::take(&mut self.exchange.write_buf);
                 let (written, mut out) = self.stream.write_all(out).await;
                 out.clear();
-                self.write_buf = out;
+                self.exchange.write_buf = out;
                 written?;
             }
             match next {
@@ -88,51 +77,6 @@ impl Connection {
         }
     }
 
-    /// Answers every complete request in the read buffer into the write buffer and
-    /// drops the answered bytes. Says what the connection does next.
-    fn answer_buffered(&mut self, worker: &Worker, window: WindowStart) -> Next {
-        let mut consumed = 0;
-        let mut next = Next::Read;
-        while consumed < self.read_buf.len() {
-            match request::parse(&self.read_buf[consumed..]) {
-                Ok(Some(req)) => {
-                    consumed += req.len;
-                    let keep_alive = req.keep_alive && !worker.is_draining();
-                    let status = route(&req, worker, window, &mut self.scratch);
-                    let persistence = match (keep_alive, req.http10) {
-                        (false, _) => Persistence::Close,
-                        (true, false) => Persistence::KeepAlive,
-                        (true, true) => Persistence::KeepAliveHttp10,
-                    };
-                    response::write(
-                        &mut self.write_buf,
-                        status,
-                        persistence,
-                        req.method == Method::Head,
-                    );
-                    if !keep_alive {
-                        next = Next::Close;
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    tracing::debug!(error = %err, "closing connection");
-                    let status = match err {
-                        FrameError::Malformed => Status::BadRequest,
-                        FrameError::TooLarge => Status::TooLarge,
-                        FrameError::UnsupportedBody => Status::NotImplemented,
-                    };
-                    response::write(&mut self.write_buf, status, Persistence::Close, false);
-                    next = Next::CloseAfterError;
-                    break;
-                }
-            }
-        }
-        self.read_buf.drain(..consumed);
-        next
-    }
-
     /// Closes gracefully after an error response while the client may still be
     /// sending (an oversize request, say): closing a socket with unread input makes
     /// the kernel send a reset, which can destroy the response before the client
@@ -141,7 +85,7 @@ impl Connection {
         let _ = self.stream.shutdown().await;
         let deadline = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
-        let mut buf = std::mem::take(&mut self.read_buf);
+        let mut buf = std::mem::take(&mut self.exchange.read_buf);
         while discarded < LINGER_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
             buf.clear();
@@ -152,34 +96,6 @@ impl Connection {
                 }
                 _ => return,
             }
-        }
-    }
-}
-
-/// What a connection does after answering what it has read.
-enum Next {
-    Read,
-    Close,
-    /// Close after an unframeable request; see [`Connection::linger`].
-    CloseAfterError,
-}
-
-/// Decides the answer to one request, accepting its id when it is valid.
-fn route(req: &Request<'_>, worker: &Worker, window: WindowStart, scratch: &mut Vec<u8>) -> Status {
-    if req.path != ACCEPT_PATH {
-        return Status::NotFound;
-    }
-    if req.method != Method::Get {
-        return Status::MethodNotAllowed;
-    }
-    match parse_accept_query(req.query, scratch) {
-        Ok(query) => match worker.accept(window, query.id) {
-            Ok(()) => Status::Ok,
-            Err(_) => Status::Unavailable,
-        },
-        Err(err) => {
-            tracing::debug!(error = %err, "refused accept request");
-            Status::BadRequest
         }
     }
 }

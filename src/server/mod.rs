@@ -7,6 +7,7 @@
 
 pub mod affinity;
 mod connection;
+mod exchange;
 pub mod query;
 pub mod request;
 pub mod response;
@@ -25,7 +26,7 @@ use crate::config::{Config, IoDriver};
 use crate::error::StartError;
 use worker::WorkerSettings;
 
-pub use connection::ACCEPT_PATH;
+pub use exchange::ACCEPT_PATH;
 
 /// The I/O driver the workers actually run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

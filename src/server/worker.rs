@@ -52,6 +52,15 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
+    pub(crate) fn new(window_length: WindowLength, batcher: Batcher) -> Self {
+        Worker {
+            window_length,
+            batcher: RefCell::new(batcher),
+            connections: RefCell::new(OpenConnections::default()),
+            draining: Cell::new(false),
+        }
+    }
+
     #[inline]
     pub(crate) fn window_of(&self, t: SystemTime) -> WindowStart {
         self.window_length.window_of(t)
@@ -162,12 +171,10 @@ async fn serve(
         }
     };
     let _ = ready.send(Ok(()));
-    let worker = Rc::new(Worker {
-        window_length: settings.window_length,
-        batcher: RefCell::new(Batcher::new(batches, settings.batch_ids)),
-        connections: RefCell::new(OpenConnections::default()),
-        draining: Cell::new(false),
-    });
+    let worker = Rc::new(Worker::new(
+        settings.window_length,
+        Batcher::new(batches, settings.batch_ids),
+    ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
 
     accept_until_shutdown(&listener, &worker, shutdown).await;

@@ -1,0 +1,216 @@
+//! Turning the bytes a connection has read into the bytes it sends back.
+//!
+//! An [`Exchange`] is a connection's buffers: what was read and not yet answered
+//! (always starting at a request boundary), the responses to send, and a scratch
+//! buffer for decoding. [`Exchange::answer`] frames every complete request in the
+//! read buffer, routes it, appends its response, and drops the bytes it used. It
+//! does no I/O, so it can be driven and measured without a socket; after warm-up it
+//! allocates nothing (a test with a counting allocator holds it to that).
+
+use super::query::parse_accept_query;
+use super::request::{self, FrameError, Method, Request};
+use super::response::{self, Persistence, Status};
+use super::worker::Worker;
+use crate::window::WindowStart;
+
+/// The path of the one counting endpoint.
+pub const ACCEPT_PATH: &[u8] = b"/api/verve/accept";
+
+pub(crate) struct Exchange {
+    pub(crate) read_buf: Vec<u8>,
+    pub(crate) write_buf: Vec<u8>,
+    /// Where an escaped endpoint is decoded.
+    scratch: Vec<u8>,
+}
+
+/// What a connection does after answering what it has read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    Read,
+    Close,
+    /// Close after an unframeable request, while the client may still be sending.
+    CloseAfterError,
+}
+
+impl Exchange {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Exchange {
+            read_buf: Vec::with_capacity(capacity),
+            write_buf: Vec::with_capacity(capacity),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Answers every complete request in the read buffer into the write buffer and
+    /// drops the answered bytes. Ids count in `window`, the window of the read.
+    pub(crate) fn answer(&mut self, worker: &Worker, window: WindowStart) -> Next {
+        let mut consumed = 0;
+        let mut next = Next::Read;
+        while consumed < self.read_buf.len() {
+            match request::parse(&self.read_buf[consumed..]) {
+                Ok(Some(req)) => {
+                    consumed += req.len;
+                    let keep_alive = req.keep_alive && !worker.is_draining();
+                    let status = route(&req, worker, window, &mut self.scratch);
+                    let persistence = match (keep_alive, req.http10) {
+                        (false, _) => Persistence::Close,
+                        (true, false) => Persistence::KeepAlive,
+                        (true, true) => Persistence::KeepAliveHttp10,
+                    };
+                    let head_only = req.method == Method::Head;
+                    response::write(&mut self.write_buf, status, persistence, head_only);
+                    if !keep_alive {
+                        next = Next::Close;
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::debug!(error = %err, "closing connection");
+                    let status = match err {
+                        FrameError::Malformed => Status::BadRequest,
+                        FrameError::TooLarge => Status::TooLarge,
+                        FrameError::UnsupportedBody => Status::NotImplemented,
+                    };
+                    response::write(&mut self.write_buf, status, Persistence::Close, false);
+                    next = Next::CloseAfterError;
+                    break;
+                }
+            }
+        }
+        self.read_buf.drain(..consumed);
+        next
+    }
+}
+
+/// Decides the answer to one request, accepting its id when it is valid.
+fn route(req: &Request<'_>, worker: &Worker, window: WindowStart, scratch: &mut Vec<u8>) -> Status {
+    if req.path != ACCEPT_PATH {
+        return Status::NotFound;
+    }
+    if req.method != Method::Get {
+        return Status::MethodNotAllowed;
+    }
+    match parse_accept_query(req.query, scratch) {
+        Ok(query) => match worker.accept(window, query.id) {
+            Ok(()) => Status::Ok,
+            Err(_) => Status::Unavailable,
+        },
+        Err(err) => {
+            tracing::debug!(error = %err, "refused accept request");
+            Status::BadRequest
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::batch::Batcher;
+    use crate::window::WindowLength;
+
+    /// Counts allocations made by the current thread, so that tests running on
+    /// other threads at the same time do not disturb the count.
+    struct CountingAllocator;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: defers to the system allocator; only counts on the side.
+    unsafe impl GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            System.alloc(layout)
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            System.dealloc(ptr, layout)
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            System.realloc(ptr, layout, new_size)
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+    fn allocations() -> u64 {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    const BATCH_IDS: usize = 512;
+
+    fn worker() -> (Worker, flume::Receiver<crate::batch::Batch>) {
+        let (tx, rx) = flume::bounded(1024);
+        let worker = Worker::new(WindowLength::from_secs(60), Batcher::new(tx, BATCH_IDS));
+        (worker, rx)
+    }
+
+    fn pipelined(requests: usize, id_from: usize) -> Vec<u8> {
+        (id_from..id_from + requests)
+            .flat_map(|id| {
+                format!("GET /api/verve/accept?id={id} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn answers_every_complete_request_and_keeps_the_rest() {
+        let (worker, _rx) = worker();
+        let mut exchange = Exchange::with_capacity(4096);
+        let window = worker.window_of(SystemTime::now());
+        let mut input = pipelined(3, 1);
+        input.extend_from_slice(b"GET /api/verve/acc");
+        exchange.read_buf.extend_from_slice(&input);
+        assert_eq!(exchange.answer(&worker, window), Next::Read);
+        let ok = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+        assert_eq!(
+            String::from_utf8(exchange.write_buf.clone()).unwrap(),
+            ok.repeat(3)
+        );
+        assert_eq!(exchange.read_buf, b"GET /api/verve/acc");
+    }
+
+    #[test]
+    fn the_request_path_does_not_allocate() {
+        let (worker, rx) = worker();
+        let mut exchange = Exchange::with_capacity(64 * 1024);
+        let window = worker.window_of(SystemTime::now());
+        let rounds = 200;
+        let per_round = 64;
+        let inputs: Vec<Vec<u8>> = (0..rounds)
+            .map(|r| pipelined(per_round, r * per_round))
+            .collect();
+        let mut round = |input: &[u8]| {
+            exchange.read_buf.extend_from_slice(input);
+            assert_eq!(exchange.answer(&worker, window), Next::Read);
+            exchange.write_buf.clear();
+            while rx.try_recv().is_ok() {}
+        };
+        // Warm-up, long enough to seal a batch: buffers and the channel's queue
+        // reach their working size.
+        let warm_up = BATCH_IDS / per_round + 1;
+        for input in &inputs[..warm_up] {
+            round(input);
+        }
+        let before = allocations();
+        for input in &inputs[warm_up..] {
+            round(input);
+        }
+        let (done_before, done) = (warm_up * per_round, rounds * per_round);
+        // A new batch vector each time one is sealed, and nothing else.
+        let seals = done / BATCH_IDS - done_before / BATCH_IDS;
+        assert!(seals > 10);
+        assert_eq!(
+            allocations() - before,
+            seals as u64,
+            "{} requests",
+            done - done_before
+        );
+    }
+}

@@ -98,6 +98,7 @@ fn aggregation(c: &mut Criterion) {
         .map(|ids| Batch {
             window,
             ids: ids.to_vec(),
+            endpoints: Vec::new(),
         })
         .collect();
     group.throughput(Throughput::Elements(1 << 20));
@@ -122,6 +123,7 @@ fn aggregation(c: &mut Criterion) {
         .map(|b| Batch {
             window: WindowStart::from_unix_secs(6_060),
             ids: b.ids.clone(),
+            endpoints: Vec::new(),
         })
         .collect();
     group.bench_function("ingest_1m_ids_steady", |b| {
@@ -149,6 +151,7 @@ fn aggregation(c: &mut Criterion) {
                 agg.ingest(Batch {
                     window,
                     ids: distinct.clone(),
+                    endpoints: Vec::new(),
                 });
                 agg
             },

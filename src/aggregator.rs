@@ -6,17 +6,25 @@
 //! ids can slip in between counting and clearing. Windows close strictly in order,
 //! one after the other, so a window that received nothing is reported with 0.
 //!
+//! The aggregator also remembers, per window, the distinct endpoints requests named
+//! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged)
+//! and hands the callbacks their counts: at close, or as batches arrive in
+//! immediate mode.
+//!
 //! Invariants: every window from the one the service started in to the one it
 //! stops in is reported exactly once; a batch for a window that is already closed
 //! (only possible if a worker was held up for longer than the grace) is counted as
 //! late and logged, never silently merged into another window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::Batch;
+use crate::callback::{CallbackJob, Callbacks};
+use crate::config::CallbackTiming;
 use crate::sink::{CountSink, WindowReport};
 use crate::window::{WindowLength, WindowStart};
 
@@ -26,10 +34,26 @@ use crate::window::{WindowLength, WindowStart};
 /// docs/performance.md.)
 type IdSet = scc::HashSet<i64>;
 
+/// What the aggregator holds for a window until it closes.
+struct OpenWindow {
+    ids: IdSet,
+    endpoints: HashSet<Arc<str>>,
+    /// Endpoint mentions refused because `endpoints` was full.
+    endpoints_over_cap: u64,
+}
+
+/// How the aggregator feeds the callbacks.
+pub struct EndpointCalls {
+    pub callbacks: Callbacks,
+    pub timing: CallbackTiming,
+    /// Distinct endpoints remembered per window.
+    pub max_endpoints: usize,
+}
+
 pub struct Aggregator {
     length: WindowLength,
     grace: Duration,
-    open: BTreeMap<WindowStart, IdSet>,
+    open: BTreeMap<WindowStart, OpenWindow>,
     /// The oldest window not yet reported; all earlier ones are.
     next_close: WindowStart,
     sinks: Vec<Box<dyn CountSink>>,
@@ -38,6 +62,7 @@ pub struct Aggregator {
     /// traffic changes little from one window to the next and growing a set of
     /// millions of ids step by step costs far more than reserving it once.
     capacity_hint: usize,
+    calls: Option<EndpointCalls>,
 }
 
 impl Aggregator {
@@ -56,7 +81,14 @@ impl Aggregator {
             sinks,
             late_ids: 0,
             capacity_hint: 0,
+            calls: None,
         }
+    }
+
+    /// Calls back the endpoints that requests name; without this they are ignored.
+    pub fn with_callbacks(mut self, calls: EndpointCalls) -> Self {
+        self.calls = Some(calls);
+        self
     }
 
     /// Receives batches until every sender is gone, closing windows as they fall due,
@@ -97,13 +129,36 @@ impl Aggregator {
             return;
         }
         let capacity = self.capacity_hint.max(batch.ids.len());
-        let set = self
-            .open
-            .entry(batch.window)
-            .or_insert_with(|| IdSet::with_capacity(capacity));
+        let window = self.open.entry(batch.window).or_insert_with(|| OpenWindow {
+            ids: IdSet::with_capacity(capacity),
+            endpoints: HashSet::new(),
+            endpoints_over_cap: 0,
+        });
         for id in batch.ids {
             // Err means the id was already in the set: exactly the repeat to drop.
-            let _ = set.insert_sync(id);
+            let _ = window.ids.insert_sync(id);
+        }
+        let Some(calls) = &mut self.calls else {
+            return;
+        };
+        for endpoint in batch.endpoints {
+            let known = window.endpoints.contains(&endpoint);
+            if !known && window.endpoints.len() >= calls.max_endpoints {
+                window.endpoints_over_cap += 1;
+                continue;
+            }
+            if calls.timing == CallbackTiming::Immediate {
+                calls.callbacks.submit(CallbackJob {
+                    endpoint: endpoint.clone(),
+                    window_start: batch.window,
+                    window_secs: self.length.as_secs(),
+                    unique_requests: window.ids.len() as u64,
+                    final_count: false,
+                });
+            }
+            if !known {
+                window.endpoints.insert(endpoint);
+            }
         }
     }
 
@@ -142,7 +197,8 @@ impl Aggregator {
     fn close_next(&mut self, partial: bool) {
         let window = self.next_close;
         // Swap the set out whole: removing it from the map is the close.
-        let unique_requests = self.open.remove(&window).map_or(0, |set| set.len() as u64);
+        let closed = self.open.remove(&window);
+        let unique_requests = closed.as_ref().map_or(0, |w| w.ids.len() as u64);
         if !partial {
             self.capacity_hint = unique_requests as usize;
         }
@@ -153,14 +209,29 @@ impl Aggregator {
             unique_requests,
             partial,
         };
-        tracing::info!(
-            window_start = %window,
-            unique_requests,
-            partial,
-            "window closed"
-        );
+        tracing::info!(window_start = %window, unique_requests, partial, "window closed");
         for sink in &mut self.sinks {
             sink.publish(&report);
+        }
+        if let (Some(calls), Some(closed)) = (&mut self.calls, closed) {
+            if closed.endpoints_over_cap > 0 {
+                tracing::warn!(
+                    window_start = %window,
+                    endpoints_over_cap = closed.endpoints_over_cap,
+                    "endpoint mentions beyond VERVE_CALLBACK_MAX_ENDPOINTS were not called back"
+                );
+            }
+            if calls.timing == CallbackTiming::Close {
+                for endpoint in closed.endpoints {
+                    calls.callbacks.submit(CallbackJob {
+                        endpoint,
+                        window_start: window,
+                        window_secs: report.window_secs,
+                        unique_requests,
+                        final_count: true,
+                    });
+                }
+            }
         }
     }
 }
@@ -197,10 +268,7 @@ mod tests {
     }
 
     fn batch(window_secs: u64, ids: &[i64]) -> Batch {
-        Batch {
-            window: WindowStart::from_unix_secs(window_secs),
-            ids: ids.to_vec(),
-        }
+        with_endpoints(window_secs, ids, &[])
     }
 
     /// 60 s windows, 500 ms grace, started at 100.000 s (window 60).
@@ -306,12 +374,101 @@ mod tests {
             tx.send(Batch {
                 window,
                 ids: chunk.to_vec(),
+                endpoints: Vec::new(),
             })
             .unwrap();
         }
         drop(tx);
         thread.join().unwrap();
-        let counts = recorded.counts();
-        assert_eq!(counts.last(), Some(&(window.unix_secs(), 4, true)));
+        assert_eq!(recorded.counts(), vec![(window.unix_secs(), 4, true)]);
+    }
+
+    fn with_endpoints(window_secs: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
+        Batch {
+            window: WindowStart::from_unix_secs(window_secs),
+            ids: ids.to_vec(),
+            endpoints: endpoints.iter().map(|&e| Arc::from(e)).collect(),
+        }
+    }
+
+    fn with_calls(
+        timing: CallbackTiming,
+        max_endpoints: usize,
+    ) -> (Aggregator, flume::Receiver<CallbackJob>) {
+        let (callbacks, jobs) = Callbacks::detached(64, false);
+        let (agg, _) = aggregator();
+        (
+            agg.with_callbacks(EndpointCalls {
+                callbacks,
+                timing,
+                max_endpoints,
+            }),
+            jobs,
+        )
+    }
+
+    fn calls(jobs: &flume::Receiver<CallbackJob>) -> Vec<(String, u64, u64, bool)> {
+        jobs.drain()
+            .map(|j| {
+                (
+                    j.endpoint.to_string(),
+                    j.window_start.unix_secs(),
+                    j.unique_requests,
+                    j.final_count,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn close_mode_calls_each_endpoint_once_per_window_with_the_final_count() {
+        let (mut agg, jobs) = with_calls(CallbackTiming::Close, 10);
+        agg.ingest(with_endpoints(60, &[1, 2], &["http://a/", "http://b/"]));
+        agg.ingest(with_endpoints(60, &[2, 3], &["http://a/"]));
+        agg.ingest(with_endpoints(120, &[1], &["http://a/"]));
+        assert_eq!(calls(&jobs), vec![]);
+        agg.close_due(at_ms(120_500));
+        let mut got = calls(&jobs);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("http://a/".into(), 60, 3, true),
+                ("http://b/".into(), 60, 3, true)
+            ]
+        );
+        agg.close_due(at_ms(180_500));
+        assert_eq!(calls(&jobs), vec![("http://a/".into(), 120, 1, true)]);
+    }
+
+    #[test]
+    fn immediate_mode_calls_with_the_count_so_far() {
+        let (mut agg, jobs) = with_calls(CallbackTiming::Immediate, 10);
+        agg.ingest(with_endpoints(60, &[1, 2], &["http://a/"]));
+        agg.ingest(with_endpoints(60, &[2, 3, 4], &["http://a/"]));
+        assert_eq!(
+            calls(&jobs),
+            vec![
+                ("http://a/".into(), 60, 2, false),
+                ("http://a/".into(), 60, 4, false)
+            ]
+        );
+        agg.close_due(at_ms(120_500));
+        assert_eq!(calls(&jobs), vec![], "no extra call at close");
+    }
+
+    #[test]
+    fn endpoints_beyond_the_cap_are_not_called() {
+        let (mut agg, jobs) = with_calls(CallbackTiming::Close, 2);
+        agg.ingest(with_endpoints(
+            60,
+            &[1],
+            &["http://a/", "http://b/", "http://c/"],
+        ));
+        agg.ingest(with_endpoints(60, &[2], &["http://a/", "http://d/"]));
+        agg.close_due(at_ms(120_500));
+        let mut got: Vec<_> = calls(&jobs).into_iter().map(|c| c.0).collect();
+        got.sort();
+        assert_eq!(got, vec!["http://a/", "http://b/"]);
     }
 }

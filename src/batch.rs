@@ -10,15 +10,23 @@
 //! aside as `stalled` and nothing more is accepted until it has gone; callers answer
 //! 503 for the refused ids, and no accepted id is ever dropped.
 
+use std::sync::Arc;
+
 use flume::{Sender, TrySendError};
 
 use crate::window::WindowStart;
 
-/// Ids accepted by one worker in one window.
+/// Distinct endpoints one batch may carry. A batch is sealed early when one more
+/// would not fit, which bounds the memory an endpoint-heavy load can queue up.
+pub const MAX_BATCH_ENDPOINTS: usize = 16;
+
+/// Ids accepted by one worker in one window, and the endpoints their requests named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub window: WindowStart,
     pub ids: Vec<i64>,
+    /// Distinct within the batch; the aggregator dedups across batches.
+    pub endpoints: Vec<Arc<str>>,
 }
 
 /// The channel to the aggregator is full (or the aggregator is gone): refuse the id.
@@ -42,19 +50,30 @@ impl Batcher {
             current: Batch {
                 window: WindowStart::from_unix_secs(0),
                 ids: Vec::with_capacity(capacity),
+                endpoints: Vec::new(),
             },
             stalled: None,
             capacity,
         }
     }
 
-    /// Accepts `id` into `window`, or refuses it when the aggregator cannot keep up.
+    /// Accepts `id` (and the endpoint its request named) into `window`, or refuses
+    /// it when the aggregator cannot keep up.
     #[inline]
-    pub fn push(&mut self, window: WindowStart, id: i64) -> Result<(), Overloaded> {
+    pub fn push(
+        &mut self,
+        window: WindowStart,
+        id: i64,
+        endpoint: Option<&str>,
+    ) -> Result<(), Overloaded> {
         if self.tx.is_none() || (self.stalled.is_some() && !self.retry_stalled()) {
             return Err(Overloaded);
         }
-        if window != self.current.window {
+        let new_endpoint =
+            endpoint.filter(|e| !self.current.endpoints.iter().any(|known| **known == **e));
+        let fits = window == self.current.window
+            && (new_endpoint.is_none() || self.current.endpoints.len() < MAX_BATCH_ENDPOINTS);
+        if !fits {
             if !self.current.ids.is_empty() {
                 self.seal();
                 if self.stalled.is_some() {
@@ -62,6 +81,9 @@ impl Batcher {
                 }
             }
             self.current.window = window;
+        }
+        if let Some(endpoint) = new_endpoint {
+            self.current.endpoints.push(Arc::from(endpoint));
         }
         self.current.ids.push(id);
         if self.current.ids.len() >= self.capacity {
@@ -88,12 +110,12 @@ impl Batcher {
             return;
         };
         let pending = self.stalled.take().into_iter();
-        let current = std::mem::take(&mut self.current.ids);
-        let window = self.current.window;
-        let batches = pending.chain((!current.is_empty()).then_some(Batch {
-            window,
-            ids: current,
-        }));
+        let current = Batch {
+            window: self.current.window,
+            ids: std::mem::take(&mut self.current.ids),
+            endpoints: std::mem::take(&mut self.current.endpoints),
+        };
+        let batches = pending.chain((!current.ids.is_empty()).then_some(current));
         for batch in batches {
             if let Err(err) = tx.send(batch) {
                 tracing::error!(
@@ -115,6 +137,7 @@ impl Batcher {
         let batch = Batch {
             window: self.current.window,
             ids: std::mem::replace(&mut self.current.ids, Vec::with_capacity(self.capacity)),
+            endpoints: std::mem::take(&mut self.current.endpoints),
         };
         if let Err(batch) = self.try_send(batch) {
             self.stalled = Some(batch);
@@ -153,62 +176,92 @@ mod tests {
     const W0: WindowStart = WindowStart::from_unix_secs(60);
     const W1: WindowStart = WindowStart::from_unix_secs(120);
 
+    fn batch(window: WindowStart, ids: &[i64]) -> Batch {
+        Batch {
+            window,
+            ids: ids.to_vec(),
+            endpoints: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn endpoints_travel_once_per_batch() {
+        let (tx, rx) = flume::bounded(8);
+        let mut batcher = Batcher::new(tx, 100);
+        batcher.push(W0, 1, Some("http://a/")).unwrap();
+        batcher.push(W0, 2, Some("http://a/")).unwrap();
+        batcher.push(W0, 3, None).unwrap();
+        batcher.push(W0, 4, Some("http://b/")).unwrap();
+        batcher.flush();
+        let sent = rx.try_recv().unwrap();
+        assert_eq!(sent.ids, vec![1, 2, 3, 4]);
+        assert_eq!(
+            sent.endpoints,
+            vec![Arc::from("http://a/"), Arc::from("http://b/")]
+        );
+    }
+
+    #[test]
+    fn too_many_endpoints_seal_the_batch() {
+        let (tx, rx) = flume::bounded(8);
+        let mut batcher = Batcher::new(tx, 1000);
+        let endpoints: Vec<String> = (0..=MAX_BATCH_ENDPOINTS)
+            .map(|i| format!("http://h{i}/"))
+            .collect();
+        for (id, endpoint) in endpoints.iter().enumerate() {
+            batcher.push(W0, id as i64, Some(endpoint)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        assert_eq!(
+            (first.ids.len(), first.endpoints.len()),
+            (MAX_BATCH_ENDPOINTS, MAX_BATCH_ENDPOINTS)
+        );
+        batcher.flush();
+        let second = rx.try_recv().unwrap();
+        assert_eq!(
+            second.endpoints,
+            vec![Arc::from(endpoints[MAX_BATCH_ENDPOINTS].as_str())]
+        );
+    }
+
     #[test]
     fn batches_seal_when_full() {
         let (tx, rx) = flume::bounded(8);
         let mut batcher = Batcher::new(tx, 3);
         for id in 1..=7 {
-            batcher.push(W0, id).unwrap();
+            batcher.push(W0, id, None).unwrap();
         }
         assert_eq!(rx.try_recv().unwrap().ids, vec![1, 2, 3]);
         assert_eq!(rx.try_recv().unwrap().ids, vec![4, 5, 6]);
         assert!(rx.try_recv().is_err());
         batcher.flush();
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            Batch {
-                window: W0,
-                ids: vec![7]
-            }
-        );
+        assert_eq!(rx.try_recv().unwrap(), batch(W0, &[7]));
     }
 
     #[test]
     fn a_new_window_seals_the_old_batch() {
         let (tx, rx) = flume::bounded(8);
         let mut batcher = Batcher::new(tx, 100);
-        batcher.push(W0, 1).unwrap();
-        batcher.push(W1, 1).unwrap();
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            Batch {
-                window: W0,
-                ids: vec![1]
-            }
-        );
+        batcher.push(W0, 1, None).unwrap();
+        batcher.push(W1, 1, None).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), batch(W0, &[1]));
         batcher.flush();
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            Batch {
-                window: W1,
-                ids: vec![1]
-            }
-        );
+        assert_eq!(rx.try_recv().unwrap(), batch(W1, &[1]));
     }
 
     #[test]
     fn a_full_channel_refuses_new_ids_and_keeps_accepted_ones() {
         let (tx, rx) = flume::bounded(1);
         let mut batcher = Batcher::new(tx, 2);
-        batcher.push(W0, 1).unwrap();
-        batcher.push(W0, 2).unwrap(); // sealed, fills the channel
-        batcher.push(W0, 3).unwrap();
-        batcher.push(W0, 4).unwrap(); // sealed, stalled
-        assert_eq!(batcher.push(W0, 5), Err(Overloaded));
+        batcher.push(W0, 1, None).unwrap();
+        batcher.push(W0, 2, None).unwrap(); // sealed, fills the channel
+        batcher.push(W0, 3, None).unwrap();
+        batcher.push(W0, 4, None).unwrap(); // sealed, stalled
+        assert_eq!(batcher.push(W0, 5, None), Err(Overloaded));
         assert_eq!(batcher.pending_ids(), 2);
 
         assert_eq!(rx.try_recv().unwrap().ids, vec![1, 2]);
-        batcher.push(W0, 6).unwrap(); // the stalled batch goes first
+        batcher.push(W0, 6, None).unwrap(); // the stalled batch goes first
         assert_eq!(rx.try_recv().unwrap().ids, vec![3, 4]);
         batcher.flush();
         assert_eq!(rx.try_recv().unwrap().ids, vec![6]);
@@ -218,12 +271,12 @@ mod tests {
     fn finish_sends_stalled_and_current_then_lets_go() {
         let (tx, rx) = flume::bounded(1);
         let mut batcher = Batcher::new(tx, 1);
-        batcher.push(W0, 1).unwrap();
-        batcher.push(W0, 2).unwrap(); // stalled
+        batcher.push(W0, 1, None).unwrap();
+        batcher.push(W0, 2, None).unwrap(); // stalled
         let drain = std::thread::spawn(move || rx.iter().map(|b| b.ids).collect::<Vec<_>>());
         batcher.finish();
         // The batcher still exists, but the channel is already disconnected.
         assert_eq!(drain.join().unwrap(), vec![vec![1], vec![2]]);
-        assert_eq!(batcher.push(W0, 3), Err(Overloaded));
+        assert_eq!(batcher.push(W0, 3, None), Err(Overloaded));
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
+use crate::callback::CallbackPolicy;
 use crate::window::WindowLength;
 
 /// Counts unique request ids per time window, thread-per-core.
@@ -73,6 +74,52 @@ pub struct Config {
     #[arg(long, env = "VERVE_SHUTDOWN_DRAIN_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
+
+    /// How endpoints are called: post (JSON body) or get (count as a query parameter).
+    #[arg(long, env = "VERVE_CALLBACK_METHOD", value_enum, default_value_t = CallbackMethod::Post)]
+    pub callback_method: CallbackMethod,
+
+    /// When endpoints are called: close (once per window with the final count) or immediate (coalesced, count so far).
+    #[arg(long, env = "VERVE_CALLBACK_TIMING", value_enum, default_value_t = CallbackTiming::Close)]
+    pub callback_timing: CallbackTiming,
+
+    /// Longest a callback may take to connect, in milliseconds.
+    #[arg(long, env = "VERVE_CALLBACK_CONNECT_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub callback_connect_timeout_ms: u64,
+
+    /// Longest a callback may take in all (connect, send, response), in milliseconds.
+    #[arg(long, env = "VERVE_CALLBACK_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub callback_timeout_ms: u64,
+
+    /// Retries after a connection error or a 5xx answer, with doubling backoff; none after a 4xx.
+    #[arg(long, env = "VERVE_CALLBACK_RETRIES", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub callback_retries: u32,
+
+    /// Callbacks that may wait for a free caller; beyond it, callbacks are dropped and counted.
+    #[arg(long, env = "VERVE_CALLBACK_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub callback_queue: u32,
+
+    /// Callbacks in flight at once (one thread each).
+    #[arg(long, env = "VERVE_CALLBACK_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub callback_concurrency: u16,
+
+    /// Distinct endpoints remembered per window; the excess is counted and logged, not called.
+    #[arg(long, env = "VERVE_CALLBACK_MAX_ENDPOINTS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub callback_max_endpoints: u32,
+
+    /// Hosts or CIDRs callbacks may go to, comma-separated; empty allows all.
+    #[arg(long, env = "VERVE_CALLBACK_ALLOW", default_value = "")]
+    pub callback_allow: String,
+
+    /// Refuse callbacks to loopback, private and link-local addresses (checked after DNS).
+    #[arg(long, env = "VERVE_CALLBACK_DENY_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub callback_deny_private: bool,
 }
 
 /// Which kernel interface the worker runtimes use for I/O.
@@ -84,6 +131,24 @@ pub enum IoDriver {
     Uring,
     /// io_uring when the kernel (and seccomp) allow it, epoll otherwise.
     Auto,
+}
+
+/// How an endpoint is told the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CallbackMethod {
+    /// POST with a JSON body.
+    Post,
+    /// GET with `count=N` added to the endpoint's query.
+    Get,
+}
+
+/// When an endpoint is told the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CallbackTiming {
+    /// Once per endpoint and window, with the final count, when the window closes.
+    Close,
+    /// On each request with the endpoint, with the count so far; coalesced per endpoint.
+    Immediate,
 }
 
 impl Config {
@@ -114,6 +179,7 @@ impl Config {
                 self.window_grace_ms, self.flush_ms
             )));
         }
+        self.callback_policy()?;
         if self.window_grace_ms >= self.window_secs * 1000 {
             return Err(ConfigError(format!(
                 "VERVE_WINDOW_GRACE_MS ({}) must be shorter than the window ({} s)",
@@ -145,6 +211,15 @@ impl Config {
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    /// The callback policy, parsed from `VERVE_CALLBACK_ALLOW` and `VERVE_CALLBACK_DENY_PRIVATE`.
+    pub fn callback_policy(&self) -> Result<CallbackPolicy, ConfigError> {
+        CallbackPolicy::parse(&self.callback_allow, self.callback_deny_private).map_err(|e| {
+            ConfigError(format!(
+                "invalid value for VERVE_CALLBACK_ALLOW (--callback-allow): {e}"
+            ))
+        })
     }
 }
 

@@ -6,8 +6,9 @@
 //! appends it to its [`batch`]. Sealed batches cross one bounded flume channel to
 //! the single [`aggregator`] thread, which keeps an `scc::HashSet` of ids per open
 //! window. A short grace after a window ends, the aggregator swaps the set out,
-//! and hands its size to every [`sink`] (the count log). [`service`] starts and
-//! stops all of it; [`config`] is every knob.
+//! and hands its size to every [`sink`] (the count log) and, for the endpoints
+//! requests named, to the [`callback`] dispatcher. [`service`] starts and stops all
+//! of it; [`config`] is every knob.
 //!
 //! Nothing on a worker blocks on anything but its own client, and nothing between
 //! a worker and the aggregator is unbounded: when the channel is full, new ids are
@@ -15,6 +16,7 @@
 
 pub mod aggregator;
 pub mod batch;
+pub mod callback;
 pub mod config;
 pub mod error;
 pub mod server;

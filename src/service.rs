@@ -6,9 +6,10 @@
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::aggregator::Aggregator;
+use crate::aggregator::{Aggregator, EndpointCalls};
+use crate::callback::Dispatcher;
 use crate::config::Config;
 use crate::error::StartError;
 use crate::server::{claim_address, Driver, Workers};
@@ -20,19 +21,25 @@ pub struct Verve {
     driver: Driver,
     workers: Workers,
     aggregator: JoinHandle<()>,
+    dispatcher: Dispatcher,
+    /// How long shutdown waits for callbacks still in flight.
+    callback_timeout: Duration,
 }
 
 impl Verve {
     /// Starts the service as configured.
     pub fn start(config: &Config) -> Result<Verve, StartError> {
         let driver = Driver::resolve(config.io_driver)?;
+        let callback_policy = config.callback_policy()?;
         let sinks: Vec<Box<dyn CountSink>> = vec![Box::new(LogSink::open(&config.count_log)?)];
         let addr = claim_address(config.addr)?;
+        let (callbacks, dispatcher) =
+            Dispatcher::start(config, callback_policy.clone()).map_err(StartError::Thread)?;
 
         let (batches, received) = flume::bounded(config.queue_batches as usize);
         // Taken before any worker accepts, so no request predates the first window.
         let started_at = SystemTime::now();
-        let workers = Workers::start(config, addr, driver, &batches)?;
+        let workers = Workers::start(config, addr, driver, &callback_policy, &batches)?;
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
         drop(batches);
@@ -42,7 +49,12 @@ impl Verve {
             config.window_grace(),
             started_at,
             sinks,
-        );
+        )
+        .with_callbacks(EndpointCalls {
+            callbacks,
+            timing: config.callback_timing,
+            max_endpoints: config.callback_max_endpoints as usize,
+        });
         let aggregator = match std::thread::Builder::new()
             .name("verve-aggregator".into())
             .spawn(move || aggregator.run(received))
@@ -61,16 +73,21 @@ impl Verve {
             io_driver = %driver,
             store = "local",
             sinks = "log",
+            callback_method = ?config.callback_method,
+            callback_timing = ?config.callback_timing,
             window_secs = config.window_secs,
             window_grace_ms = config.window_grace_ms,
             count_log = %config.count_log.display(),
             "verve listening"
         );
+        let callback_timeout = Duration::from_millis(config.callback_timeout_ms);
         Ok(Verve {
             addr,
             driver,
             workers,
             aggregator,
+            dispatcher,
+            callback_timeout,
         })
     }
 
@@ -85,11 +102,14 @@ impl Verve {
     }
 
     /// Stops accepting, drains connections, counts every accepted id, reports the
-    /// open window as partial, and returns when all of that is done.
+    /// open window as partial, gives the last callbacks up to one callback timeout,
+    /// and returns when all of that is done.
     pub fn shutdown(self) {
         self.workers.stop();
         if self.aggregator.join().is_err() {
             tracing::error!("the aggregator panicked; the last windows may be unreported");
         }
+        self.dispatcher
+            .finish(Instant::now() + self.callback_timeout);
     }
 }

@@ -63,8 +63,10 @@ fn configuration_docs_match_help() {
     for (flag, (env, default)) in &help {
         let (doc_env, doc_default) = &docs[flag];
         assert_eq!(env, doc_env, "{flag}: environment variable");
-        if let Some(default) = default {
-            assert_eq!(doc_default, &format!("`{default}`"), "{flag}: default");
+        match default.as_deref() {
+            Some("\"\"") => assert!(doc_default.starts_with("empty"), "{flag}: default"),
+            Some(default) => assert_eq!(doc_default, &format!("`{default}`"), "{flag}: default"),
+            None => {}
         }
     }
 }

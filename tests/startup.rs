@@ -67,6 +67,14 @@ fn bad_values_name_their_variable() {
 }
 
 #[test]
+fn a_bad_callback_allow_list_is_refused() {
+    assert_eq!(
+        fails(&[("VERVE_CALLBACK_ALLOW", "10.0.0.0/40")]),
+        "verve: invalid value for VERVE_CALLBACK_ALLOW (--callback-allow): '10.0.0.0/40': prefix must be 0 to 32"
+    );
+}
+
+#[test]
 fn an_unwritable_count_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let blocker = dir.path().join("file");

@@ -91,15 +91,22 @@ fn route(req: &Request<'_>, worker: &Worker, window: WindowStart, scratch: &mut 
     if req.method != Method::Get {
         return Status::MethodNotAllowed;
     }
-    match parse_accept_query(req.query, scratch) {
-        Ok(query) => match worker.accept(window, query.id) {
-            Ok(()) => Status::Ok,
-            Err(_) => Status::Unavailable,
-        },
+    let query = match parse_accept_query(req.query, scratch) {
+        Ok(query) => query,
         Err(err) => {
             tracing::debug!(error = %err, "refused accept request");
-            Status::BadRequest
+            return Status::BadRequest;
         }
+    };
+    if let Some(endpoint) = query.endpoint {
+        if let Err(refusal) = worker.callback_policy().check_host(endpoint.host) {
+            tracing::debug!(endpoint = endpoint.url, %refusal, "refused endpoint");
+            return Status::BadRequest;
+        }
+    }
+    match worker.accept(window, query.id, query.endpoint.map(|e| e.url)) {
+        Ok(()) => Status::Ok,
+        Err(_) => Status::Unavailable,
     }
 }
 
@@ -111,6 +118,7 @@ mod tests {
 
     use super::*;
     use crate::batch::Batcher;
+    use crate::callback::CallbackPolicy;
     use crate::window::WindowLength;
 
     /// Counts allocations made by the current thread, so that tests running on
@@ -147,7 +155,11 @@ mod tests {
 
     fn worker() -> (Worker, flume::Receiver<crate::batch::Batch>) {
         let (tx, rx) = flume::bounded(1024);
-        let worker = Worker::new(WindowLength::from_secs(60), Batcher::new(tx, BATCH_IDS));
+        let worker = Worker::new(
+            WindowLength::from_secs(60),
+            CallbackPolicy::default(),
+            Batcher::new(tx, BATCH_IDS),
+        );
         (worker, rx)
     }
 

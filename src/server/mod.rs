@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Socket, Type};
 
 use crate::batch::Batch;
+use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
 use crate::error::StartError;
 use worker::WorkerSettings;
@@ -90,6 +91,7 @@ impl Workers {
         config: &Config,
         addr: SocketAddr,
         driver: Driver,
+        callback_policy: &CallbackPolicy,
         batches: &flume::Sender<Batch>,
     ) -> Result<Workers, StartError> {
         let count = config.worker_count();
@@ -109,6 +111,7 @@ impl Workers {
                 addr,
                 driver,
                 window_length: config.window_length(),
+                callback_policy: callback_policy.clone(),
                 batch_ids: config.batch_ids as usize,
                 flush_interval: config.flush_interval(),
                 drain: config.shutdown_drain(),

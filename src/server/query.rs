@@ -22,7 +22,15 @@ const SMALL: usize = 32;
 pub struct AcceptQuery<'a> {
     pub id: i64,
     /// The decoded, validated callback URL, when one was given.
-    pub endpoint: Option<&'a str>,
+    pub endpoint: Option<Endpoint<'a>>,
+}
+
+/// A callback URL that passed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint<'a> {
+    pub url: &'a str,
+    /// The host part of `url`, as written (IPv6 literals keep their brackets).
+    pub host: &'a str,
 }
 
 /// Why a query was refused; every variant is answered `400 failed`.
@@ -152,7 +160,10 @@ fn decode_small<'a>(
 }
 
 /// Decodes and validates an endpoint value.
-fn decode_endpoint<'a>(raw: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a str, QueryError> {
+fn decode_endpoint<'a>(
+    raw: &'a [u8],
+    scratch: &'a mut Vec<u8>,
+) -> Result<Endpoint<'a>, QueryError> {
     let decoded: &[u8] = if raw.contains(&b'%') {
         scratch.clear();
         for byte in Unescape::new(raw) {
@@ -169,7 +180,7 @@ fn decode_endpoint<'a>(raw: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a st
 ///
 /// This is the request-time check only; resolving and calling the URL is the
 /// callback dispatcher's business.
-fn validate_endpoint(url: &[u8]) -> Result<&str, EndpointError> {
+fn validate_endpoint(url: &[u8]) -> Result<Endpoint<'_>, EndpointError> {
     if url.len() > MAX_ENDPOINT_LEN {
         return Err(EndpointError::TooLong);
     }
@@ -205,7 +216,11 @@ fn validate_endpoint(url: &[u8]) -> Result<&str, EndpointError> {
         }
     }
     // Checked above: every byte is printable ASCII.
-    Ok(std::str::from_utf8(url).expect("ASCII is UTF-8"))
+    let ascii = |bytes| std::str::from_utf8(bytes).expect("ASCII is UTF-8");
+    Ok(Endpoint {
+        url: ascii(url),
+        host: ascii(host),
+    })
 }
 
 /// Splits `host[:port]`, keeping IPv6 literals such as `[::1]:80` whole.
@@ -278,7 +293,7 @@ mod tests {
     fn parse(q: &str) -> Result<(i64, Option<String>), QueryError> {
         let mut scratch = Vec::new();
         parse_accept_query(q.as_bytes(), &mut scratch)
-            .map(|q| (q.id, q.endpoint.map(str::to_owned)))
+            .map(|q| (q.id, q.endpoint.map(|e| e.url.to_owned())))
     }
 
     fn id(q: &str) -> Result<i64, QueryError> {
@@ -380,6 +395,28 @@ mod tests {
         assert_eq!(
             parse("id=3&endpoint=http://user:pw@host/p"),
             Ok((3, Some("http://user:pw@host/p".to_owned())))
+        );
+    }
+
+    #[test]
+    fn the_host_is_picked_out() {
+        let host = |q: &str| {
+            let mut scratch = Vec::new();
+            parse_accept_query(q.as_bytes(), &mut scratch)
+                .unwrap()
+                .endpoint
+                .unwrap()
+                .host
+                .to_owned()
+        };
+        assert_eq!(
+            host("id=1&endpoint=http://Example.com:80/p?q"),
+            "Example.com"
+        );
+        assert_eq!(host("id=1&endpoint=https://u:p@10.0.0.1"), "10.0.0.1");
+        assert_eq!(
+            host("id=1&endpoint=http%3A%2F%2F%5B%3A%3A1%5D%3A9%2F"),
+            "[::1]"
         );
     }
 

@@ -26,6 +26,7 @@ use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use super::connection::Connection;
 use super::Driver;
 use crate::batch::{Batch, Batcher, Overloaded};
+use crate::callback::CallbackPolicy;
 use crate::error::StartError;
 use crate::window::{WindowLength, WindowStart};
 
@@ -36,6 +37,7 @@ pub(crate) struct WorkerSettings {
     pub addr: SocketAddr,
     pub driver: Driver,
     pub window_length: WindowLength,
+    pub callback_policy: CallbackPolicy,
     pub batch_ids: usize,
     pub flush_interval: Duration,
     pub drain: Duration,
@@ -46,15 +48,21 @@ pub(crate) struct WorkerSettings {
 /// State shared by the tasks of one worker thread.
 pub(crate) struct Worker {
     window_length: WindowLength,
+    callback_policy: CallbackPolicy,
     batcher: RefCell<Batcher>,
     connections: RefCell<OpenConnections>,
     draining: Cell<bool>,
 }
 
 impl Worker {
-    pub(crate) fn new(window_length: WindowLength, batcher: Batcher) -> Self {
+    pub(crate) fn new(
+        window_length: WindowLength,
+        callback_policy: CallbackPolicy,
+        batcher: Batcher,
+    ) -> Self {
         Worker {
             window_length,
+            callback_policy,
             batcher: RefCell::new(batcher),
             connections: RefCell::new(OpenConnections::default()),
             draining: Cell::new(false),
@@ -66,10 +74,21 @@ impl Worker {
         self.window_length.window_of(t)
     }
 
-    /// Accepts an id into its window's batch, or refuses it under overload.
+    /// Accepts an id (and its request's endpoint) into its window's batch, or
+    /// refuses it under overload.
     #[inline]
-    pub(crate) fn accept(&self, window: WindowStart, id: i64) -> Result<(), Overloaded> {
-        self.batcher.borrow_mut().push(window, id)
+    pub(crate) fn accept(
+        &self,
+        window: WindowStart,
+        id: i64,
+        endpoint: Option<&str>,
+    ) -> Result<(), Overloaded> {
+        self.batcher.borrow_mut().push(window, id, endpoint)
+    }
+
+    /// The operator's rules for callback targets.
+    pub(crate) fn callback_policy(&self) -> &CallbackPolicy {
+        &self.callback_policy
     }
 
     /// Whether the worker is shutting down, so responses should close connections.
@@ -173,6 +192,7 @@ async fn serve(
     let _ = ready.send(Ok(()));
     let worker = Rc::new(Worker::new(
         settings.window_length,
+        settings.callback_policy,
         Batcher::new(batches, settings.batch_ids),
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));

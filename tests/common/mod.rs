@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own share of the harness
 
+pub mod receiver;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -331,4 +333,30 @@ pub fn accept_all(client: &mut Client, ids: impl IntoIterator<Item = i64>) {
 /// The number of distinct ids in `ids`.
 pub fn distinct(ids: impl IntoIterator<Item = i64>) -> u64 {
     ids.into_iter().collect::<HashSet<_>>().len() as u64
+}
+
+/// Percent-encodes everything but unreserved characters, as a query value.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends each id with `endpoint` on `client` and checks every answer.
+pub fn accept_all_with(client: &mut Client, endpoint: &str, ids: impl IntoIterator<Item = i64>) {
+    let endpoint = encode(endpoint);
+    for id in ids {
+        let response = client.get(&format!("/api/verve/accept?id={id}&endpoint={endpoint}"));
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "id {id}"
+        );
+    }
 }

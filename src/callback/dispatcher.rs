@@ -1,0 +1,248 @@
+//! The threads that call endpoints, with ureq.
+//!
+//! `VERVE_CALLBACK_CONCURRENCY` threads take jobs from one bounded queue; each job
+//! is one HTTP call (POST with a JSON body, or GET with `count=N`), retried after a
+//! transport error or a 5xx answer with doubling backoff, never after a 4xx. Every
+//! outcome is logged with the endpoint, the status or error, the attempts and the
+//! latency. Names are resolved through the [`CallbackPolicy`], so a refused address
+//! is never connected to, whatever the name.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::Agent;
+
+use super::{CallbackJob, CallbackPolicy, Callbacks, Coalescer, Refusal};
+use crate::config::{CallbackMethod, CallbackTiming, Config};
+
+/// The first retry waits this long; each further one twice as long as the last.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Response bodies are read (so connections can be reused) up to this size.
+const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+
+/// The running callback threads.
+pub struct Dispatcher {
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What every dispatcher thread needs.
+#[derive(Clone)]
+struct Caller {
+    agent: Agent,
+    method: CallbackMethod,
+    retries: u32,
+    coalescer: Option<Coalescer>,
+}
+
+impl Dispatcher {
+    /// Starts the threads; the returned [`Callbacks`] feeds them. The threads end
+    /// once `Callbacks` is dropped and the queue is empty.
+    pub fn start(
+        config: &Config,
+        policy: CallbackPolicy,
+    ) -> std::io::Result<(Callbacks, Dispatcher)> {
+        let (jobs, queue) = flume::bounded(config.callback_queue as usize);
+        let coalescer =
+            (config.callback_timing == CallbackTiming::Immediate).then(Coalescer::default);
+        let agent_config = Agent::config_builder()
+            .timeout_connect(Some(Duration::from_millis(
+                config.callback_connect_timeout_ms,
+            )))
+            .timeout_global(Some(Duration::from_millis(config.callback_timeout_ms)))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(concat!("verve/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let resolver = PolicyResolver {
+            policy: Arc::new(policy),
+            inner: DefaultResolver::default(),
+        };
+        let caller = Caller {
+            agent: Agent::with_parts(agent_config, DefaultConnector::default(), resolver),
+            method: config.callback_method,
+            retries: config.callback_retries,
+            coalescer: coalescer.clone(),
+        };
+        let mut threads = Vec::new();
+        for index in 0..config.callback_concurrency {
+            let (queue, caller) = (queue.clone(), caller.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("verve-callback-{index}"))
+                .spawn(move || {
+                    for job in queue.iter() {
+                        caller.run(job);
+                    }
+                })?;
+            threads.push(thread);
+        }
+        Ok((Callbacks::new(jobs, coalescer), Dispatcher { threads }))
+    }
+
+    /// Waits for the queued and in-flight calls to finish, at most until `deadline`.
+    /// Call it after the aggregator (and with it the `Callbacks`) is gone.
+    pub fn finish(self, deadline: Instant) {
+        for thread in self.threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Caller {
+    /// Makes the call, then any coalesced call that waited behind it.
+    fn run(&self, mut job: CallbackJob) {
+        loop {
+            self.call(&job);
+            match self
+                .coalescer
+                .as_ref()
+                .and_then(|c| c.release(&job.endpoint))
+            {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
+    }
+
+    fn call(&self, job: &CallbackJob) {
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=self.retries + 1 {
+            let outcome = self.send(job);
+            let retry = attempt <= self.retries
+                && match &outcome {
+                    Ok(status) => *status >= 500,
+                    Err(ureq::Error::Other(e)) if e.is::<Refusal>() => false,
+                    Err(_) => true,
+                };
+            let latency_ms = started.elapsed().as_millis() as u64;
+            match &outcome {
+                Ok(status) if !retry => tracing::info!(
+                    endpoint = %job.endpoint,
+                    window_start = %job.window_start,
+                    unique_requests = job.unique_requests,
+                    status,
+                    attempts = attempt,
+                    latency_ms,
+                    "callback"
+                ),
+                Err(error) if !retry => tracing::warn!(
+                    endpoint = %job.endpoint,
+                    window_start = %job.window_start,
+                    unique_requests = job.unique_requests,
+                    %error,
+                    attempts = attempt,
+                    latency_ms,
+                    "callback failed"
+                ),
+                _ => {
+                    tracing::debug!(endpoint = %job.endpoint, attempt, ?outcome, "callback will be retried");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                    continue;
+                }
+            }
+            return;
+        }
+    }
+
+    /// One attempt: the status code, or why there is none.
+    fn send(&self, job: &CallbackJob) -> Result<u16, ureq::Error> {
+        let mut response = match self.method {
+            CallbackMethod::Post => {
+                let body = serde_json::json!({
+                    "window_start": job.window_start.to_string(),
+                    "window_seconds": job.window_secs,
+                    "unique_requests": job.unique_requests,
+                    "final": job.final_count,
+                });
+                self.agent
+                    .post(&*job.endpoint)
+                    .header("content-type", "application/json")
+                    .send(body.to_string())?
+            }
+            CallbackMethod::Get => self
+                .agent
+                .get(with_count(&job.endpoint, job.unique_requests))
+                .call()?,
+        };
+        // Read what is there (bounded) so the connection can be reused; the body
+        // itself is of no interest.
+        let _ = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BODY)
+            .read_to_vec();
+        Ok(response.status().as_u16())
+    }
+}
+
+/// `endpoint` with `count=N` added to its query, keeping the query it has and
+/// leaving out any fragment (which is never sent anyway).
+pub fn with_count(endpoint: &str, count: u64) -> String {
+    let without_fragment = endpoint.split('#').next().unwrap_or(endpoint);
+    let separator = match without_fragment.find('?') {
+        None => "?",
+        Some(q) if q + 1 == without_fragment.len() || without_fragment.ends_with('&') => "",
+        Some(_) => "&",
+    };
+    format!("{without_fragment}{separator}count={count}")
+}
+
+/// Resolves names as usual, then keeps only the addresses the policy allows.
+#[derive(Debug)]
+struct PolicyResolver {
+    policy: Arc<CallbackPolicy>,
+    inner: DefaultResolver,
+}
+
+impl Resolver for PolicyResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let resolved = self.inner.resolve(uri, config, timeout)?;
+        let host = uri.host().unwrap_or_default();
+        let mut ips: Vec<IpAddr> = resolved.iter().map(|a| a.ip()).collect();
+        self.policy
+            .check_resolved(host, &mut ips)
+            .map_err(|refusal| ureq::Error::Other(Box::new(refusal)))?;
+        let mut allowed = self.empty();
+        for addr in resolved.iter().filter(|a| ips.contains(&a.ip())) {
+            allowed.push(*addr);
+        }
+        Ok(allowed)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_is_added_to_the_query_the_endpoint_has() {
+        assert_eq!(with_count("http://h/p", 5), "http://h/p?count=5");
+        assert_eq!(with_count("http://h/p?x=1", 5), "http://h/p?x=1&count=5");
+        assert_eq!(with_count("http://h/p?", 5), "http://h/p?count=5");
+        assert_eq!(with_count("http://h/p?x=1&", 5), "http://h/p?x=1&count=5");
+        assert_eq!(
+            with_count("http://h/p?x=1#frag", 5),
+            "http://h/p?x=1&count=5"
+        );
+        assert_eq!(with_count("http://h", 0), "http://h?count=0");
+    }
+}

@@ -1,0 +1,206 @@
+//! Telling endpoints the count, off the request path.
+//!
+//! Requests may name an `endpoint`. Workers pass the endpoints along with their
+//! batches; the aggregator decides when an endpoint is due a call and hands a
+//! [`CallbackJob`] to [`Callbacks::submit`], which never blocks. The [`Dispatcher`]
+//! threads make the calls with ureq, with timeouts, bounded retries, and the
+//! operator's [`CallbackPolicy`]. A slow or dead endpoint can hold up a dispatcher
+//! thread, never a worker or the aggregator.
+//!
+//! Timing (`VERVE_CALLBACK_TIMING`): `close` calls each endpoint seen in a window
+//! once, with the window's final count, when the window closes. `immediate` calls
+//! on every batch that names the endpoint, with the count so far; calls to one
+//! endpoint are coalesced so that at most one is in flight and only the latest
+//! waiting count is sent after it.
+
+mod dispatcher;
+mod policy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use flume::TrySendError;
+
+pub use dispatcher::Dispatcher;
+pub use policy::{CallbackPolicy, Refusal};
+
+use crate::window::WindowStart;
+
+/// One call to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackJob {
+    pub endpoint: Arc<str>,
+    pub window_start: WindowStart,
+    pub window_secs: u64,
+    pub unique_requests: u64,
+    /// The window is closed: this count will not change.
+    pub final_count: bool,
+}
+
+/// The submitting side of the dispatcher, owned by the aggregator.
+pub struct Callbacks {
+    jobs: flume::Sender<CallbackJob>,
+    /// Present in immediate mode only.
+    coalescer: Option<Coalescer>,
+    dropped: u64,
+}
+
+impl Callbacks {
+    fn new(jobs: flume::Sender<CallbackJob>, coalescer: Option<Coalescer>) -> Self {
+        Callbacks {
+            jobs,
+            coalescer,
+            dropped: 0,
+        }
+    }
+
+    /// A submitting side whose jobs go to the returned receiver, for tests.
+    pub fn detached(capacity: usize, coalesce: bool) -> (Callbacks, flume::Receiver<CallbackJob>) {
+        let (tx, rx) = flume::bounded(capacity);
+        (Callbacks::new(tx, coalesce.then(Coalescer::default)), rx)
+    }
+
+    /// Queues a call. When the queue is full the job is dropped, counted and
+    /// logged: the aggregator must never wait for an endpoint.
+    pub fn submit(&mut self, job: CallbackJob) {
+        let job = match &self.coalescer {
+            Some(coalescer) => match coalescer.claim(job) {
+                Some(job) => job,
+                None => return, // waits behind the call in flight
+            },
+            None => job,
+        };
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
+            self.jobs.try_send(job)
+        {
+            if let Some(coalescer) = &self.coalescer {
+                coalescer.forget(&job.endpoint);
+            }
+            self.dropped += 1;
+            tracing::warn!(
+                endpoint = %job.endpoint,
+                window_start = %job.window_start,
+                dropped_total = self.dropped,
+                "callback queue full; callback dropped (raise VERVE_CALLBACK_QUEUE or VERVE_CALLBACK_CONCURRENCY)"
+            );
+        }
+    }
+
+    /// Callbacks dropped because the queue was full, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+/// Immediate mode's bookkeeping: which endpoints have a call in flight, and the
+/// latest job waiting behind each.
+///
+/// The mutex is taken once per submitted job and once per finished call, never per
+/// request, and held only for a map lookup; the aggregator and the dispatcher
+/// threads are the only users.
+#[derive(Clone, Default)]
+struct Coalescer {
+    in_flight: Arc<Mutex<HashMap<Arc<str>, Option<CallbackJob>>>>,
+}
+
+impl Coalescer {
+    /// Returns the job if its endpoint is idle (it is now in flight); otherwise
+    /// keeps it as the endpoint's next call, replacing an older waiting one.
+    fn claim(&self, job: CallbackJob) -> Option<CallbackJob> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        match in_flight.get_mut(&job.endpoint) {
+            Some(waiting) => {
+                *waiting = Some(job);
+                None
+            }
+            None => {
+                in_flight.insert(job.endpoint.clone(), None);
+                Some(job)
+            }
+        }
+    }
+
+    /// A call to `endpoint` finished: returns the job waiting behind it, if any
+    /// (the endpoint stays in flight), or marks the endpoint idle.
+    fn release(&self, endpoint: &Arc<str>) -> Option<CallbackJob> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        match in_flight.get_mut(endpoint).and_then(Option::take) {
+            Some(next) => Some(next),
+            None => {
+                in_flight.remove(endpoint);
+                None
+            }
+        }
+    }
+
+    /// The job for `endpoint` could not be queued: it is not in flight after all.
+    fn forget(&self, endpoint: &Arc<str>) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(endpoint);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(endpoint: &Arc<str>, count: u64) -> CallbackJob {
+        CallbackJob {
+            endpoint: endpoint.clone(),
+            window_start: WindowStart::from_unix_secs(60),
+            window_secs: 60,
+            unique_requests: count,
+            final_count: false,
+        }
+    }
+
+    #[test]
+    fn close_mode_queues_every_job() {
+        let (mut callbacks, rx) = Callbacks::detached(8, false);
+        let e: Arc<str> = "http://a/".into();
+        callbacks.submit(job(&e, 1));
+        callbacks.submit(job(&e, 2));
+        assert_eq!(
+            rx.drain().map(|j| j.unique_requests).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn immediate_mode_keeps_one_in_flight_and_the_latest_waiting() {
+        let (mut callbacks, rx) = Callbacks::detached(8, true);
+        let coalescer = callbacks.coalescer.clone().unwrap();
+        let (a, b): (Arc<str>, Arc<str>) = ("http://a/".into(), "http://b/".into());
+        callbacks.submit(job(&a, 1));
+        callbacks.submit(job(&a, 2));
+        callbacks.submit(job(&a, 3));
+        callbacks.submit(job(&b, 1));
+        let queued: Vec<_> = rx
+            .drain()
+            .map(|j| (j.endpoint, j.unique_requests))
+            .collect();
+        assert_eq!(queued, vec![(a.clone(), 1), (b.clone(), 1)]);
+        // The call to a finishes: the latest waiting count goes next, 2 is skipped.
+        assert_eq!(coalescer.release(&a).map(|j| j.unique_requests), Some(3));
+        assert_eq!(coalescer.release(&a), None);
+        assert_eq!(coalescer.release(&b), None);
+        // a is idle again: the next job is queued at once.
+        callbacks.submit(job(&a, 4));
+        assert_eq!(rx.try_recv().map(|j| j.unique_requests), Ok(4));
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_blocking() {
+        let (mut callbacks, rx) = Callbacks::detached(1, true);
+        let (a, b): (Arc<str>, Arc<str>) = ("http://a/".into(), "http://b/".into());
+        callbacks.submit(job(&a, 1));
+        callbacks.submit(job(&b, 1));
+        assert_eq!(callbacks.dropped(), 1);
+        assert_eq!(rx.try_recv().map(|j| j.endpoint), Ok(a));
+        // b was not left marked as in flight.
+        callbacks.submit(job(&b, 2));
+        assert_eq!(rx.try_recv().map(|j| j.unique_requests), Ok(2));
+    }
+}

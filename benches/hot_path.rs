@@ -9,9 +9,11 @@ use std::time::{Duration, SystemTime};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use verve::aggregator::Aggregator;
 use verve::batch::Batch;
+use verve::report::Reporter;
 use verve::server::query::parse_accept_query;
 use verve::server::request;
 use verve::sink::{CountSink, WindowReport};
+use verve::store::LocalStore;
 use verve::window::{WindowLength, WindowStart};
 
 const REQUEST: &[u8] = b"GET /api/verve/accept?id=123456789 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n";
@@ -82,7 +84,11 @@ fn aggregator(start: SystemTime) -> Aggregator {
         WindowLength::from_secs(60),
         Duration::from_millis(500),
         start,
-        vec![Box::new(Discard)],
+        Box::new(LocalStore::new(Reporter::new(
+            60,
+            vec![Box::new(Discard)],
+            None,
+        ))),
     )
 }
 

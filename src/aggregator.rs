@@ -1,68 +1,60 @@
 //! The aggregator: one thread that owns every open window's set of ids.
 //!
 //! Workers send it [`Batch`]es; it inserts each id into the `scc::HashSet` of the
-//! batch's window. A window is closed `grace` after it ends, by removing its set
-//! from the map whole and reporting the set's size: there is no moment at which
-//! ids can slip in between counting and clearing. Windows close strictly in order,
-//! one after the other, so a window that received nothing is reported with 0.
+//! batch's window and tells the [`DedupStore`] which ids were new to this instance.
+//! A window is closed `grace` after it ends, by removing its set from the map whole
+//! and handing it to the store, which settles and reports the count: there is no
+//! moment at which ids can slip in between counting and clearing. Windows close
+//! strictly in order, so a window that received nothing is reported with 0.
 //!
 //! The aggregator also remembers, per window, the distinct endpoints requests named
-//! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged)
-//! and hands the callbacks their counts: at close, or as batches arrive in
-//! immediate mode.
+//! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged):
+//! they go with the closed window to be called back with its count, or, in
+//! immediate timing, are called as batches arrive, with the count so far.
 //!
 //! Invariants: every window from the one the service started in to the one it
-//! stops in is reported exactly once; a batch for a window that is already closed
+//! stops in is closed exactly once; a batch for a window that is already closed
 //! (only possible if a worker was held up for longer than the grace) is counted as
 //! late and logged, never silently merged into another window.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::Batch;
 use crate::callback::{CallbackJob, Callbacks};
-use crate::config::CallbackTiming;
-use crate::sink::{CountSink, WindowReport};
+use crate::report::ClosedWindow;
+use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
-
-/// The ids of one open window, with std's randomly keyed SipHash: clients choose the
-/// ids, so they must not be able to aim at collisions. (foldhash was faster in the
-/// criterion bench but cost the aggregator twice the CPU under wrk load, see
-/// docs/performance.md.)
-type IdSet = scc::HashSet<i64>;
 
 /// What the aggregator holds for a window until it closes.
 struct OpenWindow {
-    ids: IdSet,
+    ids: Arc<IdSet>,
     endpoints: HashSet<Arc<str>>,
     /// Endpoint mentions refused because `endpoints` was full.
     endpoints_over_cap: u64,
-}
-
-/// How the aggregator feeds the callbacks.
-pub struct EndpointCalls {
-    pub callbacks: Callbacks,
-    pub timing: CallbackTiming,
-    /// Distinct endpoints remembered per window.
-    pub max_endpoints: usize,
 }
 
 pub struct Aggregator {
     length: WindowLength,
     grace: Duration,
     open: BTreeMap<WindowStart, OpenWindow>,
-    /// The oldest window not yet reported; all earlier ones are.
+    /// The oldest window not yet closed; all earlier ones are.
     next_close: WindowStart,
-    sinks: Vec<Box<dyn CountSink>>,
+    store: Box<dyn DedupStore>,
     late_ids: u64,
     /// The size of the last closed window: new sets start at this capacity, since
     /// traffic changes little from one window to the next and growing a set of
     /// millions of ids step by step costs far more than reserving it once.
     capacity_hint: usize,
-    calls: Option<EndpointCalls>,
+    /// Distinct endpoints remembered per window; 0 ignores endpoints.
+    max_endpoints: usize,
+    /// Immediate timing: callbacks with the count so far, as batches arrive.
+    immediate: Option<Callbacks>,
+    /// Ids of the batch being ingested that were new to this instance (reused).
+    new_ids: Vec<i64>,
 }
 
 impl Aggregator {
@@ -71,29 +63,34 @@ impl Aggregator {
         length: WindowLength,
         grace: Duration,
         started_at: SystemTime,
-        sinks: Vec<Box<dyn CountSink>>,
+        store: Box<dyn DedupStore>,
     ) -> Self {
         Aggregator {
             length,
             grace,
             open: BTreeMap::new(),
             next_close: length.window_of(started_at),
-            sinks,
+            store,
             late_ids: 0,
             capacity_hint: 0,
-            calls: None,
+            max_endpoints: 0,
+            immediate: None,
+            new_ids: Vec::new(),
         }
     }
 
-    /// Calls back the endpoints that requests name; without this they are ignored.
-    pub fn with_callbacks(mut self, calls: EndpointCalls) -> Self {
-        self.calls = Some(calls);
+    /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
+    /// with `immediate`, calls them as batches arrive instead of at close.
+    pub fn with_endpoints(mut self, max_endpoints: usize, immediate: Option<Callbacks>) -> Self {
+        self.max_endpoints = max_endpoints;
+        self.immediate = immediate;
         self
     }
 
     /// Receives batches until every sender is gone, closing windows as they fall due,
-    /// then reports what is left (see [`Aggregator::finish`]).
-    pub fn run(mut self, batches: Receiver<Batch>) {
+    /// then closes what is left (see [`Aggregator::finish`]) and lets the store
+    /// report it, waiting for the store at most until `store_deadline` after that.
+    pub fn run(mut self, batches: Receiver<Batch>, store_deadline: Duration) {
         loop {
             let now = SystemTime::now();
             let deadline = self.next_deadline();
@@ -113,7 +110,7 @@ impl Aggregator {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        self.finish(SystemTime::now());
+        self.finish(SystemTime::now(), Instant::now() + store_deadline);
     }
 
     /// Adds a batch of ids to its window's set.
@@ -128,27 +125,38 @@ impl Aggregator {
             );
             return;
         }
-        let capacity = self.capacity_hint.max(batch.ids.len());
-        let window = self.open.entry(batch.window).or_insert_with(|| OpenWindow {
-            ids: IdSet::with_capacity(capacity),
-            endpoints: HashSet::new(),
-            endpoints_over_cap: 0,
-        });
+        let window = match self.open.entry(batch.window) {
+            std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::btree_map::Entry::Vacant(vacant) => {
+                let ids = Arc::new(IdSet::with_capacity(
+                    self.capacity_hint.max(batch.ids.len()),
+                ));
+                self.store.opened(batch.window, &ids);
+                vacant.insert(OpenWindow {
+                    ids,
+                    endpoints: HashSet::new(),
+                    endpoints_over_cap: 0,
+                })
+            }
+        };
+        self.new_ids.clear();
         for id in batch.ids {
             // Err means the id was already in the set: exactly the repeat to drop.
-            let _ = window.ids.insert_sync(id);
+            if window.ids.insert_sync(id).is_ok() {
+                self.new_ids.push(id);
+            }
         }
-        let Some(calls) = &mut self.calls else {
-            return;
-        };
+        if !self.new_ids.is_empty() {
+            self.store.add(batch.window, &self.new_ids);
+        }
         for endpoint in batch.endpoints {
             let known = window.endpoints.contains(&endpoint);
-            if !known && window.endpoints.len() >= calls.max_endpoints {
+            if !known && window.endpoints.len() >= self.max_endpoints {
                 window.endpoints_over_cap += 1;
                 continue;
             }
-            if calls.timing == CallbackTiming::Immediate {
-                calls.callbacks.submit(CallbackJob {
+            if let Some(callbacks) = &mut self.immediate {
+                callbacks.submit(CallbackJob {
                     endpoint: endpoint.clone(),
                     window_start: batch.window,
                     window_secs: self.length.as_secs(),
@@ -174,10 +182,11 @@ impl Aggregator {
         }
     }
 
-    /// Reports everything at shutdown, once every worker has flushed: windows that
+    /// Closes everything at shutdown, once every worker has flushed: windows that
     /// ended by `now` are complete; the one containing `now` is closed early and
-    /// marked partial, as is any later window (a clock that stepped back).
-    pub fn finish(mut self, now: SystemTime) {
+    /// marked partial, as is any later window (a clock that stepped back). Then the
+    /// store gets until `store_deadline` to report them.
+    pub fn finish(mut self, now: SystemTime, store_deadline: Instant) {
         while self.length.end_of(self.next_close) <= now {
             self.close_next(false);
         }
@@ -187,52 +196,44 @@ impl Aggregator {
                 self.close_next(true);
             }
         }
+        self.store.finish(store_deadline);
     }
 
-    /// Ids that arrived after their window was reported, since start.
+    /// Ids that arrived after their window was closed, since start.
     pub fn late_ids(&self) -> u64 {
         self.late_ids
     }
 
     fn close_next(&mut self, partial: bool) {
         let window = self.next_close;
-        // Swap the set out whole: removing it from the map is the close.
-        let closed = self.open.remove(&window);
-        let unique_requests = closed.as_ref().map_or(0, |w| w.ids.len() as u64);
-        if !partial {
-            self.capacity_hint = unique_requests as usize;
-        }
         self.next_close = self.length.next(window);
-        let report = WindowReport {
-            window_start: window,
-            window_secs: self.length.as_secs(),
-            unique_requests,
-            partial,
+        // Swap the set out whole: removing it from the map is the close.
+        let open = self.open.remove(&window).unwrap_or_else(|| OpenWindow {
+            ids: Arc::new(IdSet::new()),
+            endpoints: HashSet::new(),
+            endpoints_over_cap: 0,
+        });
+        if !partial {
+            self.capacity_hint = open.ids.len();
+        }
+        if open.endpoints_over_cap > 0 {
+            tracing::warn!(
+                window_start = %window,
+                endpoints_over_cap = open.endpoints_over_cap,
+                "endpoint mentions beyond VERVE_CALLBACK_MAX_ENDPOINTS were not called back"
+            );
+        }
+        let endpoints = match self.immediate {
+            Some(_) => Vec::new(),
+            None => open.endpoints.into_iter().collect(),
         };
-        tracing::info!(window_start = %window, unique_requests, partial, "window closed");
-        for sink in &mut self.sinks {
-            sink.publish(&report);
-        }
-        if let (Some(calls), Some(closed)) = (&mut self.calls, closed) {
-            if closed.endpoints_over_cap > 0 {
-                tracing::warn!(
-                    window_start = %window,
-                    endpoints_over_cap = closed.endpoints_over_cap,
-                    "endpoint mentions beyond VERVE_CALLBACK_MAX_ENDPOINTS were not called back"
-                );
-            }
-            if calls.timing == CallbackTiming::Close {
-                for endpoint in closed.endpoints {
-                    calls.callbacks.submit(CallbackJob {
-                        endpoint,
-                        window_start: window,
-                        window_secs: report.window_secs,
-                        unique_requests,
-                        final_count: true,
-                    });
-                }
-            }
-        }
+        self.store.close(ClosedWindow {
+            window,
+            ids: open.ids,
+            endpoints,
+            partial,
+            closed_at: Instant::now(),
+        });
     }
 }
 
@@ -242,6 +243,10 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
+    use crate::config::CallbackTiming;
+    use crate::report::Reporter;
+    use crate::sink::{CountSink, WindowReport};
+    use crate::store::LocalStore;
 
     /// A sink that remembers what it was given.
     #[derive(Clone, Default)]
@@ -271,6 +276,12 @@ mod tests {
         with_endpoints(window_secs, ids, &[])
     }
 
+    /// A local store reporting to `recorded` and, if given, close-time callbacks.
+    fn store(recorded: &Recorded, callbacks: Option<Callbacks>) -> Box<dyn DedupStore> {
+        let reporter = Reporter::new(60, vec![Box::new(recorded.clone())], callbacks);
+        Box::new(LocalStore::new(reporter))
+    }
+
     /// 60 s windows, 500 ms grace, started at 100.000 s (window 60).
     fn aggregator() -> (Aggregator, Recorded) {
         let recorded = Recorded::default();
@@ -278,7 +289,7 @@ mod tests {
             WindowLength::from_secs(60),
             Duration::from_millis(500),
             at_ms(100_000),
-            vec![Box::new(recorded.clone())],
+            store(&recorded, None),
         );
         (agg, recorded)
     }
@@ -341,7 +352,7 @@ mod tests {
         agg.ingest(batch(60, &[1, 2]));
         agg.ingest(batch(120, &[3]));
         // Shut down 200 ms into window 120, before window 60's grace had passed.
-        agg.finish(at_ms(120_200));
+        agg.finish(at_ms(120_200), Instant::now());
         assert_eq!(recorded.counts(), vec![(60, 2, false), (120, 1, true)]);
     }
 
@@ -349,7 +360,7 @@ mod tests {
     fn finish_reports_later_windows_too() {
         let (mut agg, recorded) = aggregator();
         agg.ingest(batch(180, &[9]));
-        agg.finish(at_ms(100_000));
+        agg.finish(at_ms(100_000), Instant::now());
         assert_eq!(
             recorded.counts(),
             vec![(60, 0, true), (120, 0, true), (180, 1, true)]
@@ -365,11 +376,11 @@ mod tests {
             length,
             Duration::from_millis(500),
             now,
-            vec![Box::new(recorded.clone())],
+            store(&recorded, None),
         );
         let (tx, rx) = flume::bounded(4);
         let window = length.window_of(now);
-        let thread = std::thread::spawn(move || agg.run(rx));
+        let thread = std::thread::spawn(move || agg.run(rx, Duration::ZERO));
         for chunk in [[1, 2], [2, 3], [4, 4]] {
             tx.send(Batch {
                 window,
@@ -396,15 +407,17 @@ mod tests {
         max_endpoints: usize,
     ) -> (Aggregator, flume::Receiver<CallbackJob>) {
         let (callbacks, jobs) = Callbacks::detached(64, false);
-        let (agg, _) = aggregator();
-        (
-            agg.with_callbacks(EndpointCalls {
-                callbacks,
-                timing,
-                max_endpoints,
-            }),
-            jobs,
-        )
+        let (at_close, immediate) = match timing {
+            CallbackTiming::Close => (Some(callbacks), None),
+            CallbackTiming::Immediate => (None, Some(callbacks)),
+        };
+        let agg = Aggregator::new(
+            WindowLength::from_secs(60),
+            Duration::from_millis(500),
+            at_ms(100_000),
+            store(&Recorded::default(), at_close),
+        );
+        (agg.with_endpoints(max_endpoints, immediate), jobs)
     }
 
     fn calls(jobs: &flume::Receiver<CallbackJob>) -> Vec<(String, u64, u64, bool)> {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use flume::{Sender, TrySendError};
 
+use crate::store::Admission;
 use crate::window::WindowStart;
 
 /// Distinct endpoints one batch may carry. A batch is sealed early when one more
@@ -29,7 +30,8 @@ pub struct Batch {
     pub endpoints: Vec<Arc<str>>,
 }
 
-/// The channel to the aggregator is full (or the aggregator is gone): refuse the id.
+/// The channel to the aggregator is full, the aggregator is gone, or the store has
+/// closed admission: refuse the id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overloaded;
 
@@ -37,6 +39,8 @@ pub struct Overloaded;
 pub struct Batcher {
     /// `None` once [`Batcher::finish`] has let go of the channel.
     tx: Option<Sender<Batch>>,
+    /// Closed by a store that cannot take more ids (Redis down, buffer full).
+    admission: Admission,
     current: Batch,
     stalled: Option<Batch>,
     capacity: usize,
@@ -44,9 +48,10 @@ pub struct Batcher {
 
 impl Batcher {
     /// A batcher that seals a batch at `capacity` ids.
-    pub fn new(tx: Sender<Batch>, capacity: usize) -> Self {
+    pub fn new(tx: Sender<Batch>, capacity: usize, admission: Admission) -> Self {
         Batcher {
             tx: Some(tx),
+            admission,
             current: Batch {
                 window: WindowStart::from_unix_secs(0),
                 ids: Vec::with_capacity(capacity),
@@ -66,7 +71,10 @@ impl Batcher {
         id: i64,
         endpoint: Option<&str>,
     ) -> Result<(), Overloaded> {
-        if self.tx.is_none() || (self.stalled.is_some() && !self.retry_stalled()) {
+        if self.tx.is_none()
+            || !self.admission.is_open()
+            || (self.stalled.is_some() && !self.retry_stalled())
+        {
             return Err(Overloaded);
         }
         let new_endpoint =
@@ -187,7 +195,7 @@ mod tests {
     #[test]
     fn endpoints_travel_once_per_batch() {
         let (tx, rx) = flume::bounded(8);
-        let mut batcher = Batcher::new(tx, 100);
+        let mut batcher = Batcher::new(tx, 100, Admission::default());
         batcher.push(W0, 1, Some("http://a/")).unwrap();
         batcher.push(W0, 2, Some("http://a/")).unwrap();
         batcher.push(W0, 3, None).unwrap();
@@ -204,7 +212,7 @@ mod tests {
     #[test]
     fn too_many_endpoints_seal_the_batch() {
         let (tx, rx) = flume::bounded(8);
-        let mut batcher = Batcher::new(tx, 1000);
+        let mut batcher = Batcher::new(tx, 1000, Admission::default());
         let endpoints: Vec<String> = (0..=MAX_BATCH_ENDPOINTS)
             .map(|i| format!("http://h{i}/"))
             .collect();
@@ -227,7 +235,7 @@ mod tests {
     #[test]
     fn batches_seal_when_full() {
         let (tx, rx) = flume::bounded(8);
-        let mut batcher = Batcher::new(tx, 3);
+        let mut batcher = Batcher::new(tx, 3, Admission::default());
         for id in 1..=7 {
             batcher.push(W0, id, None).unwrap();
         }
@@ -241,7 +249,7 @@ mod tests {
     #[test]
     fn a_new_window_seals_the_old_batch() {
         let (tx, rx) = flume::bounded(8);
-        let mut batcher = Batcher::new(tx, 100);
+        let mut batcher = Batcher::new(tx, 100, Admission::default());
         batcher.push(W0, 1, None).unwrap();
         batcher.push(W1, 1, None).unwrap();
         assert_eq!(rx.try_recv().unwrap(), batch(W0, &[1]));
@@ -252,7 +260,7 @@ mod tests {
     #[test]
     fn a_full_channel_refuses_new_ids_and_keeps_accepted_ones() {
         let (tx, rx) = flume::bounded(1);
-        let mut batcher = Batcher::new(tx, 2);
+        let mut batcher = Batcher::new(tx, 2, Admission::default());
         batcher.push(W0, 1, None).unwrap();
         batcher.push(W0, 2, None).unwrap(); // sealed, fills the channel
         batcher.push(W0, 3, None).unwrap();
@@ -268,9 +276,23 @@ mod tests {
     }
 
     #[test]
+    fn closed_admission_refuses_new_ids_only() {
+        let (tx, rx) = flume::bounded(8);
+        let admission = Admission::default();
+        let mut batcher = Batcher::new(tx, 100, admission.clone());
+        batcher.push(W0, 1, None).unwrap();
+        admission.set_open(false);
+        assert_eq!(batcher.push(W0, 2, None), Err(Overloaded));
+        admission.set_open(true);
+        batcher.push(W0, 3, None).unwrap();
+        batcher.flush();
+        assert_eq!(rx.try_recv().unwrap().ids, vec![1, 3]);
+    }
+
+    #[test]
     fn finish_sends_stalled_and_current_then_lets_go() {
         let (tx, rx) = flume::bounded(1);
-        let mut batcher = Batcher::new(tx, 1);
+        let mut batcher = Batcher::new(tx, 1, Admission::default());
         batcher.push(W0, 1, None).unwrap();
         batcher.push(W0, 2, None).unwrap(); // stalled
         let drain = std::thread::spawn(move || rx.iter().map(|b| b.ids).collect::<Vec<_>>());

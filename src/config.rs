@@ -34,10 +34,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub window_secs: u64,
 
-    /// How long after a window ends it is closed and counted, in milliseconds.
-    #[arg(long, env = "VERVE_WINDOW_GRACE_MS", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub window_grace_ms: u64,
+    /// How long after a window ends it is closed and counted, in milliseconds [default: 500, 2000 with Redis].
+    #[arg(long, env = "VERVE_WINDOW_GRACE_MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub window_grace_ms: Option<u64>,
 
     /// File that receives one line per closed window with its unique count.
     #[arg(
@@ -74,6 +73,28 @@ pub struct Config {
     #[arg(long, env = "VERVE_SHUTDOWN_DRAIN_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
+
+    /// Redis URL (redis://host:port/db) of the store shared by several instances; unset keeps dedup local.
+    #[arg(long, env = "VERVE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key, so that deployments can share one Redis.
+    #[arg(long, env = "VERVE_REDIS_PREFIX", default_value = "verve")]
+    pub redis_prefix: String,
+
+    /// Ids waiting for Redis before new ids are refused with 503.
+    #[arg(long, env = "VERVE_REDIS_BUFFER_IDS", default_value_t = 4_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub redis_buffer_ids: u64,
+
+    /// Timeout of each Redis connect, read and write, in milliseconds.
+    #[arg(long, env = "VERVE_REDIS_TIMEOUT_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub redis_timeout_ms: u64,
+
+    /// This instance's name in Redis (the elected reporter of a window) [default: host name and process id].
+    #[arg(long, env = "VERVE_INSTANCE")]
+    pub instance: Option<String>,
 
     /// How endpoints are called: post (JSON body) or get (count as a query parameter).
     #[arg(long, env = "VERVE_CALLBACK_METHOD", value_enum, default_value_t = CallbackMethod::Post)]
@@ -172,21 +193,37 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.window_grace_ms <= self.flush_ms {
+        let grace = self.grace_ms();
+        if grace <= self.flush_ms {
             return Err(ConfigError(format!(
-                "VERVE_WINDOW_GRACE_MS ({}) must be larger than VERVE_FLUSH_MS ({}): \
+                "VERVE_WINDOW_GRACE_MS ({grace}) must be larger than VERVE_FLUSH_MS ({}): \
                  a window may only close after the workers' last batches for it have arrived",
-                self.window_grace_ms, self.flush_ms
+                self.flush_ms
+            )));
+        }
+        if grace >= self.window_secs * 1000 {
+            return Err(ConfigError(format!(
+                "VERVE_WINDOW_GRACE_MS ({grace}) must be shorter than the window ({} s)",
+                self.window_secs
             )));
         }
         self.callback_policy()?;
-        if self.window_grace_ms >= self.window_secs * 1000 {
-            return Err(ConfigError(format!(
-                "VERVE_WINDOW_GRACE_MS ({}) must be shorter than the window ({} s)",
-                self.window_grace_ms, self.window_secs
-            )));
-        }
         Ok(())
+    }
+
+    /// The grace in milliseconds: as configured, else 500, or 2000 with Redis (time
+    /// for other instances' last batches to reach Redis too).
+    fn grace_ms(&self) -> u64 {
+        let default = if self.redis_url.is_some() { 2_000 } else { 500 };
+        self.window_grace_ms.unwrap_or(default)
+    }
+
+    /// The name this instance writes to Redis: as configured, else `<host>-<pid>`.
+    pub fn instance_name(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
     }
 
     /// Worker threads to start: the configured number, else one per available core.
@@ -202,7 +239,7 @@ impl Config {
     }
 
     pub fn window_grace(&self) -> Duration {
-        Duration::from_millis(self.window_grace_ms)
+        Duration::from_millis(self.grace_ms())
     }
 
     pub fn flush_interval(&self) -> Duration {
@@ -287,7 +324,7 @@ mod tests {
         let c = load(&[]).unwrap();
         assert_eq!(c.addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.window_secs, 60);
-        assert_eq!(c.window_grace_ms, 500);
+        assert_eq!(c.window_grace(), Duration::from_millis(500));
         assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
         assert_eq!(c.io_driver, IoDriver::Epoll);
     }
@@ -313,6 +350,20 @@ mod tests {
             err,
             "invalid value 'kqueue' for VERVE_IO_DRIVER (--io-driver): expected one of epoll, uring, auto"
         );
+    }
+
+    #[test]
+    fn redis_lengthens_the_default_grace() {
+        let c = load(&["--redis-url", "redis://127.0.0.1:6379/0"]).unwrap();
+        assert_eq!(c.window_grace(), Duration::from_millis(2000));
+        let c = load(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379/0",
+            "--window-grace-ms",
+            "700",
+        ])
+        .unwrap();
+        assert_eq!(c.window_grace(), Duration::from_millis(700));
     }
 
     #[test]

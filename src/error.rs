@@ -25,6 +25,8 @@ pub enum StartError {
         source: io::Error,
     },
     CountLog(OpenError),
+    /// The Redis store could not be set up (a bad URL, usually).
+    Redis(String),
     Thread(io::Error),
 }
 
@@ -60,6 +62,7 @@ impl fmt::Display for StartError {
                  (for io_uring, raise `ulimit -l` or set VERVE_IO_DRIVER=epoll)"
             ),
             StartError::CountLog(err) => err.fmt(f),
+            StartError::Redis(message) => f.write_str(message),
             StartError::Thread(source) => write!(f, "cannot start a thread: {source}"),
         }
     }

@@ -5,10 +5,12 @@
 //! /api/verve/accept?id=…`, stamps the id with the [`window`] of its arrival, and
 //! appends it to its [`batch`]. Sealed batches cross one bounded flume channel to
 //! the single [`aggregator`] thread, which keeps an `scc::HashSet` of ids per open
-//! window. A short grace after a window ends, the aggregator swaps the set out,
-//! and hands its size to every [`sink`] (the count log) and, for the endpoints
-//! requests named, to the [`callback`] dispatcher. [`service`] starts and stops all
-//! of it; [`config`] is every knob.
+//! window, and tells the dedup [`store`] which ids were new to this instance. A
+//! short grace after a window ends, the aggregator swaps the set out and hands it
+//! to the store, which settles the count (the set's size, or `SCARD` of a Redis set
+//! shared by several instances) and [`report`]s it to every [`sink`] (the count log)
+//! and to the endpoints requests named, through the [`callback`] dispatcher.
+//! [`service`] starts and stops all of it; [`config`] is every knob.
 //!
 //! Nothing on a worker blocks on anything but its own client, and nothing between
 //! a worker and the aggregator is unbounded: when the channel is full, new ids are
@@ -19,9 +21,11 @@ pub mod batch;
 pub mod callback;
 pub mod config;
 pub mod error;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod sink;
+pub mod store;
 pub mod window;
 
 pub use config::Config;

@@ -8,12 +8,15 @@ use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::aggregator::{Aggregator, EndpointCalls};
+use crate::aggregator::Aggregator;
 use crate::callback::Dispatcher;
+use crate::config::CallbackTiming;
 use crate::config::Config;
 use crate::error::StartError;
+use crate::report::Reporter;
 use crate::server::{claim_address, Driver, Workers};
 use crate::sink::{CountSink, LogSink};
+use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// A running service.
 pub struct Verve {
@@ -35,11 +38,34 @@ impl Verve {
         let addr = claim_address(config.addr)?;
         let (callbacks, dispatcher) =
             Dispatcher::start(config, callback_policy.clone()).map_err(StartError::Thread)?;
+        let (at_close, immediate) = match config.callback_timing {
+            CallbackTiming::Close => (Some(callbacks), None),
+            CallbackTiming::Immediate => (None, Some(callbacks)),
+        };
+        let reporter = Reporter::new(config.window_secs, sinks, at_close);
+        let admission = Admission::default();
+        let store: Box<dyn DedupStore> = match &config.redis_url {
+            None => Box::new(LocalStore::new(reporter)),
+            Some(url) => {
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    buffer_ids: config.redis_buffer_ids as usize,
+                    timeout: Duration::from_millis(config.redis_timeout_ms),
+                    instance: config.instance_name(),
+                    window_secs: config.window_secs,
+                };
+                Box::new(
+                    RedisStore::start(settings, reporter, admission.clone())
+                        .map_err(StartError::Redis)?,
+                )
+            }
+        };
 
         let (batches, received) = flume::bounded(config.queue_batches as usize);
         // Taken before any worker accepts, so no request predates the first window.
         let started_at = SystemTime::now();
-        let workers = Workers::start(config, addr, driver, &callback_policy, &batches)?;
+        let workers = Workers::start(config, addr, driver, &callback_policy, &admission, &batches)?;
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
         drop(batches);
@@ -48,16 +74,13 @@ impl Verve {
             config.window_length(),
             config.window_grace(),
             started_at,
-            sinks,
+            store,
         )
-        .with_callbacks(EndpointCalls {
-            callbacks,
-            timing: config.callback_timing,
-            max_endpoints: config.callback_max_endpoints as usize,
-        });
+        .with_endpoints(config.callback_max_endpoints as usize, immediate);
+        let store_deadline = config.shutdown_drain();
         let aggregator = match std::thread::Builder::new()
             .name("verve-aggregator".into())
-            .spawn(move || aggregator.run(received))
+            .spawn(move || aggregator.run(received, store_deadline))
         {
             Ok(thread) => thread,
             Err(err) => {
@@ -71,12 +94,12 @@ impl Verve {
             %addr,
             workers = config.worker_count(),
             io_driver = %driver,
-            store = "local",
+            store = if config.redis_url.is_some() { "redis" } else { "local" },
             sinks = "log",
             callback_method = ?config.callback_method,
             callback_timing = ?config.callback_timing,
             window_secs = config.window_secs,
-            window_grace_ms = config.window_grace_ms,
+            window_grace_ms = config.window_grace().as_millis() as u64,
             count_log = %config.count_log.display(),
             "verve listening"
         );

@@ -119,6 +119,7 @@ mod tests {
     use super::*;
     use crate::batch::Batcher;
     use crate::callback::CallbackPolicy;
+    use crate::store::Admission;
     use crate::window::WindowLength;
 
     /// Counts allocations made by the current thread, so that tests running on
@@ -158,7 +159,7 @@ mod tests {
         let worker = Worker::new(
             WindowLength::from_secs(60),
             CallbackPolicy::default(),
-            Batcher::new(tx, BATCH_IDS),
+            Batcher::new(tx, BATCH_IDS, Admission::default()),
         );
         (worker, rx)
     }

@@ -25,6 +25,7 @@ use crate::batch::Batch;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
 use crate::error::StartError;
+use crate::store::Admission;
 use worker::WorkerSettings;
 
 pub use exchange::ACCEPT_PATH;
@@ -92,6 +93,7 @@ impl Workers {
         addr: SocketAddr,
         driver: Driver,
         callback_policy: &CallbackPolicy,
+        admission: &Admission,
         batches: &flume::Sender<Batch>,
     ) -> Result<Workers, StartError> {
         let count = config.worker_count();
@@ -112,6 +114,7 @@ impl Workers {
                 driver,
                 window_length: config.window_length(),
                 callback_policy: callback_policy.clone(),
+                admission: admission.clone(),
                 batch_ids: config.batch_ids as usize,
                 flush_interval: config.flush_interval(),
                 drain: config.shutdown_drain(),

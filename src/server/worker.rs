@@ -28,6 +28,7 @@ use super::Driver;
 use crate::batch::{Batch, Batcher, Overloaded};
 use crate::callback::CallbackPolicy;
 use crate::error::StartError;
+use crate::store::Admission;
 use crate::window::{WindowLength, WindowStart};
 
 /// What a worker needs to know, copied into its thread.
@@ -38,6 +39,7 @@ pub(crate) struct WorkerSettings {
     pub driver: Driver,
     pub window_length: WindowLength,
     pub callback_policy: CallbackPolicy,
+    pub admission: Admission,
     pub batch_ids: usize,
     pub flush_interval: Duration,
     pub drain: Duration,
@@ -193,7 +195,7 @@ async fn serve(
     let worker = Rc::new(Worker::new(
         settings.window_length,
         settings.callback_policy,
-        Batcher::new(batches, settings.batch_ids),
+        Batcher::new(batches, settings.batch_ids, settings.admission),
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
 

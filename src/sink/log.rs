@@ -15,7 +15,7 @@ use tracing::Dispatch;
 use super::{CountSink, WindowReport};
 
 /// Appends one `INFO` line per window to a file, e.g.
-/// `2026-11-21T10:06:00.501234Z  INFO window closed window_start=2026-11-21T10:05:00Z unique_requests=42 window_seconds=60 partial=false`.
+/// `2026-11-21T10:06:00.501234Z  INFO window closed window_start=2026-11-21T10:05:00Z unique_requests=42 window_seconds=60 scope=instance partial=false late=false reporter=true`.
 pub struct LogSink {
     dispatch: Dispatch,
 }
@@ -53,7 +53,10 @@ impl CountSink for LogSink {
                 window_start = %report.window_start,
                 unique_requests = report.unique_requests,
                 window_seconds = report.window_secs,
+                scope = %report.scope.as_str(),
                 partial = report.partial,
+                late = report.late,
+                reporter = report.reporter,
                 "window closed"
             );
         });
@@ -83,6 +86,7 @@ impl std::error::Error for OpenError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::Scope;
     use crate::window::WindowStart;
 
     #[test]
@@ -95,17 +99,24 @@ mod tests {
                 window_start: WindowStart::from_unix_secs(start),
                 window_secs: 60,
                 unique_requests: n,
+                scope: if partial {
+                    Scope::Global
+                } else {
+                    Scope::Instance
+                },
                 partial,
+                late: partial,
+                reporter: !partial,
             });
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].ends_with(
-            " INFO window closed window_start=2026-11-21T10:05:00Z unique_requests=42 window_seconds=60 partial=false"
+            " INFO window closed window_start=2026-11-21T10:05:00Z unique_requests=42 window_seconds=60 scope=instance partial=false late=false reporter=true"
         ), "{}", lines[0]);
         assert!(lines[1].ends_with(
-            " INFO window closed window_start=2026-11-21T10:06:00Z unique_requests=0 window_seconds=60 partial=true"
+            " INFO window closed window_start=2026-11-21T10:06:00Z unique_requests=0 window_seconds=60 scope=global partial=true late=true reporter=false"
         ), "{}", lines[1]);
     }
 

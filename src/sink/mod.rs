@@ -1,8 +1,9 @@
 //! Where the count of each closed window goes.
 //!
-//! The aggregator hands every closed window, as a [`WindowReport`], to each of its
-//! [`CountSink`]s in turn and does not know which kinds it has. A sink must not
-//! block the aggregator for long: it runs once per window, but ids wait meanwhile.
+//! The [`Reporter`](crate::report::Reporter) hands every closed window, as a
+//! [`WindowReport`], to each of its [`CountSink`]s in turn and does not know which
+//! kinds it has. A sink must not block for long: it runs on the thread that closes
+//! windows (the aggregator, or the Redis forwarder), once per window.
 
 pub mod log;
 
@@ -15,10 +16,35 @@ use crate::window::WindowStart;
 pub struct WindowReport {
     pub window_start: WindowStart,
     pub window_secs: u64,
-    /// Distinct ids received in the window.
+    /// Distinct ids received in the window: by this instance, or by the whole
+    /// fleet, as `scope` says.
     pub unique_requests: u64,
+    pub scope: Scope,
     /// Closed early, at shutdown: the count covers the window only up to then.
     pub partial: bool,
+    /// Reported well after the window closed (the shared store was unreachable).
+    pub late: bool,
+    /// This instance publishes the window to shared destinations: always in local
+    /// mode; in Redis mode, the one instance elected for the window.
+    pub reporter: bool,
+}
+
+/// Whose ids a count covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This instance's (the embedded local store).
+    Instance,
+    /// Every instance sharing the Redis store.
+    Global,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Instance => "instance",
+            Scope::Global => "global",
+        }
+    }
 }
 
 /// A destination for window counts.

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own share of the harness
 
 pub mod receiver;
+pub mod redis_server;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,6 +47,9 @@ pub struct WindowLine {
     pub window_start: String,
     pub unique_requests: u64,
     pub partial: bool,
+    pub scope: String,
+    pub late: bool,
+    pub reporter: bool,
 }
 
 impl Verve {
@@ -205,6 +209,9 @@ pub fn parse_count_line(line: &str) -> WindowLine {
         window_start: field("window_start").to_owned(),
         unique_requests: field("unique_requests").parse().unwrap(),
         partial: field("partial").parse().unwrap(),
+        scope: field("scope").to_owned(),
+        late: field("late").parse().unwrap(),
+        reporter: field("reporter").parse().unwrap(),
     }
 }
 

@@ -1,0 +1,71 @@
+//! Dedup stores: where "have we seen this id in this window?" is finally answered.
+//!
+//! The aggregator always dedups locally first, in one `scc::HashSet` per window, and
+//! tells its [`DedupStore`] only about ids new to this instance, and about windows
+//! it closes. The store settles each window's count and reports it:
+//!
+//! - [`LocalStore`] (the default): the local set is the truth; reported at once.
+//! - [`RedisStore`] (`VERVE_REDIS_URL`): new ids go to one Redis set per window with
+//!   `SADD`, from a thread of its own, so several instances count each id once;
+//!   the count is `SCARD`, taken after this instance's last ids are in.
+//!
+//! A store may hold back intake through the shared [`Admission`]: while it is
+//! closed, workers answer new ids `503 failed`.
+
+mod local;
+mod redis;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use local::LocalStore;
+pub use redis::{RedisSettings, RedisStore};
+
+use crate::report::ClosedWindow;
+use crate::window::WindowStart;
+
+/// The ids of one window, as this instance saw them. Shared between the aggregator,
+/// which inserts, and a store that may need to replay them (scc's sets allow the
+/// two at once without a lock).
+pub type IdSet = scc::HashSet<i64>;
+
+/// Where windows are deduplicated and reported. Hooks the local store needs not
+/// are no-ops by default.
+pub trait DedupStore: Send {
+    /// A window's set was created; a store that may replay it keeps the handle.
+    fn opened(&mut self, _window: WindowStart, _ids: &Arc<IdSet>) {}
+
+    /// `ids` were new to this instance in `window`.
+    fn add(&mut self, _window: WindowStart, _ids: &[i64]) {}
+
+    /// The aggregator closed a window: report it now, or as soon as the store can.
+    fn close(&mut self, closed: ClosedWindow);
+
+    /// Shutdown, after the last `close`: report what is pending, at most until
+    /// `deadline`.
+    fn finish(self: Box<Self>, _deadline: Instant) {}
+}
+
+/// Whether workers may accept new ids; a store closes it when it cannot take more.
+#[derive(Debug, Clone)]
+pub struct Admission(Arc<AtomicBool>);
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl Admission {
+    /// One relaxed load: it only needs to be seen eventually, and the bound it
+    /// protects has room for what is in flight meanwhile.
+    #[inline]
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.0.store(open, Ordering::Relaxed);
+    }
+}

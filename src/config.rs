@@ -38,6 +38,16 @@ pub struct Config {
     #[arg(long, env = "VERVE_WINDOW_GRACE_MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub window_grace_ms: Option<u64>,
 
+    /// Where window counts go, comma-separated: log (the count log file), kafka.
+    #[arg(
+        long,
+        env = "VERVE_SINKS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "log"
+    )]
+    pub sinks: Vec<SinkKind>,
+
     /// File that receives one line per closed window with its unique count.
     #[arg(
         long,
@@ -95,6 +105,27 @@ pub struct Config {
     /// This instance's name in Redis (the elected reporter of a window) [default: host name and process id].
     #[arg(long, env = "VERVE_INSTANCE")]
     pub instance: Option<String>,
+
+    /// Kafka bootstrap servers (host:port,…), for VERVE_SINKS=kafka.
+    #[arg(long, env = "VERVE_KAFKA_BROKERS", default_value = "")]
+    pub kafka_brokers: String,
+
+    /// Kafka topic that receives one record per window.
+    #[arg(
+        long,
+        env = "VERVE_KAFKA_TOPIC",
+        default_value = "verve-unique-requests"
+    )]
+    pub kafka_topic: String,
+
+    /// Extra librdkafka settings, comma-separated key=value (e.g. linger.ms=5,compression.type=lz4).
+    #[arg(long, env = "VERVE_KAFKA_CONFIG", default_value = "")]
+    pub kafka_config: String,
+
+    /// How long a record is retried while brokers are unreachable, in milliseconds.
+    #[arg(long, env = "VERVE_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 600_000,
+          value_parser = clap::value_parser!(u64).range(1..=2_147_483_647))]
+    pub kafka_message_timeout_ms: u64,
 
     /// How endpoints are called: post (JSON body) or get (count as a query parameter).
     #[arg(long, env = "VERVE_CALLBACK_METHOD", value_enum, default_value_t = CallbackMethod::Post)]
@@ -154,6 +185,15 @@ pub enum IoDriver {
     Auto,
 }
 
+/// A destination for window counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SinkKind {
+    /// The count log file (VERVE_COUNT_LOG).
+    Log,
+    /// A Kafka topic (VERVE_KAFKA_*).
+    Kafka,
+}
+
 /// How an endpoint is told the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CallbackMethod {
@@ -208,7 +248,30 @@ impl Config {
             )));
         }
         self.callback_policy()?;
+        if self.sinks.contains(&SinkKind::Kafka) && self.kafka_brokers.trim().is_empty() {
+            return Err(ConfigError(
+                "VERVE_SINKS includes kafka but VERVE_KAFKA_BROKERS is empty: set it to host:port[,host:port…]".into(),
+            ));
+        }
+        self.kafka_extra()?;
         Ok(())
+    }
+
+    /// `VERVE_KAFKA_CONFIG` as key-value pairs.
+    pub fn kafka_extra(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let items = self
+            .kafka_config
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty());
+        items
+            .map(|item| match item.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.trim().to_owned())),
+                _ => Err(ConfigError(format!(
+                    "invalid value for VERVE_KAFKA_CONFIG (--kafka-config): '{item}' is not key=value"
+                ))),
+            })
+            .collect()
     }
 
     /// The grace in milliseconds: as configured, else 500, or 2000 with Redis (time
@@ -327,6 +390,7 @@ mod tests {
         assert_eq!(c.window_grace(), Duration::from_millis(500));
         assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
         assert_eq!(c.io_driver, IoDriver::Epoll);
+        assert_eq!(c.sinks, vec![SinkKind::Log]);
     }
 
     #[test]
@@ -350,6 +414,44 @@ mod tests {
             err,
             "invalid value 'kqueue' for VERVE_IO_DRIVER (--io-driver): expected one of epoll, uring, auto"
         );
+    }
+
+    #[test]
+    fn kafka_needs_brokers_and_well_formed_settings() {
+        let err = load(&["--sinks", "log,kafka"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("VERVE_SINKS includes kafka but VERVE_KAFKA_BROKERS is empty"),
+            "{err}"
+        );
+        let err = load(&[
+            "--sinks",
+            "kafka",
+            "--kafka-brokers",
+            "h:9092",
+            "--kafka-config",
+            "linger.ms",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid value for VERVE_KAFKA_CONFIG (--kafka-config): 'linger.ms' is not key=value"
+        );
+        let c = load(&[
+            "--sinks",
+            "kafka",
+            "--kafka-brokers",
+            "h:9092",
+            "--kafka-config",
+            "linger.ms=5, acks = all",
+        ])
+        .unwrap();
+        assert_eq!(c.sinks, vec![SinkKind::Kafka]);
+        let extra = vec![
+            ("linger.ms".to_owned(), "5".to_owned()),
+            ("acks".to_owned(), "all".to_owned()),
+        ];
+        assert_eq!(c.kafka_extra().unwrap(), extra);
     }
 
     #[test]

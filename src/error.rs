@@ -27,6 +27,8 @@ pub enum StartError {
     CountLog(OpenError),
     /// The Redis store could not be set up (a bad URL, usually).
     Redis(String),
+    /// The Kafka producer could not be created (bad settings).
+    Kafka(String),
     Thread(io::Error),
 }
 
@@ -62,7 +64,7 @@ impl fmt::Display for StartError {
                  (for io_uring, raise `ulimit -l` or set VERVE_IO_DRIVER=epoll)"
             ),
             StartError::CountLog(err) => err.fmt(f),
-            StartError::Redis(message) => f.write_str(message),
+            StartError::Redis(message) | StartError::Kafka(message) => f.write_str(message),
             StartError::Thread(source) => write!(f, "cannot start a thread: {source}"),
         }
     }

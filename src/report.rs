@@ -54,6 +54,13 @@ impl Reporter {
         }
     }
 
+    /// Shutdown: lets every sink deliver what is pending, at most until `deadline`.
+    pub fn flush(&mut self, deadline: Instant) {
+        for sink in &mut self.sinks {
+            sink.flush(deadline);
+        }
+    }
+
     pub fn report(&mut self, closed: &ClosedWindow, count: Count) {
         let report = WindowReport {
             window_start: closed.window,

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::aggregator::Aggregator;
 use crate::callback::Dispatcher;
-use crate::config::CallbackTiming;
-use crate::config::Config;
+use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::report::Reporter;
 use crate::server::{claim_address, Driver, Workers};
-use crate::sink::{CountSink, LogSink};
+use crate::sink::{CountSink, KafkaSettings, KafkaSink, LogSink};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// A running service.
@@ -34,7 +33,7 @@ impl Verve {
     pub fn start(config: &Config) -> Result<Verve, StartError> {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy = config.callback_policy()?;
-        let sinks: Vec<Box<dyn CountSink>> = vec![Box::new(LogSink::open(&config.count_log)?)];
+        let sinks = open_sinks(config)?;
         let addr = claim_address(config.addr)?;
         let (callbacks, dispatcher) =
             Dispatcher::start(config, callback_policy.clone()).map_err(StartError::Thread)?;
@@ -95,7 +94,7 @@ impl Verve {
             workers = config.worker_count(),
             io_driver = %driver,
             store = if config.redis_url.is_some() { "redis" } else { "local" },
-            sinks = "log",
+            sinks = ?config.sinks,
             callback_method = ?config.callback_method,
             callback_timing = ?config.callback_timing,
             window_secs = config.window_secs,
@@ -135,4 +134,27 @@ impl Verve {
         self.dispatcher
             .finish(Instant::now() + self.callback_timeout);
     }
+}
+
+/// The sinks `VERVE_SINKS` names, in its order.
+fn open_sinks(config: &Config) -> Result<Vec<Box<dyn CountSink>>, StartError> {
+    let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
+    for kind in &config.sinks {
+        match kind {
+            SinkKind::Log => sinks.push(Box::new(LogSink::open(&config.count_log)?)),
+            SinkKind::Kafka => {
+                let settings = KafkaSettings {
+                    brokers: config.kafka_brokers.clone(),
+                    topic: config.kafka_topic.clone(),
+                    message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
+                    extra: config.kafka_extra()?,
+                    instance: config.instance_name(),
+                };
+                sinks.push(Box::new(
+                    KafkaSink::new(&settings).map_err(StartError::Kafka)?,
+                ));
+            }
+        }
+    }
+    Ok(sinks)
 }

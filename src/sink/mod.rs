@@ -5,9 +5,13 @@
 //! kinds it has. A sink must not block for long: it runs on the thread that closes
 //! windows (the aggregator, or the Redis forwarder), once per window.
 
+pub mod kafka;
 pub mod log;
 
+pub use kafka::{KafkaSettings, KafkaSink};
 pub use log::LogSink;
+
+use std::time::Instant;
 
 use crate::window::WindowStart;
 
@@ -52,4 +56,7 @@ pub trait CountSink: Send {
     /// Records one closed window. Failures are the sink's to log; the aggregator
     /// carries on with the next window either way.
     fn publish(&mut self, report: &WindowReport);
+
+    /// Shutdown: delivers what is still pending, at most until `deadline`.
+    fn flush(&mut self, _deadline: Instant) {}
 }

@@ -1,5 +1,7 @@
 //! The embedded store: each instance's own set is the truth.
 
+use std::time::Instant;
+
 use super::DedupStore;
 use crate::report::{ClosedWindow, Count, Reporter};
 use crate::sink::Scope;
@@ -24,5 +26,9 @@ impl DedupStore for LocalStore {
             reporter: true,
         };
         self.reporter.report(&closed, count);
+    }
+
+    fn finish(mut self: Box<Self>, deadline: Instant) {
+        self.reporter.flush(deadline);
     }
 }

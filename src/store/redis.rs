@@ -74,7 +74,8 @@ struct Queue {
     buffered_ids: usize,
     /// Sets of the windows still open, for a replay after a Redis restart.
     open: BTreeMap<WindowStart, Arc<IdSet>>,
-    finishing: bool,
+    /// Set at shutdown: send what is queued, then flush the sinks by then.
+    finish_by: Option<Instant>,
 }
 
 enum Item {
@@ -160,7 +161,7 @@ impl DedupStore for RedisStore {
     }
 
     fn finish(self: Box<Self>, deadline: Instant) {
-        self.shared.queue().finishing = true;
+        self.shared.queue().finish_by = Some(deadline);
         self.shared.wake.notify_one();
         while !self.forwarder.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -218,11 +219,13 @@ impl Forwarder {
     }
 
     /// Takes the next round off the queue, waiting for one; `None` once finishing
-    /// and everything is sent.
-    fn next_round(&self) -> Option<Vec<Item>> {
+    /// and everything is sent (the sinks are flushed then).
+    fn next_round(&mut self) -> Option<Vec<Item>> {
         let mut queue = self.shared.queue();
         while queue.items.is_empty() {
-            if queue.finishing {
+            if let Some(deadline) = queue.finish_by {
+                drop(queue);
+                self.reporter.flush(deadline);
                 return None;
             }
             queue = self

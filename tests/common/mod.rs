@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses its own share of the harness
 
+pub mod kafka;
 pub mod receiver;
 pub mod redis_server;
 

@@ -1,0 +1,66 @@
+//! Reading back what verve published, with rdkafka's consumer.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub value: serde_json::Value,
+}
+
+/// A consumer of partition 0 of `topic`, from the beginning.
+pub fn consumer(brokers: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "verve-tests")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut partitions = TopicPartitionList::new();
+    partitions
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&partitions).unwrap();
+    consumer
+}
+
+/// Polls until `done` holds for the records read so far, and returns them.
+pub fn read_until(
+    consumer: &BaseConsumer,
+    limit: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let deadline = Instant::now() + limit;
+    let mut records = Vec::new();
+    while !done(&records) {
+        assert!(Instant::now() < deadline, "records so far: {records:?}");
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            records.push(record(&message.unwrap()));
+        }
+    }
+    records
+}
+
+/// Every record that arrives within `period`.
+pub fn read_for(consumer: &BaseConsumer, period: Duration) -> Vec<Record> {
+    let until = Instant::now() + period;
+    let mut records = Vec::new();
+    while Instant::now() < until {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            records.push(record(&message.unwrap()));
+        }
+    }
+    records
+}
+
+fn record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+    let value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    Record { key, value }
+}

@@ -1,27 +1,47 @@
 -- wrk / wrk2 script for verve: GET /api/verve/accept with random ids.
 --
---   wrk -s loadtest/accept.lua http://127.0.0.1:8080 -- [ids] [endpoint_share] [pipeline]
+--   wrk -s loadtest/accept.lua http://127.0.0.1:8080 -- [ids] [endpoint_share] [pipeline] [base]
 --
--- ids             ids are drawn uniformly from 1..ids (default 1000000); a smaller
---                 range means more repeats
+-- ids             each thread draws ids uniformly from its own range of this many
+--                 (default 1000000); a smaller range means more repeats
 -- endpoint_share  share of requests (0..1) that carry an endpoint (default 0)
 -- pipeline        requests per write (default 1: no pipelining)
+-- base            first id of thread 0's range (default 0); threads' ranges do not
+--                 overlap, so runs with different bases send disjoint ids
+--
+-- At the end it prints `distinct_ids=N` (ids sent, each counted once, over all
+-- threads) and `latency_us p50=… p99=… p99.9=…`, which loadtest/run.py reads.
 
 local ids = 1000000
 local endpoint_share = 0
 local pipeline = 1
+local first_id = 0
+local seen = {}
 local endpoint = "&endpoint=http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
+local threads = {}
+
+distinct = 0
+
+function setup(thread)
+   thread:set("index", #threads)
+   table.insert(threads, thread)
+end
 
 function init(args)
    ids = tonumber(args[1]) or ids
    endpoint_share = tonumber(args[2]) or endpoint_share
    pipeline = tonumber(args[3]) or pipeline
-   -- Distinct streams per thread; wrk gives each thread its own Lua state.
-   math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))
+   first_id = (tonumber(args[4]) or 0) + index * ids
+   math.randomseed(os.time() * 1000 + index)
 end
 
 local function one()
-   local path = "/api/verve/accept?id=" .. math.random(ids)
+   local id = first_id + math.random(ids) - 1
+   if not seen[id] then
+      seen[id] = true
+      distinct = distinct + 1
+   end
+   local path = "/api/verve/accept?id=" .. id
    if endpoint_share > 0 and math.random() < endpoint_share then
       path = path .. endpoint
    end
@@ -37,4 +57,14 @@ function request()
       batch[i] = one()
    end
    return table.concat(batch)
+end
+
+function done(summary, latency, requests)
+   local total = 0
+   for _, thread in ipairs(threads) do
+      total = total + thread:get("distinct")
+   end
+   io.write(string.format("distinct_ids=%d\n", total))
+   io.write(string.format("latency_us p50=%d p99=%d p99.9=%d\n",
+      latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
 end

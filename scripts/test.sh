@@ -20,4 +20,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v systemctl >/dev/null; then $sudo systemctl stop redis-server 2>/dev/null || true; fi
 fi
 
+# The Kafka tests run a real Kafka-protocol broker: tansu, built once (about
+# 8 minutes on 2 cores) and reused from ~/.cargo/bin afterwards.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null; then
+  echo "installing tansu 0.6.0 (a Kafka-protocol broker for the tests)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore
+fi
+
 cargo test --all-targets "$@"

@@ -6,6 +6,7 @@
 pub mod kafka;
 pub mod receiver;
 pub mod redis_server;
+pub mod tansu;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};

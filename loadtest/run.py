@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Load-test verve against the bare baseline, in one run, on this machine.
+
+    loadtest/run.py [--rate 20000] [--duration 15] [--connections 64] [--redis]
+
+Builds release, then for each server (the baseline, verve, and with --redis verve
+in Redis mode) starts it with one worker pinned to --server-cpu and drives it from
+--load-cpu:
+
+  1. at a fixed rate (wrk2 when on PATH, else `oha -q RATE --latency-correction`,
+     both of which correct for coordinated omission);
+  2. at maximum throughput with wrk, without pipelining and 16 deep.
+
+It records the achieved rate, p50/p99/p99.9 latency, server CPU seconds per request
+(/proc/<pid>/stat, all threads: the aggregator and, in Redis mode, redis-server
+too), and peak RSS; checks that verve's count log holds exactly the number of
+distinct ids wrk sent; prints every figure beside the baseline's with the ratio;
+and writes loadtest/results/results.md and loadtest/results/latency.png.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "loadtest" / "accept.lua"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def ensure_tools(need_oha):
+    """Installs what the runner needs and is missing: wrk, oha, matplotlib."""
+    if not shutil.which("wrk"):
+        prefix = [] if os.geteuid() == 0 else ["sudo"]
+        sh(prefix + ["apt-get", "update", "-qq"])
+        sh(prefix + ["apt-get", "install", "-y", "-qq", "wrk"])
+    if need_oha and not shutil.which("oha"):
+        sh(["cargo", "install", "oha", "--locked"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sh([sys.executable, "-m", "pip", "install", "-q", "matplotlib"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
+
+
+def peak_rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    """A server under test, pinned, with the processes whose CPU it is charged."""
+
+    def __init__(self, name, binary, env, cpu, redis=False):
+        self.name, self.binary, self.env, self.cpu, self.redis = name, binary, env, cpu, redis
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"verve-{name}-"))
+        self.count_log = self.dir / "counts.log"
+
+    def start(self):
+        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{self.port}", VERVE_WORKERS="1",
+                   VERVE_WINDOW_SECS="86400", VERVE_COUNT_LOG=str(self.count_log), RUST_LOG="warn")
+        self.redis_proc = None
+        if self.redis:
+            redis_port = free_port()
+            self.redis_proc = subprocess.Popen(
+                ["taskset", "-c", str(self.cpu), "redis-server", "--port", str(redis_port),
+                 "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            env["VERVE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            env["VERVE_WINDOW_GRACE_MS"] = "2000"
+        env.update(self.env)
+        self.proc = subprocess.Popen(["taskset", "-c", str(self.cpu), str(self.binary)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "w"))
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise SystemExit(f"{self.name} did not start: {(self.dir / 'stderr.log').read_text()}")
+                time.sleep(0.05)
+
+    def cpu(self):
+        total = cpu_seconds(self.proc.pid)
+        if self.redis_proc:
+            total += cpu_seconds(self.redis_proc.pid)
+        return total
+
+    def stop(self):
+        """SIGTERM; returns verve's last count log line (the partial window), if any."""
+        rss = peak_rss_mib(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        if self.redis_proc:
+            self.redis_proc.terminate()
+            self.redis_proc.wait()
+        lines = self.count_log.read_text().splitlines() if self.count_log.exists() else []
+        return rss, (lines[-1] if lines else None)
+
+
+def run_wrk(server, args, duration, pipeline, base, connections):
+    url = f"http://127.0.0.1:{server.port}"
+    cmd = ["taskset", "-c", str(args.load_cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+           "-s", str(SCRIPT), url, "--", str(args.ids), "0", str(pipeline), str(base)]
+    before = server.cpu()
+    out = sh(cmd, capture_output=True).stdout
+    used = server.cpu() - before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = dict(re.findall(r"(p[\d.]+)=(\d+)", out))
+    return {
+        "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": int(lat["p50"]), "p99": int(lat["p99"]), "p99.9": int(lat["p99.9"]),
+        "cpu_us": used / requests * 1e6, "requests": requests,
+        "failed": int(non2xx.group(1)) if non2xx else 0,
+        "distinct": int(re.search(r"distinct_ids=(\d+)", out).group(1)),
+    }
+
+
+def run_fixed_rate(server, args):
+    url = f"http://127.0.0.1:{server.port}"
+    before = server.cpu()
+    if shutil.which("wrk2"):
+        out = sh(["taskset", "-c", str(args.load_cpu), "wrk2", "-t1", f"-c{args.connections}",
+                  f"-d{args.duration}s", f"-R{args.rate}", "--latency", "-s", str(SCRIPT), url,
+                  "--", str(args.ids), "0", "1", "900000000000"], capture_output=True).stdout
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
+        lat = {k: int(v) for k, v in re.findall(r"(p[\d.]+)=(\d+)", out)}
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    else:
+        out = sh(["taskset", "-c", str(args.load_cpu), "oha", "--no-tui", "-j", "-z", f"{args.duration}s",
+                  "-c", str(args.connections), "-q", str(args.rate), "--latency-correction",
+                  "--rand-regex-url", f"{url}/api/verve/accept\\?id=[1-9][0-9]{{0,5}}"],
+                 capture_output=True).stdout
+        import json
+        result = json.loads(out)
+        pct = result["latencyPercentiles"]
+        lat = {"p50": pct["p50"] * 1e6, "p99": pct["p99"] * 1e6, "p99.9": pct["p99.9"] * 1e6}
+        requests = sum(result["statusCodeDistribution"].values())
+        rate = result["summary"]["requestsPerSec"]
+    used = server.cpu() - before
+    return {"rate": rate, "cpu_us": used / requests * 1e6, **lat}
+
+
+def measure(name, binary, env, args, redis=False):
+    print(f"== {name}", flush=True)
+    results = {}
+    server = Server(name, binary, env, args.server_cpu, redis)
+    server.start()
+    run_wrk(server, args, 2, 1, 800000000000, args.connections)  # warm-up, ids of their own
+    results["fixed"] = run_fixed_rate(server, args)
+    server.stop()
+
+    server = Server(name, binary, env, args.server_cpu, redis)
+    server.start()
+    sent = 0
+    for label, pipeline, base in [("max", 1, 0), ("max16", 16, 100000000000)]:
+        results[label] = run_wrk(server, args, args.duration, pipeline, base, args.connections)
+        sent += results[label]["distinct"]
+    rss, last_line = server.stop()
+    results["rss"] = rss
+    if last_line is not None:
+        counted = int(re.search(r"unique_requests=(\d+)", last_line).group(1))
+        failed = sum(results[k]["failed"] for k in ("max", "max16"))
+        results["exact"] = (counted, sent, failed)
+    for phase in ("fixed", "max", "max16"):
+        r = results[phase]
+        print(f"   {phase:6} {r['rate']:>11,.0f} req/s  p50 {r['p50']:>7,.0f} µs  p99 {r['p99']:>7,.0f} µs  "
+              f"p99.9 {r['p99.9']:>7,.0f} µs  {r['cpu_us']:.3f} µs CPU/req", flush=True)
+    return results
+
+
+def table(all_results, args):
+    base = all_results["baseline"]
+    rows = [
+        ("fixed", "rate", "req/s", "{:,.0f}"), ("fixed", "p50", "p50 µs", "{:,.0f}"),
+        ("fixed", "p99", "p99 µs", "{:,.0f}"), ("fixed", "p99.9", "p99.9 µs", "{:,.0f}"),
+        ("fixed", "cpu_us", "µs CPU/req", "{:.3f}"),
+        ("max", "rate", "req/s", "{:,.0f}"), ("max", "p99", "p99 µs", "{:,.0f}"),
+        ("max", "cpu_us", "µs CPU/req", "{:.3f}"),
+        ("max16", "rate", "req/s", "{:,.0f}"), ("max16", "cpu_us", "µs CPU/req", "{:.3f}"),
+    ]
+    phase_names = {"fixed": f"fixed {args.rate:,} req/s", "max": "max, no pipelining", "max16": "max, 16 deep"}
+    names = list(all_results)
+    head = "| phase | figure | " + " | ".join(names) + " | " + " | ".join(f"{n} / baseline" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(names) - 1)]
+    for phase, key, label, fmt in rows:
+        cells = [fmt.format(all_results[n][phase][key]) for n in names]
+        ratios = [f"{all_results[n][phase][key] / base[phase][key]:.2f}" for n in names[1:]]
+        lines.append(f"| {phase_names[phase]} | {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    rss = " | ".join(f"{all_results[n]['rss']:.1f}" for n in names)
+    lines.append(f"| all | peak RSS MiB | {rss} | " + " | ".join("" for _ in names[1:]) + " |")
+    return "\n".join(lines)
+
+
+def plot(all_results, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase, title in [(axes[0], "fixed", f"fixed rate {args.rate:,} req/s"),
+                             (axes[1], "max", "maximum rate, no pipelining")]:
+        for name, results in all_results.items():
+            r = results[phase]
+            ax.plot(["p50", "p99", "p99.9"], [r["p50"], r["p99"], r["p99.9"]], marker="o", label=name)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (µs)")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"verve vs baseline, one worker on CPU {args.server_cpu}, load on CPU {args.load_cpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=int, default=20000)
+    p.add_argument("--duration", type=int, default=15)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--ids", type=int, default=1000000, help="id range per wrk thread")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--load-cpu", type=int, default=1)
+    p.add_argument("--redis", action="store_true", help="also measure verve in Redis mode")
+    p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
+    args = p.parse_args()
+
+    ensure_tools(need_oha=not shutil.which("wrk2"))
+    if not args.skip_build:
+        sh(["cargo", "build", "--release", "--bin", "verve", "--example", "baseline"], cwd=ROOT)
+    release = ROOT / "target" / "release"
+    all_results = {"baseline": measure("baseline", release / "examples" / "baseline", {}, args),
+                   "verve": measure("verve", release / "verve", {}, args)}
+    if args.redis:
+        all_results["verve-redis"] = measure("verve-redis", release / "verve", {}, args, redis=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = table(all_results, args)
+    tool = "wrk2" if shutil.which("wrk2") else "oha --latency-correction"
+    checks = []
+    for name, results in all_results.items():
+        if "exact" in results:
+            counted, sent, failed = results["exact"]
+            verdict = "exact" if counted == sent and failed == 0 else "MISMATCH"
+            checks.append(f"- {name}: count log {counted:,} distinct ids, wrk sent {sent:,} "
+                          f"(non-2xx answers: {failed}): {verdict}")
+    report = (f"# Load test, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+              f"{os.cpu_count()} CPUs ({os.uname().release}); servers: one worker pinned to CPU {args.server_cpu}; "
+              f"load generator on CPU {args.load_cpu}; {args.connections} connections; fixed rate with {tool}, "
+              f"maximum rate with wrk, {args.duration} s per phase.\n\n{md}\n\nCounts:\n" + "\n".join(checks) + "\n")
+    (args.out / "results.md").write_text(report)
+    plot(all_results, args, args.out / "latency.png")
+    print("\n" + report)
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'latency.png'}")
+    if any("MISMATCH" in c for c in checks):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,7 @@ fn aggregator(start: SystemTime) -> Aggregator {
             60,
             vec![Box::new(Discard)],
             None,
+            Default::default(),
         ))),
     )
 }

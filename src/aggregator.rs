@@ -18,6 +18,7 @@
 //! late and logged, never silently merged into another window.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,9 +26,13 @@ use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::Batch;
 use crate::callback::{CallbackJob, Callbacks};
+use crate::metrics::{self, Telemetry};
 use crate::report::ClosedWindow;
 use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
+
+/// The longest the aggregator waits without a heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// What the aggregator holds for a window until it closes.
 struct OpenWindow {
@@ -55,6 +60,7 @@ pub struct Aggregator {
     immediate: Option<Callbacks>,
     /// Ids of the batch being ingested that were new to this instance (reused).
     new_ids: Vec<i64>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Aggregator {
@@ -76,7 +82,14 @@ impl Aggregator {
             max_endpoints: 0,
             immediate: None,
             new_ids: Vec::new(),
+            telemetry: Arc::default(),
         }
+    }
+
+    /// Reports the aggregator's heartbeat, late ids and queue depth to `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
@@ -93,6 +106,12 @@ impl Aggregator {
     pub fn run(mut self, batches: Receiver<Batch>, store_deadline: Duration) {
         loop {
             let now = SystemTime::now();
+            self.telemetry
+                .aggregator_heartbeat_ms
+                .store(metrics::now_ms(), Ordering::Relaxed);
+            self.telemetry
+                .channel_depth
+                .store(batches.len() as u64, Ordering::Relaxed);
             let deadline = self.next_deadline();
             if now >= deadline {
                 // Batches already queued were sealed before now: they may belong to
@@ -103,7 +122,11 @@ impl Aggregator {
                 self.close_due(now);
                 continue;
             }
-            let wait = deadline.duration_since(now).unwrap_or_default();
+            // Wakes at least once a second, so that /healthz sees a heartbeat.
+            let wait = deadline
+                .duration_since(now)
+                .unwrap_or_default()
+                .min(HEARTBEAT);
             match batches.recv_timeout(wait) {
                 Ok(batch) => self.ingest(batch),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -117,6 +140,9 @@ impl Aggregator {
     pub fn ingest(&mut self, batch: Batch) {
         if batch.window < self.next_close {
             self.late_ids += batch.ids.len() as u64;
+            self.telemetry
+                .late_ids
+                .store(self.late_ids, Ordering::Relaxed);
             tracing::warn!(
                 window_start = %batch.window,
                 ids = batch.ids.len(),
@@ -278,7 +304,12 @@ mod tests {
 
     /// A local store reporting to `recorded` and, if given, close-time callbacks.
     fn store(recorded: &Recorded, callbacks: Option<Callbacks>) -> Box<dyn DedupStore> {
-        let reporter = Reporter::new(60, vec![Box::new(recorded.clone())], callbacks);
+        let reporter = Reporter::new(
+            60,
+            vec![Box::new(recorded.clone())],
+            callbacks,
+            Arc::default(),
+        );
         Box::new(LocalStore::new(reporter))
     }
 

@@ -21,6 +21,7 @@ pub mod batch;
 pub mod callback;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod report;
 pub mod server;
 pub mod service;

@@ -5,10 +5,12 @@
 //! report (the set's size locally, `SCARD` with Redis) and hands both to the
 //! [`Reporter`], which runs on whichever thread the store reports from.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::callback::{CallbackJob, Callbacks};
+use crate::metrics::Telemetry;
 use crate::sink::{CountSink, Scope, WindowReport};
 use crate::store::IdSet;
 use crate::window::WindowStart;
@@ -36,6 +38,7 @@ pub struct Count {
 /// Sends each closed window to the sinks and, in close timing, to its endpoints.
 pub struct Reporter {
     window_secs: u64,
+    telemetry: Arc<Telemetry>,
     sinks: Vec<Box<dyn CountSink>>,
     /// Present in close timing; immediate calls are the aggregator's.
     close_callbacks: Option<Callbacks>,
@@ -46,9 +49,11 @@ impl Reporter {
         window_secs: u64,
         sinks: Vec<Box<dyn CountSink>>,
         close_callbacks: Option<Callbacks>,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Reporter {
             window_secs,
+            telemetry,
             sinks,
             close_callbacks,
         }
@@ -82,6 +87,12 @@ impl Reporter {
         for sink in &mut self.sinks {
             sink.publish(&report);
         }
+        self.telemetry
+            .windows_closed
+            .fetch_add(1, Ordering::Relaxed);
+        self.telemetry
+            .last_window_unique
+            .store(count.unique_requests, Ordering::Relaxed);
         if let Some(callbacks) = &mut self.close_callbacks {
             for endpoint in &closed.endpoints {
                 callbacks.submit(CallbackJob {

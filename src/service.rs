@@ -5,6 +5,7 @@
 //! has been counted and every window reported.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,6 +13,7 @@ use crate::aggregator::Aggregator;
 use crate::callback::Dispatcher;
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
+use crate::metrics::Telemetry;
 use crate::report::Reporter;
 use crate::server::{claim_address, Driver, Workers};
 use crate::sink::{CountSink, KafkaSettings, KafkaSink, LogSink};
@@ -33,15 +35,17 @@ impl Verve {
     pub fn start(config: &Config) -> Result<Verve, StartError> {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy = config.callback_policy()?;
-        let sinks = open_sinks(config)?;
+        let telemetry = Arc::new(Telemetry::new(config.window_secs));
+        let sinks = open_sinks(config, &telemetry)?;
         let addr = claim_address(config.addr)?;
         let (callbacks, dispatcher) =
-            Dispatcher::start(config, callback_policy.clone()).map_err(StartError::Thread)?;
+            Dispatcher::start(config, callback_policy.clone(), telemetry.clone())
+                .map_err(StartError::Thread)?;
         let (at_close, immediate) = match config.callback_timing {
             CallbackTiming::Close => (Some(callbacks), None),
             CallbackTiming::Immediate => (None, Some(callbacks)),
         };
-        let reporter = Reporter::new(config.window_secs, sinks, at_close);
+        let reporter = Reporter::new(config.window_secs, sinks, at_close, telemetry.clone());
         let admission = Admission::default();
         let store: Box<dyn DedupStore> = match &config.redis_url {
             None => Box::new(LocalStore::new(reporter)),
@@ -55,7 +59,7 @@ impl Verve {
                     window_secs: config.window_secs,
                 };
                 Box::new(
-                    RedisStore::start(settings, reporter, admission.clone())
+                    RedisStore::start(settings, reporter, admission.clone(), telemetry.clone())
                         .map_err(StartError::Redis)?,
                 )
             }
@@ -64,7 +68,15 @@ impl Verve {
         let (batches, received) = flume::bounded(config.queue_batches as usize);
         // Taken before any worker accepts, so no request predates the first window.
         let started_at = SystemTime::now();
-        let workers = Workers::start(config, addr, driver, &callback_policy, &admission, &batches)?;
+        let workers = Workers::start(
+            config,
+            addr,
+            driver,
+            &callback_policy,
+            &admission,
+            &telemetry,
+            &batches,
+        )?;
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
         drop(batches);
@@ -75,7 +87,8 @@ impl Verve {
             started_at,
             store,
         )
-        .with_endpoints(config.callback_max_endpoints as usize, immediate);
+        .with_endpoints(config.callback_max_endpoints as usize, immediate)
+        .with_telemetry(telemetry);
         let store_deadline = config.shutdown_drain();
         let aggregator = match std::thread::Builder::new()
             .name("verve-aggregator".into())
@@ -137,7 +150,10 @@ impl Verve {
 }
 
 /// The sinks `VERVE_SINKS` names, in its order.
-fn open_sinks(config: &Config) -> Result<Vec<Box<dyn CountSink>>, StartError> {
+fn open_sinks(
+    config: &Config,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Vec<Box<dyn CountSink>>, StartError> {
     let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
@@ -151,7 +167,7 @@ fn open_sinks(config: &Config) -> Result<Vec<Box<dyn CountSink>>, StartError> {
                     instance: config.instance_name(),
                 };
                 sinks.push(Box::new(
-                    KafkaSink::new(&settings).map_err(StartError::Kafka)?,
+                    KafkaSink::new(&settings, telemetry.clone()).map_err(StartError::Kafka)?,
                 ));
             }
         }

@@ -3,11 +3,14 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kafka::{consumer, read_for, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use verve::metrics::Telemetry;
 use verve::sink::{CountSink, KafkaSettings, KafkaSink, Scope, WindowReport};
 use verve::window::WindowStart;
 
@@ -33,59 +36,50 @@ fn outage() -> Duration {
     )
 }
 
-fn sink(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>) -> KafkaSink {
-    KafkaSink::new(&KafkaSettings {
-        brokers: cluster.bootstrap_servers(),
-        topic: TOPIC.to_owned(),
-        // verve's default, ten minutes, outlasts the outage as in production.
-        message_timeout: Duration::from_secs(600),
-        extra: vec![],
-        instance: "test".to_owned(),
-    })
-    .unwrap()
+fn sink(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+) -> (KafkaSink, Arc<Telemetry>) {
+    let telemetry = Arc::new(Telemetry::default());
+    let sink = KafkaSink::new(
+        &KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            topic: TOPIC.to_owned(),
+            // verve's default, ten minutes, outlasts the outage as in production.
+            message_timeout: Duration::from_secs(600),
+            extra: vec![],
+            instance: "test".to_owned(),
+        },
+        telemetry.clone(),
+    )
+    .unwrap();
+    (sink, telemetry)
+}
+
+fn delivered(telemetry: &Telemetry) -> u64 {
+    telemetry.kafka_delivered.load(Ordering::Relaxed)
 }
 
 #[test]
 fn a_record_published_during_a_broker_outage_is_delivered_once_after_it() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let mut sink = sink(&cluster);
-    let deliveries = sink.deliveries();
+    let (mut sink, telemetry) = sink(&cluster);
     // Warm up: the producer knows the cluster before the outage starts.
     sink.publish(&report(1_795_255_440, 7));
     sink.flush(Instant::now() + Duration::from_secs(10));
-    assert_eq!(
-        deliveries
-            .delivered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(delivered(&telemetry), 1);
 
     cluster.broker_down(1).unwrap();
     sink.publish(&report(1_795_255_500, 42)); // a window closes during the outage
     let outage_ends = Instant::now() + outage();
     while Instant::now() < outage_ends {
-        assert_eq!(
-            deliveries
-                .delivered
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1,
-            "delivered while down"
-        );
+        assert_eq!(delivered(&telemetry), 1, "delivered while down");
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.broker_up(1).unwrap();
     sink.flush(Instant::now() + Duration::from_secs(30));
-    assert_eq!(
-        deliveries
-            .delivered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-    assert_eq!(
-        deliveries.failed.load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(delivered(&telemetry), 2);
+    assert_eq!(telemetry.kafka_failed.load(Ordering::Relaxed), 0);
 
     let records = read_until(
         &consumer(&cluster.bootstrap_servers(), TOPIC),
@@ -120,7 +114,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
         ],
     );
-    let mut sink = sink(&cluster);
+    let (mut sink, telemetry) = sink(&cluster);
     for (i, start) in [1_795_255_500u64, 1_795_255_560, 1_795_255_620]
         .into_iter()
         .enumerate()
@@ -128,13 +122,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
         sink.publish(&report(start, i as u64));
     }
     sink.flush(Instant::now() + Duration::from_secs(30));
-    let deliveries = sink.deliveries();
-    assert_eq!(
-        deliveries
-            .delivered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
+    assert_eq!(delivered(&telemetry), 3);
 
     let consumer = consumer(&cluster.bootstrap_servers(), TOPIC);
     let records = read_until(&consumer, Duration::from_secs(20), |r| r.len() >= 3);
@@ -152,7 +140,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
 fn only_the_reporter_publishes() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let mut sink = sink(&cluster);
+    let (mut sink, _) = sink(&cluster);
     sink.publish(&WindowReport {
         reporter: false,
         ..report(1_795_255_500, 1)

@@ -18,6 +18,7 @@ use ureq::Agent;
 
 use super::{CallbackJob, CallbackPolicy, Callbacks, Coalescer, Refusal};
 use crate::config::{CallbackMethod, CallbackTiming, Config};
+use crate::metrics::{CallbackOutcome, Telemetry};
 
 /// The first retry waits this long; each further one twice as long as the last.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -37,6 +38,7 @@ struct Caller {
     method: CallbackMethod,
     retries: u32,
     coalescer: Option<Coalescer>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Dispatcher {
@@ -45,6 +47,7 @@ impl Dispatcher {
     pub fn start(
         config: &Config,
         policy: CallbackPolicy,
+        telemetry: Arc<Telemetry>,
     ) -> std::io::Result<(Callbacks, Dispatcher)> {
         let (jobs, queue) = flume::bounded(config.callback_queue as usize);
         let coalescer =
@@ -68,6 +71,7 @@ impl Dispatcher {
             method: config.callback_method,
             retries: config.callback_retries,
             coalescer: coalescer.clone(),
+            telemetry: telemetry.clone(),
         };
         let mut threads = Vec::new();
         for index in 0..config.callback_concurrency {
@@ -81,7 +85,10 @@ impl Dispatcher {
                 })?;
             threads.push(thread);
         }
-        Ok((Callbacks::new(jobs, coalescer), Dispatcher { threads }))
+        Ok((
+            Callbacks::new(jobs, coalescer, telemetry),
+            Dispatcher { threads },
+        ))
     }
 
     /// Waits for the queued and in-flight calls to finish, at most until `deadline`.
@@ -152,6 +159,10 @@ impl Caller {
                     continue;
                 }
             }
+            self.telemetry.record_callback(match outcome {
+                Ok(status) => CallbackOutcome::Status(status),
+                Err(_) => CallbackOutcome::Error,
+            });
             return;
         }
     }

@@ -24,6 +24,7 @@ use flume::TrySendError;
 pub use dispatcher::Dispatcher;
 pub use policy::{CallbackPolicy, Refusal};
 
+use crate::metrics::{CallbackOutcome, Telemetry};
 use crate::window::WindowStart;
 
 /// One call to make.
@@ -43,21 +44,30 @@ pub struct Callbacks {
     /// Present in immediate mode only.
     coalescer: Option<Coalescer>,
     dropped: u64,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Callbacks {
-    fn new(jobs: flume::Sender<CallbackJob>, coalescer: Option<Coalescer>) -> Self {
+    fn new(
+        jobs: flume::Sender<CallbackJob>,
+        coalescer: Option<Coalescer>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         Callbacks {
             jobs,
             coalescer,
             dropped: 0,
+            telemetry,
         }
     }
 
     /// A submitting side whose jobs go to the returned receiver, for tests.
     pub fn detached(capacity: usize, coalesce: bool) -> (Callbacks, flume::Receiver<CallbackJob>) {
         let (tx, rx) = flume::bounded(capacity);
-        (Callbacks::new(tx, coalesce.then(Coalescer::default)), rx)
+        (
+            Callbacks::new(tx, coalesce.then(Coalescer::default), Arc::default()),
+            rx,
+        )
     }
 
     /// Queues a call. When the queue is full the job is dropped, counted and
@@ -77,6 +87,7 @@ impl Callbacks {
                 coalescer.forget(&job.endpoint);
             }
             self.dropped += 1;
+            self.telemetry.record_callback(CallbackOutcome::Dropped);
             tracing::warn!(
                 endpoint = %job.endpoint,
                 window_start = %job.window_start,

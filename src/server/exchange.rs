@@ -11,6 +11,7 @@ use super::query::parse_accept_query;
 use super::request::{self, FrameError, Method, Request};
 use super::response::{self, Persistence, Status};
 use super::worker::Worker;
+use crate::metrics::Route;
 use crate::window::WindowStart;
 
 /// The path of the one counting endpoint.
@@ -51,14 +52,36 @@ impl Exchange {
                 Ok(Some(req)) => {
                     consumed += req.len;
                     let keep_alive = req.keep_alive && !worker.is_draining();
-                    let status = route(&req, worker, window, &mut self.scratch);
                     let persistence = match (keep_alive, req.http10) {
                         (false, _) => Persistence::Close,
                         (true, false) => Persistence::KeepAlive,
                         (true, true) => Persistence::KeepAliveHttp10,
                     };
                     let head_only = req.method == Method::Head;
-                    response::write(&mut self.write_buf, status, persistence, head_only);
+                    let (route, status) = match req.path {
+                        ACCEPT_PATH => (
+                            Route::Accept,
+                            accept(&req, worker, window, &mut self.scratch),
+                        ),
+                        b"/healthz" | b"/metrics"
+                            if !matches!(req.method, Method::Get | Method::Head) =>
+                        {
+                            (Route::Other, Status::MethodNotAllowed)
+                        }
+                        b"/healthz" => (
+                            Route::Healthz,
+                            healthz(worker, &mut self.write_buf, persistence, head_only),
+                        ),
+                        b"/metrics" => (
+                            Route::Metrics,
+                            metrics(worker, &mut self.write_buf, persistence, head_only),
+                        ),
+                        _ => (Route::Other, Status::NotFound),
+                    };
+                    if matches!(route, Route::Accept | Route::Other) {
+                        response::write(&mut self.write_buf, status, persistence, head_only);
+                    }
+                    worker.counters().record(route, status);
                     if !keep_alive {
                         next = Next::Close;
                         break;
@@ -73,6 +96,7 @@ impl Exchange {
                         FrameError::UnsupportedBody => Status::NotImplemented,
                     };
                     response::write(&mut self.write_buf, status, Persistence::Close, false);
+                    worker.counters().record(Route::Other, status);
                     next = Next::CloseAfterError;
                     break;
                 }
@@ -83,11 +107,41 @@ impl Exchange {
     }
 }
 
-/// Decides the answer to one request, accepting its id when it is valid.
-fn route(req: &Request<'_>, worker: &Worker, window: WindowStart, scratch: &mut Vec<u8>) -> Status {
-    if req.path != ACCEPT_PATH {
-        return Status::NotFound;
-    }
+/// `/healthz`: 200 `ok` while the service keeps up, else 503 and the reason.
+fn healthz(
+    worker: &Worker,
+    out: &mut Vec<u8>,
+    persistence: Persistence,
+    head_only: bool,
+) -> Status {
+    let (status, body) = match worker.telemetry().health() {
+        Ok(()) => (Status::Ok, "ok"),
+        Err(reason) => (Status::Unavailable, reason),
+    };
+    response::write_body(out, status, "text/plain", body, persistence, head_only);
+    status
+}
+
+/// `/metrics`: the Prometheus text exposition.
+fn metrics(
+    worker: &Worker,
+    out: &mut Vec<u8>,
+    persistence: Persistence,
+    head_only: bool,
+) -> Status {
+    let body = worker.telemetry().render();
+    let content_type = "text/plain; version=0.0.4";
+    response::write_body(out, Status::Ok, content_type, &body, persistence, head_only);
+    Status::Ok
+}
+
+/// Answers the accept endpoint, accepting the id when it is valid.
+fn accept(
+    req: &Request<'_>,
+    worker: &Worker,
+    window: WindowStart,
+    scratch: &mut Vec<u8>,
+) -> Status {
     if req.method != Method::Get {
         return Status::MethodNotAllowed;
     }
@@ -118,7 +172,10 @@ mod tests {
 
     use super::*;
     use crate::batch::Batcher;
+    use std::sync::Arc;
+
     use crate::callback::CallbackPolicy;
+    use crate::metrics::Telemetry;
     use crate::store::Admission;
     use crate::window::WindowLength;
 
@@ -160,6 +217,7 @@ mod tests {
             WindowLength::from_secs(60),
             CallbackPolicy::default(),
             Batcher::new(tx, BATCH_IDS, Admission::default()),
+            Arc::new(Telemetry::new(60)),
         );
         (worker, rx)
     }

@@ -16,7 +16,7 @@ mod worker;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use socket2::{Domain, Socket, Type};
@@ -25,6 +25,7 @@ use crate::batch::Batch;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
 use crate::error::StartError;
+use crate::metrics::Telemetry;
 use crate::store::Admission;
 use worker::WorkerSettings;
 
@@ -94,6 +95,7 @@ impl Workers {
         driver: Driver,
         callback_policy: &CallbackPolicy,
         admission: &Admission,
+        telemetry: &Arc<Telemetry>,
         batches: &flume::Sender<Batch>,
     ) -> Result<Workers, StartError> {
         let count = config.worker_count();
@@ -115,6 +117,7 @@ impl Workers {
                 window_length: config.window_length(),
                 callback_policy: callback_policy.clone(),
                 admission: admission.clone(),
+                telemetry: telemetry.clone(),
                 batch_ids: config.batch_ids as usize,
                 flush_interval: config.flush_interval(),
                 drain: config.shutdown_drain(),

@@ -61,8 +61,50 @@ pub fn write(out: &mut Vec<u8>, status: Status, persistence: Persistence, head_o
     } else {
         (b"content-length: 6\r\n", b"failed")
     };
+    write_head(
+        out,
+        status,
+        b"content-type: text/plain\r\n",
+        length,
+        persistence,
+    );
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Appends a response with a body made for the occasion (`/metrics`, `/healthz`).
+pub fn write_body(
+    out: &mut Vec<u8>,
+    status: Status,
+    content_type: &str,
+    body: &str,
+    persistence: Persistence,
+    head_only: bool,
+) {
+    let content_type = format!("content-type: {content_type}\r\n");
+    let length = format!("content-length: {}\r\n", body.len());
+    write_head(
+        out,
+        status,
+        content_type.as_bytes(),
+        length.as_bytes(),
+        persistence,
+    );
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+fn write_head(
+    out: &mut Vec<u8>,
+    status: Status,
+    content_type: &[u8],
+    length: &[u8],
+    persistence: Persistence,
+) {
     out.extend_from_slice(status.status_line());
-    out.extend_from_slice(b"content-type: text/plain\r\n");
+    out.extend_from_slice(content_type);
     out.extend_from_slice(length);
     out.extend_from_slice(match persistence {
         Persistence::KeepAlive => b"",
@@ -70,9 +112,6 @@ pub fn write(out: &mut Vec<u8>, status: Status, persistence: Persistence, head_o
         Persistence::Close => b"connection: close\r\n",
     });
     out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(body);
-    }
 }
 
 #[cfg(test)]

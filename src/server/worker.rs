@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
@@ -28,6 +28,7 @@ use super::Driver;
 use crate::batch::{Batch, Batcher, Overloaded};
 use crate::callback::CallbackPolicy;
 use crate::error::StartError;
+use crate::metrics::{Telemetry, WorkerCounters};
 use crate::store::Admission;
 use crate::window::{WindowLength, WindowStart};
 
@@ -40,6 +41,7 @@ pub(crate) struct WorkerSettings {
     pub window_length: WindowLength,
     pub callback_policy: CallbackPolicy,
     pub admission: Admission,
+    pub telemetry: Arc<Telemetry>,
     pub batch_ids: usize,
     pub flush_interval: Duration,
     pub drain: Duration,
@@ -50,6 +52,9 @@ pub(crate) struct WorkerSettings {
 /// State shared by the tasks of one worker thread.
 pub(crate) struct Worker {
     window_length: WindowLength,
+    telemetry: Arc<Telemetry>,
+    /// This worker's request counters, summed into `/metrics`.
+    counters: Arc<WorkerCounters>,
     callback_policy: CallbackPolicy,
     batcher: RefCell<Batcher>,
     connections: RefCell<OpenConnections>,
@@ -61,9 +66,12 @@ impl Worker {
         window_length: WindowLength,
         callback_policy: CallbackPolicy,
         batcher: Batcher,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Worker {
             window_length,
+            counters: telemetry.register_worker(),
+            telemetry,
             callback_policy,
             batcher: RefCell::new(batcher),
             connections: RefCell::new(OpenConnections::default()),
@@ -86,6 +94,14 @@ impl Worker {
         endpoint: Option<&str>,
     ) -> Result<(), Overloaded> {
         self.batcher.borrow_mut().push(window, id, endpoint)
+    }
+
+    pub(crate) fn counters(&self) -> &WorkerCounters {
+        &self.counters
+    }
+
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// The operator's rules for callback targets.
@@ -196,6 +212,7 @@ async fn serve(
         settings.window_length,
         settings.callback_policy,
         Batcher::new(batches, settings.batch_ids, settings.admission),
+        settings.telemetry,
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
 

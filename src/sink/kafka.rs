@@ -11,7 +11,7 @@
 //! elected for the window, so the topic gets one record per window for the fleet.
 //! Every delivery failure is logged with its window and counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 
 use super::{CountSink, WindowReport};
+use crate::metrics::Telemetry;
 use crate::window::WindowStart;
 
 /// Where and how to publish.
@@ -37,15 +38,8 @@ pub struct KafkaSettings {
     pub instance: String,
 }
 
-/// Delivery outcomes, counted; shared with the producer's polling thread.
-#[derive(Debug, Default)]
-pub struct Deliveries {
-    pub delivered: AtomicU64,
-    pub failed: AtomicU64,
-}
-
-/// Called by librdkafka's polling thread with each record's fate.
-struct DeliveryReports(Arc<Deliveries>);
+/// Called by librdkafka's polling thread with each record's fate; counts it.
+struct DeliveryReports(Arc<Telemetry>);
 
 impl ClientContext for DeliveryReports {}
 
@@ -55,7 +49,7 @@ impl ProducerContext for DeliveryReports {
     fn delivery(&self, result: &DeliveryResult<'_>, window: Box<WindowStart>) {
         match result {
             Ok(message) => {
-                self.0.delivered.fetch_add(1, Ordering::Relaxed);
+                self.0.kafka_delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     window_start = %window,
                     partition = message.partition(),
@@ -64,7 +58,7 @@ impl ProducerContext for DeliveryReports {
                 );
             }
             Err((error, _)) => {
-                let failed = self.0.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                let failed = self.0.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!(
                     window_start = %window,
                     %error,
@@ -80,12 +74,12 @@ pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryReports>,
     topic: String,
     instance: String,
-    deliveries: Arc<Deliveries>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl KafkaSink {
     /// Creates the producer; brokers need not be reachable yet.
-    pub fn new(settings: &KafkaSettings) -> Result<KafkaSink, String> {
+    pub fn new(settings: &KafkaSettings, telemetry: Arc<Telemetry>) -> Result<KafkaSink, String> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &settings.brokers)
@@ -98,9 +92,9 @@ impl KafkaSink {
         for (key, value) in &settings.extra {
             config.set(key, value);
         }
-        let deliveries = Arc::new(Deliveries::default());
+
         let producer = config
-            .create_with_context(DeliveryReports(deliveries.clone()))
+            .create_with_context(DeliveryReports(telemetry.clone()))
             .map_err(|e| {
                 format!("invalid Kafka settings (VERVE_KAFKA_BROKERS, VERVE_KAFKA_CONFIG): {e}")
             })?;
@@ -108,13 +102,8 @@ impl KafkaSink {
             producer,
             topic: settings.topic.clone(),
             instance: settings.instance.clone(),
-            deliveries,
+            telemetry,
         })
-    }
-
-    /// Delivery outcomes so far.
-    pub fn deliveries(&self) -> Arc<Deliveries> {
-        self.deliveries.clone()
     }
 }
 
@@ -143,7 +132,7 @@ impl CountSink for KafkaSink {
             .key(&key)
             .payload(&value);
         if let Err((error, _)) = self.producer.send(record) {
-            let failed = self.deliveries.failed.fetch_add(1, Ordering::Relaxed) + 1;
+            let failed = self.telemetry.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::error!(
                 window_start = %report.window_start,
                 %error,

@@ -17,6 +17,7 @@
 //! which the aggregator keeps filling concurrently: the counts stay exact.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use redis::{Client, Connection, RedisResult};
 
 use super::{Admission, DedupStore, IdSet};
+use crate::metrics::{self, Telemetry};
 use crate::report::{ClosedWindow, Count, Reporter};
 use crate::sink::Scope;
 use crate::window::WindowStart;
@@ -59,6 +61,7 @@ pub struct RedisStore {
 
 /// What the aggregator and the forwarder share.
 struct Shared {
+    telemetry: Arc<Telemetry>,
     /// Held by the aggregator for a push per batch, by the forwarder to take a round
     /// off the front: both short, neither ever waits on Redis while holding it.
     queue: Mutex<Queue>,
@@ -89,10 +92,15 @@ impl RedisStore {
         settings: RedisSettings,
         reporter: Reporter,
         admission: Admission,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Self, String> {
         let client = Client::open(settings.url.as_str())
             .map_err(|e| format!("invalid VERVE_REDIS_URL '{}': {e}", settings.url))?;
+        telemetry
+            .redis_buffer_capacity
+            .store(settings.buffer_ids as u64, Ordering::Relaxed);
         let shared = Arc::new(Shared {
+            telemetry,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             admission,
@@ -130,6 +138,10 @@ impl DedupStore for RedisStore {
     fn add(&mut self, window: WindowStart, ids: &[i64]) {
         let mut queue = self.shared.queue();
         queue.buffered_ids += ids.len();
+        self.shared
+            .telemetry
+            .redis_buffered_ids
+            .store(queue.buffered_ids as u64, Ordering::Relaxed);
         // Ids already accepted are always queued; only new ones are refused.
         if queue.buffered_ids >= self.shared.capacity && self.shared.admission.is_open() {
             self.shared.admission.set_open(false);
@@ -199,6 +211,7 @@ impl Forwarder {
     fn run(mut self) {
         if let Err(error) = self.connect(&[]) {
             self.down_since = Some(Instant::now());
+            self.mark_down();
             tracing::warn!(%error, url = %self.settings.url, "Redis unreachable at start-up; serving anyway and retrying");
         }
         while let Some(round) = self.next_round() {
@@ -206,6 +219,11 @@ impl Forwarder {
             let sent: usize = round.iter().map(Item::id_count).sum();
             let mut queue = self.shared.queue();
             queue.buffered_ids -= sent;
+            let telemetry = &self.shared.telemetry;
+            telemetry
+                .redis_buffered_ids
+                .store(queue.buffered_ids as u64, Ordering::Relaxed);
+            telemetry.redis_rounds.fetch_add(1, Ordering::Relaxed);
             if !self.shared.admission.is_open()
                 && queue.buffered_ids < self.shared.capacity / 10 * 9
             {
@@ -253,6 +271,10 @@ impl Forwarder {
         loop {
             match self.try_deliver(round) {
                 Ok(()) => {
+                    self.shared
+                        .telemetry
+                        .redis_down_since_ms
+                        .store(0, Ordering::Relaxed);
                     if let Some(since) = self.down_since.take() {
                         tracing::info!(
                             down_ms = since.elapsed().as_millis() as u64,
@@ -263,6 +285,11 @@ impl Forwarder {
                 }
                 Err(error) => {
                     self.connection = None;
+                    self.mark_down();
+                    self.shared
+                        .telemetry
+                        .redis_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     if self.down_since.is_none() {
                         self.down_since = Some(Instant::now());
                         tracing::warn!(%error, url = %self.settings.url, "Redis unreachable; buffering ids and retrying");
@@ -401,6 +428,14 @@ impl Forwarder {
             }
         }
         Ok(())
+    }
+
+    /// Notes when Redis became unreachable, for `/healthz`.
+    fn mark_down(&self) {
+        let since = &self.shared.telemetry.redis_down_since_ms;
+        if since.load(Ordering::Relaxed) == 0 {
+            since.store(metrics::now_ms(), Ordering::Relaxed);
+        }
     }
 
     fn key(&self, window: WindowStart) -> String {

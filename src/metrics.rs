@@ -1,0 +1,381 @@
+//! What `/metrics` and `/healthz` report.
+//!
+//! Request counters live per worker, in [`WorkerCounters`] that only their worker
+//! writes (a plain load and store, no locked instruction, no lock) and that a scrape
+//! sums. Everything else is a handful of atomics in [`Telemetry`], written once per
+//! batch, window, callback or Redis round, never per request. The text exposition
+//! is written here by hand: the format is a few lines of `name{labels} value`, and
+//! per-worker counters summed at scrape time do not fit a client library's own
+//! counter types without a custom collector that would be longer than this file.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::server::response::Status;
+
+/// Which part of the API a request was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Accept,
+    Healthz,
+    Metrics,
+    /// Anything else (404), including unframeable requests.
+    Other,
+}
+
+const ROUTES: [(Route, &str); 4] = [
+    (Route::Accept, "accept"),
+    (Route::Healthz, "healthz"),
+    (Route::Metrics, "metrics"),
+    (Route::Other, "other"),
+];
+
+const STATUSES: [Status; 7] = [
+    Status::Ok,
+    Status::BadRequest,
+    Status::NotFound,
+    Status::MethodNotAllowed,
+    Status::TooLarge,
+    Status::NotImplemented,
+    Status::Unavailable,
+];
+
+/// Callback outcomes, by class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    Status(u16),
+    /// No answer: connection error, timeout, refused by the policy.
+    Error,
+    /// Never attempted: the queue was full.
+    Dropped,
+}
+
+const CALLBACK_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "dropped"];
+
+/// One worker's counters. Only that worker writes them.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
+    ids_accepted: AtomicU64,
+    ids_invalid: AtomicU64,
+    ids_overloaded: AtomicU64,
+}
+
+/// Adds one to a counter that only the calling thread writes: a load and a store,
+/// cheaper than an atomic read-modify-write, and exact because nobody else writes.
+#[inline]
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+impl WorkerCounters {
+    /// Counts one answered request; for the accept endpoint, also what became of its id.
+    #[inline]
+    pub fn record(&self, route: Route, status: Status) {
+        let r = ROUTES
+            .iter()
+            .position(|(known, _)| *known == route)
+            .unwrap_or(ROUTES.len() - 1);
+        let s = STATUSES
+            .iter()
+            .position(|known| *known == status)
+            .unwrap_or(0);
+        bump(&self.requests[r][s]);
+        if route == Route::Accept {
+            match status {
+                Status::Ok => bump(&self.ids_accepted),
+                Status::Unavailable => bump(&self.ids_overloaded),
+                _ => bump(&self.ids_invalid),
+            }
+        }
+    }
+}
+
+/// Shared state for the operational endpoints.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    /// Registered once per worker at start, read at scrape.
+    workers: Mutex<Vec<Arc<WorkerCounters>>>,
+    window_secs: AtomicU64,
+    pub windows_closed: AtomicU64,
+    pub last_window_unique: AtomicU64,
+    pub late_ids: AtomicU64,
+    /// Batches waiting for the aggregator, as last seen by it.
+    pub channel_depth: AtomicU64,
+    /// When the aggregator last went round its loop, in ms since the epoch.
+    pub aggregator_heartbeat_ms: AtomicU64,
+    callbacks: [AtomicU64; CALLBACK_CLASSES.len()],
+    /// Redis mode only; 0 capacity means no Redis.
+    pub redis_buffer_capacity: AtomicU64,
+    pub redis_buffered_ids: AtomicU64,
+    pub redis_rounds: AtomicU64,
+    pub redis_errors: AtomicU64,
+    /// Since when Redis has been unreachable, in ms since the epoch; 0 while reachable.
+    pub redis_down_since_ms: AtomicU64,
+    pub kafka_delivered: AtomicU64,
+    pub kafka_failed: AtomicU64,
+}
+
+/// Milliseconds since the epoch, for heartbeats.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An aggregator that has not gone round its loop for this long is stalled.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+impl Telemetry {
+    pub fn new(window_secs: u64) -> Self {
+        let telemetry = Telemetry::default();
+        telemetry.window_secs.store(window_secs, Ordering::Relaxed);
+        telemetry
+            .aggregator_heartbeat_ms
+            .store(now_ms(), Ordering::Relaxed);
+        telemetry
+    }
+
+    /// A new worker's counters, summed into every scrape from now on.
+    pub fn register_worker(&self) -> Arc<WorkerCounters> {
+        let counters = Arc::new(WorkerCounters::default());
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(counters.clone());
+        counters
+    }
+
+    pub fn record_callback(&self, outcome: CallbackOutcome) {
+        let class = match outcome {
+            CallbackOutcome::Status(code) => usize::from(code / 100).clamp(1, 5) - 1,
+            CallbackOutcome::Error => 5,
+            CallbackOutcome::Dropped => 6,
+        };
+        self.callbacks[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `Ok` while the service keeps up; otherwise why not, in a few words.
+    pub fn health(&self) -> Result<(), &'static str> {
+        let now = now_ms();
+        let heartbeat = self.aggregator_heartbeat_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(heartbeat) > STALLED_AFTER.as_millis() as u64 {
+            return Err("aggregator stalled");
+        }
+        let capacity = self.redis_buffer_capacity.load(Ordering::Relaxed);
+        if capacity > 0 && self.redis_buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
+            return Err("dedup buffer over 90%");
+        }
+        let down_since = self.redis_down_since_ms.load(Ordering::Relaxed);
+        let window_ms = self.window_secs.load(Ordering::Relaxed) * 1000;
+        if down_since != 0 && now.saturating_sub(down_since) > window_ms {
+            return Err("redis unreachable for longer than a window");
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let sum = |f: &dyn Fn(&WorkerCounters) -> &AtomicU64| -> u64 {
+            workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
+        };
+
+        family(
+            &mut out,
+            "verve_requests_total",
+            "counter",
+            "Requests answered, by route and status code.",
+        );
+        for (r, (_, route)) in ROUTES.iter().enumerate() {
+            for (s, status) in STATUSES.iter().enumerate() {
+                let n = sum(&|w| &w.requests[r][s]);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "verve_requests_total{{route=\"{route}\",status=\"{}\"}} {n}",
+                        status.code()
+                    );
+                }
+            }
+        }
+        let simple: [(&str, &str, &str, u64); 11] = [
+            (
+                "verve_ids_accepted_total",
+                "counter",
+                "Ids accepted into a window.",
+                sum(&|w| &w.ids_accepted),
+            ),
+            (
+                "verve_windows_closed_total",
+                "counter",
+                "Windows closed and reported.",
+                load(&self.windows_closed),
+            ),
+            (
+                "verve_last_window_unique_requests",
+                "gauge",
+                "Unique ids of the last reported window.",
+                load(&self.last_window_unique),
+            ),
+            (
+                "verve_late_ids_total",
+                "counter",
+                "Ids that arrived after their window closed (not counted).",
+                load(&self.late_ids),
+            ),
+            (
+                "verve_channel_depth",
+                "gauge",
+                "Batches waiting for the aggregator.",
+                load(&self.channel_depth),
+            ),
+            (
+                "verve_redis_rounds_total",
+                "counter",
+                "Pipelined rounds Redis took.",
+                load(&self.redis_rounds),
+            ),
+            (
+                "verve_redis_errors_total",
+                "counter",
+                "Failed Redis rounds (retried).",
+                load(&self.redis_errors),
+            ),
+            (
+                "verve_redis_buffered_ids",
+                "gauge",
+                "Ids waiting for Redis.",
+                load(&self.redis_buffered_ids),
+            ),
+            (
+                "verve_redis_buffer_capacity_ids",
+                "gauge",
+                "VERVE_REDIS_BUFFER_IDS (0 without Redis).",
+                load(&self.redis_buffer_capacity),
+            ),
+            (
+                "verve_kafka_delivered_total",
+                "counter",
+                "Records Kafka acknowledged.",
+                load(&self.kafka_delivered),
+            ),
+            (
+                "verve_kafka_failed_total",
+                "counter",
+                "Records given up or refused.",
+                load(&self.kafka_failed),
+            ),
+        ];
+        family(
+            &mut out,
+            "verve_ids_rejected_total",
+            "counter",
+            "Ids refused, by reason.",
+        );
+        let _ = writeln!(
+            out,
+            "verve_ids_rejected_total{{reason=\"invalid\"}} {}",
+            sum(&|w| &w.ids_invalid)
+        );
+        let _ = writeln!(
+            out,
+            "verve_ids_rejected_total{{reason=\"overloaded\"}} {}",
+            sum(&|w| &w.ids_overloaded)
+        );
+        family(
+            &mut out,
+            "verve_callbacks_total",
+            "counter",
+            "Callbacks, by outcome class.",
+        );
+        for (class, counter) in CALLBACK_CLASSES.iter().zip(&self.callbacks) {
+            let _ = writeln!(
+                out,
+                "verve_callbacks_total{{class=\"{class}\"}} {}",
+                load(counter)
+            );
+        }
+        for (name, kind, help, value) in simple {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_sum_the_workers() {
+        let telemetry = Telemetry::new(60);
+        let (a, b) = (telemetry.register_worker(), telemetry.register_worker());
+        a.record(Route::Accept, Status::Ok);
+        b.record(Route::Accept, Status::Ok);
+        b.record(Route::Accept, Status::BadRequest);
+        a.record(Route::Accept, Status::Unavailable);
+        b.record(Route::Other, Status::NotFound);
+        telemetry.record_callback(CallbackOutcome::Status(204));
+        telemetry.record_callback(CallbackOutcome::Status(503));
+        telemetry.record_callback(CallbackOutcome::Dropped);
+        let text = telemetry.render();
+        for line in [
+            "verve_requests_total{route=\"accept\",status=\"200\"} 2",
+            "verve_requests_total{route=\"accept\",status=\"400\"} 1",
+            "verve_requests_total{route=\"accept\",status=\"503\"} 1",
+            "verve_requests_total{route=\"other\",status=\"404\"} 1",
+            "verve_ids_accepted_total 2",
+            "verve_ids_rejected_total{reason=\"invalid\"} 1",
+            "verve_ids_rejected_total{reason=\"overloaded\"} 1",
+            "verve_callbacks_total{class=\"2xx\"} 1",
+            "verve_callbacks_total{class=\"5xx\"} 1",
+            "verve_callbacks_total{class=\"dropped\"} 1",
+            "# TYPE verve_channel_depth gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn health_names_what_is_wrong() {
+        let telemetry = Telemetry::new(60);
+        assert_eq!(telemetry.health(), Ok(()));
+        telemetry
+            .aggregator_heartbeat_ms
+            .store(now_ms() - 6_000, Ordering::Relaxed);
+        assert_eq!(telemetry.health(), Err("aggregator stalled"));
+        telemetry
+            .aggregator_heartbeat_ms
+            .store(now_ms(), Ordering::Relaxed);
+        telemetry
+            .redis_buffer_capacity
+            .store(100, Ordering::Relaxed);
+        telemetry.redis_buffered_ids.store(91, Ordering::Relaxed);
+        assert_eq!(telemetry.health(), Err("dedup buffer over 90%"));
+        telemetry.redis_buffered_ids.store(0, Ordering::Relaxed);
+        telemetry
+            .redis_down_since_ms
+            .store(now_ms() - 61_000, Ordering::Relaxed);
+        assert_eq!(
+            telemetry.health(),
+            Err("redis unreachable for longer than a window")
+        );
+    }
+}

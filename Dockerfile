@@ -3,6 +3,9 @@
 # Configure with VERVE_* environment variables (see docs/configuration.md).
 
 FROM rust:1-slim-bookworm AS build
+# librdkafka (the Kafka sink) is built from source: it needs make and a C++ compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin verve

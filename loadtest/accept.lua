@@ -1,6 +1,6 @@
 -- wrk / wrk2 script for verve: GET /api/verve/accept with random ids.
 --
---   wrk -s loadtest/accept.lua http://127.0.0.1:8080 -- [ids] [endpoint_share] [pipeline] [base]
+--   wrk -s loadtest/accept.lua http://127.0.0.1:8080 -- [ids] [endpoint_share] [pipeline] [base] [send_secs]
 --
 -- ids             each thread draws ids uniformly from its own range of this many
 --                 (default 1000000); a smaller range means more repeats
@@ -8,6 +8,10 @@
 -- pipeline        requests per write (default 1: no pipelining)
 -- base            first id of thread 0's range (default 0); threads' ranges do not
 --                 overlap, so runs with different bases send disjoint ids
+-- send_secs       stop sending new requests after this many seconds (default: never),
+--                 so that nothing is left half-written when wrk stops: wrk counts
+--                 an id as sent when it builds the request, and a pipelined batch
+--                 cut off mid-write at the end would never reach the server
 --
 -- At the end it prints `distinct_ids=N` (ids sent, each counted once, over all
 -- threads) and `latency_us p50=… p99=… p99.9=…`, which loadtest/run.py reads.
@@ -16,6 +20,10 @@ local ids = 1000000
 local endpoint_share = 0
 local pipeline = 1
 local first_id = 0
+local stop_at = nil
+-- wrk calls request() once on the first thread before the run, only to count the
+-- requests it returns (the pipeline depth); that call must not count as sent.
+local probe = false
 local seen = {}
 local endpoint = "&endpoint=http%3A%2F%2F127.0.0.1%3A9%2Fcallback"
 local threads = {}
@@ -32,12 +40,18 @@ function init(args)
    endpoint_share = tonumber(args[2]) or endpoint_share
    pipeline = tonumber(args[3]) or pipeline
    first_id = (tonumber(args[4]) or 0) + index * ids
+   probe = index == 0
+   if args[5] then
+      stop_at = os.time() + tonumber(args[5])
+   end
    math.randomseed(os.time() * 1000 + index)
 end
 
 local function one()
    local id = first_id + math.random(ids) - 1
-   if not seen[id] then
+   if probe then
+      id = -1
+   elseif not seen[id] then
       seen[id] = true
       distinct = distinct + 1
    end
@@ -49,13 +63,14 @@ local function one()
 end
 
 function request()
-   if pipeline == 1 then
-      return one()
+   if stop_at and os.time() >= stop_at then
+      return ""
    end
    local batch = {}
    for i = 1, pipeline do
       batch[i] = one()
    end
+   probe = false
    return table.concat(batch)
 end
 

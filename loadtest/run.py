@@ -71,6 +71,18 @@ def peak_rss_mib(pid):
     return 0.0
 
 
+def wait_for_port(port, name):
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit(f"{name} did not start listening on {port}")
+            time.sleep(0.05)
+
+
 class Server:
     """A server under test, pinned, with the processes whose CPU it is charged."""
 
@@ -89,22 +101,15 @@ class Server:
             self.redis_proc = subprocess.Popen(
                 ["taskset", "-c", str(self.cpu), "redis-server", "--port", str(redis_port),
                  "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            wait_for_port(redis_port, "redis-server")
             env["VERVE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             env["VERVE_WINDOW_GRACE_MS"] = "2000"
         env.update(self.env)
         self.proc = subprocess.Popen(["taskset", "-c", str(self.cpu), str(self.binary)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "w"))
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise SystemExit(f"{self.name} did not start: {(self.dir / 'stderr.log').read_text()}")
-                time.sleep(0.05)
+        wait_for_port(self.port, self.name)
 
-    def cpu(self):
+    def cpu_used(self):
         total = cpu_seconds(self.proc.pid)
         if self.redis_proc:
             total += cpu_seconds(self.redis_proc.pid)
@@ -123,17 +128,20 @@ class Server:
 
 
 def run_wrk(server, args, duration, pipeline, base, connections):
+    """wrk for `duration` seconds; requests are sent during all but the last two, so
+    that every id wrk counts as sent has reached the server when it stops."""
     url = f"http://127.0.0.1:{server.port}"
+    sending = duration - 2
     cmd = ["taskset", "-c", str(args.load_cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
-           "-s", str(SCRIPT), url, "--", str(args.ids), "0", str(pipeline), str(base)]
-    before = server.cpu()
+           "-s", str(SCRIPT), url, "--", str(args.ids), "0", str(pipeline), str(base), str(sending)]
+    before = server.cpu_used()
     out = sh(cmd, capture_output=True).stdout
-    used = server.cpu() - before
+    used = server.cpu_used() - before
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = dict(re.findall(r"(p[\d.]+)=(\d+)", out))
     return {
-        "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "rate": requests / sending,
         "p50": int(lat["p50"]), "p99": int(lat["p99"]), "p99.9": int(lat["p99.9"]),
         "cpu_us": used / requests * 1e6, "requests": requests,
         "failed": int(non2xx.group(1)) if non2xx else 0,
@@ -143,7 +151,7 @@ def run_wrk(server, args, duration, pipeline, base, connections):
 
 def run_fixed_rate(server, args):
     url = f"http://127.0.0.1:{server.port}"
-    before = server.cpu()
+    before = server.cpu_used()
     if shutil.which("wrk2"):
         out = sh(["taskset", "-c", str(args.load_cpu), "wrk2", "-t1", f"-c{args.connections}",
                   f"-d{args.duration}s", f"-R{args.rate}", "--latency", "-s", str(SCRIPT), url,
@@ -152,7 +160,7 @@ def run_fixed_rate(server, args):
         lat = {k: int(v) for k, v in re.findall(r"(p[\d.]+)=(\d+)", out)}
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     else:
-        out = sh(["taskset", "-c", str(args.load_cpu), "oha", "--no-tui", "-j", "-z", f"{args.duration}s",
+        out = sh(["taskset", "-c", str(args.load_cpu), "oha", "--no-tui", "--output-format", "json", "-z", f"{args.duration}s",
                   "-c", str(args.connections), "-q", str(args.rate), "--latency-correction",
                   "--rand-regex-url", f"{url}/api/verve/accept\\?id=[1-9][0-9]{{0,5}}"],
                  capture_output=True).stdout
@@ -162,7 +170,7 @@ def run_fixed_rate(server, args):
         lat = {"p50": pct["p50"] * 1e6, "p99": pct["p99"] * 1e6, "p99.9": pct["p99.9"] * 1e6}
         requests = sum(result["statusCodeDistribution"].values())
         rate = result["summary"]["requestsPerSec"]
-    used = server.cpu() - before
+    used = server.cpu_used() - before
     return {"rate": rate, "cpu_us": used / requests * 1e6, **lat}
 
 
@@ -171,7 +179,7 @@ def measure(name, binary, env, args, redis=False):
     results = {}
     server = Server(name, binary, env, args.server_cpu, redis)
     server.start()
-    run_wrk(server, args, 2, 1, 800000000000, args.connections)  # warm-up, ids of their own
+    run_wrk(server, args, 4, 1, 800000000000, args.connections)  # warm-up, ids of their own
     results["fixed"] = run_fixed_rate(server, args)
     server.stop()
 

@@ -66,7 +66,7 @@ pub struct Config {
     pub batch_ids: u32,
 
     /// Longest a partly filled batch waits before it is sent anyway, in milliseconds.
-    #[arg(long, env = "VERVE_FLUSH_MS", default_value_t = 2,
+    #[arg(long, env = "VERVE_FLUSH_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=1_000))]
     pub flush_ms: u64,
 

@@ -79,6 +79,7 @@ impl Reporter {
         tracing::info!(
             window_start = %closed.window,
             unique_requests = count.unique_requests,
+            instance_unique_requests = closed.ids.len(),
             scope = %count.scope.as_str(),
             partial = closed.partial,
             late = count.late,

@@ -58,6 +58,8 @@ pub struct Aggregator {
     max_endpoints: usize,
     /// Immediate timing: callbacks with the count so far, as batches arrive.
     immediate: Option<Callbacks>,
+    /// Shutdown is closing windows before their grace has passed.
+    closing_early: bool,
     /// Ids of the batch being ingested that were new to this instance (reused).
     new_ids: Vec<i64>,
     telemetry: Arc<Telemetry>,
@@ -82,6 +84,7 @@ impl Aggregator {
             max_endpoints: 0,
             immediate: None,
             new_ids: Vec::new(),
+            closing_early: false,
             telemetry: Arc::default(),
         }
     }
@@ -214,8 +217,12 @@ impl Aggregator {
     /// store gets until `store_deadline` to report them.
     pub fn finish(mut self, now: SystemTime, store_deadline: Instant) {
         while self.length.end_of(self.next_close) <= now {
+            // Complete here, but closed before its grace if `now` is inside it:
+            // other instances' last ids may not be in Redis yet.
+            self.closing_early = now < self.next_deadline();
             self.close_next(false);
         }
+        self.closing_early = true;
         self.close_next(true);
         while let Some(&last) = self.open.keys().next_back() {
             while self.next_close <= last {
@@ -258,6 +265,7 @@ impl Aggregator {
             ids: open.ids,
             endpoints,
             partial,
+            before_grace: self.closing_early,
             closed_at: Instant::now(),
         });
     }

@@ -100,6 +100,11 @@ impl Batcher {
         Ok(())
     }
 
+    /// Whether [`Batcher::finish`] has run.
+    pub fn is_finished(&self) -> bool {
+        self.tx.is_none()
+    }
+
     /// Sends whatever is batched so far; called every flush interval.
     pub fn flush(&mut self) {
         if self.stalled.is_some() && !self.retry_stalled() {

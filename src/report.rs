@@ -23,6 +23,9 @@ pub struct ClosedWindow {
     /// Endpoints named in the window (at most `VERVE_CALLBACK_MAX_ENDPOINTS`).
     pub endpoints: Vec<Arc<str>>,
     pub partial: bool,
+    /// Closed at shutdown before `end + grace`: complete for this instance, but
+    /// other instances' last ids may still be on their way to a shared store.
+    pub before_grace: bool,
     pub closed_at: Instant,
 }
 

@@ -164,3 +164,29 @@ fn a_slow_redis_does_not_hold_up_clients() {
     assert!(answered_while_asleep, "clients waited for Redis");
     assert_eq!(verve.wait_for_window(window).unique_requests, 300);
 }
+
+#[test]
+fn a_window_cut_short_by_shutdown_is_logged_but_not_claimed() {
+    let redis = RedisServer::start();
+    let verve = Verve::start(&[
+        ("VERVE_REDIS_URL", redis.url().as_str()),
+        ("VERVE_WINDOW_SECS", "3600"),
+        ("VERVE_INSTANCE", "leaving"),
+    ]);
+    accept_all(&mut Client::connect(verve.addr), 1..=40);
+    let (status, lines) = verve.terminate();
+    assert!(status.success());
+    let last = lines.last().expect("a count line");
+    assert_eq!(
+        (last.unique_requests, last.partial, last.reporter),
+        (40, true, false),
+        "{lines:?}"
+    );
+    // The election is left to an instance that closes the window normally.
+    let key = format!("verve:{{{}}}:reporter", last.window_start);
+    let holder: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(holder, None);
+}

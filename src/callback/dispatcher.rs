@@ -29,6 +29,9 @@ const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 /// The running callback threads.
 pub struct Dispatcher {
     threads: Vec<JoinHandle<()>>,
+    /// The jobs' queue, to account for what is left of it at shutdown.
+    queue: flume::Receiver<CallbackJob>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// What every dispatcher thread needs.
@@ -85,10 +88,12 @@ impl Dispatcher {
                 })?;
             threads.push(thread);
         }
-        Ok((
-            Callbacks::new(jobs, coalescer, telemetry),
-            Dispatcher { threads },
-        ))
+        let dispatcher = Dispatcher {
+            threads,
+            queue,
+            telemetry: telemetry.clone(),
+        };
+        Ok((Callbacks::new(jobs, coalescer, telemetry), dispatcher))
     }
 
     /// Waits for the queued and in-flight calls to finish, at most until `deadline`.
@@ -101,6 +106,16 @@ impl Dispatcher {
             if thread.is_finished() {
                 let _ = thread.join();
             }
+        }
+        let left = self.queue.drain().count();
+        if left > 0 {
+            for _ in 0..left {
+                self.telemetry.record_callback(CallbackOutcome::Dropped);
+            }
+            tracing::warn!(
+                callbacks = left,
+                "callbacks still queued at shutdown were not made"
+            );
         }
     }
 }

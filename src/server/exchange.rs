@@ -51,7 +51,7 @@ impl Exchange {
             match request::parse(&self.read_buf[consumed..]) {
                 Ok(Some(req)) => {
                     consumed += req.len;
-                    let keep_alive = req.keep_alive && !worker.is_draining();
+                    let keep_alive = req.keep_alive;
                     let persistence = match (keep_alive, req.http10) {
                         (false, _) => Persistence::Close,
                         (true, false) => Persistence::KeepAlive,
@@ -103,6 +103,11 @@ impl Exchange {
             }
         }
         self.read_buf.drain(..consumed);
+        // Shutting down: everything received is answered above; then the
+        // connection closes instead of waiting for more.
+        if next == Next::Read && worker.is_draining() {
+            next = Next::Close;
+        }
         next
     }
 }
@@ -245,6 +250,22 @@ mod tests {
             ok.repeat(3)
         );
         assert_eq!(exchange.read_buf, b"GET /api/verve/acc");
+    }
+
+    #[test]
+    fn a_draining_worker_answers_everything_received_then_closes() {
+        let (worker, rx) = worker();
+        worker.start_draining();
+        let mut exchange = Exchange::with_capacity(4096);
+        exchange.read_buf.extend_from_slice(&pipelined(3, 1));
+        assert_eq!(
+            exchange.answer(&worker, worker.window_of(SystemTime::now())),
+            Next::Close
+        );
+        let answers = String::from_utf8(exchange.write_buf.clone()).unwrap();
+        assert_eq!(answers.matches("200 OK").count(), 3);
+        worker.flush();
+        assert_eq!(rx.try_recv().unwrap().ids, vec![1, 2, 3]);
     }
 
     #[test]

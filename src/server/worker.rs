@@ -109,9 +109,19 @@ impl Worker {
         &self.callback_policy
     }
 
-    /// Whether the worker is shutting down, so responses should close connections.
+    /// Whether the worker is shutting down, so connections close once what they
+    /// have received is answered.
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Sends the batch in progress, if there is one.
+    pub(crate) fn flush(&self) {
+        self.batcher.borrow_mut().flush();
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.set(true);
     }
 }
 
@@ -258,16 +268,18 @@ async fn serve_connection(stream: TcpStream, worker: Rc<Worker>) {
 
 /// Sends partly filled batches at least every `interval`, so that ids reach the
 /// aggregator well within a window's grace even when traffic is light.
+/// Keeps doing so while connections drain at shutdown, until the final flush: ids
+/// answered during the drain must reach their window before it closes.
 async fn flush_periodically(worker: Rc<Worker>, interval: Duration) {
-    while !worker.is_draining() {
+    while !worker.batcher.borrow().is_finished() {
         monoio::time::sleep(interval).await;
-        worker.batcher.borrow_mut().flush();
+        worker.flush();
     }
 }
 
 /// Lets open connections finish, closing idle ones, for at most `limit`.
 async fn drain(worker: &Rc<Worker>, limit: Duration) {
-    worker.draining.set(true);
+    worker.start_draining();
     for &fd in worker.connections.borrow().fds.values() {
         // SAFETY: only open sockets are registered: a connection task deregisters in
         // the same synchronous step that closes its stream, and this runs on the same

@@ -225,7 +225,7 @@ impl Forwarder {
                 .store(queue.buffered_ids as u64, Ordering::Relaxed);
             telemetry.redis_rounds.fetch_add(1, Ordering::Relaxed);
             if !self.shared.admission.is_open()
-                && queue.buffered_ids < self.shared.capacity / 10 * 9
+                && queue.buffered_ids * 10 < self.shared.capacity * 9
             {
                 self.shared.admission.set_open(true);
                 tracing::info!(
@@ -334,27 +334,39 @@ impl Forwarder {
     /// its reporter, and reports it.
     fn report(&mut self, closed: &ClosedWindow) -> RedisResult<()> {
         let key = self.key(closed.window);
-        let reporter_key = format!("{key}:reporter");
         let connection = self.connection.as_mut().expect("connected");
-        // SET NX then GET: asking twice (a retry after a lost answer) elects the same.
-        let (unique_requests, holder): (u64, Option<String>) = redis::pipe()
-            .cmd("SCARD")
-            .arg(&key)
-            .cmd("SET")
-            .arg(&reporter_key)
-            .arg(&self.settings.instance)
-            .arg("NX")
-            .arg("EX")
-            .arg(self.ttl_secs)
-            .ignore()
-            .cmd("GET")
-            .arg(&reporter_key)
-            .query(connection)?;
+        // A window cut short by this instance's shutdown does not stand for the
+        // fleet: it takes the count for its own log but leaves the election to an
+        // instance that closes the window normally.
+        let stands = !(closed.partial || closed.before_grace);
+        let (unique_requests, reporter) = if stands {
+            let reporter_key = format!("{key}:reporter");
+            // SET NX then GET: asking twice (a retry after a lost answer) elects the same.
+            let (count, holder): (u64, Option<String>) = redis::pipe()
+                .cmd("SCARD")
+                .arg(&key)
+                .cmd("SET")
+                .arg(&reporter_key)
+                .arg(&self.settings.instance)
+                .arg("NX")
+                .arg("EX")
+                .arg(self.ttl_secs)
+                .ignore()
+                .cmd("GET")
+                .arg(&reporter_key)
+                .query(connection)?;
+            (
+                count,
+                holder.as_deref() == Some(self.settings.instance.as_str()),
+            )
+        } else {
+            (redis::cmd("SCARD").arg(&key).query(connection)?, false)
+        };
         let count = Count {
             unique_requests,
             scope: Scope::Global,
             late: closed.closed_at.elapsed() > LATE_AFTER,
-            reporter: holder.as_deref() == Some(self.settings.instance.as_str()),
+            reporter,
         };
         self.reporter.report(closed, count);
         Ok(())
@@ -407,24 +419,17 @@ impl Forwarder {
             "Redis restarted empty; sending every id of the unreported windows again"
         );
         for (window, ids) in sets {
-            let mut chunk = Vec::with_capacity(SADD_IDS);
-            let mut result = Ok(());
-            let mut send = |chunk: &mut Vec<i64>| -> RedisResult<()> {
-                let mut pipe = redis::pipe();
-                self.queue_sadd(&mut pipe, window, chunk);
-                chunk.clear();
-                pipe.exec(connection)
-            };
+            // Copied out first: iterating holds locks on parts of the set, and the
+            // aggregator, inserting meanwhile, must not wait on Redis round trips.
+            let mut all = Vec::with_capacity(ids.len());
             ids.iter_sync(|&id| {
-                chunk.push(id);
-                if chunk.len() == SADD_IDS {
-                    result = send(&mut chunk);
-                }
-                result.is_ok()
+                all.push(id);
+                true
             });
-            result?;
-            if !chunk.is_empty() {
-                send(&mut chunk)?;
+            for slice in all.chunks(ROUND_IDS) {
+                let mut pipe = redis::pipe();
+                self.queue_sadd(&mut pipe, window, slice);
+                pipe.exec(connection)?;
             }
         }
         Ok(())

@@ -186,15 +186,26 @@ pub fn signal(child: &Child, signal: i32) {
 }
 
 pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    eventually(
+        limit,
+        || "the process to exit".into(),
+        || child.try_wait().unwrap(),
+    )
+}
+
+/// Polls `check` every 10 ms until it gives a value; panics after `limit`, saying
+/// what was awaited (`what` is asked only then, so it may describe the last state).
+pub fn eventually<T>(
+    limit: Duration,
+    what: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+        if let Some(value) = check() {
+            return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {limit:?}"
-        );
+        assert!(Instant::now() < deadline, "waited {limit:?} for {}", what());
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How the receiver answers.
 #[derive(Debug, Clone, Copy)]
@@ -85,35 +85,18 @@ impl Receiver {
 
     /// Waits until at least `n` calls have arrived and returns all of them.
     pub fn wait_for_calls(&self, n: usize, limit: Duration) -> Vec<Call> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let calls = self.calls();
-            if calls.len() >= n {
-                return calls;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} calls of {n} after {limit:?}: {calls:?}",
-                calls.len()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = || format!("{n} calls: {:?}", self.calls());
+        super::eventually(limit, what, || {
+            Some(self.calls()).filter(|calls| calls.len() >= n)
+        })
     }
 
     /// Waits until a call satisfies `matches`, and returns it.
     pub fn wait_for_call(&self, limit: Duration, matches: impl Fn(&Call) -> bool) -> Call {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(call) = self.calls().into_iter().find(|c| matches(c)) {
-                return call;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no matching call after {limit:?}: {:?}",
-                self.calls()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = || format!("a matching call: {:?}", self.calls());
+        super::eventually(limit, what, || {
+            self.calls().into_iter().find(|c| matches(c))
+        })
     }
 
     /// The most requests that were being answered at the same moment.

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct RedisServer {
     pub port: u16,
@@ -56,20 +56,12 @@ impl RedisServer {
             .spawn()
             .expect("redis-server on PATH (scripts/test.sh installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut connection) = self.client().get_connection() {
-                if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not come up on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ping = || {
+            let mut connection = self.client().get_connection().ok()?;
+            redis::cmd("PING").query::<String>(&mut connection).ok()
+        };
+        let what = || format!("redis-server on port {}", self.port);
+        super::eventually(Duration::from_secs(10), what, ping);
     }
 
     pub fn client(&self) -> redis::Client {

@@ -3,7 +3,7 @@
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::redis_server::free_port;
 
@@ -29,11 +29,12 @@ impl Tansu {
             .stderr(Stdio::null())
             .spawn()
             .expect("tansu on PATH (scripts/test.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let listening = || TcpStream::connect(("127.0.0.1", port)).ok();
+        super::eventually(
+            Duration::from_secs(20),
+            || format!("tansu on port {port}"),
+            listening,
+        );
         Tansu { port, child }
     }
 

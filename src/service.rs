@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use clap::ValueEnum;
+
 use crate::aggregator::Aggregator;
 use crate::callback::Dispatcher;
 use crate::config::{CallbackTiming, Config, SinkKind};
@@ -102,14 +104,14 @@ impl Verve {
         };
 
         tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
+            version = %env!("CARGO_PKG_VERSION"),
             %addr,
             workers = config.worker_count(),
             io_driver = %driver,
-            store = if config.redis_url.is_some() { "redis" } else { "local" },
-            sinks = ?config.sinks,
-            callback_method = ?config.callback_method,
-            callback_timing = ?config.callback_timing,
+            store = %if config.redis_url.is_some() { "redis" } else { "local" },
+            sinks = %names(&config.sinks),
+            callback_method = %names(&[config.callback_method]),
+            callback_timing = %names(&[config.callback_timing]),
             window_secs = config.window_secs,
             window_grace_ms = config.window_grace().as_millis() as u64,
             count_log = %config.count_log.display(),
@@ -147,6 +149,16 @@ impl Verve {
         self.dispatcher
             .finish(Instant::now() + self.callback_timeout);
     }
+}
+
+/// Choices as they are written in flags and variables, e.g. `log,kafka`.
+fn names<T: ValueEnum>(choices: &[T]) -> String {
+    let name = |c: &T| {
+        c.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    };
+    choices.iter().map(name).collect::<Vec<_>>().join(",")
 }
 
 /// The sinks `VERVE_SINKS` names, in its order.

@@ -290,9 +290,18 @@ impl Forwarder {
                         .telemetry
                         .redis_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    if self.down_since.is_none() {
+                    let unreachable = error.is_io_error()
+                        || error.is_timeout()
+                        || error.is_connection_dropped()
+                        || error.is_connection_refusal();
+                    if self.down_since.is_none() && unreachable {
                         self.down_since = Some(Instant::now());
                         tracing::warn!(%error, url = %self.settings.url, "Redis unreachable; buffering ids and retrying");
+                    } else if self.down_since.is_none() {
+                        // An answer, but an error one (READONLY, OOM, NOPERM, WRONGTYPE…):
+                        // retrying will not help until someone fixes the cause.
+                        self.down_since = Some(Instant::now());
+                        tracing::error!(%error, url = %self.settings.url, "Redis refused the round; buffering ids and retrying until the cause is fixed");
                     } else {
                         tracing::debug!(%error, "Redis still unreachable");
                     }

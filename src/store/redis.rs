@@ -114,7 +114,6 @@ impl RedisStore {
             ttl_secs: (settings.window_secs * 5).max(300),
             settings,
             reporter,
-            down_since: None,
         };
         let forwarder = std::thread::Builder::new()
             .name("verve-redis".into())
@@ -204,13 +203,11 @@ struct Forwarder {
     run_id: Option<String>,
     ttl_secs: u64,
     reporter: Reporter,
-    down_since: Option<Instant>,
 }
 
 impl Forwarder {
     fn run(mut self) {
         if let Err(error) = self.connect(&[]) {
-            self.down_since = Some(Instant::now());
             self.mark_down();
             tracing::warn!(%error, url = %self.settings.url, "Redis unreachable at start-up; serving anyway and retrying");
         }
@@ -271,21 +268,16 @@ impl Forwarder {
         loop {
             match self.try_deliver(round) {
                 Ok(()) => {
-                    self.shared
-                        .telemetry
-                        .redis_down_since_ms
-                        .store(0, Ordering::Relaxed);
-                    if let Some(since) = self.down_since.take() {
-                        tracing::info!(
-                            down_ms = since.elapsed().as_millis() as u64,
-                            "Redis reachable again"
-                        );
+                    let telemetry = &self.shared.telemetry;
+                    let since = telemetry.redis_down_since_ms.swap(0, Ordering::Relaxed);
+                    if since != 0 {
+                        let down_ms = metrics::now_ms().saturating_sub(since);
+                        tracing::info!(down_ms, "Redis reachable again");
                     }
                     return;
                 }
                 Err(error) => {
                     self.connection = None;
-                    self.mark_down();
                     self.shared
                         .telemetry
                         .redis_errors
@@ -294,16 +286,15 @@ impl Forwarder {
                         || error.is_timeout()
                         || error.is_connection_dropped()
                         || error.is_connection_refusal();
-                    if self.down_since.is_none() && unreachable {
-                        self.down_since = Some(Instant::now());
-                        tracing::warn!(%error, url = %self.settings.url, "Redis unreachable; buffering ids and retrying");
-                    } else if self.down_since.is_none() {
+                    let url = &self.settings.url;
+                    if !self.mark_down() {
+                        tracing::debug!(%error, "Redis still failing");
+                    } else if unreachable {
+                        tracing::warn!(%error, %url, "Redis unreachable; buffering ids and retrying");
+                    } else {
                         // An answer, but an error one (READONLY, OOM, NOPERM, WRONGTYPE…):
                         // retrying will not help until someone fixes the cause.
-                        self.down_since = Some(Instant::now());
-                        tracing::error!(%error, url = %self.settings.url, "Redis refused the round; buffering ids and retrying until the cause is fixed");
-                    } else {
-                        tracing::debug!(%error, "Redis still unreachable");
+                        tracing::error!(%error, %url, "Redis refused the round; buffering ids and retrying until the cause is fixed");
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -444,12 +435,15 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Notes when Redis became unreachable, for `/healthz`.
-    fn mark_down(&self) {
+    /// Notes when Redis started failing (for `/healthz` and the recovery log line);
+    /// true when it was fine until now.
+    fn mark_down(&self) -> bool {
         let since = &self.shared.telemetry.redis_down_since_ms;
-        if since.load(Ordering::Relaxed) == 0 {
+        let was_up = since.load(Ordering::Relaxed) == 0;
+        if was_up {
             since.store(metrics::now_ms(), Ordering::Relaxed);
         }
+        was_up
     }
 
     fn key(&self, window: WindowStart) -> String {

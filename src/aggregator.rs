@@ -42,6 +42,16 @@ struct OpenWindow {
     endpoints_over_cap: u64,
 }
 
+impl OpenWindow {
+    fn with_capacity(capacity: usize) -> Self {
+        OpenWindow {
+            ids: Arc::new(IdSet::with_capacity(capacity)),
+            endpoints: HashSet::new(),
+            endpoints_over_cap: 0,
+        }
+    }
+}
+
 pub struct Aggregator {
     length: WindowLength,
     grace: Duration,
@@ -49,7 +59,6 @@ pub struct Aggregator {
     /// The oldest window not yet closed; all earlier ones are.
     next_close: WindowStart,
     store: Box<dyn DedupStore>,
-    late_ids: u64,
     /// The size of the last closed window: new sets start at this capacity, since
     /// traffic changes little from one window to the next and growing a set of
     /// millions of ids step by step costs far more than reserving it once.
@@ -79,7 +88,6 @@ impl Aggregator {
             open: BTreeMap::new(),
             next_close: length.window_of(started_at),
             store,
-            late_ids: 0,
             capacity_hint: 0,
             max_endpoints: 0,
             immediate: None,
@@ -142,14 +150,16 @@ impl Aggregator {
     /// Adds a batch of ids to its window's set.
     pub fn ingest(&mut self, batch: Batch) {
         if batch.window < self.next_close {
-            self.late_ids += batch.ids.len() as u64;
-            self.telemetry
+            let late_ids = batch.ids.len() as u64;
+            let late_total = self
+                .telemetry
                 .late_ids
-                .store(self.late_ids, Ordering::Relaxed);
+                .fetch_add(late_ids, Ordering::Relaxed)
+                + late_ids;
             tracing::warn!(
                 window_start = %batch.window,
                 ids = batch.ids.len(),
-                late_ids_total = self.late_ids,
+                late_ids_total = late_total,
                 "ids arrived after their window was closed; not counted"
             );
             return;
@@ -157,15 +167,9 @@ impl Aggregator {
         let window = match self.open.entry(batch.window) {
             std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
             std::collections::btree_map::Entry::Vacant(vacant) => {
-                let ids = Arc::new(IdSet::with_capacity(
-                    self.capacity_hint.max(batch.ids.len()),
-                ));
-                self.store.opened(batch.window, &ids);
-                vacant.insert(OpenWindow {
-                    ids,
-                    endpoints: HashSet::new(),
-                    endpoints_over_cap: 0,
-                })
+                let open = OpenWindow::with_capacity(self.capacity_hint.max(batch.ids.len()));
+                self.store.opened(batch.window, &open.ids);
+                vacant.insert(open)
             }
         };
         self.new_ids.clear();
@@ -234,18 +238,17 @@ impl Aggregator {
 
     /// Ids that arrived after their window was closed, since start.
     pub fn late_ids(&self) -> u64 {
-        self.late_ids
+        self.telemetry.late_ids.load(Ordering::Relaxed)
     }
 
     fn close_next(&mut self, partial: bool) {
         let window = self.next_close;
         self.next_close = self.length.next(window);
         // Swap the set out whole: removing it from the map is the close.
-        let open = self.open.remove(&window).unwrap_or_else(|| OpenWindow {
-            ids: Arc::new(IdSet::new()),
-            endpoints: HashSet::new(),
-            endpoints_over_cap: 0,
-        });
+        let open = self
+            .open
+            .remove(&window)
+            .unwrap_or_else(|| OpenWindow::with_capacity(0));
         if !partial {
             self.capacity_hint = open.ids.len();
         }

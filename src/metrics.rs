@@ -25,6 +25,7 @@ pub enum Route {
     Other,
 }
 
+/// Every route with its label, in declaration order, so `route as usize` indexes it.
 const ROUTES: [(Route, &str); 4] = [
     (Route::Accept, "accept"),
     (Route::Healthz, "healthz"),
@@ -32,6 +33,7 @@ const ROUTES: [(Route, &str); 4] = [
     (Route::Other, "other"),
 ];
 
+/// Every status, in declaration order, so `status as usize` indexes it.
 const STATUSES: [Status; 7] = [
     Status::Ok,
     Status::BadRequest,
@@ -74,15 +76,7 @@ impl WorkerCounters {
     /// Counts one answered request; for the accept endpoint, also what became of its id.
     #[inline]
     pub fn record(&self, route: Route, status: Status) {
-        let r = ROUTES
-            .iter()
-            .position(|(known, _)| *known == route)
-            .unwrap_or(ROUTES.len() - 1);
-        let s = STATUSES
-            .iter()
-            .position(|known| *known == status)
-            .unwrap_or(0);
-        bump(&self.requests[r][s]);
+        bump(&self.requests[route as usize][status as usize]);
         if route == Route::Accept {
             match status {
                 Status::Ok => bump(&self.ids_accepted),
@@ -149,12 +143,26 @@ impl Telemetry {
     }
 
     pub fn record_callback(&self, outcome: CallbackOutcome) {
+        self.record_callbacks(outcome, 1);
+    }
+
+    /// Counts `n` callbacks with the same outcome; returns the class's new total.
+    pub fn record_callbacks(&self, outcome: CallbackOutcome, n: u64) -> u64 {
+        self.callback_class(outcome).fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    /// Callbacks counted so far in the class of `outcome`.
+    pub fn callbacks(&self, outcome: CallbackOutcome) -> u64 {
+        self.callback_class(outcome).load(Ordering::Relaxed)
+    }
+
+    fn callback_class(&self, outcome: CallbackOutcome) -> &AtomicU64 {
         let class = match outcome {
             CallbackOutcome::Status(code) => usize::from(code / 100).clamp(1, 5) - 1,
             CallbackOutcome::Error => 5,
             CallbackOutcome::Dropped => 6,
         };
-        self.callbacks[class].fetch_add(1, Ordering::Relaxed);
+        &self.callbacks[class]
     }
 
     /// `Ok` while the service keeps up; otherwise why not, in a few words.
@@ -350,6 +358,16 @@ mod tests {
             "# TYPE verve_channel_depth gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_label_tables_follow_declaration_order() {
+        for (i, (route, _)) in ROUTES.iter().enumerate() {
+            assert_eq!(*route as usize, i);
+        }
+        for (i, status) in STATUSES.iter().enumerate() {
+            assert_eq!(*status as usize, i);
         }
     }
 

@@ -109,9 +109,8 @@ impl Dispatcher {
         }
         let left = self.queue.drain().count();
         if left > 0 {
-            for _ in 0..left {
-                self.telemetry.record_callback(CallbackOutcome::Dropped);
-            }
+            self.telemetry
+                .record_callbacks(CallbackOutcome::Dropped, left as u64);
             tracing::warn!(
                 callbacks = left,
                 "callbacks still queued at shutdown were not made"

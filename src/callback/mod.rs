@@ -43,7 +43,6 @@ pub struct Callbacks {
     jobs: flume::Sender<CallbackJob>,
     /// Present in immediate mode only.
     coalescer: Option<Coalescer>,
-    dropped: u64,
     telemetry: Arc<Telemetry>,
 }
 
@@ -56,7 +55,6 @@ impl Callbacks {
         Callbacks {
             jobs,
             coalescer,
-            dropped: 0,
             telemetry,
         }
     }
@@ -86,20 +84,19 @@ impl Callbacks {
             if let Some(coalescer) = &self.coalescer {
                 coalescer.forget(&job.endpoint);
             }
-            self.dropped += 1;
-            self.telemetry.record_callback(CallbackOutcome::Dropped);
+            let dropped_total = self.telemetry.record_callbacks(CallbackOutcome::Dropped, 1);
             tracing::warn!(
                 endpoint = %job.endpoint,
                 window_start = %job.window_start,
-                dropped_total = self.dropped,
+                dropped_total,
                 "callback queue full; callback dropped (raise VERVE_CALLBACK_QUEUE or VERVE_CALLBACK_CONCURRENCY)"
             );
         }
     }
 
-    /// Callbacks dropped because the queue was full, since start.
+    /// Callbacks dropped because the queue was full (or left at shutdown), since start.
     pub fn dropped(&self) -> u64 {
-        self.dropped
+        self.telemetry.callbacks(CallbackOutcome::Dropped)
     }
 }
 

@@ -51,8 +51,7 @@ impl Exchange {
             match request::parse(&self.read_buf[consumed..]) {
                 Ok(Some(req)) => {
                     consumed += req.len;
-                    let keep_alive = req.keep_alive;
-                    let persistence = match (keep_alive, req.http10) {
+                    let persistence = match (req.keep_alive, req.http10) {
                         (false, _) => Persistence::Close,
                         (true, false) => Persistence::KeepAlive,
                         (true, true) => Persistence::KeepAliveHttp10,
@@ -82,7 +81,7 @@ impl Exchange {
                         response::write(&mut self.write_buf, status, persistence, head_only);
                     }
                     worker.counters().record(route, status);
-                    if !keep_alive {
+                    if !req.keep_alive {
                         next = Next::Close;
                         break;
                     }

@@ -16,6 +16,12 @@ fn metric(text: &str, series: &str) -> u64 {
         .unwrap()
 }
 
+/// Polls /healthz until it answers 503, and returns that answer.
+fn unhealthy(client: &mut Client, limit: Duration) -> common::Response {
+    let poll = || Some(client.get("/healthz")).filter(|r| r.status == 503);
+    eventually(limit, || "healthz to turn 503".into(), poll)
+}
+
 #[test]
 fn metrics_count_requests_ids_and_windows() {
     let verve = Verve::start(&[]);
@@ -91,12 +97,10 @@ fn healthz_reports_redis_trouble() {
     // Unreachable, but not yet for a whole window.
     assert_eq!(client.get("/healthz").status, 200);
     accept_all(&mut client, 1..=20);
-    let verdict = eventually(
-        Duration::from_secs(5),
-        || "healthz to turn 503".into(),
-        || Some(client.get("/healthz")).filter(|r| r.status == 503),
+    assert_eq!(
+        unhealthy(&mut client, Duration::from_secs(5)).body,
+        "dedup buffer over 90%"
     );
-    assert_eq!(verdict.body, "dedup buffer over 90%");
     let text = client.get("/metrics").body;
     assert_eq!(metric(&text, "verve_redis_buffered_ids"), 20);
     assert!(metric(&text, "verve_redis_errors_total") >= 1);
@@ -112,10 +116,8 @@ fn healthz_says_when_redis_has_been_gone_for_a_window() {
     let mut client = Client::connect(verve.addr);
     // Healthy at first: unreachable, but not yet for a whole window.
     assert_eq!(client.get("/healthz").status, 200);
-    let verdict = eventually(
-        Duration::from_secs(10),
-        || "healthz to notice".into(),
-        || Some(client.get("/healthz")).filter(|r| r.status == 503),
+    assert_eq!(
+        unhealthy(&mut client, Duration::from_secs(10)).body,
+        "redis unreachable for longer than a window"
     );
-    assert_eq!(verdict.body, "redis unreachable for longer than a window");
 }

@@ -18,11 +18,18 @@ use verve::window::{WindowLength, WindowStart};
 
 const REQUEST: &[u8] = b"GET /api/verve/accept?id=123456789 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n";
 
+const LIMITS: request::Limits = request::Limits::DEFAULT;
+
 fn parsing(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse");
     group.throughput(Throughput::Elements(1));
     group.bench_function("request", |b| {
-        b.iter(|| request::parse(black_box(REQUEST)).unwrap().unwrap().len)
+        b.iter(|| {
+            request::parse(black_box(REQUEST), &LIMITS)
+                .unwrap()
+                .unwrap()
+                .len
+        })
     });
 
     let pipelined = REQUEST.repeat(16);
@@ -30,7 +37,7 @@ fn parsing(c: &mut Criterion) {
     group.bench_function("request_pipelined_16", |b| {
         b.iter(|| {
             let mut at = 0;
-            while let Some(req) = request::parse(black_box(&pipelined[at..])).unwrap() {
+            while let Some(req) = request::parse(black_box(&pipelined[at..]), &LIMITS).unwrap() {
                 at += req.len;
             }
             at

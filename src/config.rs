@@ -15,6 +15,9 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::callback::CallbackPolicy;
+use crate::server::registry::Timeouts;
+use crate::server::request::{Limits, MAX_HEADERS_CEILING};
+use crate::server::ClientLimits;
 use crate::window::WindowLength;
 
 /// Counts unique request ids per time window, thread-per-core.
@@ -83,6 +86,46 @@ pub struct Config {
     #[arg(long, env = "VERVE_SHUTDOWN_DRAIN_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
+
+    /// Connections one worker holds at most; more are closed as they arrive, and counted.
+    #[arg(long, env = "VERVE_MAX_CONNECTIONS", default_value_t = 25_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Largest request head (request line and header fields) in bytes; larger is answered 431.
+    #[arg(long, env = "VERVE_MAX_HEAD_BYTES", default_value_t = Limits::DEFAULT.head_bytes as u32,
+          value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
+    pub max_head_bytes: u32,
+
+    /// Longest request line in bytes; longer is answered 414.
+    #[arg(long, env = "VERVE_MAX_REQUEST_LINE_BYTES", default_value_t = Limits::DEFAULT.request_line_bytes as u32,
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub max_request_line_bytes: u32,
+
+    /// Most header fields in a request; more is answered 431.
+    #[arg(long, env = "VERVE_MAX_HEADERS", default_value_t = Limits::DEFAULT.headers as u16,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_HEADERS_CEILING as i64))]
+    pub max_headers: u16,
+
+    /// Largest request body in bytes, read and discarded; larger is answered 413.
+    #[arg(long, env = "VERVE_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT.body_bytes as u32,
+          value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub max_body_bytes: u32,
+
+    /// Longest a client may take to send a request, from its first byte (or from connecting), in milliseconds; then 408.
+    #[arg(long, env = "VERVE_HEAD_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.head.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub head_timeout_ms: u64,
+
+    /// How long a keep-alive connection may wait for its next request, in milliseconds.
+    #[arg(long, env = "VERVE_IDLE_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.idle.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub idle_timeout_ms: u64,
+
+    /// Longest a client may leave a response unread before its connection is closed, in milliseconds.
+    #[arg(long, env = "VERVE_WRITE_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.write.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub write_timeout_ms: u64,
 
     /// Redis URL (redis://host:port/db) of the store shared by several instances; unset keeps dedup local.
     #[arg(long, env = "VERVE_REDIS_URL")]
@@ -247,6 +290,13 @@ impl Config {
                 self.window_secs
             )));
         }
+        if self.max_request_line_bytes > self.max_head_bytes {
+            return Err(ConfigError(format!(
+                "VERVE_MAX_REQUEST_LINE_BYTES ({}) must not exceed VERVE_MAX_HEAD_BYTES ({}): \
+                 the request line is part of the head",
+                self.max_request_line_bytes, self.max_head_bytes
+            )));
+        }
         self.callback_policy()?;
         if self.sinks.contains(&SinkKind::Kafka) && self.kafka_brokers.trim().is_empty() {
             return Err(ConfigError(
@@ -311,6 +361,24 @@ impl Config {
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    /// What a client may ask of the server: request sizes, timeouts, connections.
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            request: Limits {
+                head_bytes: self.max_head_bytes as usize,
+                request_line_bytes: self.max_request_line_bytes as usize,
+                headers: usize::from(self.max_headers),
+                body_bytes: self.max_body_bytes as usize,
+            },
+            timeouts: Timeouts {
+                head: Duration::from_millis(self.head_timeout_ms),
+                idle: Duration::from_millis(self.idle_timeout_ms),
+                write: Duration::from_millis(self.write_timeout_ms),
+            },
+            connections_per_worker: self.max_connections as usize,
+        }
     }
 
     /// The callback policy, parsed from `VERVE_CALLBACK_ALLOW` and `VERVE_CALLBACK_DENY_PRIVATE`.
@@ -391,6 +459,25 @@ mod tests {
         assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
         assert_eq!(c.io_driver, IoDriver::Epoll);
         assert_eq!(c.sinks, vec![SinkKind::Log]);
+        let limits = c.client_limits();
+        assert_eq!(limits.request, Limits::DEFAULT);
+        assert_eq!(limits.timeouts, Timeouts::DEFAULT);
+        assert_eq!(limits.connections_per_worker, 25_000);
+    }
+
+    #[test]
+    fn the_request_line_limit_fits_in_the_head_limit() {
+        let err = load(&[
+            "--max-head-bytes",
+            "1024",
+            "--max-request-line-bytes",
+            "2048",
+        ]);
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "VERVE_MAX_REQUEST_LINE_BYTES (2048) must not exceed VERVE_MAX_HEAD_BYTES (1024): \
+             the request line is part of the head"
+        );
     }
 
     #[test]

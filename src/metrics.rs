@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::server::registry::{Wait, WAITS};
 use crate::server::response::Status;
 
 /// Which part of the API a request was for.
@@ -34,12 +35,15 @@ const ROUTES: [(Route, &str); 4] = [
 ];
 
 /// Every status, in declaration order, so `status as usize` indexes it.
-const STATUSES: [Status; 7] = [
+const STATUSES: [Status; 10] = [
     Status::Ok,
     Status::BadRequest,
     Status::NotFound,
     Status::MethodNotAllowed,
-    Status::TooLarge,
+    Status::RequestTimeout,
+    Status::ContentTooLarge,
+    Status::UriTooLong,
+    Status::HeaderFieldsTooLarge,
     Status::NotImplemented,
     Status::Unavailable,
 ];
@@ -63,6 +67,9 @@ pub struct WorkerCounters {
     ids_accepted: AtomicU64,
     ids_invalid: AtomicU64,
     ids_overloaded: AtomicU64,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_timed_out: [AtomicU64; WAITS.len()],
 }
 
 /// Adds one to a counter that only the calling thread writes: a load and a store,
@@ -84,6 +91,20 @@ impl WorkerCounters {
                 _ => bump(&self.ids_invalid),
             }
         }
+    }
+
+    /// A new connection closed at once: the worker holds as many as it may.
+    pub fn connection_refused(&self) {
+        bump(&self.connections_refused);
+    }
+
+    pub fn set_connections_open(&self, n: usize) {
+        self.connections_open.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A connection closed for missing the deadline of what it was waiting for.
+    pub(crate) fn connection_timed_out(&self, wait: Wait) {
+        bump(&self.connections_timed_out[wait as usize]);
     }
 }
 
@@ -214,12 +235,24 @@ impl Telemetry {
                 }
             }
         }
-        let simple: [(&str, &str, &str, u64); 11] = [
+        let simple: [(&str, &str, &str, u64); 13] = [
             (
                 "verve_ids_accepted_total",
                 "counter",
                 "Ids accepted into a window.",
                 sum(&|w| &w.ids_accepted),
+            ),
+            (
+                "verve_connections_open",
+                "gauge",
+                "Client connections open.",
+                sum(&|w| &w.connections_open),
+            ),
+            (
+                "verve_connections_refused_total",
+                "counter",
+                "Connections closed at once because their worker held VERVE_MAX_CONNECTIONS.",
+                sum(&|w| &w.connections_refused),
             ),
             (
                 "verve_windows_closed_total",
@@ -311,6 +344,19 @@ impl Telemetry {
                 load(counter)
             );
         }
+        family(
+            &mut out,
+            "verve_connections_timed_out_total",
+            "counter",
+            "Connections closed for missing a deadline, by what they were waiting for.",
+        );
+        for (i, (_, waiting_for)) in WAITS.iter().enumerate() {
+            let n = sum(&|w| &w.connections_timed_out[i]);
+            let _ = writeln!(
+                out,
+                "verve_connections_timed_out_total{{waiting_for=\"{waiting_for}\"}} {n}"
+            );
+        }
         for (name, kind, help, value) in simple {
             family(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
@@ -368,6 +414,9 @@ mod tests {
         }
         for (i, status) in STATUSES.iter().enumerate() {
             assert_eq!(*status as usize, i);
+        }
+        for (i, (wait, _)) in WAITS.iter().enumerate() {
+            assert_eq!(*wait as usize, i);
         }
     }
 

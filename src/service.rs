@@ -17,9 +17,36 @@ use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::report::Reporter;
-use crate::server::{claim_address, Driver, Workers};
+use crate::server::{claim_address, file_limit, Driver, Workers};
 use crate::sink::{CountSink, KafkaSettings, KafkaSink, LogSink};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
+
+/// Descriptors kept aside for everything but client connections: listeners, logs,
+/// Redis, Kafka, callbacks.
+const SPARE_FILES: u64 = 1024;
+
+/// Raises the open-file limit as far as allowed and warns when it is still below
+/// what the connection cap needs; returns the limit (0 if unknown).
+fn ensure_file_limit(config: &Config) -> u64 {
+    let wanted = config.worker_count() as u64 * u64::from(config.max_connections) + SPARE_FILES;
+    match file_limit::raise_to_hard_limit() {
+        Ok(limit) if limit < wanted => {
+            tracing::warn!(
+                open_files = limit,
+                wanted,
+                "the open-file limit is below VERVE_MAX_CONNECTIONS × workers, so accepting \
+                 fails before the cap applies; raise it (ulimit -n, docker run --ulimit nofile=…) \
+                 or lower VERVE_MAX_CONNECTIONS"
+            );
+            limit
+        }
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read or raise the open-file limit");
+            0
+        }
+    }
+}
 
 /// A running service.
 pub struct Verve {
@@ -67,6 +94,7 @@ impl Verve {
             }
         };
 
+        let open_files = ensure_file_limit(config);
         let (batches, received) = flume::bounded(config.queue_batches as usize);
         // Taken before any worker accepts, so no request predates the first window.
         let started_at = SystemTime::now();
@@ -115,6 +143,8 @@ impl Verve {
             window_secs = config.window_secs,
             window_grace_ms = config.window_grace().as_millis() as u64,
             count_log = %config.count_log.display(),
+            max_connections = config.max_connections,
+            open_files,
             "verve listening"
         );
         let callback_timeout = Duration::from_millis(config.callback_timeout_ms);

@@ -122,26 +122,6 @@ fn malformed_http_gets_400_and_the_connection_closed() {
 }
 
 #[test]
-fn oversize_and_chunked_requests_are_refused_and_closed() {
-    let verve = Verve::start(&[]);
-    let mut client = Client::connect(verve.addr);
-    let huge = format!(
-        "GET /api/verve/accept?id=1&pad={} HTTP/1.1\r\n\r\n",
-        "x".repeat(20_000)
-    );
-    client.send(huge.as_bytes());
-    assert_eq!(client.read_response().status, 431);
-    assert!(client.is_closed_by_server());
-
-    let mut client = Client::connect(verve.addr);
-    client.send(
-        b"GET /api/verve/accept?id=1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    );
-    assert_eq!(client.read_response().status, 501);
-    assert!(client.is_closed_by_server());
-}
-
-#[test]
 fn http10_closes_unless_keep_alive_is_asked_and_close_is_honoured() {
     let verve = Verve::start(&[]);
 

@@ -5,16 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis_server::free_port;
-use common::{accept_all, eventually, within_one_window, Client, Verve};
-
-/// The value of the metric line that starts with `series ` (name and labels).
-fn metric(text: &str, series: &str) -> u64 {
-    let prefix = format!("{series} ");
-    let line = text.lines().find(|l| l.starts_with(&prefix));
-    line.unwrap_or_else(|| panic!("no {series}:\n{text}"))[prefix.len()..]
-        .parse()
-        .unwrap()
-}
+use common::{accept_all, eventually, metric, within_one_window, Client, Verve};
 
 /// Polls /healthz until it answers 503, and returns that answer.
 fn unhealthy(client: &mut Client, limit: Duration) -> common::Response {

@@ -5,6 +5,10 @@
 //! no allocation. Everything that can be answered from one read is answered, in
 //! order, with one write: pipelined requests are batched for free. After an error
 //! response the connection closes, since what follows cannot be trusted.
+//!
+//! The connection tells its [`Registration`] what it waits for whenever that
+//! changes, which sets its deadline (head, idle or write timeout); the worker's
+//! sweep ends the wait of a connection past it.
 
 use std::io;
 use std::rc::Rc;
@@ -15,7 +19,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::exchange::{Exchange, Next};
-use super::request::MAX_REQUEST_BYTES;
+use super::registry::{Registration, Wait};
 use super::worker::Worker;
 
 /// Read buffer growth step; a typical request is well under this.
@@ -29,42 +33,49 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub(crate) struct Connection {
     stream: TcpStream,
     exchange: Exchange,
+    registration: Registration,
 }
 
 impl Connection {
-    pub(crate) fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream, registration: Registration) -> Self {
         Connection {
             stream,
             exchange: Exchange::with_capacity(READ_CHUNK),
+            registration,
         }
     }
 
-    /// Serves requests until the client closes, asks to close, or errs.
+    /// Serves requests until the client closes, asks to close, errs, or times out.
     pub(crate) async fn run(mut self, worker: Rc<Worker>) -> io::Result<()> {
+        let request_bytes = worker.limits().request_bytes();
         loop {
             if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4 {
-                // Only a request longer than one chunk gets here; `parse` caps it.
+                // Only a request longer than one chunk gets here; framing caps it.
                 self.exchange
                     .read_buf
-                    .reserve(READ_CHUNK.min(MAX_REQUEST_BYTES));
+                    .reserve(READ_CHUNK.min(request_bytes));
             }
             let buf = std::mem::take(&mut self.exchange.read_buf);
             let (len, capacity) = (buf.len(), buf.capacity());
             let (read, buf) = self.stream.read(buf.slice_mut(len..capacity)).await;
             self.exchange.read_buf = buf.into_inner();
             if read? == 0 {
+                if self.registration.expired() && !self.exchange.read_buf.is_empty() {
+                    // Half a request, and its time is up: say so before closing.
+                    self.exchange.time_out(&worker);
+                    self.send().await?;
+                }
                 // End of stream; a request cut short by it is simply not answered.
                 return Ok(());
             }
 
+            let waited_for = self.registration.waiting_for();
             let window = worker.window_of(SystemTime::now());
             let next = self.exchange.answer(&worker, window);
-            if !self.exchange.write_buf.is_empty() {
-                let out = std::mem::take(&mut self.exchange.write_buf);
-                let (written, mut out) = self.stream.write_all(out).await;
-                out.clear();
-                self.exchange.write_buf = out;
-                written?;
+            let answered = !self.exchange.write_buf.is_empty();
+            if answered {
+                self.registration.wait_for(Wait::Write);
+                self.send().await?;
             }
             match next {
                 Next::Read => {}
@@ -74,7 +85,24 @@ impl Connection {
                     return Ok(());
                 }
             }
+            // What the connection waits for now: a new request; the rest of one
+            // begun in this read, whose head timeout starts now; or the rest of one
+            // begun earlier (or the first of the connection), whose deadline stands.
+            if self.exchange.read_buf.is_empty() {
+                self.registration.wait_for(Wait::Idle);
+            } else if answered || waited_for == Wait::Idle {
+                self.registration.wait_for(Wait::Head);
+            }
         }
+    }
+
+    /// Writes out the responses collected in the write buffer.
+    async fn send(&mut self) -> io::Result<()> {
+        let out = std::mem::take(&mut self.exchange.write_buf);
+        let (written, mut out) = self.stream.write_all(out).await;
+        out.clear();
+        self.exchange.write_buf = out;
+        written.map(drop)
     }
 
     /// Closes gracefully after an error response while the client may still be

@@ -8,7 +8,7 @@
 //! allocates nothing (a test with a counting allocator holds it to that).
 
 use super::query::parse_accept_query;
-use super::request::{self, FrameError, Method, Request};
+use super::request::{self, FrameEnd, FrameError, Method, Request};
 use super::response::{self, Persistence, Status};
 use super::worker::Worker;
 use crate::metrics::Route;
@@ -45,69 +45,77 @@ impl Exchange {
     /// Answers every complete request in the read buffer into the write buffer and
     /// drops the answered bytes. Ids count in `window`, the window of the read.
     pub(crate) fn answer(&mut self, worker: &Worker, window: WindowStart) -> Next {
-        let mut consumed = 0;
-        let mut next = Next::Read;
-        while consumed < self.read_buf.len() {
-            match request::parse(&self.read_buf[consumed..]) {
-                Ok(Some(req)) => {
-                    consumed += req.len;
-                    let persistence = match (req.keep_alive, req.http10) {
-                        (false, _) => Persistence::Close,
-                        (true, false) => Persistence::KeepAlive,
-                        (true, true) => Persistence::KeepAliveHttp10,
-                    };
-                    let head_only = req.method == Method::Head;
-                    let (route, status) = match req.path {
-                        ACCEPT_PATH => (
-                            Route::Accept,
-                            accept(&req, worker, window, &mut self.scratch),
-                        ),
-                        b"/healthz" | b"/metrics"
-                            if !matches!(req.method, Method::Get | Method::Head) =>
-                        {
-                            (Route::Other, Status::MethodNotAllowed)
-                        }
-                        b"/healthz" => (
-                            Route::Healthz,
-                            healthz(worker, &mut self.write_buf, persistence, head_only),
-                        ),
-                        b"/metrics" => (
-                            Route::Metrics,
-                            metrics(worker, &mut self.write_buf, persistence, head_only),
-                        ),
-                        _ => (Route::Other, Status::NotFound),
-                    };
-                    if matches!(route, Route::Accept | Route::Other) {
-                        response::write(&mut self.write_buf, status, persistence, head_only);
-                    }
-                    worker.counters().record(route, status);
-                    if !req.keep_alive {
-                        next = Next::Close;
-                        break;
-                    }
+        let Exchange {
+            read_buf,
+            write_buf,
+            scratch,
+        } = self;
+        let framed = request::frame_requests(read_buf, worker.limits(), |req| {
+            let persistence = match (req.keep_alive, req.http10) {
+                (false, _) => Persistence::Close,
+                (true, false) => Persistence::KeepAlive,
+                (true, true) => Persistence::KeepAliveHttp10,
+            };
+            let head_only = req.method == Method::Head;
+            let (route, status) = match req.path {
+                ACCEPT_PATH => (Route::Accept, accept(&req, worker, window, scratch)),
+                b"/healthz" | b"/metrics" if !matches!(req.method, Method::Get | Method::Head) => {
+                    (Route::Other, Status::MethodNotAllowed)
                 }
-                Ok(None) => break,
-                Err(err) => {
-                    tracing::debug!(error = %err, "closing connection");
-                    let status = match err {
-                        FrameError::Malformed => Status::BadRequest,
-                        FrameError::TooLarge => Status::TooLarge,
-                        FrameError::UnsupportedBody => Status::NotImplemented,
-                    };
-                    response::write(&mut self.write_buf, status, Persistence::Close, false);
-                    worker.counters().record(Route::Other, status);
-                    next = Next::CloseAfterError;
-                    break;
-                }
+                b"/healthz" => (
+                    Route::Healthz,
+                    healthz(worker, write_buf, persistence, head_only),
+                ),
+                b"/metrics" => (
+                    Route::Metrics,
+                    metrics(worker, write_buf, persistence, head_only),
+                ),
+                _ => (Route::Other, Status::NotFound),
+            };
+            if matches!(route, Route::Accept | Route::Other) {
+                response::write(write_buf, status, persistence, head_only);
             }
+            worker.counters().record(route, status);
+        });
+        read_buf.drain(..framed.consumed);
+        match framed.end {
+            FrameEnd::Close => Next::Close,
+            FrameEnd::Error(err) => {
+                tracing::debug!(error = %err, "closing connection");
+                let status = refusal_status(err);
+                response::write(write_buf, status, Persistence::Close, false);
+                worker.counters().record(Route::Other, status);
+                Next::CloseAfterError
+            }
+            // Shutting down: everything received is answered above; then the
+            // connection closes instead of waiting for more.
+            FrameEnd::NeedMore if worker.is_draining() => Next::Close,
+            FrameEnd::NeedMore => Next::Read,
         }
-        self.read_buf.drain(..consumed);
-        // Shutting down: everything received is answered above; then the
-        // connection closes instead of waiting for more.
-        if next == Next::Read && worker.is_draining() {
-            next = Next::Close;
-        }
-        next
+    }
+
+    /// Answers a request the client took too long to send, before the connection closes.
+    pub(crate) fn time_out(&mut self, worker: &Worker) {
+        response::write(
+            &mut self.write_buf,
+            Status::RequestTimeout,
+            Persistence::Close,
+            false,
+        );
+        worker
+            .counters()
+            .record(Route::Other, Status::RequestTimeout);
+    }
+}
+
+/// The answer to a request that cannot be framed.
+fn refusal_status(err: FrameError) -> Status {
+    match err {
+        FrameError::Malformed => Status::BadRequest,
+        FrameError::RequestLineTooLong => Status::UriTooLong,
+        FrameError::HeadTooLarge | FrameError::TooManyHeaders => Status::HeaderFieldsTooLarge,
+        FrameError::BodyTooLarge => Status::ContentTooLarge,
+        FrameError::UnsupportedBody => Status::NotImplemented,
     }
 }
 
@@ -180,6 +188,9 @@ mod tests {
 
     use crate::callback::CallbackPolicy;
     use crate::metrics::Telemetry;
+    use crate::server::registry::Timeouts;
+    use crate::server::request::Limits;
+    use crate::server::ClientLimits;
     use crate::store::Admission;
     use crate::window::WindowLength;
 
@@ -220,6 +231,11 @@ mod tests {
         let worker = Worker::new(
             WindowLength::from_secs(60),
             CallbackPolicy::default(),
+            ClientLimits {
+                request: Limits::DEFAULT,
+                timeouts: Timeouts::DEFAULT,
+                connections_per_worker: 1,
+            },
             Batcher::new(tx, BATCH_IDS, Admission::default()),
             Arc::new(Telemetry::new(60)),
         );

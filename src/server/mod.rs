@@ -8,7 +8,9 @@
 pub mod affinity;
 mod connection;
 mod exchange;
+pub mod file_limit;
 pub mod query;
+pub mod registry;
 pub mod request;
 pub mod response;
 mod worker;
@@ -30,6 +32,15 @@ use crate::store::Admission;
 use worker::WorkerSettings;
 
 pub use exchange::ACCEPT_PATH;
+
+/// How much a client may ask of the server before it is cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub request: request::Limits,
+    pub timeouts: registry::Timeouts,
+    /// Connections one worker holds at most; more are closed as they arrive.
+    pub connections_per_worker: usize,
+}
 
 /// The I/O driver the workers actually run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +127,7 @@ impl Workers {
                 driver,
                 window_length: config.window_length(),
                 callback_policy: callback_policy.clone(),
+                client_limits: config.client_limits(),
                 admission: admission.clone(),
                 telemetry: telemetry.clone(),
                 batch_ids: config.batch_ids as usize,

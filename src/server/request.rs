@@ -3,17 +3,58 @@
 //! [`parse`] looks at the buffered bytes and says one of three things: a complete
 //! request and how many bytes it used, "not enough yet" (`Ok(None)`), or an error
 //! after which the connection cannot be trusted and is closed. It never consumes
-//! bytes itself; the connection advances its buffer by the returned length, so a
-//! request split over any number of reads, down to one byte each, parses the same.
+//! bytes itself; [`frame_requests`] walks a buffer request by request, and the
+//! connection drops what it used.
+//!
+//! Invariant: the verdict depends on the bytes, never on how they arrived. A request
+//! split over any number of reads, down to one byte each, frames exactly as it does
+//! in one piece. Each limit is decided at a fixed offset (the head limit at
+//! [`Limits::head_bytes`], the request-line limit one byte past the longest line
+//! allowed), httparse never sees bytes past the first such offset, and an error
+//! httparse finds wins only if it lies before it. The fuzz target and a property
+//! test hold the code to this.
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
-/// The largest request (head plus body) a connection buffers. An accept request with
-/// the longest endpoint, fully escaped, is about 6.2 KiB; this leaves room for headers.
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// The most header fields [`Limits::headers`] may allow: the size of the uninitialised
+/// array httparse fills, on the stack, so the limit costs nothing per request.
+pub const MAX_HEADERS_CEILING: usize = 256;
 
-/// Headers beyond this many make the request too large.
-const MAX_HEADERS: usize = 32;
+/// How large a request may be. Each bound is a configuration knob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The head: request line and header fields with their line ends (beyond: 431).
+    pub head_bytes: usize,
+    /// The request line without its line end (beyond: 414). An accept request with
+    /// the longest endpoint, fully escaped, has a line of about 6.2 KiB.
+    pub request_line_bytes: usize,
+    /// Header fields, at most [`MAX_HEADERS_CEILING`] (beyond: 431).
+    pub headers: usize,
+    /// A `Content-Length` body, read and discarded (beyond: 413).
+    pub body_bytes: usize,
+}
+
+impl Limits {
+    /// The defaults the configuration documents.
+    pub const DEFAULT: Limits = Limits {
+        head_bytes: 8 * 1024,
+        request_line_bytes: 7 * 1024,
+        headers: 64,
+        body_bytes: 4 * 1024,
+    };
+
+    /// The most bytes one request may occupy in a read buffer.
+    pub fn request_bytes(&self) -> usize {
+        self.head_bytes + self.body_bytes
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -42,10 +83,16 @@ pub struct Request<'b> {
 /// Why a request cannot be framed. The connection answers and closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
-    /// Not HTTP/1.x as httparse reads it.
+    /// Not HTTP/1.x as httparse reads it (an HTTP/2 preface, say).
     Malformed,
-    /// The request does not fit [`MAX_REQUEST_BYTES`] or has too many headers.
-    TooLarge,
+    /// The request line is longer than [`Limits::request_line_bytes`].
+    RequestLineTooLong,
+    /// The head is longer than [`Limits::head_bytes`].
+    HeadTooLarge,
+    /// More header fields than [`Limits::headers`].
+    TooManyHeaders,
+    /// A `Content-Length` beyond [`Limits::body_bytes`].
+    BodyTooLarge,
     /// `Transfer-Encoding` bodies; no endpoint here takes a body.
     UnsupportedBody,
 }
@@ -54,33 +101,92 @@ impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             FrameError::Malformed => "malformed HTTP request",
-            FrameError::TooLarge => "request too large",
+            FrameError::RequestLineTooLong => "request line too long",
+            FrameError::HeadTooLarge => "request head too large",
+            FrameError::TooManyHeaders => "too many header fields",
+            FrameError::BodyTooLarge => "request body too large",
             FrameError::UnsupportedBody => "transfer-encoded request body",
         })
     }
 }
 
-/// Frames the first request in `buf`.
-pub fn parse(buf: &[u8]) -> Result<Option<Request<'_>>, FrameError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_BYTES => {
-            return Err(FrameError::TooLarge)
+/// How a run of [`frame_requests`] over a buffer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameEnd {
+    /// The rest of the buffer is the start of a request, or nothing.
+    NeedMore,
+    /// A request asked to close the connection; what follows it is not read.
+    Close,
+    /// The bytes after the last framed request cannot be framed.
+    Error(FrameError),
+}
+
+/// The outcome of [`frame_requests`]: the bytes its requests used, and why it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framed {
+    pub consumed: usize,
+    pub end: FrameEnd,
+}
+
+/// Frames every complete request at the front of `buf`, in order, handing each to
+/// `handle`, and stops at the first that closes the connection, at an incomplete
+/// one, or at an error.
+#[inline]
+pub fn frame_requests<'b>(
+    buf: &'b [u8],
+    limits: &Limits,
+    mut handle: impl FnMut(Request<'b>),
+) -> Framed {
+    let mut consumed = 0;
+    let end = loop {
+        if consumed == buf.len() {
+            break FrameEnd::NeedMore;
         }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(FrameError::TooLarge),
-        Err(_) => return Err(FrameError::Malformed),
+        match parse(&buf[consumed..], limits) {
+            Ok(Some(req)) => {
+                consumed += req.len;
+                handle(req);
+                if !req.keep_alive {
+                    break FrameEnd::Close;
+                }
+            }
+            Ok(None) => break FrameEnd::NeedMore,
+            Err(err) => break FrameEnd::Error(err),
+        }
+    };
+    Framed { consumed, end }
+}
+
+/// Frames the first request in `buf`.
+pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, FrameError> {
+    let mut headers =
+        [const { MaybeUninit::<httparse::Header<'b>>::uninit() }; MAX_HEADERS_CEILING];
+    let headers = &mut headers[..limits.headers.min(MAX_HEADERS_CEILING)];
+    let mut req = httparse::Request::new(&mut []);
+    let visible = &buf[..buf.len().min(limits.head_bytes)];
+    let head_len = match req.parse_with_uninit_headers(visible, headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return match request_line_overflow(buf, limits) {
+                Some(_) => Err(FrameError::RequestLineTooLong),
+                None if buf.len() >= limits.head_bytes => Err(FrameError::HeadTooLarge),
+                None => Ok(None),
+            };
+        }
+        Err(err) => return Err(error_before_line_overflow(buf, limits, err)),
     };
     // httparse only reports Complete with all of these present.
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(FrameError::Malformed);
     };
+    // The line as httparse accepts it: method, space, target, space, `HTTP/1.x`.
+    if method.len() + target.len() + 10 > limits.request_line_bytes {
+        return Err(FrameError::RequestLineTooLong);
+    }
 
     let http10 = version == 0;
     let mut keep_alive = !http10;
-    let mut body_len = 0usize;
+    let mut body_len = None;
     for header in req.headers.iter() {
         if header.name.eq_ignore_ascii_case("connection") {
             for token in header.value.split(|&b| b == b',') {
@@ -92,22 +198,20 @@ pub fn parse(buf: &[u8]) -> Result<Option<Request<'_>>, FrameError> {
                 }
             }
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value.trim_ascii())
-                .map_err(|_| FrameError::Malformed)?;
-            let len: usize = value.parse().map_err(|_| FrameError::Malformed)?;
-            if body_len != 0 && body_len != len {
+            let len = content_length(header.value)?;
+            if body_len.is_some_and(|earlier| earlier != len) {
                 return Err(FrameError::Malformed);
             }
-            body_len = len;
+            body_len = Some(len);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(FrameError::UnsupportedBody);
         }
     }
-
-    let len = head_len.checked_add(body_len).ok_or(FrameError::TooLarge)?;
-    if len > MAX_REQUEST_BYTES {
-        return Err(FrameError::TooLarge);
+    let body_len = body_len.unwrap_or(0);
+    if body_len > limits.body_bytes {
+        return Err(FrameError::BodyTooLarge);
     }
+    let len = head_len + body_len;
     if buf.len() < len {
         return Ok(None);
     }
@@ -132,15 +236,66 @@ pub fn parse(buf: &[u8]) -> Result<Option<Request<'_>>, FrameError> {
     }))
 }
 
+/// A `Content-Length` value: digits only (no sign, no spaces inside), as RFC 9110 says.
+fn content_length(value: &[u8]) -> Result<usize, FrameError> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(FrameError::Malformed);
+    }
+    // Longer than any limit can be: too large, whatever the exact value.
+    if digits.len() > 12 {
+        return Err(FrameError::BodyTooLarge);
+    }
+    Ok(digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0')))
+}
+
+/// Where the request line is known to be too long: the length of the shortest
+/// prefix of `buf` that shows it, if `buf` shows it and no earlier than the head
+/// limit would. Leading empty lines, which HTTP lets a server skip, do not count.
+fn request_line_overflow(buf: &[u8], limits: &Limits) -> Option<usize> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let decided_at = start + limits.request_line_bytes + 1;
+    if decided_at > buf.len() || decided_at > limits.head_bytes {
+        return None;
+    }
+    let line = &buf[start..decided_at];
+    (!line.iter().any(|&b| b == b'\r' || b == b'\n')).then_some(decided_at)
+}
+
+/// The verdict when httparse refuses the visible bytes: its own, unless the request
+/// line had already run over its limit before the byte httparse stopped at.
+#[cold]
+fn error_before_line_overflow(buf: &[u8], limits: &Limits, err: httparse::Error) -> FrameError {
+    if let Some(decided_at) = request_line_overflow(buf, limits) {
+        let mut headers = [httparse::EMPTY_HEADER; 0];
+        let mut req = httparse::Request::new(&mut headers);
+        // A line with no end has no headers yet, so an empty header array is enough.
+        if req.parse(&buf[..decided_at]).is_ok() {
+            return FrameError::RequestLineTooLong;
+        }
+    }
+    match err {
+        httparse::Error::TooManyHeaders => FrameError::TooManyHeaders,
+        _ => FrameError::Malformed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const GET: &[u8] = b"GET /api/verve/accept?id=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+    const LIMITS: Limits = Limits::DEFAULT;
+
+    fn frame(buf: &[u8]) -> Result<Option<Request<'_>>, FrameError> {
+        parse(buf, &LIMITS)
+    }
 
     #[test]
     fn a_complete_request() {
-        let req = parse(GET).unwrap().unwrap();
+        let req = frame(GET).unwrap().unwrap();
         assert_eq!(req.method, Method::Get);
         assert_eq!(req.path, b"/api/verve/accept");
         assert_eq!(req.query, b"id=1");
@@ -152,7 +307,7 @@ mod tests {
     #[test]
     fn every_prefix_of_a_request_is_incomplete() {
         for end in 0..GET.len() {
-            assert_eq!(parse(&GET[..end]), Ok(None), "prefix of {end} bytes");
+            assert_eq!(frame(&GET[..end]), Ok(None), "prefix of {end} bytes");
         }
     }
 
@@ -161,24 +316,38 @@ mod tests {
         let second = b"GET /api/verve/accept?id=2 HTTP/1.1\r\nConnection: close\r\n\r\n";
         let mut buf = GET.to_vec();
         buf.extend_from_slice(second);
+        buf.extend_from_slice(GET);
+        let mut queries = Vec::new();
+        let framed = frame_requests(&buf, &LIMITS, |req| queries.push(req.query));
+        assert_eq!(queries, [&b"id=1"[..], b"id=2"]);
+        assert_eq!(framed.end, FrameEnd::Close);
+        assert_eq!(framed.consumed, GET.len() + second.len());
+    }
+
+    #[test]
+    fn framing_stops_at_an_incomplete_request_or_an_error() {
+        let mut buf = GET.to_vec();
         buf.extend_from_slice(&GET[..10]);
-        let first = parse(&buf).unwrap().unwrap();
-        assert_eq!(first.query, b"id=1");
-        let rest = &buf[first.len..];
-        let next = parse(rest).unwrap().unwrap();
-        assert_eq!(next.query, b"id=2");
-        assert!(!next.keep_alive);
-        assert_eq!(parse(&rest[next.len..]), Ok(None));
+        let framed = frame_requests(&buf, &LIMITS, |_| {});
+        assert_eq!(
+            (framed.consumed, framed.end),
+            (GET.len(), FrameEnd::NeedMore)
+        );
+        buf.truncate(GET.len());
+        buf.extend_from_slice(b"GARBAGE\r\n\r\n");
+        let framed = frame_requests(&buf, &LIMITS, |_| {});
+        let malformed = FrameEnd::Error(FrameError::Malformed);
+        assert_eq!((framed.consumed, framed.end), (GET.len(), malformed));
     }
 
     #[test]
     fn connection_semantics() {
-        let keep_alive = |raw: &[u8]| parse(raw).unwrap().unwrap().keep_alive;
+        let keep_alive = |raw: &[u8]| frame(raw).unwrap().unwrap().keep_alive;
         assert!(!keep_alive(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(keep_alive(
             b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
         ));
-        assert!(parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().http10);
+        assert!(frame(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().http10);
         assert!(!keep_alive(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
         assert!(!keep_alive(
             b"GET / HTTP/1.1\r\nconnection: upgrade, CLOSE\r\n\r\n"
@@ -191,11 +360,11 @@ mod tests {
     #[test]
     fn a_body_is_framed_and_skipped() {
         let raw = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET";
-        let req = parse(raw).unwrap().unwrap();
+        let req = frame(raw).unwrap().unwrap();
         assert_eq!(req.method, Method::Other);
         assert_eq!(&raw[req.len..], b"GET");
         assert_eq!(
-            parse(&raw[..raw.len() - 4]),
+            frame(&raw[..raw.len() - 4]),
             Ok(None),
             "body not all here yet"
         );
@@ -203,45 +372,122 @@ mod tests {
 
     #[test]
     fn methods() {
-        let method = |raw: &[u8]| parse(raw).unwrap().unwrap().method;
+        let method = |raw: &[u8]| frame(raw).unwrap().unwrap().method;
         assert_eq!(method(b"HEAD / HTTP/1.1\r\n\r\n"), Method::Head);
         assert_eq!(method(b"DELETE / HTTP/1.1\r\n\r\n"), Method::Other);
     }
 
     #[test]
     fn malformed_requests() {
-        assert_eq!(parse(b"GARBAGE\r\n\r\n"), Err(FrameError::Malformed));
-        assert_eq!(parse(b"GET / HTTP/2.0\r\n\r\n"), Err(FrameError::Malformed));
+        let malformed = Err(FrameError::Malformed);
+        assert_eq!(frame(b"GARBAGE\r\n\r\n"), malformed);
+        assert_eq!(frame(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), malformed);
+        assert_eq!(frame(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"), malformed);
         assert_eq!(
-            parse(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
-            Err(FrameError::Malformed)
+            frame(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            malformed
         );
         assert_eq!(
-            parse(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
-            Err(FrameError::Malformed)
+            frame(b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n"),
+            malformed
         );
         assert_eq!(
-            parse(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            Err(FrameError::Malformed)
+            frame(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            malformed
         );
         assert_eq!(
-            parse(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            frame(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(FrameError::UnsupportedBody)
         );
     }
 
     #[test]
-    fn oversize_requests() {
-        let mut huge = b"GET /".to_vec();
-        huge.resize(MAX_REQUEST_BYTES, b'a');
-        assert_eq!(parse(&huge), Err(FrameError::TooLarge));
-        let big_body = format!("POST / HTTP/1.1\r\nContent-Length: {MAX_REQUEST_BYTES}\r\n\r\n");
-        assert_eq!(parse(big_body.as_bytes()), Err(FrameError::TooLarge));
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
-        for i in 0..=MAX_HEADERS {
-            many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
-        }
-        many.extend_from_slice(b"\r\n");
-        assert_eq!(parse(&many), Err(FrameError::TooLarge));
+    fn a_head_over_the_limit_is_refused_once_the_limit_is_reached() {
+        let mut head = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        head.resize(LIMITS.head_bytes - 1, b'a');
+        assert_eq!(frame(&head), Ok(None));
+        head.push(b'a');
+        assert_eq!(frame(&head), Err(FrameError::HeadTooLarge));
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            frame(&head),
+            Err(FrameError::HeadTooLarge),
+            "complete, but too large"
+        );
+    }
+
+    #[test]
+    fn a_head_exactly_at_the_limit_is_accepted() {
+        let mut head = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        head.resize(LIMITS.head_bytes - 4, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(frame(&head).unwrap().unwrap().len, LIMITS.head_bytes);
+    }
+
+    #[test]
+    fn a_request_line_over_the_limit_is_refused() {
+        let line = |len: usize| {
+            let mut line = b"GET /".to_vec();
+            line.resize(len - " HTTP/1.1".len(), b'a');
+            line.extend_from_slice(b" HTTP/1.1");
+            line
+        };
+        let mut fits = line(LIMITS.request_line_bytes);
+        fits.extend_from_slice(b"\r\n\r\n");
+        assert!(frame(&fits).unwrap().is_some());
+        let mut long = line(LIMITS.request_line_bytes + 1);
+        assert_eq!(frame(&long[..LIMITS.request_line_bytes]), Ok(None));
+        assert_eq!(
+            frame(&long),
+            Err(FrameError::RequestLineTooLong),
+            "no line end yet"
+        );
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            frame(&long),
+            Err(FrameError::RequestLineTooLong),
+            "complete"
+        );
+    }
+
+    #[test]
+    fn an_error_before_the_line_limit_wins_over_it() {
+        let mut line = b"GET /a\x01".to_vec();
+        line.resize(LIMITS.request_line_bytes + 100, b'a');
+        assert_eq!(frame(&line), Err(FrameError::Malformed));
+        assert_eq!(frame(&line[..10]), Err(FrameError::Malformed));
+    }
+
+    #[test]
+    fn too_many_headers() {
+        let with_headers = |n: usize| {
+            let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..n {
+                raw.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw
+        };
+        assert!(frame(&with_headers(LIMITS.headers)).unwrap().is_some());
+        assert_eq!(
+            frame(&with_headers(LIMITS.headers + 1)),
+            Err(FrameError::TooManyHeaders)
+        );
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_from_its_length_alone() {
+        let at_limit = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            LIMITS.body_bytes
+        );
+        assert_eq!(frame(at_limit.as_bytes()), Ok(None), "waits for the body");
+        let over = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            LIMITS.body_bytes + 1
+        );
+        assert_eq!(frame(over.as_bytes()), Err(FrameError::BodyTooLarge));
+        let absurd = "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+        assert_eq!(frame(absurd.as_bytes()), Err(FrameError::BodyTooLarge));
     }
 }

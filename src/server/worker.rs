@@ -5,16 +5,19 @@
 //! never run at the same time. The only thing that crosses threads on the request
 //! path is a sealed batch of ids, sent to the aggregator over the bounded channel.
 //!
+//! Connections beyond the worker's cap are closed as soon as they are accepted; the
+//! others are registered in its [`Registry`], which a sweep task checks against
+//! their deadlines.
+//!
 //! Shutdown: the accept loop stops, open connections are told to close (their read
 //! side is shut down, so idle keep-alive clients see end-of-stream at once while
 //! buffered requests are still answered), the worker waits for them up to a
 //! deadline, then flushes its batch to the aggregator and returns.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +27,9 @@ use monoio::time::TimeDriver;
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use super::connection::Connection;
-use super::Driver;
+use super::registry::{AtCapacity, Registration, Registry};
+use super::request::Limits;
+use super::{ClientLimits, Driver};
 use crate::batch::{Batch, Batcher, Overloaded};
 use crate::callback::CallbackPolicy;
 use crate::error::StartError;
@@ -40,6 +45,7 @@ pub(crate) struct WorkerSettings {
     pub driver: Driver,
     pub window_length: WindowLength,
     pub callback_policy: CallbackPolicy,
+    pub client_limits: ClientLimits,
     pub admission: Admission,
     pub telemetry: Arc<Telemetry>,
     pub batch_ids: usize,
@@ -56,8 +62,9 @@ pub(crate) struct Worker {
     /// This worker's request counters, summed into `/metrics`.
     counters: Arc<WorkerCounters>,
     callback_policy: CallbackPolicy,
+    limits: Limits,
     batcher: RefCell<Batcher>,
-    connections: RefCell<OpenConnections>,
+    connections: Rc<Registry>,
     draining: Cell<bool>,
 }
 
@@ -65,16 +72,24 @@ impl Worker {
     pub(crate) fn new(
         window_length: WindowLength,
         callback_policy: CallbackPolicy,
+        client_limits: ClientLimits,
         batcher: Batcher,
         telemetry: Arc<Telemetry>,
     ) -> Self {
+        let counters = telemetry.register_worker();
+        let connections = Registry::new(
+            client_limits.timeouts,
+            client_limits.connections_per_worker,
+            counters.clone(),
+        );
         Worker {
             window_length,
-            counters: telemetry.register_worker(),
+            counters,
             telemetry,
             callback_policy,
+            limits: client_limits.request,
             batcher: RefCell::new(batcher),
-            connections: RefCell::new(OpenConnections::default()),
+            connections: Rc::new(connections),
             draining: Cell::new(false),
         }
     }
@@ -104,6 +119,11 @@ impl Worker {
         &self.telemetry
     }
 
+    /// How large a request may be.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// The operator's rules for callback targets.
     pub(crate) fn callback_policy(&self) -> &CallbackPolicy {
         &self.callback_policy
@@ -122,38 +142,6 @@ impl Worker {
 
     pub(crate) fn start_draining(&self) {
         self.draining.set(true);
-    }
-}
-
-/// The sockets of this worker's open connections, so shutdown can reach idle ones.
-#[derive(Default)]
-struct OpenConnections {
-    next_key: u64,
-    fds: HashMap<u64, RawFd>,
-}
-
-/// Removes a connection from [`OpenConnections`] when its task ends, however it ends.
-struct Registration {
-    worker: Rc<Worker>,
-    key: u64,
-}
-
-impl Registration {
-    fn new(worker: Rc<Worker>, fd: RawFd) -> Self {
-        let key = {
-            let mut open = worker.connections.borrow_mut();
-            let key = open.next_key;
-            open.next_key += 1;
-            open.fds.insert(key, fd);
-            key
-        };
-        Registration { worker, key }
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.worker.connections.borrow_mut().fds.remove(&self.key);
     }
 }
 
@@ -218,13 +206,16 @@ async fn serve(
         }
     };
     let _ = ready.send(Ok(()));
+    let sweep_interval = settings.client_limits.timeouts.sweep_interval();
     let worker = Rc::new(Worker::new(
         settings.window_length,
         settings.callback_policy,
+        settings.client_limits,
         Batcher::new(batches, settings.batch_ids, settings.admission),
         settings.telemetry,
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
+    monoio::spawn(sweep_periodically(worker.clone(), sweep_interval));
 
     accept_until_shutdown(&listener, &worker, shutdown).await;
     drop(listener);
@@ -244,9 +235,13 @@ async fn accept_until_shutdown(
         monoio::select! {
             _ = &mut stop => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    monoio::spawn(serve_connection(stream, worker.clone()));
-                }
+                Ok((stream, _peer)) => match worker.connections.register(stream.as_raw_fd()) {
+                    Ok(registration) => {
+                        monoio::spawn(serve_connection(stream, registration, worker.clone()));
+                    }
+                    // Dropping the stream closes it at once: the client sees the end.
+                    Err(AtCapacity) => drop(stream),
+                },
                 Err(err) => {
                     // Usually EMFILE/ENFILE: back off instead of spinning on the error.
                     tracing::warn!(error = %err, "accept failed");
@@ -257,11 +252,10 @@ async fn accept_until_shutdown(
     }
 }
 
-async fn serve_connection(stream: TcpStream, worker: Rc<Worker>) {
+async fn serve_connection(stream: TcpStream, registration: Registration, worker: Rc<Worker>) {
     // Responses go out in one write per read; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
-    let _registration = Registration::new(worker.clone(), stream.as_raw_fd());
-    if let Err(err) = Connection::new(stream).run(worker).await {
+    if let Err(err) = Connection::new(stream, registration).run(worker).await {
         tracing::debug!(error = %err, "connection ended with an error");
     }
 }
@@ -277,20 +271,23 @@ async fn flush_periodically(worker: Rc<Worker>, interval: Duration) {
     }
 }
 
+/// Closes connections past their deadlines, until the worker stops.
+async fn sweep_periodically(worker: Rc<Worker>, interval: Duration) {
+    while !worker.batcher.borrow().is_finished() {
+        monoio::time::sleep(interval).await;
+        worker.connections.sweep(Instant::now());
+    }
+}
+
 /// Lets open connections finish, closing idle ones, for at most `limit`.
 async fn drain(worker: &Rc<Worker>, limit: Duration) {
     worker.start_draining();
-    for &fd in worker.connections.borrow().fds.values() {
-        // SAFETY: only open sockets are registered: a connection task deregisters in
-        // the same synchronous step that closes its stream, and this runs on the same
-        // thread. Shutting down the read side neither closes nor reuses the fd.
-        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-    }
+    worker.connections.shut_reads();
     let deadline = Instant::now() + limit;
-    while !worker.connections.borrow().fds.is_empty() && Instant::now() < deadline {
+    while worker.connections.len() > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
-    let left = worker.connections.borrow().fds.len();
+    let left = worker.connections.len();
     if left > 0 {
         tracing::warn!(
             connections = left,

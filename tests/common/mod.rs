@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses its own share of the harness
 
+pub mod framing;
 pub mod kafka;
 pub mod receiver;
 pub mod redis_server;
@@ -113,6 +114,18 @@ impl Verve {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The process id, to read its file descriptors and memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A /metrics scrape, on a connection of its own.
+    pub fn scrape(&self) -> String {
+        let response = Client::connect(self.addr).get("/metrics");
+        assert_eq!(response.status, 200);
+        response.body
     }
 
     pub fn stderr_text(&self) -> String {
@@ -348,6 +361,15 @@ pub fn accept_all(client: &mut Client, ids: impl IntoIterator<Item = i64>) {
             "id {id}"
         );
     }
+}
+
+/// The value of the metric line that starts with `series ` (name and labels).
+pub fn metric(text: &str, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    let line = text.lines().find(|l| l.starts_with(&prefix));
+    line.unwrap_or_else(|| panic!("no {series}:\n{text}"))[prefix.len()..]
+        .parse()
+        .unwrap()
 }
 
 /// The number of distinct ids in `ids`.

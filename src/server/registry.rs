@@ -1,0 +1,270 @@
+//! The open connections of one worker: the cap on their number, the deadline each
+//! one is under, and the sweep that enforces the deadlines.
+//!
+//! A connection's task says what it waits for ([`Wait`]) each time that changes;
+//! that is two `Cell` stores against a clock the sweep refreshes, so the request
+//! path arms no timer and makes no system call for its deadlines. The sweep runs a
+//! few times per shortest timeout and shuts down the socket of each connection past
+//! its deadline, which wakes the task's pending read (or write) at once; the task
+//! then answers 408 if it holds half a request, and closes. Shutdown of the service
+//! reaches idle keep-alive connections the same way.
+//!
+//! Invariant: only open sockets are registered. A task deregisters (drops its
+//! [`Registration`]) in the same synchronous step that closes its stream, and
+//! everything here runs on the worker's one thread, so a registered fd is never a
+//! closed or reused one.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::WorkerCounters;
+
+/// How long a client may take, per thing it can keep a connection waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From a request's first byte (or the connection's opening) to its last.
+    pub head: Duration,
+    /// Between requests on a keep-alive connection.
+    pub idle: Duration,
+    /// For the client to take a response off the socket.
+    pub write: Duration,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Timeouts = Timeouts {
+        head: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        write: Duration::from_secs(10),
+    };
+
+    fn of(&self, wait: Wait) -> Duration {
+        match wait {
+            Wait::Head => self.head,
+            Wait::Idle => self.idle,
+            Wait::Write => self.write,
+        }
+    }
+
+    /// How often deadlines are checked: often enough that a connection closes
+    /// within a tenth of its timeout of the deadline, and never more than 100 times
+    /// a second.
+    pub fn sweep_interval(&self) -> Duration {
+        let shortest = self.head.min(self.idle).min(self.write);
+        (shortest / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts::DEFAULT
+    }
+}
+
+/// What a connection is waiting for, which decides its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// The rest of a request, or the first request of a new connection.
+    Head = 0,
+    /// The next request on a keep-alive connection.
+    Idle = 1,
+    /// The client to read what was written.
+    Write = 2,
+}
+
+/// Every [`Wait`] with its metric label, in declaration order.
+pub(crate) const WAITS: [(Wait, &str); 3] = [
+    (Wait::Head, "head"),
+    (Wait::Idle, "idle"),
+    (Wait::Write, "write"),
+];
+
+/// What the sweep knows about one connection; its task keeps it current.
+struct Watch {
+    fd: RawFd,
+    wait: Cell<Wait>,
+    deadline: Cell<Instant>,
+    expired: Cell<bool>,
+}
+
+/// The open connections of one worker.
+pub(crate) struct Registry {
+    timeouts: Timeouts,
+    capacity: usize,
+    counters: Arc<WorkerCounters>,
+    /// The time as of the last sweep: coarse, but free to read.
+    clock: Cell<Instant>,
+    next_key: Cell<u64>,
+    open: RefCell<HashMap<u64, Rc<Watch>>>,
+}
+
+/// Why a connection was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AtCapacity;
+
+impl Registry {
+    pub(crate) fn new(timeouts: Timeouts, capacity: usize, counters: Arc<WorkerCounters>) -> Self {
+        Registry {
+            timeouts,
+            capacity,
+            counters,
+            clock: Cell::new(Instant::now()),
+            next_key: Cell::new(0),
+            open: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Registers a new connection, waiting for its first request head; refused
+    /// (and counted) when the worker already holds as many as it may.
+    pub(crate) fn register(self: &Rc<Self>, fd: RawFd) -> Result<Registration, AtCapacity> {
+        let mut open = self.open.borrow_mut();
+        if open.len() >= self.capacity {
+            self.counters.connection_refused();
+            return Err(AtCapacity);
+        }
+        let watch = Rc::new(Watch {
+            fd,
+            wait: Cell::new(Wait::Head),
+            deadline: Cell::new(self.clock.get() + self.timeouts.head),
+            expired: Cell::new(false),
+        });
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        open.insert(key, watch.clone());
+        self.counters.set_connections_open(open.len());
+        Ok(Registration {
+            registry: self.clone(),
+            key,
+            watch,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.open.borrow().len()
+    }
+
+    /// Closes every connection past its deadline, as of `now`.
+    pub(crate) fn sweep(&self, now: Instant) {
+        self.clock.set(now);
+        for watch in self.open.borrow().values() {
+            if watch.expired.get() || watch.deadline.get() > now {
+                continue;
+            }
+            watch.expired.set(true);
+            let wait = watch.wait.get();
+            self.counters.connection_timed_out(wait);
+            // Shutting down the read side ends a pending read with end-of-stream,
+            // and leaves the write side open for a 408. A stalled write needs the
+            // write side shut too, which fails it.
+            let how = match wait {
+                Wait::Head | Wait::Idle => libc::SHUT_RD,
+                Wait::Write => libc::SHUT_RDWR,
+            };
+            // SAFETY: registered fds are open sockets (module invariant); shutdown
+            // neither closes nor reuses the fd.
+            unsafe { libc::shutdown(watch.fd, how) };
+        }
+    }
+
+    /// Ends the read side of every open connection, so idle ones see end-of-stream
+    /// at once while requests already received are still answered.
+    pub(crate) fn shut_reads(&self) {
+        for watch in self.open.borrow().values() {
+            // SAFETY: as in `sweep`.
+            unsafe { libc::shutdown(watch.fd, libc::SHUT_RD) };
+        }
+    }
+}
+
+/// A connection's place in the [`Registry`], given up when dropped.
+pub(crate) struct Registration {
+    registry: Rc<Registry>,
+    key: u64,
+    watch: Rc<Watch>,
+}
+
+impl Registration {
+    /// The connection now waits for `wait`; its deadline starts now.
+    #[inline]
+    pub(crate) fn wait_for(&self, wait: Wait) {
+        let registry = &self.registry;
+        self.watch.wait.set(wait);
+        self.watch
+            .deadline
+            .set(registry.clock.get() + registry.timeouts.of(wait));
+    }
+
+    /// What the connection was last said to wait for.
+    #[inline]
+    pub(crate) fn waiting_for(&self) -> Wait {
+        self.watch.wait.get()
+    }
+
+    /// Whether the sweep closed the connection for missing its deadline.
+    pub(crate) fn expired(&self) -> bool {
+        self.watch.expired.get()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut open = self.registry.open.borrow_mut();
+        open.remove(&self.key);
+        self.registry.counters.set_connections_open(open.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(capacity: usize) -> Rc<Registry> {
+        Rc::new(Registry::new(
+            Timeouts::DEFAULT,
+            capacity,
+            Arc::new(WorkerCounters::default()),
+        ))
+    }
+
+    #[test]
+    fn the_sweep_interval_follows_the_shortest_timeout() {
+        assert_eq!(Timeouts::DEFAULT.sweep_interval(), Duration::from_secs(1));
+        let short = Timeouts {
+            head: Duration::from_millis(300),
+            ..Timeouts::DEFAULT
+        };
+        assert_eq!(short.sweep_interval(), Duration::from_millis(30));
+        let tiny = Timeouts {
+            write: Duration::from_millis(1),
+            ..Timeouts::DEFAULT
+        };
+        assert_eq!(tiny.sweep_interval(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn registrations_count_against_the_capacity_until_dropped() {
+        let registry = registry(2);
+        let first = registry.register(-1).unwrap();
+        let _second = registry.register(-1).unwrap();
+        assert_eq!(registry.register(-1).err(), Some(AtCapacity));
+        drop(first);
+        assert_eq!(registry.len(), 1);
+        assert!(registry.register(-1).is_ok());
+    }
+
+    #[test]
+    fn a_connection_expires_only_past_the_deadline_of_what_it_waits_for() {
+        let registry = registry(10);
+        let start = registry.clock.get();
+        let conn = registry.register(-1).unwrap();
+        conn.wait_for(Wait::Idle);
+        registry.sweep(start + Timeouts::DEFAULT.head + Duration::from_secs(1));
+        assert!(!conn.expired(), "idle, so the head timeout does not apply");
+        registry.sweep(start + Timeouts::DEFAULT.idle);
+        assert!(conn.expired());
+        assert_eq!(conn.waiting_for(), Wait::Idle);
+    }
+}

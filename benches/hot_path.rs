@@ -36,11 +36,10 @@ fn parsing(c: &mut Criterion) {
     group.throughput(Throughput::Elements(16));
     group.bench_function("request_pipelined_16", |b| {
         b.iter(|| {
-            let mut at = 0;
-            while let Some(req) = request::parse(black_box(&pipelined[at..]), &LIMITS).unwrap() {
-                at += req.len;
-            }
-            at
+            let framed = request::frame_requests(black_box(&pipelined), &LIMITS, |req| {
+                black_box(req.len);
+            });
+            framed.consumed
         })
     });
 

@@ -2,6 +2,7 @@
 """Load-test verve against the bare baseline, in one run, on this machine.
 
     loadtest/run.py [--rate 20000] [--duration 15] [--connections 64] [--redis]
+                    [--compare GIT_REF]
 
 Builds release, then for each server (the baseline, verve, and with --redis verve
 in Redis mode) starts it with one worker pinned to --server-cpu and drives it from
@@ -16,6 +17,10 @@ It records the achieved rate, p50/p99/p99.9 latency, server CPU seconds per requ
 too), and peak RSS; checks that verve's count log holds exactly the number of
 distinct ids wrk sent; prints every figure beside the baseline's with the ratio;
 and writes loadtest/results/results.md and loadtest/results/latency.png.
+
+--compare GIT_REF also builds verve as it was at GIT_REF and measures it in the same
+run, right before the current verve, so that a change is judged against the code
+it changes under the same conditions (the table gains a verve / verve@REF column).
 """
 
 import argparse
@@ -174,6 +179,22 @@ def run_fixed_rate(server, args):
     return {"rate": rate, "cpu_us": used / requests * 1e6, **lat}
 
 
+def build_at(ref):
+    """Builds verve as of git `ref` and returns the path of a copy of the binary."""
+    out = ROOT / "target" / "compare" / f"verve-{ref}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tree:
+        sh(["git", "worktree", "add", "--detach", tree, ref], cwd=ROOT)
+        try:
+            # The shared target directory keeps the dependencies' builds.
+            sh(["cargo", "build", "--release", "--bin", "verve"], cwd=tree,
+               env={**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target")})
+            shutil.copy2(ROOT / "target" / "release" / "verve", out)
+        finally:
+            sh(["git", "worktree", "remove", "--force", tree], cwd=ROOT)
+    return out
+
+
 def measure(name, binary, env, args, redis=False):
     print(f"== {name}", flush=True)
     results = {}
@@ -214,14 +235,17 @@ def table(all_results, args):
     ]
     phase_names = {"fixed": f"fixed {args.rate:,} req/s", "max": "max, no pipelining", "max16": "max, 16 deep"}
     names = list(all_results)
-    head = "| phase | figure | " + " | ".join(names) + " | " + " | ".join(f"{n} / baseline" for n in names[1:]) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(names) - 1)]
+    # (numerator, denominator) of each ratio column.
+    pairs = [(n, "baseline") for n in names[1:]]
+    pairs += [("verve", n) for n in names if n.startswith("verve@")]
+    head = "| phase | figure | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(names) + len(pairs))]
     for phase, key, label, fmt in rows:
         cells = [fmt.format(all_results[n][phase][key]) for n in names]
-        ratios = [f"{all_results[n][phase][key] / base[phase][key]:.2f}" for n in names[1:]]
+        ratios = [f"{all_results[a][phase][key] / all_results[b][phase][key]:.2f}" for a, b in pairs]
         lines.append(f"| {phase_names[phase]} | {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     rss = " | ".join(f"{all_results[n]['rss']:.1f}" for n in names)
-    lines.append(f"| all | peak RSS MiB | {rss} | " + " | ".join("" for _ in names[1:]) + " |")
+    lines.append(f"| all | peak RSS MiB | {rss} | " + " | ".join("" for _ in pairs) + " |")
     return "\n".join(lines)
 
 
@@ -254,15 +278,20 @@ def main():
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--redis", action="store_true", help="also measure verve in Redis mode")
     p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--compare", metavar="GIT_REF", help="also measure verve as of this git ref")
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
     args = p.parse_args()
 
     ensure_tools(need_oha=not shutil.which("wrk2"))
+    earlier = build_at(args.compare) if args.compare else None
     if not args.skip_build:
         sh(["cargo", "build", "--release", "--bin", "verve", "--example", "baseline"], cwd=ROOT)
     release = ROOT / "target" / "release"
-    all_results = {"baseline": measure("baseline", release / "examples" / "baseline", {}, args),
-                   "verve": measure("verve", release / "verve", {}, args)}
+    all_results = {"baseline": measure("baseline", release / "examples" / "baseline", {}, args)}
+    if earlier:
+        name = f"verve@{args.compare}"
+        all_results[name] = measure(name, earlier, {}, args)
+    all_results["verve"] = measure("verve", release / "verve", {}, args)
     if args.redis:
         all_results["verve-redis"] = measure("verve-redis", release / "verve", {}, args, redis=True)
 

@@ -1,0 +1,141 @@
+//! Soak: connections opened and closed at a high rate while thousands of idle
+//! keep-alive ones are held. Afterwards the server's file descriptors are back to
+//! exactly their baseline, its resident memory to within a small margin of it, and
+//! every id it answered `ok` is counted once.
+//!
+//! `VERVE_SOAK_SECS` (default 5) sets how long the churn runs, `VERVE_SOAK_IDLE`
+//! (default 3000) how many idle connections are held; the figures are printed, and
+//! docs/performance.md records a long run.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{accept_all, eventually, Client, Verve};
+use verve::server::file_limit;
+
+const CHURN_THREADS: u64 = 4;
+
+/// Resident memory may differ from the baseline by this much: allocator caches and
+/// the id sets of the windows in progress, none of which grows with connections.
+const RSS_MARGIN_KIB: u64 = 8 * 1024;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| v.parse().expect(name))
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Holds `n` keep-alive connections, each having sent one id from `next_id`.
+fn idle_crowd(verve: &Verve, n: u64, next_id: &AtomicU64) -> Vec<Client> {
+    (0..n)
+        .map(|_| {
+            let mut client = Client::connect(verve.addr);
+            accept_all(
+                &mut client,
+                [next_id.fetch_add(1, Ordering::Relaxed) as i64],
+            );
+            client
+        })
+        .collect()
+}
+
+/// Opens a connection, sends one id, reads the answer and closes, over and over on
+/// several threads, for `length`. Returns the connections made.
+fn churn(verve: &Verve, length: Duration, next_id: &Arc<AtomicU64>) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..CHURN_THREADS)
+        .map(|_| {
+            let (addr, stop, next_id) = (verve.addr, stop.clone(), next_id.clone());
+            std::thread::spawn(move || {
+                let mut made = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut client = Client::connect(addr);
+                    accept_all(
+                        &mut client,
+                        [next_id.fetch_add(1, Ordering::Relaxed) as i64],
+                    );
+                    made += 1;
+                }
+                made
+            })
+        })
+        .collect();
+    std::thread::sleep(length);
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// Holds an idle crowd while connections churn for `length`, then lets the crowd
+/// go and churns one more second. That last second matters for memory: mimalloc
+/// hands a thread's freed pages back to the kernel on that thread's later
+/// allocations, so without it freed memory would still count as resident.
+fn round(verve: &Verve, idle: u64, length: Duration, next_id: &Arc<AtomicU64>) -> u64 {
+    let crowd = idle_crowd(verve, idle, next_id);
+    let made = churn(verve, length, next_id);
+    eprintln!(
+        "soak: {idle} idle held; server fds {}, RSS {} KiB",
+        open_fds(verve.pid()),
+        rss_kib(verve.pid())
+    );
+    drop(crowd);
+    made + churn(verve, Duration::from_secs(1), next_id)
+}
+
+#[test]
+fn churn_beside_an_idle_crowd_leaks_nothing_and_loses_no_id() {
+    let secs = setting("VERVE_SOAK_SECS", 5);
+    let idle = setting("VERVE_SOAK_IDLE", 3000);
+    file_limit::raise_to_hard_limit().unwrap();
+    let verve = Verve::start(&[]);
+    let pid = verve.pid();
+    let next_id = Arc::new(AtomicU64::new(0));
+    // Listeners, the count log, runtimes: the descriptors of a server at rest.
+    let at_rest = open_fds(pid);
+    let back_to_rest = || {
+        let what = || format!("server fds back to {at_rest} (now {})", open_fds(pid));
+        eventually(Duration::from_secs(10), what, || {
+            (open_fds(pid) == at_rest).then_some(())
+        });
+    };
+
+    // A short round first, so that the allocator and the kernel reach their
+    // working size before the baseline is read.
+    round(&verve, idle, Duration::from_secs(1), &next_id);
+    back_to_rest();
+    let rss_before = rss_kib(pid);
+
+    let started = Instant::now();
+    let made = round(&verve, idle, Duration::from_secs(secs), &next_id);
+    let elapsed = started.elapsed();
+    back_to_rest();
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "soak: {made} connections in {elapsed:.1?} ({:.0}/s) beside {idle} idle; \
+         server fds back to {at_rest}; RSS {rss_before} KiB -> {rss_after} KiB",
+        made as f64 / elapsed.as_secs_f64(),
+    );
+    assert!(
+        rss_after <= rss_before + RSS_MARGIN_KIB,
+        "resident memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    let sent = next_id.load(Ordering::Relaxed);
+    let (status, windows) = verve.terminate();
+    assert!(status.success());
+    // Every id was sent once, so each is in exactly one window's count.
+    let counted: u64 = windows.iter().map(|w| w.unique_requests).sum();
+    assert_eq!(counted, sent);
+}

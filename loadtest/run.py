@@ -180,8 +180,12 @@ def run_fixed_rate(server, args):
 
 
 def build_at(ref):
-    """Builds verve as of git `ref` and returns the path of a copy of the binary."""
-    out = ROOT / "target" / "compare" / f"verve-{ref}"
+    """Builds verve as of git `ref` (once per commit) and returns the binary's path."""
+    commit = sh(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT,
+                capture_output=True).stdout.strip()
+    out = ROOT / "target" / "compare" / f"verve-{commit}"
+    if out.exists():
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tree:
         sh(["git", "worktree", "add", "--detach", tree, ref], cwd=ROOT)

@@ -290,10 +290,11 @@ impl Config {
                 self.window_secs
             )));
         }
-        if self.max_request_line_bytes > self.max_head_bytes {
+        if self.max_request_line_bytes + 4 > self.max_head_bytes {
             return Err(ConfigError(format!(
-                "VERVE_MAX_REQUEST_LINE_BYTES ({}) must not exceed VERVE_MAX_HEAD_BYTES ({}): \
-                 the request line is part of the head",
+                "VERVE_MAX_REQUEST_LINE_BYTES ({}) must be at least 4 less than \
+                 VERVE_MAX_HEAD_BYTES ({}): the head is the request line, its line end, \
+                 the headers and an empty line",
                 self.max_request_line_bytes, self.max_head_bytes
             )));
         }
@@ -467,17 +468,15 @@ mod tests {
 
     #[test]
     fn the_request_line_limit_fits_in_the_head_limit() {
-        let err = load(&[
-            "--max-head-bytes",
-            "1024",
-            "--max-request-line-bytes",
-            "2048",
-        ]);
+        let limits =
+            |line: &str| load(&["--max-head-bytes", "1024", "--max-request-line-bytes", line]);
         assert_eq!(
-            err.unwrap_err().to_string(),
-            "VERVE_MAX_REQUEST_LINE_BYTES (2048) must not exceed VERVE_MAX_HEAD_BYTES (1024): \
-             the request line is part of the head"
+            limits("1021").unwrap_err().to_string(),
+            "VERVE_MAX_REQUEST_LINE_BYTES (1021) must be at least 4 less than \
+             VERVE_MAX_HEAD_BYTES (1024): the head is the request line, its line end, \
+             the headers and an empty line"
         );
+        assert!(limits("1020").is_ok());
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn limits(params: &[u8]) -> Limits {
     let head_bytes = 16 + usize::from(params[1]) * 4;
     Limits {
         head_bytes,
-        request_line_bytes: (8 + usize::from(params[2]) * 4).min(head_bytes),
+        request_line_bytes: (8 + usize::from(params[2]) * 4).min(head_bytes - 4),
         headers: 1 + usize::from(params[3]) % MAX_HEADERS_CEILING,
         body_bytes: usize::from(params[4]) * 2,
     }

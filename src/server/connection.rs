@@ -61,8 +61,10 @@ impl Connection {
             self.exchange.read_buf = buf.into_inner();
             if read? == 0 {
                 if self.registration.expired() && !self.exchange.read_buf.is_empty() {
-                    // Half a request, and its time is up: say so before closing.
+                    // Half a request, and its time is up: say so before closing,
+                    // within a write deadline like any other answer.
                     self.exchange.time_out(&worker);
+                    self.registration.wait_for(Wait::Write);
                     self.send().await?;
                 }
                 // End of stream; a request cut short by it is simply not answered.
@@ -81,13 +83,16 @@ impl Connection {
                 Next::Read => {}
                 Next::Close => return Ok(()),
                 Next::CloseAfterError => {
+                    // The linger bounds its own time.
+                    self.registration.unwatch();
                     self.linger().await;
                     return Ok(());
                 }
             }
             // What the connection waits for now: a new request; the rest of one
-            // begun in this read, whose head timeout starts now; or the rest of one
-            // begun earlier (or the first of the connection), whose deadline stands.
+            // begun in this read, whose head timeout starts now (after the answers
+            // to the requests before it); or the rest of one begun earlier (or the
+            // first of the connection), whose deadline stands.
             if self.exchange.read_buf.is_empty() {
                 self.registration.wait_for(Wait::Idle);
             } else if answered || waited_for == Wait::Idle {

@@ -2,17 +2,20 @@
 //! one is under, and the sweep that enforces the deadlines.
 //!
 //! A connection's task says what it waits for ([`Wait`]) each time that changes;
-//! that is two `Cell` stores against a clock the sweep refreshes, so the request
-//! path arms no timer and makes no system call for its deadlines. The sweep runs a
-//! few times per shortest timeout and shuts down the socket of each connection past
-//! its deadline, which wakes the task's pending read (or write) at once; the task
-//! then answers 408 if it holds half a request, and closes. Shutdown of the service
-//! reaches idle keep-alive connections the same way.
+//! that is a few `Cell` stores against a clock the sweep refreshes, so the request
+//! path arms no timer and makes no system call for its deadlines. The sweep runs
+//! about ten times per shortest timeout and shuts down the socket of each
+//! connection past its deadline, which wakes the task's pending read (or write) at
+//! once; the task then answers 408 if it holds half a request, and closes. Shutdown
+//! of the service reaches idle keep-alive connections the same way.
+//!
+//! Deadlines are never early: the clock lags by up to one sweep interval, so each
+//! deadline gets one interval more. A connection closes between its timeout and
+//! its timeout plus two intervals (plus however late the worker wakes).
 //!
 //! Invariant: only open sockets are registered. A task deregisters (drops its
-//! [`Registration`]) in the same synchronous step that closes its stream, and
-//! everything here runs on the worker's one thread, so a registered fd is never a
-//! closed or reused one.
+//! [`Registration`]) no later than its stream is closed, and everything here runs
+//! on the worker's one thread, so a registered fd is never a closed or reused one.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -49,9 +52,8 @@ impl Timeouts {
         }
     }
 
-    /// How often deadlines are checked: often enough that a connection closes
-    /// within a tenth of its timeout of the deadline, and never more than 100 times
-    /// a second.
+    /// How often deadlines are checked: a tenth of the shortest timeout, at least
+    /// 10 ms (100 sweeps a second at most) and at most a second.
     pub fn sweep_interval(&self) -> Duration {
         let shortest = self.head.min(self.idle).min(self.write);
         (shortest / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
@@ -86,13 +88,17 @@ pub(crate) const WAITS: [(Wait, &str); 3] = [
 struct Watch {
     fd: RawFd,
     wait: Cell<Wait>,
-    deadline: Cell<Instant>,
+    /// `None` while the connection bounds its own time (the linger after an error).
+    deadline: Cell<Option<Instant>>,
+    /// Set by the sweep, cleared when the connection waits for something new.
     expired: Cell<bool>,
 }
 
 /// The open connections of one worker.
 pub(crate) struct Registry {
     timeouts: Timeouts,
+    /// The sweep interval, added to every deadline so that none is early.
+    slack: Duration,
     capacity: usize,
     counters: Arc<WorkerCounters>,
     /// The time as of the last sweep: coarse, but free to read.
@@ -109,6 +115,7 @@ impl Registry {
     pub(crate) fn new(timeouts: Timeouts, capacity: usize, counters: Arc<WorkerCounters>) -> Self {
         Registry {
             timeouts,
+            slack: timeouts.sweep_interval(),
             capacity,
             counters,
             clock: Cell::new(Instant::now()),
@@ -128,7 +135,7 @@ impl Registry {
         let watch = Rc::new(Watch {
             fd,
             wait: Cell::new(Wait::Head),
-            deadline: Cell::new(self.clock.get() + self.timeouts.head),
+            deadline: Cell::new(Some(self.deadline_for(Wait::Head))),
             expired: Cell::new(false),
         });
         let key = self.next_key.get();
@@ -142,6 +149,10 @@ impl Registry {
         })
     }
 
+    fn deadline_for(&self, wait: Wait) -> Instant {
+        self.clock.get() + self.timeouts.of(wait) + self.slack
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.open.borrow().len()
     }
@@ -150,7 +161,8 @@ impl Registry {
     pub(crate) fn sweep(&self, now: Instant) {
         self.clock.set(now);
         for watch in self.open.borrow().values() {
-            if watch.expired.get() || watch.deadline.get() > now {
+            let due = watch.deadline.get().is_some_and(|deadline| deadline <= now);
+            if watch.expired.get() || !due {
                 continue;
             }
             watch.expired.set(true);
@@ -190,11 +202,16 @@ impl Registration {
     /// The connection now waits for `wait`; its deadline starts now.
     #[inline]
     pub(crate) fn wait_for(&self, wait: Wait) {
-        let registry = &self.registry;
         self.watch.wait.set(wait);
         self.watch
             .deadline
-            .set(registry.clock.get() + registry.timeouts.of(wait));
+            .set(Some(self.registry.deadline_for(wait)));
+        self.watch.expired.set(false);
+    }
+
+    /// The connection bounds its remaining time itself; the sweep leaves it alone.
+    pub(crate) fn unwatch(&self) {
+        self.watch.deadline.set(None);
     }
 
     /// What the connection was last said to wait for.
@@ -203,7 +220,8 @@ impl Registration {
         self.watch.wait.get()
     }
 
-    /// Whether the sweep closed the connection for missing its deadline.
+    /// Whether the sweep closed the connection for missing the deadline of what it
+    /// last waited for.
     pub(crate) fn expired(&self) -> bool {
         self.watch.expired.get()
     }
@@ -261,10 +279,31 @@ mod tests {
         let start = registry.clock.get();
         let conn = registry.register(-1).unwrap();
         conn.wait_for(Wait::Idle);
-        registry.sweep(start + Timeouts::DEFAULT.head + Duration::from_secs(1));
+        registry.sweep(start + Timeouts::DEFAULT.head * 2);
         assert!(!conn.expired(), "idle, so the head timeout does not apply");
         registry.sweep(start + Timeouts::DEFAULT.idle);
+        assert!(
+            !conn.expired(),
+            "the clock may lag: one sweep interval of slack"
+        );
+        registry.sweep(start + Timeouts::DEFAULT.idle + registry.slack);
         assert!(conn.expired());
         assert_eq!(conn.waiting_for(), Wait::Idle);
+
+        // Waiting for something new starts a new deadline, enforced again.
+        conn.wait_for(Wait::Write);
+        assert!(!conn.expired());
+        let later = registry.clock.get() + Timeouts::DEFAULT.write + registry.slack;
+        registry.sweep(later);
+        assert!(conn.expired());
+    }
+
+    #[test]
+    fn an_unwatched_connection_never_expires() {
+        let registry = registry(10);
+        let conn = registry.register(-1).unwrap();
+        conn.unwatch();
+        registry.sweep(registry.clock.get() + Duration::from_secs(86_400));
+        assert!(!conn.expired());
     }
 }

@@ -139,6 +139,10 @@ pub fn frame_requests<'b>(
 ) -> Framed {
     let mut consumed = 0;
     let end = loop {
+        // Empty lines before a request may be ignored (RFC 9112, 2.2); dropping
+        // them here, rather than leaving them for httparse to skip, means a stray
+        // CRLF after a request does not look like half of the next one.
+        consumed += empty_lines(&buf[consumed..]);
         if consumed == buf.len() {
             break FrameEnd::NeedMore;
         }
@@ -155,6 +159,18 @@ pub fn frame_requests<'b>(
         }
     };
     Framed { consumed, end }
+}
+
+/// The length of the complete empty lines (`\r\n` or `\n`) at the front of `buf`.
+fn empty_lines(buf: &[u8]) -> usize {
+    let mut len = 0;
+    loop {
+        match &buf[len..] {
+            [b'\n', ..] => len += 1,
+            [b'\r', b'\n', ..] => len += 2,
+            _ => return len,
+        }
+    }
 }
 
 /// Frames the first request in `buf`.
@@ -242,6 +258,11 @@ fn content_length(value: &[u8]) -> Result<usize, FrameError> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return Err(FrameError::Malformed);
     }
+    let significant = digits
+        .iter()
+        .position(|&d| d != b'0')
+        .unwrap_or(digits.len());
+    let digits = &digits[significant..];
     // Longer than any limit can be: too large, whatever the exact value.
     if digits.len() > 12 {
         return Err(FrameError::BodyTooLarge);
@@ -322,6 +343,18 @@ mod tests {
         assert_eq!(queries, [&b"id=1"[..], b"id=2"]);
         assert_eq!(framed.end, FrameEnd::Close);
         assert_eq!(framed.consumed, GET.len() + second.len());
+    }
+
+    #[test]
+    fn empty_lines_between_requests_are_dropped() {
+        let mut buf = b"\r\n\n".to_vec();
+        buf.extend_from_slice(GET);
+        buf.extend_from_slice(b"\r\n\r");
+        let mut count = 0;
+        let framed = frame_requests(&buf, &LIMITS, |_| count += 1);
+        assert_eq!(count, 1);
+        assert_eq!(framed.end, FrameEnd::NeedMore);
+        assert_eq!(&buf[framed.consumed..], b"\r", "half an empty line waits");
     }
 
     #[test]
@@ -489,5 +522,7 @@ mod tests {
         assert_eq!(frame(over.as_bytes()), Err(FrameError::BodyTooLarge));
         let absurd = "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
         assert_eq!(frame(absurd.as_bytes()), Err(FrameError::BodyTooLarge));
+        let zeros = "POST / HTTP/1.1\r\nContent-Length: 00000000000000000000002\r\n\r\nok";
+        assert_eq!(frame(zeros.as_bytes()).unwrap().unwrap().len, zeros.len());
     }
 }

@@ -82,9 +82,7 @@ impl Exchange {
             FrameEnd::Close => Next::Close,
             FrameEnd::Error(err) => {
                 tracing::debug!(error = %err, "closing connection");
-                let status = refusal_status(err);
-                response::write(write_buf, status, Persistence::Close, false);
-                worker.counters().record(Route::Other, status);
+                refuse(write_buf, worker, refusal_status(err));
                 Next::CloseAfterError
             }
             // Shutting down: everything received is answered above; then the
@@ -96,16 +94,14 @@ impl Exchange {
 
     /// Answers a request the client took too long to send, before the connection closes.
     pub(crate) fn time_out(&mut self, worker: &Worker) {
-        response::write(
-            &mut self.write_buf,
-            Status::RequestTimeout,
-            Persistence::Close,
-            false,
-        );
-        worker
-            .counters()
-            .record(Route::Other, Status::RequestTimeout);
+        refuse(&mut self.write_buf, worker, Status::RequestTimeout);
     }
+}
+
+/// Answers `status` to input that is not a request to route, announcing the close.
+fn refuse(out: &mut Vec<u8>, worker: &Worker, status: Status) {
+    response::write(out, status, Persistence::Close, false);
+    worker.counters().record(Route::Other, status);
 }
 
 /// The answer to a request that cannot be framed.

@@ -138,7 +138,8 @@ fn head_timeout(driver: &str) {
         ("VERVE_HEAD_TIMEOUT_MS", "500"),
     ]);
     let timeout = Duration::from_millis(500);
-    // The sweep may close up to a tenth of the timeout early.
+    // Deadlines carry a sweep interval of slack, so closes are not early; the
+    // tenth of margin covers a sweep that overslept on a loaded machine.
     let at_least = timeout - timeout / 10;
 
     let started = Instant::now();

@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use verve::aggregator::Aggregator;
-use verve::batch::Batch;
+use verve::batch::{Batch, Watermark};
+use verve::report::CountRecord;
 use verve::report::Reporter;
 use verve::server::query::parse_accept_query;
 use verve::server::request;
-use verve::sink::{CountSink, WindowReport};
+use verve::sink::CountSink;
 use verve::store::LocalStore;
 use verve::window::{WindowLength, WindowStart};
 
@@ -67,8 +68,8 @@ fn parsing(c: &mut Criterion) {
 struct Discard;
 
 impl CountSink for Discard {
-    fn publish(&mut self, report: &WindowReport) {
-        black_box(report);
+    fn publish(&mut self, record: &CountRecord) {
+        black_box(record);
     }
 }
 
@@ -88,15 +89,21 @@ fn ids(n: usize, range: u64) -> Vec<i64> {
 fn aggregator(start: SystemTime) -> Aggregator {
     Aggregator::new(
         WindowLength::from_secs(60),
-        Duration::from_millis(500),
+        1,
         start,
-        Box::new(LocalStore::new(Reporter::new(
+        Box::new(LocalStore::new(
+            Reporter::new(vec![Box::new(Discard)], None, Default::default()),
             60,
-            vec![Box::new(Discard)],
-            None,
-            Default::default(),
-        ))),
+        )),
     )
+}
+
+/// The one worker passes the window starting at 6,000 s: it closes.
+fn close_first(agg: &mut Aggregator) {
+    agg.advance(Watermark {
+        worker: 0,
+        window: WindowStart::from_unix_secs(6_060),
+    });
 }
 
 fn aggregation(c: &mut Criterion) {
@@ -144,7 +151,7 @@ fn aggregation(c: &mut Criterion) {
             || {
                 let mut agg = aggregator(start);
                 ingest(&mut agg, batches.clone());
-                agg.close_due(SystemTime::UNIX_EPOCH + Duration::from_secs(6_061));
+                close_first(&mut agg);
                 (agg, next.clone())
             },
             |(mut agg, batches)| {
@@ -169,7 +176,7 @@ fn aggregation(c: &mut Criterion) {
                 agg
             },
             |mut agg| {
-                agg.close_due(SystemTime::UNIX_EPOCH + Duration::from_secs(6_061));
+                close_first(&mut agg);
                 agg
             },
             BatchSize::PerIteration,

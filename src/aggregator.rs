@@ -1,11 +1,19 @@
 //! The aggregator: one thread that owns every open window's set of ids.
 //!
-//! Workers send it [`Batch`]es; it inserts each id into the `scc::HashSet` of the
-//! batch's window and tells the [`DedupStore`] which ids were new to this instance.
-//! A window is closed `grace` after it ends, by removing its set from the map whole
-//! and handing it to the store, which settles and reports the count: there is no
-//! moment at which ids can slip in between counting and clearing. Windows close
-//! strictly in order, so a window that received nothing is reported with 0.
+//! Workers send it [`Handoff`]s: batches of ids, which it inserts into the
+//! `scc::HashSet` of the batch's window, telling the [`DedupStore`] which ids were
+//! new to this instance; and watermarks, each worker's promise that it has handed
+//! over every id of the windows before its watermark. A window closes once every
+//! worker's watermark is past it, not after a fixed delay that a held-up worker
+//! could outlast: then its set is removed from the map whole and handed to the
+//! store, which settles and reports the count. There is no moment at which ids can
+//! slip in between counting and clearing, and no id answered `ok` arrives after its
+//! window closed. Windows close strictly in order, so a window that received
+//! nothing is reported with 0.
+//!
+//! Counts are kept as ids go in (an insert that finds the id new adds one), never
+//! read back from a set: `scc::HashSet::len` walks the whole table and may count
+//! twice while a resize is in progress.
 //!
 //! The aggregator also remembers, per window, the distinct endpoints requests named
 //! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged):
@@ -13,30 +21,34 @@
 //! immediate timing, are called as batches arrive, with the count so far.
 //!
 //! Invariants: every window from the one the service started in to the one it
-//! stops in is closed exactly once; a batch for a window that is already closed
-//! (only possible if a worker was held up for longer than the grace) is counted as
-//! late and logged, never silently merged into another window.
+//! stops in is closed exactly once; the first is partial unless the service started
+//! on its boundary, the last is partial if the service stopped within it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flume::{Receiver, RecvTimeoutError};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
 use crate::metrics::{self, Telemetry};
-use crate::report::ClosedWindow;
+use crate::report::{ClosedWindow, CountRecord, Scope, Timestamp};
 use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
 
 /// The longest the aggregator waits without a heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// A window still open this long after its end is held up by a worker: say so.
+const HELD_UP_AFTER: Duration = Duration::from_secs(5);
+
 /// What the aggregator holds for a window until it closes.
 struct OpenWindow {
     ids: Arc<IdSet>,
+    /// How many ids `ids` holds: inserts that found the id new.
+    unique: u64,
     endpoints: HashSet<Arc<str>>,
     /// Endpoint mentions refused because `endpoints` was full.
     endpoints_over_cap: u64,
@@ -46,6 +58,7 @@ impl OpenWindow {
     fn with_capacity(capacity: usize) -> Self {
         OpenWindow {
             ids: Arc::new(IdSet::with_capacity(capacity)),
+            unique: 0,
             endpoints: HashSet::new(),
             endpoints_over_cap: 0,
         }
@@ -54,12 +67,15 @@ impl OpenWindow {
 
 pub struct Aggregator {
     length: WindowLength,
-    grace: Duration,
     open: BTreeMap<WindowStart, OpenWindow>,
     /// The oldest window not yet closed; all earlier ones are.
     next_close: WindowStart,
+    /// Per worker: every id it stamped with an earlier window has arrived.
+    watermarks: Vec<WindowStart>,
+    /// The window the service started in, when it started after that window began.
+    started_within: Option<WindowStart>,
     store: Box<dyn DedupStore>,
-    /// The size of the last closed window: new sets start at this capacity, since
+    /// The size of the last complete window: new sets start at this capacity, since
     /// traffic changes little from one window to the next and growing a set of
     /// millions of ids step by step costs far more than reserving it once.
     capacity_hint: usize,
@@ -67,32 +83,35 @@ pub struct Aggregator {
     max_endpoints: usize,
     /// Immediate timing: callbacks with the count so far, as batches arrive.
     immediate: Option<Callbacks>,
-    /// Shutdown is closing windows before their grace has passed.
-    closing_early: bool,
     /// Ids of the batch being ingested that were new to this instance (reused).
     new_ids: Vec<i64>,
+    /// The held-up window last warned about, so that each is warned about once.
+    warned_held_up: Option<WindowStart>,
     telemetry: Arc<Telemetry>,
 }
 
 impl Aggregator {
-    /// An aggregator whose first window is the one containing `started_at`.
+    /// An aggregator for `workers` workers whose first window is the one
+    /// containing `started_at`.
     pub fn new(
         length: WindowLength,
-        grace: Duration,
+        workers: usize,
         started_at: SystemTime,
         store: Box<dyn DedupStore>,
     ) -> Self {
+        let first = length.window_of(started_at);
         Aggregator {
             length,
-            grace,
             open: BTreeMap::new(),
-            next_close: length.window_of(started_at),
+            next_close: first,
+            watermarks: vec![first; workers],
+            started_within: (started_at > first.as_system_time()).then_some(first),
             store,
             capacity_hint: 0,
             max_endpoints: 0,
             immediate: None,
             new_ids: Vec::new(),
-            closing_early: false,
+            warned_held_up: None,
             telemetry: Arc::default(),
         }
     }
@@ -111,56 +130,42 @@ impl Aggregator {
         self
     }
 
-    /// Receives batches until every sender is gone, closing windows as they fall due,
-    /// then closes what is left (see [`Aggregator::finish`]) and lets the store
-    /// report it, waiting for the store at most until `store_deadline` after that.
-    pub fn run(mut self, batches: Receiver<Batch>, store_deadline: Duration) {
+    /// Receives handoffs until every worker is gone, closing windows as workers
+    /// pass them, then closes what is left (see [`Aggregator::finish`]) and returns
+    /// the store, for the caller to let it finish reporting.
+    pub fn run(mut self, handoffs: Receiver<Handoff>) -> Box<dyn DedupStore> {
         loop {
-            let now = SystemTime::now();
-            self.telemetry
-                .aggregator_heartbeat_ms
-                .store(metrics::now_ms(), Ordering::Relaxed);
-            self.telemetry
-                .channel_depth
-                .store(batches.len() as u64, Ordering::Relaxed);
-            let deadline = self.next_deadline();
-            if now >= deadline {
-                // Batches already queued were sealed before now: they may belong to
-                // the window about to close, so they go in first.
-                for batch in batches.try_iter().take(batches.len()) {
-                    self.ingest(batch);
-                }
-                self.close_due(now);
-                continue;
-            }
-            // Wakes at least once a second, so that /healthz sees a heartbeat.
-            let wait = deadline
-                .duration_since(now)
-                .unwrap_or_default()
-                .min(HEARTBEAT);
-            match batches.recv_timeout(wait) {
-                Ok(batch) => self.ingest(batch),
+            self.beat(handoffs.len());
+            match handoffs.recv_timeout(HEARTBEAT) {
+                Ok(handoff) => self.receive(handoff),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        self.finish(SystemTime::now(), Instant::now() + store_deadline);
+        self.finish(SystemTime::now())
+    }
+
+    pub fn receive(&mut self, handoff: Handoff) {
+        match handoff {
+            Handoff::Ids(batch) => self.ingest(batch),
+            Handoff::Watermark(mark) => self.advance(mark),
+        }
     }
 
     /// Adds a batch of ids to its window's set.
     pub fn ingest(&mut self, batch: Batch) {
         if batch.window < self.next_close {
+            // Workers never send ids of a window they have passed, and a window closes
+            // only once all have: this is a bug, and the ids must not open the
+            // window a second time.
             let late_ids = batch.ids.len() as u64;
-            let late_total = self
-                .telemetry
+            self.telemetry
                 .late_ids
-                .fetch_add(late_ids, Ordering::Relaxed)
-                + late_ids;
-            tracing::warn!(
+                .fetch_add(late_ids, Ordering::Relaxed);
+            tracing::error!(
                 window_start = %batch.window,
                 ids = batch.ids.len(),
-                late_ids_total = late_total,
-                "ids arrived after their window was closed; not counted"
+                "ids arrived for a window already closed (a bug); not counted"
             );
             return;
         }
@@ -179,6 +184,7 @@ impl Aggregator {
                 self.new_ids.push(id);
             }
         }
+        window.unique += self.new_ids.len() as u64;
         if !self.new_ids.is_empty() {
             self.store.add(batch.window, &self.new_ids);
         }
@@ -189,12 +195,20 @@ impl Aggregator {
                 continue;
             }
             if let Some(callbacks) = &mut self.immediate {
+                let record = CountRecord {
+                    window_start: batch.window,
+                    window_seconds: self.length.as_secs(),
+                    unique_requests: window.unique,
+                    scope: Scope::Instance,
+                    revision: 0,
+                    complete: false,
+                    partial: self.started_within == Some(batch.window),
+                    instances: 1,
+                    published_at: Timestamp::now(),
+                };
                 callbacks.submit(CallbackJob {
                     endpoint: endpoint.clone(),
-                    window_start: batch.window,
-                    window_secs: self.length.as_secs(),
-                    unique_requests: window.ids.len() as u64,
-                    final_count: false,
+                    record,
                 });
             }
             if !known {
@@ -203,45 +217,73 @@ impl Aggregator {
         }
     }
 
-    /// When the oldest open window is due to close.
-    pub fn next_deadline(&self) -> SystemTime {
-        self.length.end_of(self.next_close) + self.grace
-    }
-
-    /// Closes every window whose grace has passed at `now`.
-    pub fn close_due(&mut self, now: SystemTime) {
-        while now >= self.next_deadline() {
+    /// Takes in a worker's watermark and closes every window all workers have passed.
+    pub fn advance(&mut self, mark: Watermark) {
+        let watermark = &mut self.watermarks[mark.worker];
+        *watermark = (*watermark).max(mark.window);
+        let passed = self.watermarks.iter().min().copied();
+        while passed.is_some_and(|passed| self.next_close < passed) {
             self.close_next(false);
         }
     }
 
-    /// Closes everything at shutdown, once every worker has flushed: windows that
-    /// ended by `now` are complete; the one containing `now` is closed early and
-    /// marked partial, as is any later window (a clock that stepped back). Then the
-    /// store gets until `store_deadline` to report them.
-    pub fn finish(mut self, now: SystemTime, store_deadline: Instant) {
-        while self.length.end_of(self.next_close) <= now {
-            // Complete here, but closed before its grace if `now` is inside it:
-            // other instances' last ids may not be in Redis yet.
-            self.closing_early = now < self.next_deadline();
-            self.close_next(false);
+    /// Closes everything at shutdown, once every worker is gone (so every id is
+    /// in): windows that ended by `now` are complete; the one containing `now` is
+    /// partial, as is any later one (a clock that stepped back). Returns the store,
+    /// to finish reporting.
+    pub fn finish(mut self, now: SystemTime) -> Box<dyn DedupStore> {
+        let last_open = self.open.keys().next_back().copied();
+        let last = self
+            .length
+            .window_of(now)
+            .max(self.next_close)
+            .max(last_open.unwrap_or(self.next_close));
+        while self.next_close <= last {
+            let stopped_within = self.length.end_of(self.next_close) > now;
+            self.close_next(stopped_within);
         }
-        self.closing_early = true;
-        self.close_next(true);
-        while let Some(&last) = self.open.keys().next_back() {
-            while self.next_close <= last {
-                self.close_next(true);
-            }
-        }
-        self.store.finish(store_deadline);
+        self.store
     }
 
     /// Ids that arrived after their window was closed, since start.
-    pub fn late_ids(&self) -> u64 {
+    /// Ids that arrived after their window was closed, since start.
+    #[cfg(test)]
+    fn late_ids(&self) -> u64 {
         self.telemetry.late_ids.load(Ordering::Relaxed)
     }
 
-    fn close_next(&mut self, partial: bool) {
+    /// Publishes the heartbeat and queue depth, and warns once per window when a
+    /// worker holds up its close.
+    fn beat(&mut self, queued: usize) {
+        let telemetry = &self.telemetry;
+        telemetry
+            .aggregator_heartbeat_ms
+            .store(metrics::now_ms(), Ordering::Relaxed);
+        telemetry
+            .channel_depth
+            .store(queued as u64, Ordering::Relaxed);
+        let due = self.length.end_of(self.next_close);
+        let due_ms = due
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        telemetry.next_close_due_ms.store(due_ms, Ordering::Relaxed);
+        let held_up = SystemTime::now()
+            .duration_since(due)
+            .is_ok_and(|late| late > HELD_UP_AFTER);
+        if held_up && self.warned_held_up != Some(self.next_close) {
+            self.warned_held_up = Some(self.next_close);
+            let waiting_for: Vec<usize> = (0..self.watermarks.len())
+                .filter(|&w| self.watermarks[w] <= self.next_close)
+                .collect();
+            tracing::warn!(
+                window_start = %self.next_close,
+                workers = ?waiting_for,
+                "a window cannot close: these workers have not handed over its ids yet"
+            );
+        }
+    }
+
+    fn close_next(&mut self, stopped_within: bool) {
         let window = self.next_close;
         self.next_close = self.length.next(window);
         // Swap the set out whole: removing it from the map is the close.
@@ -249,8 +291,9 @@ impl Aggregator {
             .open
             .remove(&window)
             .unwrap_or_else(|| OpenWindow::with_capacity(0));
+        let partial = stopped_within || self.started_within == Some(window);
         if !partial {
-            self.capacity_hint = open.ids.len();
+            self.capacity_hint = open.unique as usize;
         }
         if open.endpoints_over_cap > 0 {
             tracing::warn!(
@@ -263,13 +306,15 @@ impl Aggregator {
             Some(_) => Vec::new(),
             None => open.endpoints.into_iter().collect(),
         };
+        self.telemetry
+            .windows_closed
+            .fetch_add(1, Ordering::Relaxed);
         self.store.close(ClosedWindow {
             window,
             ids: open.ids,
+            unique_requests: open.unique,
             endpoints,
             partial,
-            before_grace: self.closing_early,
-            closed_at: Instant::now(),
         });
     }
 }
@@ -280,25 +325,26 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
+    use crate::batch::Batcher;
     use crate::config::CallbackTiming;
     use crate::report::Reporter;
-    use crate::sink::{CountSink, WindowReport};
-    use crate::store::LocalStore;
+    use crate::sink::CountSink;
+    use crate::store::{Admission, LocalStore};
 
     /// A sink that remembers what it was given.
     #[derive(Clone, Default)]
-    struct Recorded(Arc<Mutex<Vec<WindowReport>>>);
+    struct Recorded(Arc<Mutex<Vec<CountRecord>>>);
 
     impl CountSink for Recorded {
-        fn publish(&mut self, report: &WindowReport) {
-            self.0.lock().unwrap().push(*report);
+        fn publish(&mut self, record: &CountRecord) {
+            self.0.lock().unwrap().push(*record);
         }
     }
 
     impl Recorded {
         fn counts(&self) -> Vec<(u64, u64, bool)> {
-            let reports = self.0.lock().unwrap();
-            reports
+            let records = self.0.lock().unwrap();
+            records
                 .iter()
                 .map(|r| (r.window_start.unix_secs(), r.unique_requests, r.partial))
                 .collect()
@@ -309,31 +355,44 @@ mod tests {
         UNIX_EPOCH + Duration::from_millis(ms)
     }
 
+    fn window(secs: u64) -> WindowStart {
+        WindowStart::from_unix_secs(secs)
+    }
+
     fn batch(window_secs: u64, ids: &[i64]) -> Batch {
         with_endpoints(window_secs, ids, &[])
     }
 
     /// A local store reporting to `recorded` and, if given, close-time callbacks.
     fn store(recorded: &Recorded, callbacks: Option<Callbacks>) -> Box<dyn DedupStore> {
-        let reporter = Reporter::new(
-            60,
-            vec![Box::new(recorded.clone())],
-            callbacks,
-            Arc::default(),
-        );
-        Box::new(LocalStore::new(reporter))
+        let reporter = Reporter::new(vec![Box::new(recorded.clone())], callbacks, Arc::default());
+        Box::new(LocalStore::new(reporter, 60))
     }
 
-    /// 60 s windows, 500 ms grace, started at 100.000 s (window 60).
-    fn aggregator() -> (Aggregator, Recorded) {
+    /// 60 s windows, `workers` workers, started at 100.000 s (window 60).
+    fn aggregator_of(workers: usize) -> (Aggregator, Recorded) {
         let recorded = Recorded::default();
         let agg = Aggregator::new(
             WindowLength::from_secs(60),
-            Duration::from_millis(500),
+            workers,
             at_ms(100_000),
             store(&recorded, None),
         );
         (agg, recorded)
+    }
+
+    fn aggregator() -> (Aggregator, Recorded) {
+        aggregator_of(1)
+    }
+
+    /// Every worker of `agg` passes into the window starting at `secs`.
+    fn pass(agg: &mut Aggregator, secs: u64) {
+        for worker in 0..agg.watermarks.len() {
+            agg.advance(Watermark {
+                worker,
+                window: window(secs),
+            });
+        }
     }
 
     #[test]
@@ -341,20 +400,45 @@ mod tests {
         let (mut agg, recorded) = aggregator();
         agg.ingest(batch(60, &[1, 2, 3, 2]));
         agg.ingest(batch(60, &[3, 4, i64::MIN, i64::MAX, 1]));
-        agg.close_due(at_ms(120_500));
-        assert_eq!(recorded.counts(), vec![(60, 6, false)]);
+        pass(&mut agg, 120);
+        assert_eq!(recorded.counts(), vec![(60, 6, true)]);
     }
 
     #[test]
-    fn closes_exactly_at_end_plus_grace() {
-        let (mut agg, recorded) = aggregator();
+    fn a_window_closes_once_every_worker_has_passed_it() {
+        let (mut agg, recorded) = aggregator_of(2);
         agg.ingest(batch(60, &[1]));
-        assert_eq!(agg.next_deadline(), at_ms(120_500));
-        agg.close_due(at_ms(120_499));
+        agg.advance(Watermark {
+            worker: 0,
+            window: window(180),
+        });
         assert_eq!(recorded.counts(), vec![]);
-        agg.close_due(at_ms(120_500));
-        assert_eq!(recorded.counts(), vec![(60, 1, false)]);
-        assert_eq!(agg.next_deadline(), at_ms(180_500));
+        agg.advance(Watermark {
+            worker: 1,
+            window: window(120),
+        });
+        assert_eq!(recorded.counts(), vec![(60, 1, true)]);
+        agg.advance(Watermark {
+            worker: 1,
+            window: window(180),
+        });
+        assert_eq!(recorded.counts(), vec![(60, 1, true), (120, 0, false)]);
+    }
+
+    #[test]
+    fn the_first_window_is_partial_unless_the_service_started_on_its_boundary() {
+        let (mut agg, recorded) = aggregator();
+        pass(&mut agg, 120);
+        let on_boundary = Recorded::default();
+        let mut exact = Aggregator::new(
+            WindowLength::from_secs(60),
+            1,
+            at_ms(60_000),
+            store(&on_boundary, None),
+        );
+        pass(&mut exact, 120);
+        assert_eq!(recorded.counts(), vec![(60, 0, true)]);
+        assert_eq!(on_boundary.counts(), vec![(60, 0, false)]);
     }
 
     #[test]
@@ -363,29 +447,29 @@ mod tests {
         agg.ingest(batch(60, &[7, 8]));
         // The next window's ids may arrive before the previous window closes.
         agg.ingest(batch(120, &[7]));
-        agg.close_due(at_ms(180_500));
-        assert_eq!(recorded.counts(), vec![(60, 2, false), (120, 1, false)]);
+        pass(&mut agg, 180);
+        assert_eq!(recorded.counts(), vec![(60, 2, true), (120, 1, false)]);
     }
 
     #[test]
     fn idle_windows_are_reported_with_zero() {
         let (mut agg, recorded) = aggregator();
         agg.ingest(batch(180, &[1]));
-        agg.close_due(at_ms(240_500));
+        pass(&mut agg, 240);
         assert_eq!(
             recorded.counts(),
-            vec![(60, 0, false), (120, 0, false), (180, 1, false)]
+            vec![(60, 0, true), (120, 0, false), (180, 1, false)]
         );
     }
 
     #[test]
-    fn late_batches_are_counted_apart() {
+    fn ids_for_a_closed_window_are_refused_not_reopened() {
         let (mut agg, recorded) = aggregator();
-        agg.close_due(at_ms(120_500));
+        pass(&mut agg, 120);
         agg.ingest(batch(60, &[1, 2]));
         assert_eq!(agg.late_ids(), 2);
-        agg.close_due(at_ms(180_500));
-        assert_eq!(recorded.counts(), vec![(60, 0, false), (120, 0, false)]);
+        pass(&mut agg, 180);
+        assert_eq!(recorded.counts(), vec![(60, 0, true), (120, 0, false)]);
     }
 
     #[test]
@@ -393,16 +477,29 @@ mod tests {
         let (mut agg, recorded) = aggregator();
         agg.ingest(batch(60, &[1, 2]));
         agg.ingest(batch(120, &[3]));
-        // Shut down 200 ms into window 120, before window 60's grace had passed.
-        agg.finish(at_ms(120_200), Instant::now());
-        assert_eq!(recorded.counts(), vec![(60, 2, false), (120, 1, true)]);
+        // Shut down 200 ms into window 120, before any worker had passed window 60.
+        agg.finish(at_ms(120_200));
+        assert_eq!(recorded.counts(), vec![(60, 2, true), (120, 1, true)]);
+    }
+
+    #[test]
+    fn a_window_that_ends_as_the_service_stops_is_complete() {
+        let recorded = Recorded::default();
+        let agg = Aggregator::new(
+            WindowLength::from_secs(60),
+            1,
+            at_ms(60_000),
+            store(&recorded, None),
+        );
+        agg.finish(at_ms(120_000));
+        assert_eq!(recorded.counts(), vec![(60, 0, false), (120, 0, true)]);
     }
 
     #[test]
     fn finish_reports_later_windows_too() {
         let (mut agg, recorded) = aggregator();
         agg.ingest(batch(180, &[9]));
-        agg.finish(at_ms(100_000), Instant::now());
+        agg.finish(at_ms(100_000));
         assert_eq!(
             recorded.counts(),
             vec![(60, 0, true), (120, 0, true), (180, 1, true)]
@@ -410,30 +507,82 @@ mod tests {
     }
 
     #[test]
-    fn run_drains_the_channel_and_finishes_when_workers_are_gone() {
-        let recorded = Recorded::default();
-        let now = SystemTime::now();
-        let length = WindowLength::from_secs(3600);
-        let agg = Aggregator::new(
-            length,
-            Duration::from_millis(500),
-            now,
-            store(&recorded, None),
-        );
-        let (tx, rx) = flume::bounded(4);
-        let window = length.window_of(now);
-        let thread = std::thread::spawn(move || agg.run(rx, Duration::ZERO));
-        for chunk in [[1, 2], [2, 3], [4, 4]] {
-            tx.send(Batch {
-                window,
-                ids: chunk.to_vec(),
-                endpoints: Vec::new(),
-            })
-            .unwrap();
+    fn counts_are_the_inserts_not_the_set_size() {
+        let (mut agg, recorded) = aggregator();
+        let ids: Vec<i64> = (0..100_000).map(|i| i % 70_001).collect();
+        for chunk in ids.chunks(512) {
+            agg.ingest(batch(60, chunk));
         }
-        drop(tx);
-        thread.join().unwrap();
-        assert_eq!(recorded.counts(), vec![(window.unix_secs(), 4, true)]);
+        pass(&mut agg, 120);
+        assert_eq!(recorded.counts(), vec![(60, 70_001, true)]);
+    }
+
+    /// The case a fixed grace gets wrong: one worker is held up long after the
+    /// window ended, with ids it has already answered `ok` in its batch.
+    #[test]
+    fn a_held_up_worker_keeps_its_window_open_and_loses_no_id() {
+        let (mut agg, recorded) = aggregator_of(2);
+        let (tx, rx) = flume::bounded(64);
+        let mut prompt = Batcher::new(tx.clone(), 512, Admission::default(), 0, window(60));
+        let mut held_up = Batcher::new(tx, 512, Admission::default(), 1, window(60));
+        prompt.push(window(60), 1, None).unwrap();
+        held_up.push(window(60), 2, None).unwrap();
+        held_up.push(window(60), 3, None).unwrap();
+        // The prompt worker flushes at every tick, minutes past the window's end.
+        prompt.flush(window(120));
+        prompt.flush(window(180));
+        prompt.flush(window(240));
+        rx.drain().for_each(|h| agg.receive(h));
+        assert_eq!(recorded.counts(), vec![]);
+        // The held-up worker comes back; its first tick hands its ids over.
+        held_up.flush(window(240));
+        rx.drain().for_each(|h| agg.receive(h));
+        assert_eq!(
+            recorded.counts(),
+            vec![(60, 3, true), (120, 0, false), (180, 0, false)]
+        );
+    }
+
+    #[test]
+    fn run_waits_for_a_held_up_worker_thread_and_finishes_when_workers_are_gone() {
+        let recorded = Recorded::default();
+        let length = WindowLength::from_secs(1);
+        let started_at = SystemTime::now();
+        let first = length.window_of(started_at);
+        let agg = Aggregator::new(length, 2, started_at, store(&recorded, None));
+        let (tx, rx) = flume::bounded(64);
+        let aggregator = std::thread::spawn(move || agg.run(rx));
+        let mut prompt = Batcher::new(tx.clone(), 512, Admission::default(), 0, first);
+        let mut held_up = Batcher::new(tx, 512, Admission::default(), 1, first);
+        prompt.push(first, 1, None).unwrap();
+        held_up.push(first, 2, None).unwrap();
+        // The prompt worker ticks on past the window's end; the other one sleeps
+        // through it, as a descheduled thread would, holding an accepted id.
+        let past = length.next(length.next(first));
+        while length.window_of(SystemTime::now()) < past {
+            prompt.flush(length.window_of(SystemTime::now()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        prompt.flush(past);
+        assert!(
+            recorded.counts().is_empty(),
+            "closed without the held-up worker"
+        );
+        held_up.flush(past);
+        let closed = |r: &Recorded| r.counts().first().copied();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while closed(&recorded).is_none() {
+            assert!(std::time::Instant::now() < deadline, "never closed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            closed(&recorded).map(|c| (c.0, c.1)),
+            Some((first.unix_secs(), 2))
+        );
+        prompt.finish();
+        held_up.finish();
+        drop((prompt, held_up));
+        aggregator.join().unwrap().finish(std::time::Instant::now());
     }
 
     fn with_endpoints(window_secs: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
@@ -455,7 +604,7 @@ mod tests {
         };
         let agg = Aggregator::new(
             WindowLength::from_secs(60),
-            Duration::from_millis(500),
+            1,
             at_ms(100_000),
             store(&Recorded::default(), at_close),
         );
@@ -467,9 +616,9 @@ mod tests {
             .map(|j| {
                 (
                     j.endpoint.to_string(),
-                    j.window_start.unix_secs(),
-                    j.unique_requests,
-                    j.final_count,
+                    j.record.window_start.unix_secs(),
+                    j.record.unique_requests,
+                    j.record.is_final(),
                 )
             })
             .collect()
@@ -478,22 +627,30 @@ mod tests {
     #[test]
     fn close_mode_calls_each_endpoint_once_per_window_with_the_final_count() {
         let (mut agg, jobs) = with_calls(CallbackTiming::Close, 10);
-        agg.ingest(with_endpoints(60, &[1, 2], &["http://a/", "http://b/"]));
-        agg.ingest(with_endpoints(60, &[2, 3], &["http://a/"]));
-        agg.ingest(with_endpoints(120, &[1], &["http://a/"]));
+        agg.ingest(with_endpoints(120, &[1, 2], &["http://a/", "http://b/"]));
+        agg.ingest(with_endpoints(120, &[2, 3], &["http://a/"]));
+        agg.ingest(with_endpoints(180, &[1], &["http://a/"]));
         assert_eq!(calls(&jobs), vec![]);
-        agg.close_due(at_ms(120_500));
+        pass(&mut agg, 180);
         let mut got = calls(&jobs);
         got.sort();
         assert_eq!(
             got,
             vec![
-                ("http://a/".into(), 60, 3, true),
-                ("http://b/".into(), 60, 3, true)
+                ("http://a/".into(), 120, 3, true),
+                ("http://b/".into(), 120, 3, true)
             ]
         );
-        agg.close_due(at_ms(180_500));
-        assert_eq!(calls(&jobs), vec![("http://a/".into(), 120, 1, true)]);
+        pass(&mut agg, 240);
+        assert_eq!(calls(&jobs), vec![("http://a/".into(), 180, 1, true)]);
+    }
+
+    #[test]
+    fn a_partial_window_is_not_final_for_callbacks() {
+        let (mut agg, jobs) = with_calls(CallbackTiming::Close, 10);
+        agg.ingest(with_endpoints(60, &[1], &["http://a/"]));
+        pass(&mut agg, 120);
+        assert_eq!(calls(&jobs), vec![("http://a/".into(), 60, 1, false)]);
     }
 
     #[test]
@@ -508,7 +665,7 @@ mod tests {
                 ("http://a/".into(), 60, 4, false)
             ]
         );
-        agg.close_due(at_ms(120_500));
+        pass(&mut agg, 120);
         assert_eq!(calls(&jobs), vec![], "no extra call at close");
     }
 
@@ -521,7 +678,7 @@ mod tests {
             &["http://a/", "http://b/", "http://c/"],
         ));
         agg.ingest(with_endpoints(60, &[2], &["http://a/", "http://d/"]));
-        agg.close_due(at_ms(120_500));
+        pass(&mut agg, 120);
         let mut got: Vec<_> = calls(&jobs).into_iter().map(|c| c.0).collect();
         got.sort();
         assert_eq!(got, vec!["http://a/", "http://b/"]);

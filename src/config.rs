@@ -37,10 +37,6 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub window_secs: u64,
 
-    /// How long after a window ends it is closed and counted, in milliseconds [default: 500, 2000 with Redis].
-    #[arg(long, env = "VERVE_WINDOW_GRACE_MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub window_grace_ms: Option<u64>,
-
     /// Where window counts go, comma-separated: log (the count log file), kafka.
     #[arg(
         long,
@@ -58,6 +54,10 @@ pub struct Config {
         default_value = "logs/unique-requests.log"
     )]
     pub count_log: PathBuf,
+
+    /// Format of the count log: text (tracing lines, key=value) or json (each line the count record).
+    #[arg(long, env = "VERVE_COUNT_LOG_FORMAT", value_enum, default_value_t = CountLogFormat::Text)]
+    pub count_log_format: CountLogFormat,
 
     /// I/O driver of the worker runtimes: epoll (measured faster here), uring, or auto (io_uring when the kernel allows it).
     #[arg(long, env = "VERVE_IO_DRIVER", value_enum, default_value_t = IoDriver::Epoll)]
@@ -145,7 +145,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub redis_timeout_ms: u64,
 
-    /// This instance's name in Redis (the elected reporter of a window) [default: host name and process id].
+    /// How long after a window ends the fleet waits for every instance before publishing anyway (complete=false), in milliseconds; also how long a silent instance still counts as live.
+    #[arg(long, env = "VERVE_FLEET_WAIT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub fleet_wait_ms: u64,
+
+    /// This instance's name in the fleet, unique among the instances sharing Redis [default: host name and process id].
     #[arg(long, env = "VERVE_INSTANCE")]
     pub instance: Option<String>,
 
@@ -237,6 +242,15 @@ pub enum SinkKind {
     Kafka,
 }
 
+/// How the count log writes a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CountLogFormat {
+    /// One `tracing` line per record, its fields as key=value.
+    Text,
+    /// One JSON document per line: the record, as Kafka and callbacks get it.
+    Json,
+}
+
 /// How an endpoint is told the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CallbackMethod {
@@ -276,20 +290,6 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let grace = self.grace_ms();
-        if grace <= self.flush_ms {
-            return Err(ConfigError(format!(
-                "VERVE_WINDOW_GRACE_MS ({grace}) must be larger than VERVE_FLUSH_MS ({}): \
-                 a window may only close after the workers' last batches for it have arrived",
-                self.flush_ms
-            )));
-        }
-        if grace >= self.window_secs * 1000 {
-            return Err(ConfigError(format!(
-                "VERVE_WINDOW_GRACE_MS ({grace}) must be shorter than the window ({} s)",
-                self.window_secs
-            )));
-        }
         if self.max_request_line_bytes + 4 > self.max_head_bytes {
             return Err(ConfigError(format!(
                 "VERVE_MAX_REQUEST_LINE_BYTES ({}) must be at least 4 less than \
@@ -325,14 +325,7 @@ impl Config {
             .collect()
     }
 
-    /// The grace in milliseconds: as configured, else 500, or 2000 with Redis (time
-    /// for other instances' last batches to reach Redis too).
-    fn grace_ms(&self) -> u64 {
-        let default = if self.redis_url.is_some() { 2_000 } else { 500 };
-        self.window_grace_ms.unwrap_or(default)
-    }
-
-    /// The name this instance writes to Redis: as configured, else `<host>-<pid>`.
+    /// This instance's name in the fleet: as configured, else `<host>-<pid>`.
     pub fn instance_name(&self) -> String {
         self.instance.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -352,16 +345,16 @@ impl Config {
         WindowLength::from_secs(self.window_secs)
     }
 
-    pub fn window_grace(&self) -> Duration {
-        Duration::from_millis(self.grace_ms())
-    }
-
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_ms)
     }
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    pub fn fleet_wait(&self) -> Duration {
+        Duration::from_millis(self.fleet_wait_ms)
     }
 
     /// What a client may ask of the server: request sizes, timeouts, connections.
@@ -456,7 +449,8 @@ mod tests {
         let c = load(&[]).unwrap();
         assert_eq!(c.addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.window_secs, 60);
-        assert_eq!(c.window_grace(), Duration::from_millis(500));
+        assert_eq!(c.fleet_wait(), Duration::from_millis(5000));
+        assert_eq!(c.count_log_format, CountLogFormat::Text);
         assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
         assert_eq!(c.io_driver, IoDriver::Epoll);
         assert_eq!(c.sinks, vec![SinkKind::Log]);
@@ -538,31 +532,5 @@ mod tests {
             ("acks".to_owned(), "all".to_owned()),
         ];
         assert_eq!(c.kafka_extra().unwrap(), extra);
-    }
-
-    #[test]
-    fn redis_lengthens_the_default_grace() {
-        let c = load(&["--redis-url", "redis://127.0.0.1:6379/0"]).unwrap();
-        assert_eq!(c.window_grace(), Duration::from_millis(2000));
-        let c = load(&[
-            "--redis-url",
-            "redis://127.0.0.1:6379/0",
-            "--window-grace-ms",
-            "700",
-        ])
-        .unwrap();
-        assert_eq!(c.window_grace(), Duration::from_millis(700));
-    }
-
-    #[test]
-    fn grace_must_outlast_the_flush_interval() {
-        let err = load(&["--window-grace-ms", "2", "--flush-ms", "2"]).unwrap_err();
-        assert!(err
-            .to_string()
-            .starts_with("VERVE_WINDOW_GRACE_MS (2) must be larger"));
-        let err = load(&["--window-secs", "1", "--window-grace-ms", "1000"]).unwrap_err();
-        assert!(err
-            .to_string()
-            .starts_with("VERVE_WINDOW_GRACE_MS (1000) must be shorter"));
     }
 }

@@ -23,6 +23,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if std::env::var_os("VERVE_WINDOW_GRACE_MS").is_some() {
+        tracing::warn!(
+            "VERVE_WINDOW_GRACE_MS is no longer read: a window closes once every worker has \
+             handed over its ids, and in Redis mode VERVE_FLEET_WAIT_MS bounds the fleet's wait"
+        );
+    }
     // Registered before start-up so that a signal during start-up is not lost.
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(signals) => signals,

@@ -115,8 +115,12 @@ pub struct Telemetry {
     workers: Mutex<Vec<Arc<WorkerCounters>>>,
     window_secs: AtomicU64,
     pub windows_closed: AtomicU64,
+    /// Count records this instance published (each revision once, fleet-wide).
+    pub records_published: AtomicU64,
     pub last_window_unique: AtomicU64,
     pub late_ids: AtomicU64,
+    /// When the oldest open window ended (or will end), in ms since the epoch.
+    pub next_close_due_ms: AtomicU64,
     /// Batches waiting for the aggregator, as last seen by it.
     pub channel_depth: AtomicU64,
     /// When the aggregator last went round its loop, in ms since the epoch.
@@ -127,6 +131,8 @@ pub struct Telemetry {
     pub redis_buffered_ids: AtomicU64,
     pub redis_rounds: AtomicU64,
     pub redis_errors: AtomicU64,
+    /// Windows sent to Redis again because it had lost this instance's ids.
+    pub redis_replays: AtomicU64,
     /// Since when Redis has been unreachable, in ms since the epoch; 0 while reachable.
     pub redis_down_since_ms: AtomicU64,
     pub kafka_delivered: AtomicU64,
@@ -140,7 +146,8 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// An aggregator that has not gone round its loop for this long is stalled.
+/// An aggregator that has not gone round its loop for this long is stalled; a
+/// window still open this long after its end is held up by a worker.
 const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 impl Telemetry {
@@ -193,6 +200,10 @@ impl Telemetry {
         if now.saturating_sub(heartbeat) > STALLED_AFTER.as_millis() as u64 {
             return Err("aggregator stalled");
         }
+        let due = self.next_close_due_ms.load(Ordering::Relaxed);
+        if due > 0 && now.saturating_sub(due) > STALLED_AFTER.as_millis() as u64 {
+            return Err("a worker is holding up the close of a window");
+        }
         let capacity = self.redis_buffer_capacity.load(Ordering::Relaxed);
         if capacity > 0 && self.redis_buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
             return Err("dedup buffer over 90%");
@@ -235,7 +246,7 @@ impl Telemetry {
                 }
             }
         }
-        let simple: [(&str, &str, &str, u64); 13] = [
+        let simple: [(&str, &str, &str, u64); 15] = [
             (
                 "verve_ids_accepted_total",
                 "counter",
@@ -261,6 +272,12 @@ impl Telemetry {
                 load(&self.windows_closed),
             ),
             (
+                "verve_records_published_total",
+                "counter",
+                "Count records this instance published (in Redis mode, each revision by one instance).",
+                load(&self.records_published),
+            ),
+            (
                 "verve_last_window_unique_requests",
                 "gauge",
                 "Unique ids of the last reported window.",
@@ -269,7 +286,7 @@ impl Telemetry {
             (
                 "verve_late_ids_total",
                 "counter",
-                "Ids that arrived after their window closed (not counted).",
+                "Ids that arrived after their window closed (not counted; a bug if not 0).",
                 load(&self.late_ids),
             ),
             (
@@ -289,6 +306,12 @@ impl Telemetry {
                 "counter",
                 "Failed Redis rounds (retried).",
                 load(&self.redis_errors),
+            ),
+            (
+                "verve_redis_replays_total",
+                "counter",
+                "Windows sent to Redis again because it had lost this instance's ids.",
+                load(&self.redis_replays),
             ),
             (
                 "verve_redis_buffered_ids",
@@ -431,6 +454,16 @@ mod tests {
         telemetry
             .aggregator_heartbeat_ms
             .store(now_ms(), Ordering::Relaxed);
+        telemetry
+            .next_close_due_ms
+            .store(now_ms() - 6_000, Ordering::Relaxed);
+        assert_eq!(
+            telemetry.health(),
+            Err("a worker is holding up the close of a window")
+        );
+        telemetry
+            .next_close_due_ms
+            .store(now_ms() + 60_000, Ordering::Relaxed);
         telemetry
             .redis_buffer_capacity
             .store(100, Ordering::Relaxed);

@@ -2,7 +2,8 @@
 //!
 //! [`Verve::start`] returns once every worker listens, so a caller (the binary, or a
 //! test) can connect at once; [`Verve::shutdown`] returns once every accepted id
-//! has been counted and every window reported.
+//! has been counted and every window reported, or at its deadline: the drain time
+//! plus a fixed margin, whatever Redis, Kafka and the callback endpoints are doing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,13 +18,17 @@ use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::report::Reporter;
-use crate::server::{claim_address, file_limit, Driver, Workers};
+use crate::server::{claim_address, file_limit, Driver, Intake, Workers};
 use crate::sink::{CountSink, KafkaSettings, KafkaSink, LogSink};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// Descriptors kept aside for everything but client connections: listeners, logs,
 /// Redis, Kafka, callbacks.
 const SPARE_FILES: u64 = 1024;
+
+/// Shutdown ends at most this long after `VERVE_SHUTDOWN_DRAIN_MS`: time for the
+/// last windows to reach Redis, Kafka and the endpoints after connections drained.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 
 /// Raises the open-file limit as far as allowed and warns when it is still below
 /// what the connection cap needs; returns the limit (0 if unknown).
@@ -53,10 +58,10 @@ pub struct Verve {
     addr: SocketAddr,
     driver: Driver,
     workers: Workers,
-    aggregator: JoinHandle<()>,
+    /// Returns the dedup store once every window is closed, for it to finish reporting.
+    aggregator: JoinHandle<Box<dyn DedupStore>>,
     dispatcher: Dispatcher,
-    /// How long shutdown waits for callbacks still in flight.
-    callback_timeout: Duration,
+    drain: Duration,
 }
 
 impl Verve {
@@ -74,10 +79,10 @@ impl Verve {
             CallbackTiming::Close => (Some(callbacks), None),
             CallbackTiming::Immediate => (None, Some(callbacks)),
         };
-        let reporter = Reporter::new(config.window_secs, sinks, at_close, telemetry.clone());
+        let reporter = Reporter::new(sinks, at_close, telemetry.clone());
         let admission = Admission::default();
         let store: Box<dyn DedupStore> = match &config.redis_url {
-            None => Box::new(LocalStore::new(reporter)),
+            None => Box::new(LocalStore::new(reporter, config.window_secs)),
             Some(url) => {
                 let settings = RedisSettings {
                     url: url.clone(),
@@ -86,6 +91,7 @@ impl Verve {
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     instance: config.instance_name(),
                     window_secs: config.window_secs,
+                    fleet_wait: config.fleet_wait(),
                 };
                 Box::new(
                     RedisStore::start(settings, reporter, admission.clone(), telemetry.clone())
@@ -95,34 +101,30 @@ impl Verve {
         };
 
         let open_files = ensure_file_limit(config);
-        let (batches, received) = flume::bounded(config.queue_batches as usize);
+        let (handoffs, received) = flume::bounded(config.queue_batches as usize);
         // Taken before any worker accepts, so no request predates the first window.
         let started_at = SystemTime::now();
-        let workers = Workers::start(
-            config,
-            addr,
-            driver,
-            &callback_policy,
-            &admission,
-            &telemetry,
-            &batches,
-        )?;
+        let intake = Intake {
+            handoffs,
+            first_window: config.window_length().window_of(started_at),
+            admission,
+        };
+        let workers = Workers::start(config, addr, driver, &callback_policy, &telemetry, &intake)?;
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
-        drop(batches);
+        drop(intake);
 
         let aggregator = Aggregator::new(
             config.window_length(),
-            config.window_grace(),
+            config.worker_count(),
             started_at,
             store,
         )
         .with_endpoints(config.callback_max_endpoints as usize, immediate)
         .with_telemetry(telemetry);
-        let store_deadline = config.shutdown_drain();
         let aggregator = match std::thread::Builder::new()
             .name("verve-aggregator".into())
-            .spawn(move || aggregator.run(received, store_deadline))
+            .spawn(move || aggregator.run(received))
         {
             Ok(thread) => thread,
             Err(err) => {
@@ -141,20 +143,18 @@ impl Verve {
             callback_method = %names(&[config.callback_method]),
             callback_timing = %names(&[config.callback_timing]),
             window_secs = config.window_secs,
-            window_grace_ms = config.window_grace().as_millis() as u64,
             count_log = %config.count_log.display(),
             max_connections = config.max_connections,
             open_files,
             "verve listening"
         );
-        let callback_timeout = Duration::from_millis(config.callback_timeout_ms);
         Ok(Verve {
             addr,
             driver,
             workers,
             aggregator,
             dispatcher,
-            callback_timeout,
+            drain: config.shutdown_drain(),
         })
     }
 
@@ -168,16 +168,20 @@ impl Verve {
         self.driver
     }
 
-    /// Stops accepting, drains connections, counts every accepted id, reports the
-    /// open window as partial, gives the last callbacks up to one callback timeout,
-    /// and returns when all of that is done.
+    /// Stops accepting, drains connections (for at most `VERVE_SHUTDOWN_DRAIN_MS`),
+    /// counts every accepted id, reports the open window as partial, and lets the
+    /// store, the sinks and the callbacks deliver what they can until the drain
+    /// time plus [`SHUTDOWN_MARGIN`] from now; returns by then.
     pub fn shutdown(self) {
+        let deadline = Instant::now() + self.drain + SHUTDOWN_MARGIN;
         self.workers.stop();
-        if self.aggregator.join().is_err() {
-            tracing::error!("the aggregator panicked; the last windows may be unreported");
+        match self.aggregator.join() {
+            Ok(store) => store.finish(deadline),
+            Err(_) => {
+                tracing::error!("the aggregator panicked; the last windows may be unreported")
+            }
         }
-        self.dispatcher
-            .finish(Instant::now() + self.callback_timeout);
+        self.dispatcher.finish(deadline);
     }
 }
 
@@ -199,14 +203,16 @@ fn open_sinks(
     let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
-            SinkKind::Log => sinks.push(Box::new(LogSink::open(&config.count_log)?)),
+            SinkKind::Log => sinks.push(Box::new(LogSink::open(
+                &config.count_log,
+                config.count_log_format,
+            )?)),
             SinkKind::Kafka => {
                 let settings = KafkaSettings {
                     brokers: config.kafka_brokers.clone(),
                     topic: config.kafka_topic.clone(),
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
                     extra: config.kafka_extra()?,
-                    instance: config.instance_name(),
                 };
                 sinks.push(Box::new(
                     KafkaSink::new(&settings, telemetry.clone()).map_err(StartError::Kafka)?,

@@ -73,40 +73,22 @@ impl WindowLength {
 /// Formats as RFC 3339 in UTC with a `Z` suffix, e.g. `2026-11-21T10:05:00Z`.
 impl fmt::Display for WindowStart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let days = self.0 / 86_400;
-        let secs_of_day = self.0 % 86_400;
-        let (year, month, day) = civil_from_days(days);
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-            secs_of_day / 3600,
-            secs_of_day / 60 % 60,
-            secs_of_day % 60
-        )
+        if self.0 > LAST_RFC3339_SECOND {
+            // Past year 9999, which RFC 3339 cannot write; only a clock gone wild gets here.
+            return write!(f, "@{}", self.0);
+        }
+        humantime::format_rfc3339_seconds(self.as_system_time()).fmt(f)
     }
 }
 
-/// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day).
-///
-/// Howard Hinnant's `civil_from_days`, restricted to dates on or after the epoch:
-/// eras of 400 years repeat exactly, so the date within an era follows from the day
-/// of the era by integer arithmetic alone.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153; // March = 0
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+/// The last second of year 9999.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// As its RFC 3339 text, the form every count record carries.
+impl serde::Serialize for WindowStart {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 #[cfg(test)]
@@ -174,25 +156,11 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates_agree_with_a_day_by_day_walk() {
-        let days_in = |y: u64, m: u64| match m {
-            2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-            2 => 28,
-            4 | 6 | 9 | 11 => 30,
-            _ => 31,
-        };
-        let (mut y, mut m, mut d) = (1970, 1, 1);
-        for days in 0..200_000 {
-            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
-            d += 1;
-            if d > days_in(y, m) {
-                d = 1;
-                m += 1;
-                if m > 12 {
-                    m = 1;
-                    y += 1;
-                }
-            }
-        }
+    fn beyond_year_9999_falls_back_to_unix_seconds() {
+        assert_eq!(
+            WindowStart(253_402_300_799).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(WindowStart(253_402_300_800).to_string(), "@253402300800");
     }
 }

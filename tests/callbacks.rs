@@ -33,12 +33,24 @@ fn post_at_close_calls_each_endpoint_once_with_the_final_count() {
     for call in &calls {
         assert_eq!(call.method, "POST");
         assert_eq!(call.header("content-type"), Some("application/json"));
+        let mut body = call.json();
+        let published_at = body["published_at"].take();
+        assert!(
+            published_at.as_str().is_some_and(|at| at.ends_with('Z')),
+            "{published_at}"
+        );
         assert_eq!(
-            call.json(),
+            body,
             serde_json::json!({
                 "window_start": window.to_string(),
                 "window_seconds": common::WINDOW_SECS,
                 "unique_requests": 41,
+                "scope": "instance",
+                "revision": 1,
+                "complete": true,
+                "partial": false,
+                "instances": 1,
+                "published_at": null,
                 "final": true,
             })
         );

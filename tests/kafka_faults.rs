@@ -7,24 +7,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::kafka::{consumer, read_for, read_until};
+use common::kafka::{all_records, consumer, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use verve::metrics::Telemetry;
-use verve::sink::{CountSink, KafkaSettings, KafkaSink, Scope, WindowReport};
+use verve::report::{CountRecord, Scope, Timestamp};
+use verve::sink::{CountSink, KafkaSettings, KafkaSink};
 use verve::window::WindowStart;
 
 const TOPIC: &str = "counts";
 
-fn report(start: u64, unique_requests: u64) -> WindowReport {
-    WindowReport {
+fn report(start: u64, unique_requests: u64) -> CountRecord {
+    CountRecord {
         window_start: WindowStart::from_unix_secs(start),
-        window_secs: 60,
+        window_seconds: 60,
         unique_requests,
         scope: Scope::Instance,
+        revision: 1,
+        complete: true,
         partial: false,
-        late: false,
-        reporter: true,
+        instances: 1,
+        published_at: Timestamp::from_unix_millis((start + 60) * 1000 + 12),
     }
 }
 
@@ -47,7 +50,6 @@ fn sink(
             // verve's default, ten minutes, outlasts the outage as in production.
             message_timeout: Duration::from_secs(600),
             extra: vec![],
-            instance: "test".to_owned(),
         },
         telemetry.clone(),
     )
@@ -95,9 +97,11 @@ fn a_record_published_during_a_broker_outage_is_delivered_once_after_it() {
             "window_seconds": 60,
             "unique_requests": 42,
             "scope": "instance",
-            "instance": "test",
-            "late": false,
+            "revision": 1,
+            "complete": true,
             "partial": false,
+            "instances": 1,
+            "published_at": "2026-11-21T10:06:00.012Z",
         })
     );
 }
@@ -124,35 +128,11 @@ fn transient_produce_errors_are_retried_without_duplicates() {
     sink.flush(Instant::now() + Duration::from_secs(30));
     assert_eq!(delivered(&telemetry), 3);
 
-    let consumer = consumer(&cluster.bootstrap_servers(), TOPIC);
-    let records = read_until(&consumer, Duration::from_secs(20), |r| r.len() >= 3);
-    // Anything beyond the three would be a duplicate; give it a moment to show.
-    let extra = read_for(&consumer, Duration::from_secs(3));
-    assert!(extra.is_empty(), "duplicates: {extra:?}");
+    // Every record the partition holds: a duplicate would be a fourth.
+    let records = all_records(&cluster.bootstrap_servers(), TOPIC, Duration::from_secs(20));
     let counts: Vec<_> = records
         .iter()
         .map(|r| r.value["unique_requests"].as_u64().unwrap())
         .collect();
     assert_eq!(counts, [0, 1, 2]);
-}
-
-#[test]
-fn only_the_reporter_publishes() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let (mut sink, _) = sink(&cluster);
-    sink.publish(&WindowReport {
-        reporter: false,
-        ..report(1_795_255_500, 1)
-    });
-    sink.publish(&WindowReport {
-        scope: Scope::Global,
-        ..report(1_795_255_560, 2)
-    });
-    sink.flush(Instant::now() + Duration::from_secs(10));
-    let consumer = consumer(&cluster.bootstrap_servers(), TOPIC);
-    let mut records = read_until(&consumer, Duration::from_secs(20), |r| !r.is_empty());
-    records.extend(read_for(&consumer, Duration::from_secs(2)));
-    assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!(records[0].value["scope"], "global");
 }

@@ -1,4 +1,6 @@
 //! Exact dedup across instances through a real redis-server, and Redis outages.
+//! The fleet protocol under real trouble (stalls, crashes, lost data) is in
+//! tests/fleet.rs.
 
 mod common;
 
@@ -6,23 +8,16 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::redis_server::{free_port, RedisServer};
-use common::{accept_all, distinct, window_length, within_one_window, Client, Verve};
-
-/// 2 s windows need a grace shorter than the 2 s Redis default.
-fn verve_with(redis_url: &str, extra: &[(&str, &str)]) -> Verve {
-    let mut env = vec![
-        ("VERVE_REDIS_URL", redis_url),
-        ("VERVE_WINDOW_GRACE_MS", "1000"),
-    ];
-    env.extend_from_slice(extra);
-    Verve::start(&env)
-}
+use common::{
+    accept_all, distinct, eventually, fleet_member, metric, within_one_window, Client, Verve,
+};
+use verve::window::WindowLength;
 
 #[test]
-fn two_instances_count_each_id_once_and_elect_one_reporter() {
+fn two_instances_count_each_id_once_and_publish_one_record() {
     let redis = RedisServer::start();
-    let a = verve_with(&redis.url(), &[("VERVE_INSTANCE", "a")]);
-    let b = verve_with(&redis.url(), &[("VERVE_INSTANCE", "b")]);
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&redis.url(), "b", &[]);
     let only_a: Vec<i64> = (0..300).collect();
     let only_b: Vec<i64> = (200..500).collect();
     let both: Vec<i64> = (1000..1100).collect();
@@ -38,81 +33,83 @@ fn two_instances_count_each_id_once_and_elect_one_reporter() {
     let expected = distinct(only_a.iter().chain(&only_b).chain(&both).copied());
     assert_eq!(expected, 600);
     let (line_a, line_b) = (a.wait_for_window(window), b.wait_for_window(window));
-    for line in [&line_a, &line_b] {
-        assert_eq!(
-            (line.unique_requests, line.scope.as_str(), line.late),
-            (expected, "global", false)
-        );
-    }
-    assert!(
-        line_a.reporter != line_b.reporter,
-        "exactly one reporter: {line_a:?} {line_b:?}"
+    assert_eq!(line_a, line_b, "both instances log the fleet's record");
+    assert_eq!(
+        (
+            line_a.unique_requests,
+            line_a.scope.as_str(),
+            line_a.revision,
+            line_a.complete,
+            line_a.partial,
+            line_a.instances
+        ),
+        (expected, "global", 1, true, false, 2)
     );
-    let key = format!("verve:{{{window}}}");
-    let holder: String = redis::cmd("GET")
-        .arg(format!("{key}:reporter"))
-        .query(&mut redis.connection())
-        .unwrap();
-    assert_eq!(holder, if line_a.reporter { "a" } else { "b" });
+    // One of the two published it, once: by the next window there is no revision.
+    a.wait_for_window(common::window_length().next(window));
+    assert_eq!(redis.record_field(window, "revision").as_deref(), Some("1"));
+    let by = redis.record_field(window, "by").unwrap();
+    assert!(by.starts_with("a/") || by.starts_with("b/"), "{by}");
     let ttl: i64 = redis::cmd("TTL")
-        .arg(&key)
+        .arg(format!("verve:{{{window}}}"))
         .query(&mut redis.connection())
         .unwrap();
     assert!(ttl > 0, "window keys expire: ttl {ttl}");
 }
 
 #[test]
-fn a_redis_restart_mid_window_loses_nothing_and_reports_late() {
+fn a_redis_restart_mid_window_loses_nothing() {
     let mut redis = RedisServer::start();
-    let verve = verve_with(&redis.url(), &[]);
-    let (window, ()) = within_one_window(|| {
+    let verve = fleet_member(&redis.url(), "solo", &[]);
+    let closed = |v: &Verve| metric(&v.scrape(), "verve_windows_closed_total");
+    let (window, closed_before) = within_one_window(|| {
         let mut client = Client::connect(verve.addr);
         accept_all(&mut client, 1..=100);
         // Let the first ids reach Redis, then lose them with it.
-        let key = format!("verve:{{{}}}", window_length().window_of(SystemTime::now()));
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while redis::cmd("SCARD")
-            .arg(&key)
-            .query::<u64>(&mut redis.connection())
-            .unwrap()
-            < 100
-        {
-            assert!(Instant::now() < deadline, "ids never reached Redis");
-            thread::sleep(Duration::from_millis(5));
-        }
+        let window = common::window_length().window_of(std::time::SystemTime::now());
+        eventually(
+            Duration::from_secs(1),
+            || "the first ids in Redis".into(),
+            || (redis.scard(window) == 100).then_some(()),
+        );
         redis.kill();
         accept_all(&mut client, 101..=200);
+        closed(&verve)
     });
-    // Redis stays down until the window's close time (end + 1 s grace) has passed.
-    let closes_at = window_length().end_of(window) + Duration::from_millis(1000);
-    while SystemTime::now() < closes_at + Duration::from_millis(300) {
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        verve
-            .windows()
-            .iter()
-            .all(|l| l.window_start != window.to_string()),
-        "reported without Redis"
+    // Redis stays down until the window has closed on the instance.
+    eventually(
+        Duration::from_secs(10),
+        || "the window to close".into(),
+        || (closed(&verve) > closed_before).then_some(()),
     );
+    let unpublished = |v: &Verve| {
+        v.windows()
+            .iter()
+            .all(|l| l.window_start != window.to_string())
+    };
+    assert!(unpublished(&verve), "published without Redis");
     redis.restart();
     let line = verve.wait_for_window(window);
     assert_eq!(
-        (line.unique_requests, line.scope.as_str(), line.late),
+        (line.unique_requests, line.scope.as_str(), line.complete),
         (200, "global", true)
     );
     assert!(
-        verve.stderr_text().contains("Redis restarted empty"),
+        verve
+            .stderr_text()
+            .contains("Redis lost this instance's ids"),
         "{}",
         verve.stderr_text()
     );
+    assert!(metric(&verve.scrape(), "verve_redis_replays_total") >= 1);
 }
 
 #[test]
 fn redis_never_reachable_keeps_answering_and_refuses_once_the_buffer_is_full() {
     let url = format!("redis://127.0.0.1:{}/0", free_port());
-    let mut verve = verve_with(
+    let mut verve = fleet_member(
         &url,
+        "lonely",
         &[
             ("VERVE_REDIS_BUFFER_IDS", "50"),
             ("VERVE_REDIS_TIMEOUT_MS", "100"),
@@ -143,7 +140,7 @@ fn redis_never_reachable_keeps_answering_and_refuses_once_the_buffer_is_full() {
 #[test]
 fn a_slow_redis_does_not_hold_up_clients() {
     let redis = RedisServer::start();
-    let verve = verve_with(&redis.url(), &[("VERVE_REDIS_TIMEOUT_MS", "300")]);
+    let verve = fleet_member(&redis.url(), "patient", &[]);
     let (window, answered_while_asleep) = within_one_window(|| {
         let sleeper = thread::spawn({
             let mut connection = redis.connection();
@@ -166,27 +163,83 @@ fn a_slow_redis_does_not_hold_up_clients() {
 }
 
 #[test]
-fn a_window_cut_short_by_shutdown_is_logged_but_not_claimed() {
+fn the_last_instance_to_leave_publishes_the_window_cut_short() {
     let redis = RedisServer::start();
-    let verve = Verve::start(&[
-        ("VERVE_REDIS_URL", redis.url().as_str()),
-        ("VERVE_WINDOW_SECS", "3600"),
-        ("VERVE_INSTANCE", "leaving"),
-    ]);
+    let verve = fleet_member(&redis.url(), "last", &[("VERVE_WINDOW_SECS", "3600")]);
     accept_all(&mut Client::connect(verve.addr), 1..=40);
     let (status, lines) = verve.terminate();
     assert!(status.success());
     let last = lines.last().expect("a count line");
     assert_eq!(
-        (last.unique_requests, last.partial, last.reporter),
-        (40, true, false),
+        (
+            last.unique_requests,
+            last.partial,
+            last.complete,
+            last.revision
+        ),
+        (40, true, true, 1),
         "{lines:?}"
     );
-    // The election is left to an instance that closes the window normally.
-    let key = format!("verve:{{{}}}:reporter", last.window_start);
-    let holder: Option<String> = redis::cmd("GET")
-        .arg(key)
+}
+
+#[test]
+fn an_instance_leaving_mid_window_leaves_the_window_to_the_others() {
+    let redis = RedisServer::start();
+    // Windows long enough that the leaving instance stops well within one.
+    let length = WindowLength::from_secs(5);
+    let env = [("VERVE_WINDOW_SECS", "5")];
+    let leaving = fleet_member(&redis.url(), "leaving", &env);
+    let staying = fleet_member(&redis.url(), "staying", &env);
+    let window = common::start_of_next_window(length);
+    accept_all(&mut Client::connect(leaving.addr), 1..=40);
+    accept_all(&mut Client::connect(staying.addr), 30..=60);
+    let (status, lines) = leaving.terminate();
+    assert!(status.success());
+    assert_eq!(
+        length.window_of(SystemTime::now()),
+        window,
+        "this machine took 5 s to stop an instance"
+    );
+    let window_start = window.to_string();
+    assert!(
+        lines.iter().all(|l| l.window_start != window_start),
+        "the leaving instance published {window}: {lines:?}"
+    );
+    let line = staying.wait_for_window(window);
+    assert_eq!(
+        (
+            line.unique_requests,
+            line.complete,
+            line.partial,
+            line.instances
+        ),
+        (60, true, false, 2)
+    );
+    assert_eq!(redis.mark(window, "leaving").as_deref(), Some("partial"));
+}
+
+#[test]
+fn a_user_without_info_or_config_rights_is_enough() {
+    let redis = RedisServer::start();
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "plain",
+                "on",
+                ">secret",
+                "~verve:*",
+                "+@all",
+                "-@dangerous",
+            ][..],
+        )
         .query(&mut redis.connection())
         .unwrap();
-    assert_eq!(holder, None);
+    let url = format!("redis://plain:secret@127.0.0.1:{}/0", redis.port);
+    let verve = fleet_member(&url, "plain", &[]);
+    let (window, ()) = within_one_window(|| accept_all(&mut Client::connect(verve.addr), 1..=25));
+    let line = verve.wait_for_window(window);
+    assert_eq!((line.unique_requests, line.complete), (25, true));
+    let stderr = verve.stderr_text();
+    assert!(!stderr.contains("Redis refused"), "{stderr}");
 }

@@ -1,7 +1,8 @@
 //! The threads that call endpoints, with ureq.
 //!
 //! `VERVE_CALLBACK_CONCURRENCY` threads take jobs from one bounded queue; each job
-//! is one HTTP call (POST with a JSON body, or GET with `count=N`), retried after a
+//! is one HTTP call (POST with the count record and `final` as a JSON body, or GET
+//! with `count=N`), retried after a
 //! transport error or a 5xx answer with doubling backoff, never after a 4xx. Every
 //! outcome is logged with the endpoint, the status or error, the attempts and the
 //! latency. Names are resolved through the [`CallbackPolicy`], so a refused address
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
@@ -19,6 +21,7 @@ use ureq::Agent;
 use super::{CallbackJob, CallbackPolicy, Callbacks, Coalescer, Refusal};
 use crate::config::{CallbackMethod, CallbackTiming, Config};
 use crate::metrics::{CallbackOutcome, Telemetry};
+use crate::report::CountRecord;
 
 /// The first retry waits this long; each further one twice as long as the last.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -96,8 +99,9 @@ impl Dispatcher {
         Ok((Callbacks::new(jobs, coalescer, telemetry), dispatcher))
     }
 
-    /// Waits for the queued and in-flight calls to finish, at most until `deadline`.
-    /// Call it after the aggregator (and with it the `Callbacks`) is gone.
+    /// Waits for the queued and in-flight calls to finish, at most until `deadline`
+    /// (calls still running then are left to end with the process). Call it after
+    /// every `Callbacks` is gone.
     pub fn finish(self, deadline: Instant) {
         for thread in self.threads {
             while !thread.is_finished() && Instant::now() < deadline {
@@ -150,8 +154,8 @@ impl Caller {
             match &outcome {
                 Ok(status) if !retry => tracing::info!(
                     endpoint = %job.endpoint,
-                    window_start = %job.window_start,
-                    unique_requests = job.unique_requests,
+                    window_start = %job.record.window_start,
+                    unique_requests = job.record.unique_requests,
                     status,
                     attempts = attempt,
                     latency_ms,
@@ -159,8 +163,8 @@ impl Caller {
                 ),
                 Err(error) if !retry => tracing::warn!(
                     endpoint = %job.endpoint,
-                    window_start = %job.window_start,
-                    unique_requests = job.unique_requests,
+                    window_start = %job.record.window_start,
+                    unique_requests = job.record.unique_requests,
                     %error,
                     attempts = attempt,
                     latency_ms,
@@ -184,21 +188,14 @@ impl Caller {
     /// One attempt: the status code, or why there is none.
     fn send(&self, job: &CallbackJob) -> Result<u16, ureq::Error> {
         let mut response = match self.method {
-            CallbackMethod::Post => {
-                let body = serde_json::json!({
-                    "window_start": job.window_start.to_string(),
-                    "window_seconds": job.window_secs,
-                    "unique_requests": job.unique_requests,
-                    "final": job.final_count,
-                });
-                self.agent
-                    .post(&*job.endpoint)
-                    .header("content-type", "application/json")
-                    .send(body.to_string())?
-            }
+            CallbackMethod::Post => self
+                .agent
+                .post(&*job.endpoint)
+                .header("content-type", "application/json")
+                .send(CallbackBody::of(&job.record).to_json())?,
             CallbackMethod::Get => self
                 .agent
-                .get(with_count(&job.endpoint, job.unique_requests))
+                .get(with_count(&job.endpoint, job.record.unique_requests))
                 .call()?,
         };
         // Read what is there (bounded) so the connection can be reused; the body
@@ -209,6 +206,30 @@ impl Caller {
             .limit(MAX_RESPONSE_BODY)
             .read_to_vec();
         Ok(response.status().as_u16())
+    }
+}
+
+/// A POST callback's body: the count record, and whether its count is final.
+#[derive(Serialize)]
+struct CallbackBody<'a> {
+    #[serde(flatten)]
+    record: &'a CountRecord,
+    /// The count will not change: the window is complete and was not cut short.
+    #[serde(rename = "final")]
+    is_final: bool,
+}
+
+impl<'a> CallbackBody<'a> {
+    fn of(record: &'a CountRecord) -> Self {
+        CallbackBody {
+            record,
+            is_final: record.is_final(),
+        }
+    }
+
+    fn to_json(&self) -> String {
+        // As the record itself, plus a boolean: serializing cannot fail.
+        serde_json::to_string(self).expect("a callback body serializes")
     }
 }
 

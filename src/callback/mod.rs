@@ -25,17 +25,13 @@ pub use dispatcher::Dispatcher;
 pub use policy::{CallbackPolicy, Refusal};
 
 use crate::metrics::{CallbackOutcome, Telemetry};
-use crate::window::WindowStart;
+use crate::report::CountRecord;
 
-/// One call to make.
+/// One call to make: tell `endpoint` about `record`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallbackJob {
     pub endpoint: Arc<str>,
-    pub window_start: WindowStart,
-    pub window_secs: u64,
-    pub unique_requests: u64,
-    /// The window is closed: this count will not change.
-    pub final_count: bool,
+    pub record: CountRecord,
 }
 
 /// The submitting side of the dispatcher, owned by the aggregator.
@@ -87,7 +83,7 @@ impl Callbacks {
             let dropped_total = self.telemetry.record_callbacks(CallbackOutcome::Dropped, 1);
             tracing::warn!(
                 endpoint = %job.endpoint,
-                window_start = %job.window_start,
+                window_start = %job.record.window_start,
                 dropped_total,
                 "callback queue full; callback dropped (raise VERVE_CALLBACK_QUEUE or VERVE_CALLBACK_CONCURRENCY)"
             );
@@ -153,14 +149,23 @@ impl Coalescer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{Scope, Timestamp};
+    use crate::window::WindowStart;
 
     fn job(endpoint: &Arc<str>, count: u64) -> CallbackJob {
         CallbackJob {
             endpoint: endpoint.clone(),
-            window_start: WindowStart::from_unix_secs(60),
-            window_secs: 60,
-            unique_requests: count,
-            final_count: false,
+            record: CountRecord {
+                window_start: WindowStart::from_unix_secs(60),
+                window_seconds: 60,
+                unique_requests: count,
+                scope: Scope::Instance,
+                revision: 0,
+                complete: false,
+                partial: false,
+                instances: 1,
+                published_at: Timestamp::from_unix_millis(61_000),
+            },
         }
     }
 
@@ -171,7 +176,9 @@ mod tests {
         callbacks.submit(job(&e, 1));
         callbacks.submit(job(&e, 2));
         assert_eq!(
-            rx.drain().map(|j| j.unique_requests).collect::<Vec<_>>(),
+            rx.drain()
+                .map(|j| j.record.unique_requests)
+                .collect::<Vec<_>>(),
             vec![1, 2]
         );
     }
@@ -187,16 +194,19 @@ mod tests {
         callbacks.submit(job(&b, 1));
         let queued: Vec<_> = rx
             .drain()
-            .map(|j| (j.endpoint, j.unique_requests))
+            .map(|j| (j.endpoint, j.record.unique_requests))
             .collect();
         assert_eq!(queued, vec![(a.clone(), 1), (b.clone(), 1)]);
         // The call to a finishes: the latest waiting count goes next, 2 is skipped.
-        assert_eq!(coalescer.release(&a).map(|j| j.unique_requests), Some(3));
+        assert_eq!(
+            coalescer.release(&a).map(|j| j.record.unique_requests),
+            Some(3)
+        );
         assert_eq!(coalescer.release(&a), None);
         assert_eq!(coalescer.release(&b), None);
         // a is idle again: the next job is queued at once.
         callbacks.submit(job(&a, 4));
-        assert_eq!(rx.try_recv().map(|j| j.unique_requests), Ok(4));
+        assert_eq!(rx.try_recv().map(|j| j.record.unique_requests), Ok(4));
     }
 
     #[test]
@@ -209,6 +219,6 @@ mod tests {
         assert_eq!(rx.try_recv().map(|j| j.endpoint), Ok(a));
         // b was not left marked as in flight.
         callbacks.submit(job(&b, 2));
-        assert_eq!(rx.try_recv().map(|j| j.unique_requests), Ok(2));
+        assert_eq!(rx.try_recv().map(|j| j.record.unique_requests), Ok(2));
     }
 }

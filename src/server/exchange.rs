@@ -179,7 +179,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::batch::Batcher;
+    use crate::batch::{Batcher, Handoff};
     use std::sync::Arc;
 
     use crate::callback::CallbackPolicy;
@@ -222,8 +222,9 @@ mod tests {
 
     const BATCH_IDS: usize = 512;
 
-    fn worker() -> (Worker, flume::Receiver<crate::batch::Batch>) {
+    fn worker() -> (Worker, flume::Receiver<Handoff>) {
         let (tx, rx) = flume::bounded(1024);
+        let window = WindowLength::from_secs(60).window_of(SystemTime::now());
         let worker = Worker::new(
             WindowLength::from_secs(60),
             CallbackPolicy::default(),
@@ -232,7 +233,7 @@ mod tests {
                 timeouts: Timeouts::DEFAULT,
                 connections_per_worker: 1,
             },
-            Batcher::new(tx, BATCH_IDS, Admission::default()),
+            Batcher::new(tx, BATCH_IDS, Admission::default(), 0, window),
             Arc::new(Telemetry::new(60)),
         );
         (worker, rx)
@@ -276,7 +277,10 @@ mod tests {
         let answers = String::from_utf8(exchange.write_buf.clone()).unwrap();
         assert_eq!(answers.matches("200 OK").count(), 3);
         worker.flush();
-        assert_eq!(rx.try_recv().unwrap().ids, vec![1, 2, 3]);
+        let Ok(Handoff::Ids(batch)) = rx.try_recv() else {
+            panic!("expected the batch")
+        };
+        assert_eq!(batch.ids, vec![1, 2, 3]);
     }
 
     #[test]

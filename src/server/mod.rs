@@ -23,12 +23,13 @@ use std::thread::JoinHandle;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::batch::Batch;
+use crate::batch::Handoff;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::store::Admission;
+use crate::window::WindowStart;
 use worker::WorkerSettings;
 
 pub use exchange::ACCEPT_PATH;
@@ -91,6 +92,16 @@ pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
     probe().map_err(|source| StartError::bind(addr, source))
 }
 
+/// Where workers hand the ids they accept.
+pub(crate) struct Intake {
+    /// The channel to the aggregator.
+    pub handoffs: flume::Sender<Handoff>,
+    /// The window the service started in: no id is stamped with an earlier one.
+    pub first_window: WindowStart,
+    /// Closed by the store when it cannot take more ids.
+    pub admission: Admission,
+}
+
 /// The running worker threads.
 pub(crate) struct Workers {
     threads: Vec<JoinHandle<()>>,
@@ -105,9 +116,8 @@ impl Workers {
         addr: SocketAddr,
         driver: Driver,
         callback_policy: &CallbackPolicy,
-        admission: &Admission,
         telemetry: &Arc<Telemetry>,
-        batches: &flume::Sender<Batch>,
+        intake: &Intake,
     ) -> Result<Workers, StartError> {
         let count = config.worker_count();
         let cpus = match config.pin_workers {
@@ -126,19 +136,20 @@ impl Workers {
                 addr,
                 driver,
                 window_length: config.window_length(),
+                first_window: intake.first_window,
                 callback_policy: callback_policy.clone(),
                 client_limits: config.client_limits(),
-                admission: admission.clone(),
+                admission: intake.admission.clone(),
                 telemetry: telemetry.clone(),
                 batch_ids: config.batch_ids as usize,
                 flush_interval: config.flush_interval(),
                 drain: config.shutdown_drain(),
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
             };
-            let (batches, stop, ready) = (batches.clone(), stop.clone(), ready_tx.clone());
+            let (handoffs, stop, ready) = (intake.handoffs.clone(), stop.clone(), ready_tx.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("verve-worker-{index}"))
-                .spawn(move || worker::run(settings, batches, stop, ready))
+                .spawn(move || worker::run(settings, handoffs, stop, ready))
                 .map_err(StartError::Thread)?;
             workers.threads.push(thread);
         }

@@ -30,7 +30,7 @@ use super::connection::Connection;
 use super::registry::{AtCapacity, Registration, Registry};
 use super::request::Limits;
 use super::{ClientLimits, Driver};
-use crate::batch::{Batch, Batcher, Overloaded};
+use crate::batch::{Batcher, Handoff, Overloaded};
 use crate::callback::CallbackPolicy;
 use crate::error::StartError;
 use crate::metrics::{Telemetry, WorkerCounters};
@@ -44,6 +44,8 @@ pub(crate) struct WorkerSettings {
     pub addr: SocketAddr,
     pub driver: Driver,
     pub window_length: WindowLength,
+    /// The window the service started in: the first one ids are stamped with.
+    pub first_window: WindowStart,
     pub callback_policy: CallbackPolicy,
     pub client_limits: ClientLimits,
     pub admission: Admission,
@@ -135,9 +137,11 @@ impl Worker {
         self.draining.get()
     }
 
-    /// Sends the batch in progress, if there is one.
+    /// Sends the batch in progress, if there is one, and passes the windows before
+    /// the current one (see [`Batcher::flush`]).
     pub(crate) fn flush(&self) {
-        self.batcher.borrow_mut().flush();
+        let now = self.window_of(SystemTime::now());
+        self.batcher.borrow_mut().flush(now);
     }
 
     pub(crate) fn start_draining(&self) {
@@ -151,7 +155,7 @@ impl Worker {
 /// so start-up can fail with a clear error instead of a thread dying quietly.
 pub(crate) fn run(
     settings: WorkerSettings,
-    batches: flume::Sender<Batch>,
+    handoffs: flume::Sender<Handoff>,
     shutdown: flume::Receiver<()>,
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
@@ -171,8 +175,8 @@ pub(crate) fn run(
         }
     };
     match runtime {
-        FusionRuntime::Uring(mut rt) => rt.block_on(serve(settings, batches, shutdown, ready)),
-        FusionRuntime::Legacy(mut rt) => rt.block_on(serve(settings, batches, shutdown, ready)),
+        FusionRuntime::Uring(mut rt) => rt.block_on(serve(settings, handoffs, shutdown, ready)),
+        FusionRuntime::Legacy(mut rt) => rt.block_on(serve(settings, handoffs, shutdown, ready)),
     }
 }
 
@@ -193,7 +197,7 @@ fn build_runtime(driver: Driver) -> io::Result<WorkerRuntime> {
 
 async fn serve(
     settings: WorkerSettings,
-    batches: flume::Sender<Batch>,
+    handoffs: flume::Sender<Handoff>,
     shutdown: flume::Receiver<()>,
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
@@ -211,7 +215,13 @@ async fn serve(
         settings.window_length,
         settings.callback_policy,
         settings.client_limits,
-        Batcher::new(batches, settings.batch_ids, settings.admission),
+        Batcher::new(
+            handoffs,
+            settings.batch_ids,
+            settings.admission,
+            settings.index,
+            settings.first_window,
+        ),
         settings.telemetry,
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
@@ -260,10 +270,10 @@ async fn serve_connection(stream: TcpStream, registration: Registration, worker:
     }
 }
 
-/// Sends partly filled batches at least every `interval`, so that ids reach the
-/// aggregator well within a window's grace even when traffic is light.
-/// Keeps doing so while connections drain at shutdown, until the final flush: ids
-/// answered during the drain must reach their window before it closes.
+/// Sends partly filled batches, and this worker's watermark, at least every
+/// `interval`: a window closes on the flush tick after its end once every worker
+/// has had one, and a worker that sends nothing still lets windows close. Keeps
+/// doing so while connections drain at shutdown, until the final flush.
 async fn flush_periodically(worker: Rc<Worker>, interval: Duration) {
     while !worker.batcher.borrow().is_finished() {
         monoio::time::sleep(interval).await;

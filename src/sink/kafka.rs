@@ -4,11 +4,12 @@
 //! polling thread), configured idempotent with `acks=all`: librdkafka keeps a
 //! record and retries it through a broker outage for up to the message timeout
 //! (ten minutes by default), and idempotence keeps retries from duplicating it.
-//! The key is the window start, so a window's records stay in one partition, in
-//! order. The value is JSON; the schema is in docs/configuration.md.
+//! The key is the window start, so a window's records (its first and its revisions)
+//! stay in one partition, in order, and a compacted topic keeps the latest. The
+//! value is the [`CountRecord`] as JSON; the schema is in docs/configuration.md.
 //!
-//! Only the reporter of a window publishes it: in Redis mode, the one instance
-//! elected for the window, so the topic gets one record per window for the fleet.
+//! The topic is shared by the fleet: the reporter hands this sink only the records
+//! this instance published, so the topic gets each revision of a window once.
 //! Every delivery failure is logged with its window and counted.
 
 use std::sync::atomic::Ordering;
@@ -20,8 +21,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::{CountSink, WindowReport};
+use super::CountSink;
 use crate::metrics::Telemetry;
+use crate::report::CountRecord;
 use crate::window::WindowStart;
 
 /// Where and how to publish.
@@ -34,8 +36,6 @@ pub struct KafkaSettings {
     pub message_timeout: Duration,
     /// Further librdkafka settings, applied last.
     pub extra: Vec<(String, String)>,
-    /// This instance's name, part of every record.
-    pub instance: String,
 }
 
 /// Called by librdkafka's polling thread with each record's fate; counts it.
@@ -73,7 +73,6 @@ impl ProducerContext for DeliveryReports {
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryReports>,
     topic: String,
-    instance: String,
     telemetry: Arc<Telemetry>,
 }
 
@@ -101,45 +100,31 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             topic: settings.topic.clone(),
-            instance: settings.instance.clone(),
             telemetry,
         })
     }
 }
 
-/// The record value for a window.
-pub fn record_value(report: &WindowReport, instance: &str) -> String {
-    serde_json::json!({
-        "window_start": report.window_start.to_string(),
-        "window_seconds": report.window_secs,
-        "unique_requests": report.unique_requests,
-        "scope": report.scope.as_str(),
-        "instance": instance,
-        "late": report.late,
-        "partial": report.partial,
-    })
-    .to_string()
-}
-
 impl CountSink for KafkaSink {
-    fn publish(&mut self, report: &WindowReport) {
-        if !report.reporter {
-            return;
-        }
-        let key = report.window_start.to_string();
-        let value = record_value(report, &self.instance);
-        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(report.window_start))
+    fn publish(&mut self, record: &CountRecord) {
+        let key = record.window_start.to_string();
+        let value = record.to_json();
+        let message = BaseRecord::with_opaque_to(&self.topic, Box::new(record.window_start))
             .key(&key)
             .payload(&value);
-        if let Err((error, _)) = self.producer.send(record) {
+        if let Err((error, _)) = self.producer.send(message) {
             let failed = self.telemetry.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::error!(
-                window_start = %report.window_start,
+                window_start = %record.window_start,
                 %error,
                 failed_total = failed,
                 "Kafka producer refused the record; this window's count is in the count log only"
             );
         }
+    }
+
+    fn is_shared(&self) -> bool {
+        true
     }
 
     fn flush(&mut self, deadline: Instant) {

@@ -3,29 +3,37 @@
 use std::time::Instant;
 
 use super::DedupStore;
-use crate::report::{ClosedWindow, Count, Reporter};
-use crate::sink::Scope;
+use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
 
-/// Reports each window with the size of its local set, at once.
+/// Reports each window with the count of its local set, at once.
 pub struct LocalStore {
     reporter: Reporter,
+    window_secs: u64,
 }
 
 impl LocalStore {
-    pub fn new(reporter: Reporter) -> Self {
-        LocalStore { reporter }
+    pub fn new(reporter: Reporter, window_secs: u64) -> Self {
+        LocalStore {
+            reporter,
+            window_secs,
+        }
     }
 }
 
 impl DedupStore for LocalStore {
     fn close(&mut self, closed: ClosedWindow) {
-        let count = Count {
-            unique_requests: closed.ids.len() as u64,
+        let record = CountRecord {
+            window_start: closed.window,
+            window_seconds: self.window_secs,
+            unique_requests: closed.unique_requests,
             scope: Scope::Instance,
-            late: false,
-            reporter: true,
+            revision: 1,
+            complete: true,
+            partial: closed.partial,
+            instances: 1,
+            published_at: Timestamp::now(),
         };
-        self.reporter.report(&closed, count);
+        self.reporter.report(&record, true, &closed.endpoints);
     }
 
     fn finish(mut self: Box<Self>, deadline: Instant) {

@@ -7,7 +7,8 @@
 //! - [`LocalStore`] (the default): the local set is the truth; reported at once.
 //! - [`RedisStore`] (`VERVE_REDIS_URL`): new ids go to one Redis set per window with
 //!   `SADD`, from a thread of its own, so several instances count each id once;
-//!   the count is `SCARD`, taken after this instance's last ids are in.
+//!   the fleet publishes the window's `SCARD` once every instance has handed over
+//!   its ids (the fleet protocol, in `redis/fleet.rs`).
 //!
 //! A store may hold back intake through the shared [`Admission`]: while it is
 //! closed, workers answer new ids `503 failed`.
@@ -43,7 +44,7 @@ pub trait DedupStore: Send {
     fn close(&mut self, closed: ClosedWindow);
 
     /// Shutdown, after the last `close`: report what is pending, at most until
-    /// `deadline`.
+    /// `deadline`, and return by then whatever is still unreachable.
     fn finish(self: Box<Self>, _deadline: Instant) {}
 }
 

@@ -47,16 +47,15 @@ pub fn read_until(
     records
 }
 
-/// Every record that arrives within `period`.
-pub fn read_for(consumer: &BaseConsumer, period: Duration) -> Vec<Record> {
-    let until = Instant::now() + period;
-    let mut records = Vec::new();
-    while Instant::now() < until {
-        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            records.push(record(&message.unwrap()));
-        }
-    }
-    records
+/// Every record partition 0 of `topic` holds, all of them: the partition's end
+/// offset is read first, so a duplicate cannot hide behind a timeout.
+pub fn all_records(brokers: &str, topic: &str, limit: Duration) -> Vec<Record> {
+    let consumer = consumer(brokers, topic);
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, limit)
+        .unwrap_or_else(|e| panic!("watermarks of {topic}: {e}"));
+    let expected = usize::try_from(high - low).unwrap();
+    read_until(&consumer, limit, |r| r.len() >= expected)
 }
 
 fn record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {

@@ -23,7 +23,9 @@ use verve::window::{WindowLength, WindowStart};
 
 /// Window length used by the integration tests.
 pub const WINDOW_SECS: u64 = 2;
-pub const GRACE_MS: u64 = 300;
+
+/// `VERVE_FLEET_WAIT_MS` in the Redis tests: within a window, past many flushes.
+pub const FLEET_WAIT_MS: u64 = 1500;
 
 /// The io drivers this machine can run: epoll always, io_uring where allowed.
 pub fn drivers() -> Vec<&'static str> {
@@ -44,15 +46,16 @@ pub struct Verve {
     _dir: tempfile::TempDir,
 }
 
-/// One line of the count log.
+/// One line of the count log: a count record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowLine {
     pub window_start: String,
     pub unique_requests: u64,
-    pub partial: bool,
     pub scope: String,
-    pub late: bool,
-    pub reporter: bool,
+    pub revision: u64,
+    pub complete: bool,
+    pub partial: bool,
+    pub instances: u64,
 }
 
 impl Verve {
@@ -140,21 +143,36 @@ impl Verve {
 
     /// Waits until the count log has a line for `window` and returns it.
     pub fn wait_for_window(&self, window: WindowStart) -> WindowLine {
+        self.wait_for_record(window, "any record", |_| true)
+    }
+
+    /// Waits until the count log has a line for `window` that `wanted` accepts
+    /// (`what` says which, for the failure message) and returns the first one.
+    /// Checks on the way that the window's revisions only ever go up.
+    pub fn wait_for_record(
+        &self,
+        window: WindowStart,
+        what: &str,
+        wanted: impl Fn(&WindowLine) -> bool,
+    ) -> WindowLine {
         let start = window.to_string();
-        let deadline = Instant::now() + Duration::from_secs(WINDOW_SECS * 3 + 10);
+        let deadline = Instant::now() + Duration::from_secs(WINDOW_SECS * 3 + 15);
         loop {
             let lines = self.windows();
             let matching: Vec<_> = lines.iter().filter(|l| l.window_start == start).collect();
             assert!(
-                matching.len() <= 1,
-                "window {start} reported twice: {lines:?}"
+                matching
+                    .windows(2)
+                    .all(|pair| pair[0].revision < pair[1].revision),
+                "window {start} reported twice with a revision: {lines:?}"
             );
-            if let Some(line) = matching.first() {
-                return (*line).clone();
+            if let Some(line) = matching.into_iter().find(|l| wanted(l)) {
+                return line.clone();
             }
             assert!(
                 Instant::now() < deadline,
-                "window {start} never reported: {lines:?}"
+                "window {start} never reported with {what}: {lines:?}\n{}",
+                self.stderr_text()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -175,6 +193,20 @@ impl Drop for Verve {
     }
 }
 
+/// Instance `name` of a fleet sharing the Redis at `redis_url`, with the test
+/// defaults for Redis mode (a short fleet wait and Redis timeout), plus `extra`.
+pub fn fleet_member(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
+    let wait = FLEET_WAIT_MS.to_string();
+    let mut env = vec![
+        ("VERVE_REDIS_URL", redis_url),
+        ("VERVE_INSTANCE", name),
+        ("VERVE_FLEET_WAIT_MS", wait.as_str()),
+        ("VERVE_REDIS_TIMEOUT_MS", "300"),
+    ];
+    env.extend_from_slice(extra);
+    Verve::start(&env)
+}
+
 /// A `verve` command with the test defaults and `env` on top.
 pub fn command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verve"));
@@ -183,7 +215,6 @@ pub fn command(env: &[(&str, &str)]) -> Command {
         .env("VERVE_ADDR", "127.0.0.1:0")
         .env("VERVE_WORKERS", "2")
         .env("VERVE_WINDOW_SECS", WINDOW_SECS.to_string())
-        .env("VERVE_WINDOW_GRACE_MS", GRACE_MS.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     for (key, value) in env {
@@ -234,15 +265,26 @@ pub fn parse_count_line(line: &str) -> WindowLine {
     WindowLine {
         window_start: field("window_start").to_owned(),
         unique_requests: field("unique_requests").parse().unwrap(),
-        partial: field("partial").parse().unwrap(),
         scope: field("scope").to_owned(),
-        late: field("late").parse().unwrap(),
-        reporter: field("reporter").parse().unwrap(),
+        revision: field("revision").parse().unwrap(),
+        complete: field("complete").parse().unwrap(),
+        partial: field("partial").parse().unwrap(),
+        instances: field("instances").parse().unwrap(),
     }
 }
 
 pub fn window_length() -> WindowLength {
     WindowLength::from_secs(WINDOW_SECS)
+}
+
+/// Sleeps until just after the next boundary of windows of `length`, and returns
+/// the window that starts there.
+pub fn start_of_next_window(length: WindowLength) -> WindowStart {
+    let now = SystemTime::now();
+    let next = length.end_of(length.window_of(now));
+    // Waiting for the clock to reach a boundary is the condition itself.
+    std::thread::sleep(next.duration_since(now).unwrap_or_default() + Duration::from_millis(20));
+    length.window_of(SystemTime::now())
 }
 
 /// Runs `send` so that it starts and ends inside one window, and returns that
@@ -251,13 +293,7 @@ pub fn window_length() -> WindowLength {
 pub fn within_one_window<T>(mut send: impl FnMut() -> T) -> (WindowStart, T) {
     let length = window_length();
     for _ in 0..3 {
-        let now = SystemTime::now();
-        let next = length.end_of(length.window_of(now));
-        // Waiting for the clock to reach a boundary is the condition itself.
-        std::thread::sleep(
-            next.duration_since(now).unwrap_or_default() + Duration::from_millis(20),
-        );
-        let before = length.window_of(SystemTime::now());
+        let before = start_of_next_window(length);
         let result = send();
         if length.window_of(SystemTime::now()) == before {
             return (before, result);

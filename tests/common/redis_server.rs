@@ -4,6 +4,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use verve::window::WindowStart;
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -70,6 +72,42 @@ impl RedisServer {
 
     pub fn connection(&self) -> redis::Connection {
         self.client().get_connection().unwrap()
+    }
+
+    /// `instance`'s mark for `window` in the fleet protocol: `sending`, `full`,
+    /// `partial`, or none.
+    pub fn mark(&self, window: WindowStart, instance: &str) -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("verve:{{{window}}}:marks"))
+            .arg(instance)
+            .query(&mut self.connection())
+            .unwrap()
+    }
+
+    /// Waits until `instance`'s mark for `window` is `mark`.
+    pub fn wait_for_mark(&self, window: WindowStart, instance: &str, mark: &str) {
+        super::eventually(
+            Duration::from_secs(15),
+            || format!("{instance}'s mark {mark} for {window}"),
+            || (self.mark(window, instance).as_deref() == Some(mark)).then_some(()),
+        );
+    }
+
+    /// The size of `window`'s set of ids.
+    pub fn scard(&self, window: WindowStart) -> u64 {
+        redis::cmd("SCARD")
+            .arg(format!("verve:{{{window}}}"))
+            .query(&mut self.connection())
+            .unwrap()
+    }
+
+    /// A field of `window`'s published record.
+    pub fn record_field(&self, window: WindowStart, field: &str) -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("verve:{{{window}}}:record"))
+            .arg(field)
+            .query(&mut self.connection())
+            .unwrap()
     }
 }
 

@@ -1,0 +1,182 @@
+//! The Redis store: exact dedup across instances, surviving Redis outages.
+//!
+//! The aggregator queues ids new to this instance, and closed windows, with
+//! [`RedisStore`]; a forwarder thread of its own sends them, so Redis being slow or
+//! gone never stalls the aggregator, let alone a worker. Ids go to one Redis set per
+//! window with `SADD` (atomic per command: an id two instances send at once is added
+//! once), in pipelined rounds. A closed window comes after this instance's last ids
+//! for it in the queue, so when the forwarder reaches it, every id is in: it marks
+//! the instance done and the fleet protocol (`fleet`) decides when the window's
+//! count is published, and by whom.
+//!
+//! Outages: ids wait in the queue (at most `VERVE_REDIS_BUFFER_IDS`; beyond that the
+//! [`Admission`] closes and workers answer 503) and are sent once Redis is back,
+//! with backoff between attempts. If Redis lost ids this instance had sent (a
+//! restart, `FLUSHALL`, eviction), the window's sentinel says so and every id of the
+//! window is sent again from the local set, which the aggregator keeps filling
+//! concurrently: the counts stay exact.
+
+mod fleet;
+mod forwarder;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redis::Client;
+
+use super::{Admission, DedupStore, IdSet};
+use crate::metrics::Telemetry;
+use crate::report::{ClosedWindow, Reporter};
+use crate::window::WindowStart;
+use forwarder::Forwarder;
+
+/// How to reach Redis, what to call things there, and how long the fleet waits.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Keys start with `<prefix>:`.
+    pub prefix: String,
+    /// Ids queued for Redis before workers answer 503.
+    pub buffer_ids: usize,
+    /// Connect, read and write timeout of each Redis call.
+    pub timeout: Duration,
+    /// This instance's name in the fleet; unique among the instances sharing Redis.
+    pub instance: String,
+    pub window_secs: u64,
+    /// How long after a window ends the fleet waits for every instance to be done
+    /// before the count is published anyway; also how long an instance that stops
+    /// sending heartbeats still counts as live.
+    pub fleet_wait: Duration,
+}
+
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    forwarder: JoinHandle<()>,
+}
+
+/// What the aggregator and the forwarder share.
+struct Shared {
+    telemetry: Arc<Telemetry>,
+    /// Held by the aggregator for a push per batch, by the forwarder to take a round
+    /// off the front: both short, neither ever waits on Redis while holding it.
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    admission: Admission,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    /// Ids queued or in the round being sent.
+    buffered_ids: usize,
+    /// Sets of the windows still open, to send again if Redis loses them.
+    open: BTreeMap<WindowStart, Arc<IdSet>>,
+    /// Set at shutdown: send what is queued, leave the fleet, stop by then.
+    finish_by: Option<Instant>,
+}
+
+enum Item {
+    Ids { window: WindowStart, ids: Vec<i64> },
+    Close(ClosedWindow),
+}
+
+impl RedisStore {
+    /// Checks the URL and starts the forwarder. Redis need not be reachable yet.
+    pub fn start(
+        settings: RedisSettings,
+        reporter: Reporter,
+        admission: Admission,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self, String> {
+        let client = Client::open(settings.url.as_str())
+            .map_err(|e| format!("invalid VERVE_REDIS_URL '{}': {e}", settings.url))?;
+        telemetry
+            .redis_buffer_capacity
+            .store(settings.buffer_ids as u64, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            telemetry,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            admission,
+            capacity: settings.buffer_ids,
+        });
+        let forwarder = Forwarder::new(shared.clone(), client, settings, reporter);
+        let forwarder = std::thread::Builder::new()
+            .name("verve-redis".into())
+            .spawn(move || forwarder.run())
+            .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
+        Ok(RedisStore { shared, forwarder })
+    }
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DedupStore for RedisStore {
+    fn opened(&mut self, window: WindowStart, ids: &Arc<IdSet>) {
+        self.shared.queue().open.insert(window, ids.clone());
+    }
+
+    fn add(&mut self, window: WindowStart, ids: &[i64]) {
+        let mut queue = self.shared.queue();
+        queue.buffered_ids += ids.len();
+        self.shared
+            .telemetry
+            .redis_buffered_ids
+            .store(queue.buffered_ids as u64, Ordering::Relaxed);
+        // Ids already accepted are always queued; only new ones are refused.
+        if queue.buffered_ids >= self.shared.capacity && self.shared.admission.is_open() {
+            self.shared.admission.set_open(false);
+            tracing::warn!(
+                buffered_ids = queue.buffered_ids,
+                "Redis buffer full (VERVE_REDIS_BUFFER_IDS): refusing new ids with 503 until it drains"
+            );
+        }
+        match queue.items.back_mut() {
+            Some(Item::Ids {
+                window: last,
+                ids: queued,
+            }) if *last == window && queued.len() < forwarder::ROUND_IDS => {
+                queued.extend_from_slice(ids)
+            }
+            _ => queue.items.push_back(Item::Ids {
+                window,
+                ids: ids.to_vec(),
+            }),
+        }
+        drop(queue);
+        self.shared.wake.notify_one();
+    }
+
+    fn close(&mut self, closed: ClosedWindow) {
+        let mut queue = self.shared.queue();
+        queue.open.remove(&closed.window);
+        queue.items.push_back(Item::Close(closed));
+        drop(queue);
+        self.shared.wake.notify_one();
+    }
+
+    fn finish(self: Box<Self>, deadline: Instant) {
+        self.shared.queue().finish_by = Some(deadline);
+        self.shared.wake.notify_one();
+        while !self.forwarder.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !self.forwarder.is_finished() {
+            // The forwarder is inside a Redis call that has not timed out yet; it
+            // reports what it gives up on when it returns, if the process lives.
+            let queue = self.shared.queue();
+            tracing::error!(
+                unsent_ids = queue.buffered_ids,
+                "Redis still busy at the shutdown deadline; leaving without it"
+            );
+        }
+    }
+}

@@ -9,15 +9,17 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
-# The Redis tests start their own redis-server on a free loopback port.
+# The Redis tests start their own redis-server on a free loopback port, and the
+# fleet tests put haproxy in front of two instances.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v haproxy >/dev/null || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
-  # The package starts a system-wide instance on 6379; the tests need none.
-  if command -v systemctl >/dev/null; then $sudo systemctl stop redis-server 2>/dev/null || true; fi
+  # The packages start system-wide services; the tests need none.
+  if command -v systemctl >/dev/null; then $sudo systemctl stop redis-server haproxy 2>/dev/null || true; fi
 fi
 
 # The Kafka tests run a real Kafka-protocol broker: tansu, built once (about

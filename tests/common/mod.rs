@@ -4,7 +4,9 @@
 #![allow(dead_code)] // each test file uses its own share of the harness
 
 pub mod framing;
+pub mod haproxy;
 pub mod kafka;
+pub mod proxy;
 pub mod receiver;
 pub mod redis_server;
 pub mod tansu;
@@ -117,6 +119,17 @@ impl Verve {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The process, to signal and wait for.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and waits for it.
+    pub fn kill(&mut self) {
+        signal(&self.child, libc::SIGKILL);
+        wait_with_deadline(&mut self.child, Duration::from_secs(15));
     }
 
     /// The process id, to read its file descriptors and memory from /proc.

@@ -10,6 +10,8 @@
 //!   partial, instances, published_at, and which instance published it.
 //! - `P:instances`: the live instances, a sorted set scored by when each one's
 //!   heartbeat expires (`VERVE_FLEET_WAIT_MS` after it was sent).
+//! - `P:epoch`: created once by the first heartbeat, without expiry; only Redis
+//!   losing its data makes it change.
 //!
 //! Every window key expires a few windows after the window (at least five minutes).
 //!
@@ -27,9 +29,13 @@
 //! eviction), it loses the instance's mark with them: a round that finds its mark
 //! gone, or `settle.lua` answering `lost`, makes the instance send every id of the
 //! window again from its local set. The record goes too; each instance passes the
-//! latest record it knows, so revisions keep increasing.
+//! latest record it knows, so revisions keep increasing. So do the other instances'
+//! marks and heartbeats: for one heartbeat lifetime after noticing a loss (a new
+//! epoch, or a lost mark), an instance also waits for every instance it saw live
+//! before it, so that none is taken for done, or gone, before it could say so.
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use redis::{Connection, RedisResult, Script};
 
@@ -53,6 +59,18 @@ pub(super) enum Coverage {
     Partial,
 }
 
+/// What this instance knows of a window it is done with.
+#[derive(Debug, Clone)]
+pub(super) struct WindowView {
+    pub coverage: Coverage,
+    /// This instance sent ids to the window: its mark is their sentinel.
+    pub sent: bool,
+    /// The latest record seen.
+    pub known: Option<Published>,
+    /// Every instance seen taking part, waited for even if Redis loses their marks.
+    pub members: BTreeSet<String>,
+}
+
 /// What `settle.lua` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Settled {
@@ -63,6 +81,8 @@ pub(super) struct Settled {
     pub count: u64,
     /// Instances done with the window right now.
     pub done: u64,
+    /// Every instance with a mark for the window: done, or still sending.
+    pub members: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +140,12 @@ pub(super) struct Fleet {
     settle: Script,
     /// The live instances, as of the last heartbeat.
     live: Vec<String>,
+    /// The fleet's epoch at the last heartbeat.
+    epoch: Option<String>,
+    /// Instances seen live before Redis lost its data, waited for as if still live
+    /// until `uncertain_until`.
+    remembered: Vec<String>,
+    uncertain_until: Option<Instant>,
 }
 
 impl Fleet {
@@ -132,6 +158,9 @@ impl Fleet {
             wait,
             settle: Script::new(include_str!("settle.lua")),
             live: Vec::new(),
+            epoch: None,
+            remembered: Vec::new(),
+            uncertain_until: None,
         }
     }
 
@@ -161,6 +190,10 @@ impl Fleet {
 
     fn registry_key(&self) -> String {
         format!("{}:instances", self.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.prefix)
     }
 
     /// Adds `ids` to `window` to `pipe`. The window's first round also sets this
@@ -194,12 +227,13 @@ impl Fleet {
     }
 
     /// Tells the fleet this instance is alive for another `wait`, forgets instances
-    /// whose heartbeat expired, and learns who is live.
+    /// whose heartbeat expired, learns who is live, and notices when Redis lost its
+    /// data (the epoch changed).
     pub fn heartbeat(&mut self, connection: &mut Connection) -> RedisResult<()> {
         let now = now_ms();
         let expires = now + self.wait.as_millis() as u64;
-        let registry = self.registry_key();
-        self.live = redis::pipe()
+        let (registry, epoch) = (self.registry_key(), self.epoch_key());
+        let (live, epoch): (Vec<String>, String) = redis::pipe()
             .cmd("ZREMRANGEBYSCORE")
             .arg(&registry)
             .arg("-inf")
@@ -214,9 +248,48 @@ impl Fleet {
             .arg(&registry)
             .arg(now)
             .arg("+inf")
-            .query::<(Vec<String>,)>(connection)?
-            .0;
+            .cmd("SET")
+            .arg(&epoch)
+            // Distinct each time: the same process may create it again after a loss.
+            .arg(format!("{}@{now}", self.run))
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&epoch)
+            .query(connection)?;
+        if self.epoch.as_ref().is_some_and(|known| *known != epoch) {
+            tracing::warn!("Redis lost its data (the fleet's epoch key changed); windows in progress are sent again");
+            self.lost_data();
+        }
+        self.epoch = Some(epoch);
+        self.live = live;
         Ok(())
+    }
+
+    /// Redis lost its data: for a heartbeat lifetime, every instance seen live
+    /// until now is waited for, whatever the registry says.
+    pub fn lost_data(&mut self) {
+        self.remembered.extend(self.live.iter().cloned());
+        self.remembered.sort();
+        self.remembered.dedup();
+        self.uncertain_until = Some(Instant::now() + self.wait);
+    }
+
+    /// The instances to wait for: the live ones and, shortly after Redis lost its
+    /// data, those seen live before.
+    fn awaited(&mut self) -> Vec<String> {
+        if self
+            .uncertain_until
+            .is_some_and(|until| Instant::now() >= until)
+        {
+            self.uncertain_until = None;
+            self.remembered.clear();
+        }
+        let mut awaited = self.live.clone();
+        awaited.extend(self.remembered.iter().cloned());
+        awaited.sort();
+        awaited.dedup();
+        awaited
     }
 
     /// Leaves the fleet (shutdown); returns whether other instances are still live.
@@ -237,32 +310,31 @@ impl Fleet {
     }
 
     /// Marks this instance done with `window` and publishes the window if the fleet
-    /// is done with it, or if `force`. `sent` says whether this instance sent ids
-    /// to it; `known` is the latest record this instance has seen.
+    /// is done with it, or if `force`.
     pub fn settle(
-        &self,
+        &mut self,
         connection: &mut Connection,
         window: WindowStart,
-        coverage: Coverage,
-        sent: bool,
+        view: &WindowView,
         force: bool,
-        known: Option<&Published>,
     ) -> RedisResult<Settled> {
+        let mut awaited = self.awaited();
+        awaited.extend(view.members.iter().cloned());
         let mut call = self.settle.prepare_invoke();
         call.key(self.ids_key(window))
             .key(self.marks_key(window))
             .key(self.record_key(window))
             .arg(&self.instance)
             .arg(&self.run)
-            .arg(match coverage {
+            .arg(match view.coverage {
                 Coverage::Full => "full",
                 Coverage::Partial => "partial",
             })
-            .arg(flag(sent))
+            .arg(flag(view.sent))
             .arg(flag(force))
             .arg(now_ms())
             .arg(self.key_ttl_secs);
-        match known {
+        match &view.known {
             Some(known) => call
                 .arg(known.revision)
                 .arg(known.unique_requests)
@@ -272,12 +344,35 @@ impl Fleet {
                 .arg(known.published_at_ms),
             None => call.arg(0).arg(0).arg(0).arg(0).arg(0).arg(0),
         };
-        for instance in &self.live {
+        for instance in &awaited {
             call.arg(instance);
         }
-        type Reply = (String, u64, u64, u8, u8, u64, u64, String, u64, u64);
-        let (outcome, revision, unique_requests, complete, partial, instances, at, by, count, done): Reply =
-            call.invoke(connection)?;
+        type Reply = (
+            String,
+            u64,
+            u64,
+            u8,
+            u8,
+            u64,
+            u64,
+            String,
+            u64,
+            u64,
+            Vec<String>,
+        );
+        let (
+            outcome,
+            revision,
+            unique_requests,
+            complete,
+            partial,
+            instances,
+            at,
+            by,
+            count,
+            done,
+            members,
+        ): Reply = call.invoke(connection)?;
         let outcome = match outcome.as_str() {
             "lost" => Outcome::Lost,
             "published" => Outcome::Published,
@@ -297,6 +392,7 @@ impl Fleet {
             record,
             count,
             done,
+            members,
         })
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{Client, Connection, RedisError, RedisResult};
 
-use super::fleet::{Coverage, Fleet, Outcome, Published, Settled};
+use super::fleet::{Coverage, Fleet, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::metrics;
 use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
@@ -70,10 +70,7 @@ enum Work {
 /// A window this instance is done with, until the fleet is.
 struct Tracked {
     closed: ClosedWindow,
-    /// This instance sent ids to it (its mark is their sentinel).
-    sent: bool,
-    /// The latest record seen.
-    known: Option<Published>,
+    view: WindowView,
     next_check: Instant,
     /// From then on, checks publish whatever the count is (`complete=false`).
     wait_over: Instant,
@@ -82,15 +79,8 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn coverage(&self) -> Coverage {
-        match self.closed.partial {
-            true => Coverage::Partial,
-            false => Coverage::Full,
-        }
-    }
-
     fn is_complete(&self) -> bool {
-        self.known.as_ref().is_some_and(|k| k.complete)
+        self.view.known.as_ref().is_some_and(|k| k.complete)
     }
 }
 
@@ -238,10 +228,18 @@ impl Forwarder {
         let window = closed.window;
         let end = self.length.end_of(window);
         let wait_over = instant_of(end + self.fleet.wait);
-        let mut tracked = Tracked {
+        let view = WindowView {
+            coverage: match closed.partial {
+                true => Coverage::Partial,
+                false => Coverage::Full,
+            },
             sent: self.sent.contains(&window),
-            closed,
             known: None,
+            members: BTreeSet::new(),
+        };
+        let mut tracked = Tracked {
+            closed,
+            view,
             next_check: Instant::now() + self.fleet.poll_interval(),
             wait_over,
             forget_at: wait_over
@@ -293,19 +291,12 @@ impl Forwarder {
     fn settle(&mut self, tracked: &Tracked, force: bool) -> Option<Settled> {
         let window = tracked.closed.window;
         loop {
-            let settled = self.call(|connection, fleet| {
-                fleet.settle(
-                    connection,
-                    window,
-                    tracked.coverage(),
-                    tracked.sent,
-                    force,
-                    tracked.known.as_ref(),
-                )
-            })?;
+            let settled = self
+                .call(|connection, fleet| fleet.settle(connection, window, &tracked.view, force))?;
             if settled.outcome != Outcome::Lost {
                 return Some(settled);
             }
+            self.fleet.lost_data();
             if !self.replay(window, &tracked.closed.ids) {
                 return None;
             }
@@ -315,10 +306,12 @@ impl Forwarder {
     /// Reports a record newer than any seen for the window: to the shared sinks too
     /// if this process published it.
     fn learn(&mut self, tracked: &mut Tracked, settled: &Settled) {
+        let view = &mut tracked.view;
+        view.members.extend(settled.members.iter().cloned());
         let Some(record) = &settled.record else {
             return;
         };
-        if tracked
+        if view
             .known
             .as_ref()
             .is_some_and(|known| known.revision >= record.revision)
@@ -330,9 +323,9 @@ impl Forwarder {
         let published = settled.outcome == Outcome::Published || record.by == self.fleet.run;
         let window = tracked.closed.window;
         let count = record.to_record(window, self.length.as_secs());
+        view.known = Some(record.clone());
         self.reporter
             .report(&count, published, &tracked.closed.endpoints);
-        tracked.known = Some(record.clone());
     }
 
     /// Sends every id of `window` again, with this instance's `sending` mark first.
@@ -398,7 +391,7 @@ impl Forwarder {
             if let Some(settled) = &settled {
                 self.learn(&mut tracked, settled);
             }
-            if tracked.known.is_none() {
+            if tracked.view.known.is_none() {
                 tracing::info!(window_start = %window, "leaving the window to the rest of the fleet");
                 // Its clients' endpoints hear the count so far rather than nothing.
                 let so_far = CountRecord {

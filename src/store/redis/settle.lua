@@ -13,12 +13,14 @@
 -- ARGV[6] now, in ms since the epoch; ARGV[7] the keys' time to live, in s
 -- ARGV[8..13] the latest record this instance knows (revision, unique_requests,
 --         complete, partial, instances, published_at; revision 0 for none)
--- ARGV[14..] the live instances
+-- ARGV[14..] the instances to wait for: the live ones, and any this instance saw
+--         take part in the window before (in case Redis lost their marks)
 --
 -- Returns {outcome, revision, unique_requests, complete, partial, instances,
--- published_at, by, count, done}: the latest record (revision 0 for none), who
--- published it, the set's size and the instances done now. outcome is 'lost' (send
--- the ids again, then call again), 'published' (by this call), 'known' or 'pending'.
+-- published_at, by, count, done, members}: the latest record (revision 0 for none),
+-- who published it, the set's size, the instances done now, and every instance
+-- with a mark. outcome is 'lost' (send the ids again, then call again),
+-- 'published' (by this call), 'known' or 'pending'.
 
 local me, run, mark, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[7]
 local marks = redis.call('HGETALL', KEYS[2])
@@ -27,7 +29,7 @@ for i = 1, #marks, 2 do
   state[marks[i]] = marks[i + 1]
 end
 if ARGV[4] == '1' and state[me] == nil then
-  return {'lost', 0, 0, 0, 0, 0, 0, '', 0, 0}
+  return {'lost', 0, 0, 0, 0, 0, 0, '', 0, 0, {}}
 end
 state[me] = mark
 redis.call('HSET', KEYS[2], me, mark)
@@ -59,8 +61,9 @@ if tonumber(ARGV[8]) > record[1] then
   store(record)
 end
 
-local done, full, waiting = 0, false, false
-for _, state_of in pairs(state) do
+local done, full, waiting, members = 0, false, false, {}
+for name, state_of in pairs(state) do
+  members[#members + 1] = name
   if state_of == 'sending' then
     waiting = true
   else
@@ -90,10 +93,10 @@ if grown and (complete == 1 or ARGV[5] == '1') then
   end
   record = {record[1] + 1, count, complete, partial, done, tonumber(ARGV[6]), run}
   store(record)
-  return {'published', record[1], record[2], record[3], record[4], record[5], record[6], run, count, done}
+  return {'published', record[1], record[2], record[3], record[4], record[5], record[6], run, count, done, members}
 end
 local outcome = 'known'
 if record[1] == 0 then
   outcome = 'pending'
 end
-return {outcome, record[1], record[2], record[3], record[4], record[5], record[6], record[7], count, done}
+return {outcome, record[1], record[2], record[3], record[4], record[5], record[6], record[7], count, done, members}

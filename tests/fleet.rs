@@ -1,0 +1,318 @@
+//! The fleet protocol under real trouble: a stalled link to Redis, an instance
+//! killed, Redis losing its data, the whole fleet stopping, and a real load
+//! balancer in front. Real redis-server, tansu, haproxy, sockets; every wait is for
+//! a condition, with a deadline.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use common::haproxy::Haproxy;
+use common::kafka::{all_records, Record};
+use common::proxy::Proxy;
+use common::redis_server::RedisServer;
+use common::tansu::Tansu;
+use common::{
+    accept_all, eventually, fleet_member, metric, signal, wait_with_deadline, window_length,
+    within_one_window, Client, WindowLine, FLEET_WAIT_MS,
+};
+use verve::window::WindowStart;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Sinks for an instance publishing to `topic` on `tansu`.
+fn kafka(tansu: &Tansu, topic: &str) -> Vec<(String, String)> {
+    tansu.create_topic(topic);
+    vec![
+        ("VERVE_SINKS".into(), "log,kafka".into()),
+        ("VERVE_KAFKA_BROKERS".into(), tansu.brokers()),
+        ("VERVE_KAFKA_TOPIC".into(), topic.into()),
+    ]
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The records of `window` on the topic, in order.
+fn records_of(tansu: &Tansu, topic: &str, window: WindowStart) -> Vec<Record> {
+    let key = window.to_string();
+    all_records(&tansu.brokers(), topic, LIMIT)
+        .into_iter()
+        .filter(|r| r.key == key)
+        .collect()
+}
+
+/// Waits until the topic's latest record for `window` is complete, and returns
+/// every record of the window.
+fn until_complete(tansu: &Tansu, topic: &str, window: WindowStart) -> Vec<Record> {
+    eventually(
+        LIMIT,
+        || format!("a complete record of {window}"),
+        || {
+            let records = records_of(tansu, topic, window);
+            let done = records.last().is_some_and(|r| r.value["complete"] == true);
+            done.then_some(records)
+        },
+    )
+}
+
+fn counts_and_revisions(records: &[Record]) -> Vec<(u64, u64, bool)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.value["revision"].as_u64().unwrap(),
+                r.value["unique_requests"].as_u64().unwrap(),
+                r.value["complete"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Sends `ids` to `addr` in a burst of pipelined requests; every answer is `ok`.
+fn pipelined(addr: SocketAddr, ids: impl IntoIterator<Item = i64>) {
+    let mut client = Client::connect(addr);
+    let ids: Vec<i64> = ids.into_iter().collect();
+    let burst: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| {
+            format!("GET /api/verve/accept?id={id} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes()
+        })
+        .collect();
+    client.send(&burst);
+    for id in ids {
+        let response = client.read_response();
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "ok"),
+            "id {id}"
+        );
+    }
+}
+
+/// Sends each id on a connection of its own, closed after the answer.
+fn one_per_connection(addr: SocketAddr, ids: impl IntoIterator<Item = i64>) {
+    for id in ids {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // One write: a request split over several would wait on Nagle's algorithm.
+        let request = format!(
+            "GET /api/verve/accept?id={id} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "id {id}: {answer:?}"
+        );
+    }
+}
+
+/// The case a fixed grace got wrong: one instance's link to Redis stalls from the
+/// middle of a window until after the fleet has published it without that
+/// instance. The fleet publishes `complete=false` at its wait, then a revision
+/// with the exact count once the stalled instance's ids arrive.
+#[test]
+fn a_stalled_link_to_redis_ends_in_an_exact_revision() {
+    let tansu = Tansu::start();
+    let sinks = kafka(&tansu, "stall");
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let stalled_url = format!("redis://127.0.0.1:{}/0", link.port);
+    let a = fleet_member(&redis.url(), "a", &borrowed(&sinks));
+    let b = fleet_member(&stalled_url, "b", &borrowed(&sinks));
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut Client::connect(a.addr), 0..1500);
+        accept_all(&mut Client::connect(b.addr), 1000..2000);
+        let window = window_length().window_of(SystemTime::now());
+        // b's first ids are in Redis: b is one of the window's senders.
+        redis.wait_for_mark(window, "b", "sending");
+        link.hold();
+        // Answered `ok` while b cannot reach Redis.
+        accept_all(&mut Client::connect(b.addr), 4000..5000);
+        accept_all(&mut Client::connect(a.addr), 1900..2100);
+    });
+    let exact = (0..2100).chain(4000..5000).collect::<HashSet<i64>>().len() as u64;
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert!(
+        !first.complete && first.unique_requests < exact,
+        "published without b's held ids: {first:?}"
+    );
+    link.release();
+    let records = until_complete(&tansu, "stall", window);
+    let seen = counts_and_revisions(&records);
+    let (last_revision, last_count, _) = *seen.last().unwrap();
+    assert_eq!(last_count, exact, "{seen:?}");
+    assert_eq!(
+        seen.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=last_revision).collect::<Vec<_>>(),
+        "one record per revision: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+        "counts never go down: {seen:?}"
+    );
+    // Both instances' count logs end on the same exact record.
+    for instance in [&a, &b] {
+        let line = instance.wait_for_record(window, "the complete record", |l| l.complete);
+        assert_eq!(
+            (line.unique_requests, line.revision),
+            (exact, last_revision)
+        );
+    }
+}
+
+#[test]
+fn an_instance_killed_mid_window_delays_its_window_by_the_fleet_wait_only() {
+    let redis = RedisServer::start();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let mut b = fleet_member(&redis.url(), "b", &[]);
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut Client::connect(a.addr), 0..300);
+        accept_all(&mut Client::connect(b.addr), 200..600);
+        let window = window_length().window_of(SystemTime::now());
+        // Every id b answered is in Redis when it dies.
+        eventually(
+            Duration::from_secs(5),
+            || "b's ids in Redis".into(),
+            || (redis.scard(window) == 600).then_some(()),
+        );
+        b.kill();
+    });
+    let line = a.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.instances),
+        (600, false, 1),
+        "published at the wait, without b: {line:?}"
+    );
+    let ended = window_length().end_of(window);
+    let published_at = SystemTime::UNIX_EPOCH
+        + Duration::from_millis(
+            redis
+                .record_field(window, "published_at")
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    assert!(
+        published_at >= ended + Duration::from_millis(FLEET_WAIT_MS),
+        "published before the fleet's wait was over"
+    );
+    // b's heartbeat has expired: the next windows are complete without it.
+    let next = window_length().next(window);
+    let line = a.wait_for_record(window_length().next(next), "a record", |_| true);
+    assert_eq!((line.complete, line.instances), (true, 1), "{line:?}");
+}
+
+/// Redis loses everything after one instance is done with a window and before the
+/// other is: the first one's ids are sent again, and the final revision is exact.
+fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer)) {
+    let mut redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut Client::connect(a.addr), 0..400);
+        accept_all(&mut Client::connect(b.addr), 300..700);
+        let window = window_length().window_of(SystemTime::now());
+        redis.wait_for_mark(window, "b", "sending");
+        link.hold();
+        accept_all(&mut Client::connect(b.addr), 700..800);
+    });
+    // a closes the window and is done with it; b cannot say so yet.
+    redis.wait_for_mark(window, "a", "full");
+    lose(&mut redis);
+    link.release();
+    let line = a.wait_for_record(window, "the complete record", |l| l.complete);
+    assert_eq!((line.unique_requests, line.instances), (800, 2), "{line:?}");
+    let last = a
+        .windows()
+        .into_iter()
+        .rfind(|l| l.window_start == window.to_string());
+    assert_eq!(last.as_ref(), Some(&line), "a later revision: {last:?}");
+    let stderr = a.stderr_text() + &b.stderr_text();
+    assert!(
+        stderr.contains("Redis lost this instance's ids"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn redis_restarted_empty_between_two_closes() {
+    losing_redis_between_two_closes_ends_exact(|redis| redis.restart());
+}
+
+#[test]
+fn redis_flushed_between_two_closes() {
+    losing_redis_between_two_closes_ends_exact(|redis| {
+        let _: () = redis::cmd("FLUSHALL")
+            .query(&mut redis.connection())
+            .unwrap();
+    });
+}
+
+#[test]
+fn the_whole_fleet_stopping_mid_window_publishes_it_once_as_partial() {
+    let tansu = Tansu::start();
+    let sinks = kafka(&tansu, "leaving");
+    let redis = RedisServer::start();
+    let mut env = borrowed(&sinks);
+    env.push(("VERVE_WINDOW_SECS", "3600"));
+    let (mut a, mut b) = (
+        fleet_member(&redis.url(), "a", &env),
+        fleet_member(&redis.url(), "b", &env),
+    );
+    accept_all(&mut Client::connect(a.addr), 0..50);
+    accept_all(&mut Client::connect(b.addr), 25..100);
+    // Both at once: the harder case for "exactly one".
+    signal(a.child(), libc::SIGTERM);
+    signal(b.child(), libc::SIGTERM);
+    for instance in [&mut a, &mut b] {
+        assert!(wait_with_deadline(instance.child(), LIMIT).success());
+    }
+    let records = all_records(&tansu.brokers(), "leaving", LIMIT);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let value = &records[0].value;
+    assert_eq!(
+        (
+            value["unique_requests"].as_u64(),
+            value["partial"].as_bool(),
+            value["complete"].as_bool(),
+            value["revision"].as_u64()
+        ),
+        (Some(100), Some(true), Some(true), Some(1)),
+    );
+}
+
+#[test]
+fn two_instances_behind_haproxy_count_exactly_for_every_client_style() {
+    let redis = RedisServer::start();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&redis.url(), "b", &[]);
+    let balancer = Haproxy::start(&[a.addr, b.addr]);
+    let (window, ()) = within_one_window(|| {
+        thread::scope(|s| {
+            s.spawn(|| pipelined(balancer.addr, (0..600).map(|i| i % 400)));
+            s.spawn(|| accept_all(&mut Client::connect(balancer.addr), 300..700));
+            s.spawn(|| one_per_connection(balancer.addr, (650..750).chain(0..50)));
+        });
+    });
+    let line: WindowLine = a.wait_for_record(window, "the complete record", |l| l.complete);
+    assert_eq!((line.unique_requests, line.instances), (750, 2), "{line:?}");
+    assert_eq!(
+        b.wait_for_record(window, "the complete record", |l| l.complete),
+        line
+    );
+    // The balancer spread the requests over both.
+    for instance in [&a, &b] {
+        assert!(metric(&instance.scrape(), "verve_ids_accepted_total") > 0);
+    }
+}

@@ -1,0 +1,78 @@
+//! Shutdown ends within `VERVE_SHUTDOWN_DRAIN_MS` plus a small fixed margin, even
+//! when Redis, Kafka and every callback endpoint take connections and never answer.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::receiver::{Answer, Receiver};
+use common::{accept_all, accept_all_with, fleet_member, Client, Verve};
+
+const DRAIN_MS: u64 = 1000;
+
+/// The service's own margin is 1 s; the rest is for a process exiting on a busy
+/// machine. Before the shutdown had one deadline, these took 9 to 12 s.
+const BOUND: Duration = Duration::from_millis(DRAIN_MS + 1000 + 1500);
+
+/// A port that takes connections (into its backlog) and never answers.
+fn black_hole() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+fn port(listener: &TcpListener) -> u16 {
+    listener.local_addr().unwrap().port()
+}
+
+/// Stops `verve` and returns how long it took.
+fn stop(verve: Verve) -> Duration {
+    let started = Instant::now();
+    let (status, _) = verve.terminate();
+    assert!(status.success(), "{status}");
+    started.elapsed()
+}
+
+#[test]
+fn redis_and_kafka_that_never_answer_do_not_hold_up_shutdown() {
+    let (redis, kafka) = (black_hole(), black_hole());
+    let url = format!("redis://127.0.0.1:{}/0", port(&redis));
+    let brokers = format!("127.0.0.1:{}", port(&kafka));
+    let drain = DRAIN_MS.to_string();
+    let verve = fleet_member(
+        &url,
+        "stuck",
+        &[
+            ("VERVE_REDIS_TIMEOUT_MS", "1000"),
+            ("VERVE_SINKS", "log,kafka"),
+            ("VERVE_KAFKA_BROKERS", &brokers),
+            ("VERVE_SHUTDOWN_DRAIN_MS", &drain),
+            ("VERVE_WINDOW_SECS", "3600"),
+        ],
+    );
+    accept_all(&mut Client::connect(verve.addr), 1..=100);
+    let took = stop(verve);
+    assert!(took < BOUND, "shutdown took {took:?}");
+}
+
+#[test]
+fn endpoints_that_never_answer_do_not_hold_up_shutdown() {
+    let receiver = Receiver::start(Answer::Never);
+    let kafka = black_hole();
+    let brokers = format!("127.0.0.1:{}", port(&kafka));
+    let drain = DRAIN_MS.to_string();
+    let verve = Verve::start(&[
+        ("VERVE_SINKS", "log,kafka"),
+        ("VERVE_KAFKA_BROKERS", &brokers),
+        ("VERVE_SHUTDOWN_DRAIN_MS", &drain),
+        ("VERVE_WINDOW_SECS", "3600"),
+    ]);
+    let mut client = Client::connect(verve.addr);
+    for hook in ["/a", "/b", "/c"] {
+        accept_all_with(&mut client, &receiver.url(hook), 1..=10);
+    }
+    drop(client);
+    let took = stop(verve);
+    assert!(took < BOUND, "shutdown took {took:?}");
+    // The partial window's callbacks were attempted, not skipped.
+    assert_eq!(receiver.wait_for_calls(3, Duration::from_secs(5)).len(), 3);
+}

@@ -20,7 +20,11 @@ and writes loadtest/results/results.md and loadtest/results/latency.png.
 
 --compare GIT_REF also builds verve as it was at GIT_REF and measures it in the same
 run, right before the current verve, so that a change is judged against the code
-it changes under the same conditions (the table gains a verve / verve@REF column).
+it changes under the same conditions (the table gains a verve / verve@REF column;
+with --redis, Redis mode is compared the same way).
+
+In Redis mode the report also gives the commands redis-server ran (INFO
+commandstats), per 1,000 requests.
 """
 
 import argparse
@@ -108,7 +112,7 @@ class Server:
                  "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
             wait_for_port(redis_port, "redis-server")
             env["VERVE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            env["VERVE_WINDOW_GRACE_MS"] = "2000"
+            self.redis_port = redis_port
         env.update(self.env)
         self.proc = subprocess.Popen(["taskset", "-c", str(self.cpu), str(self.binary)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "w"))
@@ -121,15 +125,22 @@ class Server:
         return total
 
     def stop(self):
-        """SIGTERM; returns verve's last count log line (the partial window), if any."""
+        """SIGTERM; returns verve's peak RSS, its last count log line (the partial
+        window) if any, and the calls per Redis command (empty without Redis)."""
         rss = peak_rss_mib(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+        commands = {}
         if self.redis_proc:
+            stats = sh(["redis-cli", "-p", str(self.redis_port), "INFO", "commandstats"],
+                       capture_output=True).stdout
+            commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
+            for own in ("info", "command", "command|docs"):
+                commands.pop(own, None)
             self.redis_proc.terminate()
             self.redis_proc.wait()
         lines = self.count_log.read_text().splitlines() if self.count_log.exists() else []
-        return rss, (lines[-1] if lines else None)
+        return rss, (lines[-1] if lines else None), commands
 
 
 def run_wrk(server, args, duration, pipeline, base, connections):
@@ -214,8 +225,11 @@ def measure(name, binary, env, args, redis=False):
     for label, pipeline, base in [("max", 1, 0), ("max16", 16, 100000000000)]:
         results[label] = run_wrk(server, args, args.duration, pipeline, base, args.connections)
         sent += results[label]["distinct"]
-    rss, last_line = server.stop()
+    rss, last_line, commands = server.stop()
     results["rss"] = rss
+    if commands:
+        requests = sum(results[k]["requests"] for k in ("max", "max16"))
+        results["redis_commands"] = (commands, requests)
     if last_line is not None:
         counted = int(re.search(r"unique_requests=(\d+)", last_line).group(1))
         failed = sum(results[k]["failed"] for k in ("max", "max16"))
@@ -242,6 +256,7 @@ def table(all_results, args):
     # (numerator, denominator) of each ratio column.
     pairs = [(n, "baseline") for n in names[1:]]
     pairs += [("verve", n) for n in names if n.startswith("verve@")]
+    pairs += [("verve-redis", n) for n in names if n.startswith("verve-redis@")]
     head = "| phase | figure | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |"
     lines = [head, "|" + "---|" * (2 + len(names) + len(pairs))]
     for phase, key, label, fmt in rows:
@@ -296,6 +311,9 @@ def main():
         name = f"verve@{args.compare}"
         all_results[name] = measure(name, earlier, {}, args)
     all_results["verve"] = measure("verve", release / "verve", {}, args)
+    if args.redis and earlier:
+        name = f"verve-redis@{args.compare}"
+        all_results[name] = measure(name, earlier, {}, args, redis=True)
     if args.redis:
         all_results["verve-redis"] = measure("verve-redis", release / "verve", {}, args, redis=True)
 
@@ -309,10 +327,21 @@ def main():
             verdict = "exact" if counted == sent and failed == 0 else "MISMATCH"
             checks.append(f"- {name}: count log {counted:,} distinct ids, wrk sent {sent:,} "
                           f"(non-2xx answers: {failed}): {verdict}")
+    redis_lines = []
+    for name, results in all_results.items():
+        if "redis_commands" in results:
+            commands, requests = results["redis_commands"]
+            total = sum(commands.values())
+            top = ", ".join(f"{c} {n / requests * 1000:.2f}" for c, n in
+                            sorted(commands.items(), key=lambda kv: -kv[1]))
+            redis_lines.append(f"- {name}: {total / requests * 1000:.2f} commands per 1,000 requests "
+                               f"({total:,} for {requests:,} requests; {top})")
     report = (f"# Load test, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
               f"{os.cpu_count()} CPUs ({os.uname().release}); servers: one worker pinned to CPU {args.server_cpu}; "
               f"load generator on CPU {args.load_cpu}; {args.connections} connections; fixed rate with {tool}, "
               f"maximum rate with wrk, {args.duration} s per phase.\n\n{md}\n\nCounts:\n" + "\n".join(checks) + "\n")
+    if redis_lines:
+        report += "\nRedis commands (maximum-rate phases, INFO commandstats):\n" + "\n".join(redis_lines) + "\n"
     (args.out / "results.md").write_text(report)
     plot(all_results, args, args.out / "latency.png")
     print("\n" + report)

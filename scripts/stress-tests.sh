@@ -16,8 +16,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # The hog: a busy loop on the first CPU, so the suite shares the machine the way it
 # does on a loaded CI runner.
-hog_cpu=$(cut -d, -f1 /sys/fs/cgroup/cpuset.cpus.effective 2>/dev/null | cut -d- -f1)
-taskset -c "${hog_cpu:-0}" sh -c 'while :; do :; done' &
+hog_cpu=$( (cut -d, -f1 /sys/fs/cgroup/cpuset.cpus.effective | cut -d- -f1) 2>/dev/null || true)
+hog_cpu=${hog_cpu:-0}
+taskset -c "$hog_cpu" sh -c 'while :; do :; done' &
 hog=$!
 trap 'kill $hog 2>/dev/null || true' EXIT
 
@@ -41,7 +42,7 @@ done
 
 echo
 if [ "$failed_runs" -eq 0 ]; then
-  echo "stress: $runs/$runs runs passed with a CPU hog on cpu ${hog_cpu:-0}"
+  echo "stress: $runs/$runs runs passed with a CPU hog on cpu $hog_cpu"
 else
   echo "stress: $failed_runs of $runs runs failed; failures by test:"
   sed -E 's/^run [0-9]+: //' target/stress/failures | sort | uniq -c | sort -rn

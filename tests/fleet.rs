@@ -232,7 +232,13 @@ fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer
     lose(&mut redis);
     link.release();
     let line = a.wait_for_record(window, "the complete record", |l| l.complete);
-    assert_eq!((line.unique_requests, line.instances), (800, 2), "{line:?}");
+    assert_eq!(
+        (line.unique_requests, line.instances),
+        (800, 2),
+        "{line:?}\na:\n{}\nb:\n{}",
+        a.stderr_text(),
+        b.stderr_text()
+    );
     let last = a
         .windows()
         .into_iter()
@@ -279,7 +285,13 @@ fn the_whole_fleet_stopping_mid_window_publishes_it_once_as_partial() {
         assert!(wait_with_deadline(instance.child(), LIMIT).success());
     }
     let records = all_records(&tansu.brokers(), "leaving", LIMIT);
-    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        records.len(),
+        1,
+        "{records:?}\na:\n{}\nb:\n{}",
+        a.stderr_text(),
+        b.stderr_text()
+    );
     let value = &records[0].value;
     assert_eq!(
         (

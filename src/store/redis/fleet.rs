@@ -15,10 +15,12 @@
 //!
 //! Every window key expires a few windows after the window (at least five minutes).
 //!
-//! An instance done with a window runs `settle.lua`, which marks it done and, if
-//! every live instance and every instance that sent ids to the window is done,
-//! publishes the window: its `SCARD`, and a revision one higher than the last, taken
-//! together in the script. Until that happens the instance checks again every poll
+//! An instance registers (its first heartbeat) before it accepts an id, when Redis
+//! is reachable. An instance done with a window runs `settle.lua`, which marks it
+//! done and, if every live instance (read in the script: a list from the last
+//! heartbeat could miss one that just joined) and every instance that sent ids to
+//! the window is done, publishes the window: its `SCARD`, and a revision one higher
+//! than the last, taken together in the script. Until that happens the instance checks again every poll
 //! interval; once the fleet's wait is over (`VERVE_FLEET_WAIT_MS` after the window
 //! ended), checks publish whatever is there with `complete=false`. Whenever the
 //! count grows after that (an instance that was cut off delivers its ids), the next
@@ -31,10 +33,11 @@
 //! window again from its local set. The record goes too; each instance passes the
 //! latest record it knows, so revisions keep increasing. So do the other instances'
 //! marks and heartbeats: for one heartbeat lifetime after noticing a loss (a new
-//! epoch, or a lost mark), an instance also waits for every instance it saw live
-//! before it, so that none is taken for done, or gone, before it could say so.
+//! epoch, or a lost mark), an instance also waits for every instance it saw live in
+//! the two heartbeat lifetimes before it, and for every instance it saw take part
+//! in the window, so that none is taken for done, or gone, before it could say so.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use redis::{Connection, RedisResult, Script};
@@ -51,6 +54,10 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// The longest between two checks of a window the fleet has not finished.
 const POLL: Duration = Duration::from_millis(250);
+
+/// After a loss of Redis's data, instances seen live within this many fleet waits
+/// are waited for: a heartbeat lifetime, and one more for an instance cut off.
+const SEEN_FOR_WAITS: u32 = 2;
 
 /// Whether an instance ran for the whole of a window it is done with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,8 +145,10 @@ pub(super) struct Fleet {
     /// window's end the fleet waits for every instance.
     pub wait: Duration,
     settle: Script,
-    /// The live instances, as of the last heartbeat.
+    /// The live instances, as of the last heartbeat or leave.
     live: Vec<String>,
+    /// When each instance was last seen live, for as long as a loss could need it.
+    seen: BTreeMap<String, Instant>,
     /// The fleet's epoch at the last heartbeat.
     epoch: Option<String>,
     /// Instances seen live before Redis lost its data, waited for as if still live
@@ -158,6 +167,7 @@ impl Fleet {
             wait,
             settle: Script::new(include_str!("settle.lua")),
             live: Vec::new(),
+            seen: BTreeMap::new(),
             epoch: None,
             remembered: Vec::new(),
             uncertain_until: None,
@@ -262,22 +272,28 @@ impl Fleet {
             self.lost_data();
         }
         self.epoch = Some(epoch);
+        let now = Instant::now();
+        for instance in &live {
+            self.seen.insert(instance.clone(), now);
+        }
+        let horizon = self.wait * SEEN_FOR_WAITS;
+        self.seen.retain(|_, at| now.duration_since(*at) < horizon);
         self.live = live;
         Ok(())
     }
 
     /// Redis lost its data: for a heartbeat lifetime, every instance seen live
-    /// until now is waited for, whatever the registry says.
+    /// lately (even one whose heartbeat had just expired: it may be cut off, with
+    /// ids on the way) is waited for, whatever the registry says.
     pub fn lost_data(&mut self) {
-        self.remembered.extend(self.live.iter().cloned());
+        self.remembered.extend(self.seen.keys().cloned());
         self.remembered.sort();
         self.remembered.dedup();
         self.uncertain_until = Some(Instant::now() + self.wait);
     }
 
-    /// The instances to wait for: the live ones and, shortly after Redis lost its
-    /// data, those seen live before.
-    fn awaited(&mut self) -> Vec<String> {
+    /// Shortly after Redis lost its data, the instances seen live before it.
+    fn still_remembered(&mut self) -> Vec<String> {
         if self
             .uncertain_until
             .is_some_and(|until| Instant::now() >= until)
@@ -285,14 +301,11 @@ impl Fleet {
             self.uncertain_until = None;
             self.remembered.clear();
         }
-        let mut awaited = self.live.clone();
-        awaited.extend(self.remembered.iter().cloned());
-        awaited.sort();
-        awaited.dedup();
-        awaited
+        self.remembered.clone()
     }
 
-    /// Leaves the fleet (shutdown); returns whether other instances are still live.
+    /// Leaves the fleet (shutdown); returns whether any other instance is still
+    /// waited for (live, or seen live shortly before Redis lost its data).
     pub fn leave(&mut self, connection: &mut Connection) -> RedisResult<bool> {
         let registry = self.registry_key();
         self.live = redis::pipe()
@@ -306,7 +319,9 @@ impl Fleet {
             .arg("+inf")
             .query::<(Vec<String>,)>(connection)?
             .0;
-        Ok(!self.live.is_empty())
+        let remembered = self.still_remembered();
+        let others = self.live.iter().chain(&remembered);
+        Ok(others.into_iter().any(|other| *other != self.instance))
     }
 
     /// Marks this instance done with `window` and publishes the window if the fleet
@@ -318,12 +333,15 @@ impl Fleet {
         view: &WindowView,
         force: bool,
     ) -> RedisResult<Settled> {
-        let mut awaited = self.awaited();
+        // The live instances are read by the script itself: a list from the last
+        // heartbeat could miss an instance that joined since, ids and all.
+        let mut awaited = self.still_remembered();
         awaited.extend(view.members.iter().cloned());
         let mut call = self.settle.prepare_invoke();
         call.key(self.ids_key(window))
             .key(self.marks_key(window))
             .key(self.record_key(window))
+            .key(self.registry_key())
             .arg(&self.instance)
             .arg(&self.run)
             .arg(match view.coverage {

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{mpsc, Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use redis::{Client, Connection, RedisError, RedisResult};
@@ -52,6 +52,8 @@ pub(super) struct Forwarder {
     /// After a failure nothing is tried before this.
     resume_at: Option<Instant>,
     backoff: Duration,
+    /// Told once the first heartbeat has been tried (start-up waits for it).
+    registered: Option<mpsc::Sender<()>>,
 }
 
 enum Round {
@@ -90,6 +92,7 @@ impl Forwarder {
         client: Client,
         settings: RedisSettings,
         reporter: Reporter,
+        registered: mpsc::Sender<()>,
     ) -> Self {
         Forwarder {
             shared,
@@ -112,6 +115,7 @@ impl Forwarder {
             next_heartbeat: Instant::now(),
             resume_at: None,
             backoff: FIRST_BACKOFF,
+            registered: Some(registered),
         }
     }
 
@@ -143,11 +147,13 @@ impl Forwarder {
                     if let Some(round) = self.retry.take() {
                         return Work::Round(round);
                     }
+                    // Heartbeats go on until the instance leaves: while it finishes,
+                    // it still has ids to deliver that the fleet must wait for.
+                    if self.next_heartbeat <= now {
+                        return Work::Heartbeat;
+                    }
                     let next_check = self.tracked.iter().map(|(w, t)| (t.next_check, *w)).min();
                     if finishing.is_none() {
-                        if self.next_heartbeat <= now {
-                            return Work::Heartbeat;
-                        }
                         if let Some((_, window)) = next_check.filter(|(at, _)| *at <= now) {
                             return Work::Check(window);
                         }
@@ -166,8 +172,8 @@ impl Forwarder {
         }
     }
 
-    /// Sends a round of ids (one entry per window); if Redis lost ids this instance had sent to one of its
-    /// windows, sends that window's whole set again.
+    /// Sends a round of ids (one entry per window); if Redis lost ids this instance
+    /// had sent to one of its windows, sends that window's whole set again.
     fn send_ids(&mut self, batches: Vec<(WindowStart, Vec<i64>)>) {
         let mut pipe = redis::pipe();
         let (mut firsts, mut checked) = (Vec::new(), Vec::new());
@@ -296,7 +302,6 @@ impl Forwarder {
             if settled.outcome != Outcome::Lost {
                 return Some(settled);
             }
-            self.fleet.lost_data();
             if !self.replay(window, &tracked.closed.ids) {
                 return None;
             }
@@ -328,8 +333,10 @@ impl Forwarder {
             .report(&count, published, &tracked.closed.endpoints);
     }
 
-    /// Sends every id of `window` again, with this instance's `sending` mark first.
+    /// Redis lost this instance's ids of `window`: sends them all again, with its
+    /// `sending` mark first.
     fn replay(&mut self, window: WindowStart, ids: &IdSet) -> bool {
+        self.fleet.lost_data();
         // Copied out first: iterating holds locks on parts of the set, and the
         // aggregator, inserting meanwhile, must not wait on Redis round trips.
         let mut all = Vec::with_capacity(ids.len());
@@ -371,6 +378,9 @@ impl Forwarder {
             .is_some()
         {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
+        }
+        if let Some(registered) = self.registered.take() {
+            let _ = registered.send(());
         }
     }
 

@@ -85,7 +85,10 @@ enum Item {
 }
 
 impl RedisStore {
-    /// Checks the URL and starts the forwarder. Redis need not be reachable yet.
+    /// Checks the URL, starts the forwarder and waits for its first heartbeat, so
+    /// that an instance that can reach Redis is known to the fleet before it
+    /// accepts an id. Redis need not be reachable: the wait ends with the
+    /// heartbeat's first attempt, whatever its outcome.
     pub fn start(
         settings: RedisSettings,
         reporter: Reporter,
@@ -104,11 +107,14 @@ impl RedisStore {
             admission,
             capacity: settings.buffer_ids,
         });
-        let forwarder = Forwarder::new(shared.clone(), client, settings, reporter);
+        let first_attempt = 2 * settings.timeout + Duration::from_millis(100);
+        let (registered, attempted) = std::sync::mpsc::channel();
+        let forwarder = Forwarder::new(shared.clone(), client, settings, reporter, registered);
         let forwarder = std::thread::Builder::new()
             .name("verve-redis".into())
             .spawn(move || forwarder.run())
             .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
+        let _ = attempted.recv_timeout(first_attempt);
         Ok(RedisStore { shared, forwarder })
     }
 }

@@ -5,6 +5,7 @@
 -- KEYS[1] the window's set of ids
 -- KEYS[2] the window's marks: instance -> sending | full | partial
 -- KEYS[3] the window's published record (a hash)
+-- KEYS[4] the live instances (a sorted set scored by heartbeat expiry)
 -- ARGV[1] this instance; ARGV[2] this process (recorded as the publisher)
 -- ARGV[3] its mark (full | partial)
 -- ARGV[4] '1' if it sent ids to the window: its 'sending' mark, set with its first
@@ -13,8 +14,9 @@
 -- ARGV[6] now, in ms since the epoch; ARGV[7] the keys' time to live, in s
 -- ARGV[8..13] the latest record this instance knows (revision, unique_requests,
 --         complete, partial, instances, published_at; revision 0 for none)
--- ARGV[14..] the instances to wait for: the live ones, and any this instance saw
---         take part in the window before (in case Redis lost their marks)
+-- ARGV[14..] more instances to wait for, besides the live ones: any this instance
+--         saw take part in the window, or saw live shortly before Redis lost its
+--         data (in case their marks or heartbeats went with it)
 --
 -- Returns {outcome, revision, unique_requests, complete, partial, instances,
 -- published_at, by, count, done, members}: the latest record (revision 0 for none),
@@ -73,8 +75,12 @@ for name, state_of in pairs(state) do
     end
   end
 end
+local awaited = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[6], '+inf')
 for i = 14, #ARGV do
-  local state_of = state[ARGV[i]]
+  awaited[#awaited + 1] = ARGV[i]
+end
+for _, name in ipairs(awaited) do
+  local state_of = state[name]
   if state_of == nil or state_of == 'sending' then
     waiting = true
   end

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""What the fleet protocol costs Redis: commands per instance and window.
+
+    loadtest/fleet_cost.py [--instances 2] [--window-secs 1] [--duration 30]
+                           [--connections 2] [--binary target/release/verve]
+
+Starts a redis-server and N release instances sharing it (one worker each) on
+loopback, loads each with wrk (random ids, --connections connections each) for
+--duration seconds, stops everything, and reads INFO commandstats: the calls of
+every command, per instance and window, per instance and second, and per 1,000
+requests. Short windows make the per-window part visible next to the per-id part.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "loadtest" / "accept.lua"
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port):
+    import socket
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--window-secs", type=int, default=1)
+    p.add_argument("--duration", type=int, default=30)
+    p.add_argument("--connections", type=int, default=2, help="wrk connections per instance")
+    p.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "verve")
+    args = p.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed (apt-get install wrk)")
+
+    redis_port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    wait_for_port(redis_port)
+    work = Path(tempfile.mkdtemp(prefix="verve-fleet-cost-"))
+    instances = []
+    for i in range(args.instances):
+        port = free_port()
+        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_WORKERS="1",
+                   VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
+                   VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                   VERVE_COUNT_LOG=str(work / f"i{i}.log"), RUST_LOG="warn")
+        proc = subprocess.Popen([str(args.binary)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(work / f"i{i}.err", "w"))
+        wait_for_port(port)
+        instances.append((proc, port))
+    subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "RESETSTAT"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+    started = time.time()
+    loads = []
+    for i, (_, port) in enumerate(instances):
+        # Half of each instance's ids are also sent to the next one.
+        base = i * 500000
+        cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "-s", str(SCRIPT),
+               f"http://127.0.0.1:{port}", "--", "1000000", "0", "1", str(base)]
+        loads.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    requests = 0
+    for load in loads:
+        out = load.communicate()[0]
+        requests += int(re.search(r"(\d+) requests in", out).group(1))
+    elapsed = time.time() - started
+
+    stats = subprocess.run(["redis-cli", "-p", str(redis_port), "INFO", "commandstats"],
+                           capture_output=True, text=True, check=True).stdout
+    for proc, _ in instances:
+        proc.terminate()
+        proc.wait(timeout=30)
+    redis.terminate()
+    redis.wait()
+
+    commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
+    commands.pop("info", None)
+    windows = elapsed / args.window_secs
+    instance_windows = windows * args.instances
+    print(f"{args.instances} instances, {args.window_secs} s windows, {elapsed:.1f} s, "
+          f"{requests:,} requests ({requests / elapsed:,.0f}/s), about {windows:.0f} windows")
+    print(f"{'command':>18} {'calls':>9} {'per instance-window':>20} {'per instance-second':>20} {'per 1,000 req':>14}")
+    for name, calls in sorted(commands.items(), key=lambda kv: -kv[1]):
+        print(f"{name:>18} {calls:>9,} {calls / instance_windows:>20.2f} "
+              f"{calls / (elapsed * args.instances):>20.2f} {calls / requests * 1000:>14.2f}")
+    total = sum(commands.values())
+    print(f"{'all':>18} {total:>9,} {total / instance_windows:>20.2f} "
+          f"{total / (elapsed * args.instances):>20.2f} {total / requests * 1000:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

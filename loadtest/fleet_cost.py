@@ -3,6 +3,7 @@
 
     loadtest/fleet_cost.py [--instances 2] [--window-secs 1] [--duration 30]
                            [--connections 2] [--binary target/release/verve]
+                           [--env KEY=VALUE ...]
 
 Starts a redis-server and N release instances sharing it (one worker each) on
 loopback, loads each with wrk (random ids, --connections connections each) for
@@ -43,20 +44,12 @@ def wait_for_port(port):
     raise SystemExit(f"nothing listens on {port}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--instances", type=int, default=2)
-    p.add_argument("--window-secs", type=int, default=1)
-    p.add_argument("--duration", type=int, default=30)
-    p.add_argument("--connections", type=int, default=2, help="wrk connections per instance")
-    p.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "verve")
-    args = p.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is needed (apt-get install wrk)")
-
+def run_fleet(args, procs):
+    """Runs the fleet under load; returns INFO commandstats, requests and seconds."""
     redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "",
                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    procs.append(redis)
     wait_for_port(redis_port)
     work = Path(tempfile.mkdtemp(prefix="verve-fleet-cost-"))
     instances = []
@@ -66,8 +59,10 @@ def main():
                    VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
                    VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
                    VERVE_COUNT_LOG=str(work / f"i{i}.log"), RUST_LOG="warn")
+        env.update(item.split("=", 1) for item in args.env)
         proc = subprocess.Popen([str(args.binary)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(work / f"i{i}.err", "w"))
+        procs.append(proc)
         wait_for_port(port)
         instances.append((proc, port))
     subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "RESETSTAT"], check=True,
@@ -89,11 +84,29 @@ def main():
 
     stats = subprocess.run(["redis-cli", "-p", str(redis_port), "INFO", "commandstats"],
                            capture_output=True, text=True, check=True).stdout
-    for proc, _ in instances:
-        proc.terminate()
-        proc.wait(timeout=30)
-    redis.terminate()
-    redis.wait()
+    return stats, requests, elapsed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--window-secs", type=int, default=1)
+    p.add_argument("--duration", type=int, default=30)
+    p.add_argument("--connections", type=int, default=2, help="wrk connections per instance")
+    p.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "verve")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="more environment for the instances (e.g. an older build's knobs)")
+    args = p.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed (apt-get install wrk)")
+
+    procs = []
+    try:
+        stats, requests, elapsed = run_fleet(args, procs)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
 
     commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
     commands.pop("info", None)

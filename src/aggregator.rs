@@ -46,7 +46,7 @@ const HELD_UP_AFTER: Duration = Duration::from_secs(5);
 
 /// What the aggregator holds for a window until it closes.
 struct OpenWindow {
-    ids: Arc<IdSet>,
+    ids: IdSet,
     /// How many ids `ids` holds: inserts that found the id new.
     unique: u64,
     endpoints: HashSet<Arc<str>>,
@@ -57,7 +57,7 @@ struct OpenWindow {
 impl OpenWindow {
     fn with_capacity(capacity: usize) -> Self {
         OpenWindow {
-            ids: Arc::new(IdSet::with_capacity(capacity)),
+            ids: IdSet::with_capacity(capacity),
             unique: 0,
             endpoints: HashSet::new(),
             endpoints_over_cap: 0,
@@ -171,11 +171,9 @@ impl Aggregator {
         }
         let window = match self.open.entry(batch.window) {
             std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
-            std::collections::btree_map::Entry::Vacant(vacant) => {
-                let open = OpenWindow::with_capacity(self.capacity_hint.max(batch.ids.len()));
-                self.store.opened(batch.window, &open.ids);
-                vacant.insert(open)
-            }
+            std::collections::btree_map::Entry::Vacant(vacant) => vacant.insert(
+                OpenWindow::with_capacity(self.capacity_hint.max(batch.ids.len())),
+            ),
         };
         self.new_ids.clear();
         for id in batch.ids {

@@ -27,7 +27,7 @@ use crate::window::WindowStart;
 pub struct ClosedWindow {
     pub window: WindowStart,
     /// Every id this instance received in the window.
-    pub ids: Arc<IdSet>,
+    pub ids: IdSet,
     /// How many ids `ids` holds, counted as they were inserted.
     pub unique_requests: u64,
     /// Endpoints named in the window (at most `VERVE_CALLBACK_MAX_ENDPOINTS`).

@@ -26,17 +26,14 @@ pub use redis::{RedisSettings, RedisStore};
 use crate::report::ClosedWindow;
 use crate::window::WindowStart;
 
-/// The ids of one window, as this instance saw them. Shared between the aggregator,
-/// which inserts, and a store that may need to replay them (scc's sets allow the
-/// two at once without a lock).
+/// The ids of one window, as this instance saw them: filled by the aggregator,
+/// then handed whole to the store at close (the Redis store keeps it for as long
+/// as it may have to send the window again).
 pub type IdSet = scc::HashSet<i64>;
 
 /// Where windows are deduplicated and reported. Hooks the local store needs not
 /// are no-ops by default.
 pub trait DedupStore: Send {
-    /// A window's set was created; a store that may replay it keeps the handle.
-    fn opened(&mut self, _window: WindowStart, _ids: &Arc<IdSet>) {}
-
     /// `ids` were new to this instance in `window`.
     fn add(&mut self, _window: WindowStart, _ids: &[i64]) {}
 

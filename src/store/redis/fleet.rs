@@ -28,9 +28,9 @@
 //! caller per revision, so each revision reaches the shared sinks once.
 //!
 //! If Redis loses an instance's ids (a restart without persistence, `FLUSHALL`,
-//! eviction), it loses the instance's mark with them: a round that finds its mark
-//! gone, or `settle.lua` answering `lost`, makes the instance send every id of the
-//! window again from its local set. The record goes too; each instance passes the
+//! eviction), it loses the instance's mark with them: `settle.lua` answers `lost`
+//! when the instance is done with the window (or checks it again later), and the
+//! instance sends every id of the window again from its local set. The record goes too; each instance passes the
 //! latest record it knows, so revisions keep increasing. So do the other instances'
 //! marks and heartbeats: for one heartbeat lifetime after noticing a loss (a new
 //! epoch, or a lost mark), an instance also waits for every instance it saw live in
@@ -206,9 +206,10 @@ impl Fleet {
         format!("{}:epoch", self.prefix)
     }
 
-    /// Adds `ids` to `window` to `pipe`. The window's first round also sets this
-    /// instance's `sending` mark, the sentinel of its ids; later rounds ask whether
-    /// the mark is still there (the one reply this adds: 0 means Redis lost it).
+    /// Adds `ids` to `window` to `pipe`. The window's first round (`first`) also
+    /// sets this instance's `sending` mark, the sentinel of its ids: only
+    /// `settle.lua` looks at it again, when the instance is done with the window, so
+    /// a round costs nothing more than its `SADD`s.
     pub fn queue_ids(
         &self,
         pipe: &mut redis::Pipeline,
@@ -216,8 +217,9 @@ impl Fleet {
         ids: &[i64],
         first: bool,
     ) {
-        let (key, marks) = (self.ids_key(window), self.marks_key(window));
+        let key = self.ids_key(window);
         if first {
+            let marks = self.marks_key(window);
             pipe.cmd("HSET")
                 .arg(&marks)
                 .arg(&self.instance)
@@ -227,8 +229,6 @@ impl Fleet {
                 .arg(&marks)
                 .arg(self.key_ttl_secs)
                 .ignore();
-        } else {
-            pipe.cmd("HEXISTS").arg(&marks).arg(&self.instance);
         }
         for chunk in ids.chunks(SADD_IDS) {
             pipe.cmd("SADD").arg(&key).arg(chunk).ignore();

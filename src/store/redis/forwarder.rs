@@ -172,40 +172,22 @@ impl Forwarder {
         }
     }
 
-    /// Sends a round of ids (one entry per window); if Redis lost ids this instance
-    /// had sent to one of its windows, sends that window's whole set again.
+    /// Sends a round of ids (one entry per window).
     fn send_ids(&mut self, batches: Vec<(WindowStart, Vec<i64>)>) {
         let mut pipe = redis::pipe();
-        let (mut firsts, mut checked) = (Vec::new(), Vec::new());
+        let mut firsts = Vec::new();
         for (window, ids) in &batches {
             let first = !self.sent.contains(window);
-            match first {
-                true => firsts.push(*window),
-                false => checked.push(*window),
+            if first {
+                firsts.push(*window);
             }
             self.fleet.queue_ids(&mut pipe, *window, ids, first);
         }
-        let Some(marks) = self.call(|connection, _| pipe.query::<Vec<bool>>(connection)) else {
+        if self.call(|connection, _| pipe.exec(connection)).is_none() {
             self.retry = Some(Round::Ids(batches));
             return;
-        };
-        self.sent.extend(firsts);
-        let lost: BTreeSet<WindowStart> = checked
-            .iter()
-            .zip(marks)
-            .filter(|(_, present)| !present)
-            .map(|(window, _)| *window)
-            .collect();
-        for window in lost {
-            // A window closed meanwhile is sent again when its close finds it lost.
-            let open = self.shared.queue().open.get(&window).cloned();
-            if let Some(ids) = open {
-                if !self.replay(window, &ids) {
-                    self.retry = Some(Round::Ids(batches));
-                    return;
-                }
-            }
         }
+        self.sent.extend(firsts);
         let sent: usize = batches.iter().map(|(_, ids)| ids.len()).sum();
         self.delivered(sent);
     }
@@ -337,8 +319,7 @@ impl Forwarder {
     /// `sending` mark first.
     fn replay(&mut self, window: WindowStart, ids: &IdSet) -> bool {
         self.fleet.lost_data();
-        // Copied out first: iterating holds locks on parts of the set, and the
-        // aggregator, inserting meanwhile, must not wait on Redis round trips.
+        // Copied out once, to be sent in rounds of ROUND_IDS.
         let mut all = Vec::with_capacity(ids.len());
         ids.iter_sync(|&id| {
             all.push(id);
@@ -359,10 +340,7 @@ impl Forwarder {
             let (chunk, next) = rest.split_at(rest.len().min(ROUND_IDS));
             let mut pipe = redis::pipe();
             self.fleet.queue_ids(&mut pipe, window, chunk, first);
-            if self
-                .call(|connection, _| pipe.query::<Vec<bool>>(connection))
-                .is_none()
-            {
+            if self.call(|connection, _| pipe.exec(connection)).is_none() {
                 return false;
             }
             (rest, first) = (next, false);

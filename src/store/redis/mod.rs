@@ -12,14 +12,14 @@
 //! Outages: ids wait in the queue (at most `VERVE_REDIS_BUFFER_IDS`; beyond that the
 //! [`Admission`] closes and workers answer 503) and are sent once Redis is back,
 //! with backoff between attempts. If Redis lost ids this instance had sent (a
-//! restart, `FLUSHALL`, eviction), the window's sentinel says so and every id of the
-//! window is sent again from the local set, which the aggregator keeps filling
-//! concurrently: the counts stay exact.
+//! restart, `FLUSHALL`, eviction), the window's sentinel says so when the instance
+//! is done with the window, and every id of it is sent again from the local set,
+//! which the store keeps until the fleet's record is complete: the counts stay exact.
 
 mod fleet;
 mod forwarder;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -73,8 +73,6 @@ struct Queue {
     items: VecDeque<Item>,
     /// Ids queued or in the round being sent.
     buffered_ids: usize,
-    /// Sets of the windows still open, to send again if Redis loses them.
-    open: BTreeMap<WindowStart, Arc<IdSet>>,
     /// Set at shutdown: send what is queued, leave the fleet, stop by then.
     finish_by: Option<Instant>,
 }
@@ -126,10 +124,6 @@ impl Shared {
 }
 
 impl DedupStore for RedisStore {
-    fn opened(&mut self, window: WindowStart, ids: &Arc<IdSet>) {
-        self.shared.queue().open.insert(window, ids.clone());
-    }
-
     fn add(&mut self, window: WindowStart, ids: &[i64]) {
         let mut queue = self.shared.queue();
         queue.buffered_ids += ids.len();
@@ -163,7 +157,6 @@ impl DedupStore for RedisStore {
 
     fn close(&mut self, closed: ClosedWindow) {
         let mut queue = self.shared.queue();
-        queue.open.remove(&closed.window);
         queue.items.push_back(Item::Close(closed));
         drop(queue);
         self.shared.wake.notify_one();

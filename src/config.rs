@@ -290,6 +290,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_url.is_some() && self.fleet_wait_ms < 3 * self.redis_timeout_ms {
+            return Err(ConfigError(format!(
+                "VERVE_FLEET_WAIT_MS ({}) must be at least three times VERVE_REDIS_TIMEOUT_MS ({}): \
+                 an instance must be able to renew its heartbeat within its lifetime even when \
+                 a Redis call times out",
+                self.fleet_wait_ms, self.redis_timeout_ms
+            )));
+        }
         if self.max_request_line_bytes + 4 > self.max_head_bytes {
             return Err(ConfigError(format!(
                 "VERVE_MAX_REQUEST_LINE_BYTES ({}) must be at least 4 less than \
@@ -494,6 +502,21 @@ mod tests {
             err,
             "invalid value 'kqueue' for VERVE_IO_DRIVER (--io-driver): expected one of epoll, uring, auto"
         );
+    }
+
+    #[test]
+    fn the_fleet_wait_outlasts_a_redis_timeout_three_times() {
+        let redis = ["--redis-url", "redis://127.0.0.1:6379/0"];
+        let err = load(&[&redis[..], &["--fleet-wait-ms", "2999"]].concat()).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "VERVE_FLEET_WAIT_MS (2999) must be at least three times VERVE_REDIS_TIMEOUT_MS (1000)"
+            ),
+            "{err}"
+        );
+        assert!(load(&[&redis[..], &["--fleet-wait-ms", "3000"]].concat()).is_ok());
+        // Without Redis there is no fleet to wait for.
+        assert!(load(&["--fleet-wait-ms", "100"]).is_ok());
     }
 
     #[test]

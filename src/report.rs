@@ -186,6 +186,19 @@ impl Reporter {
         self.call_back(record, endpoints);
     }
 
+    /// Whether some sink is shared by the fleet (Kafka).
+    pub fn has_shared_sinks(&self) -> bool {
+        self.sinks.iter().any(|sink| sink.is_shared())
+    }
+
+    /// Sends `record` to the shared sinks only: its publisher stopped before they
+    /// acknowledged it, and this instance already logged it.
+    pub fn redeliver(&mut self, record: &CountRecord) {
+        for sink in self.sinks.iter_mut().filter(|sink| sink.is_shared()) {
+            sink.publish(record);
+        }
+    }
+
     /// Calls `endpoints` back with `record` (in close timing; immediate calls are
     /// the aggregator's), without writing it anywhere.
     pub fn call_back(&mut self, record: &CountRecord, endpoints: &[Arc<str>]) {

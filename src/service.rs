@@ -19,7 +19,7 @@ use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::report::Reporter;
 use crate::server::{claim_address, file_limit, Driver, Intake, Workers};
-use crate::sink::{CountSink, KafkaSettings, KafkaSink, LogSink};
+use crate::sink::{Acknowledged, CountSink, KafkaSettings, KafkaSink, LogSink};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// Descriptors kept aside for everything but client connections: listeners, logs,
@@ -70,7 +70,11 @@ impl Verve {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy = config.callback_policy()?;
         let telemetry = Arc::new(Telemetry::new(config.window_secs));
-        let sinks = open_sinks(config, &telemetry)?;
+        // Kafka's acknowledgements, for the Redis store to note for the fleet.
+        let (acks, acknowledged) = flume::unbounded();
+        let in_fleet = config.redis_url.is_some();
+        let sinks = open_sinks(config, &telemetry, in_fleet.then_some(&acks))?;
+        drop(acks);
         let addr = claim_address(config.addr)?;
         let (callbacks, dispatcher) =
             Dispatcher::start(config, callback_policy.clone(), telemetry.clone())
@@ -81,6 +85,10 @@ impl Verve {
         };
         let reporter = Reporter::new(sinks, at_close, telemetry.clone());
         let admission = Admission::default();
+        // Taken before any worker accepts, so no request predates the first window,
+        // and before the Redis store registers this instance with its first window.
+        let started_at = SystemTime::now();
+        let first_window = config.window_length().window_of(started_at);
         let store: Box<dyn DedupStore> = match &config.redis_url {
             None => Box::new(LocalStore::new(reporter, config.window_secs)),
             Some(url) => {
@@ -92,6 +100,11 @@ impl Verve {
                     instance: config.instance_name(),
                     window_secs: config.window_secs,
                     fleet_wait: config.fleet_wait(),
+                    first_window,
+                    acks: Some(acknowledged),
+                    redeliver_after: config.fleet_wait()
+                        + config.shutdown_drain()
+                        + SHUTDOWN_MARGIN,
                 };
                 Box::new(
                     RedisStore::start(settings, reporter, admission.clone(), telemetry.clone())
@@ -102,11 +115,9 @@ impl Verve {
 
         let open_files = ensure_file_limit(config);
         let (handoffs, received) = flume::bounded(config.queue_batches as usize);
-        // Taken before any worker accepts, so no request predates the first window.
-        let started_at = SystemTime::now();
         let intake = Intake {
             handoffs,
-            first_window: config.window_length().window_of(started_at),
+            first_window,
             admission,
         };
         let workers = Workers::start(config, addr, driver, &callback_policy, &telemetry, &intake)?;
@@ -196,9 +207,11 @@ fn names<T: ValueEnum>(choices: &[T]) -> String {
 }
 
 /// The sinks `VERVE_SINKS` names, in its order.
+/// In Redis mode, Kafka's acknowledgements go to `acks`, for the fleet to note.
 fn open_sinks(
     config: &Config,
     telemetry: &Arc<Telemetry>,
+    acks: Option<&flume::Sender<Acknowledged>>,
 ) -> Result<Vec<Box<dyn CountSink>>, StartError> {
     let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
     for kind in &config.sinks {
@@ -214,9 +227,8 @@ fn open_sinks(
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
                     extra: config.kafka_extra()?,
                 };
-                sinks.push(Box::new(
-                    KafkaSink::new(&settings, telemetry.clone()).map_err(StartError::Kafka)?,
-                ));
+                let sink = KafkaSink::new(&settings, telemetry.clone(), acks.cloned());
+                sinks.push(Box::new(sink.map_err(StartError::Kafka)?));
             }
         }
     }

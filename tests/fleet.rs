@@ -212,9 +212,13 @@ fn an_instance_killed_mid_window_delays_its_window_by_the_fleet_wait_only() {
     assert_eq!((line.complete, line.instances), (true, 1), "{line:?}");
 }
 
-/// Redis loses everything after one instance is done with a window and before the
-/// other is: the first one's ids are sent again, and the final revision is exact.
-fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer)) {
+/// Redis loses data after one instance is done with a window and before the other
+/// is (`lose`; `mid_window` runs once both have delivered their first ids): the
+/// ids it lost are sent again, and the final revision is exact.
+fn losing_redis_between_two_closes_ends_exact(
+    mid_window: &dyn Fn(&RedisServer),
+    lose: impl FnOnce(&mut RedisServer),
+) {
     let mut redis = RedisServer::start();
     let link = Proxy::start(redis.port);
     let a = fleet_member(&redis.url(), "a", &[]);
@@ -224,8 +228,15 @@ fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer
         accept_all(&mut Client::connect(b.addr), 300..700);
         let window = window_length().window_of(SystemTime::now());
         redis.wait_for_mark(window, "b", "sending");
+        eventually(
+            Duration::from_secs(5),
+            || "the first ids in Redis".into(),
+            || (redis.scard(window) == 700).then_some(()),
+        );
+        mid_window(&redis);
         link.hold();
         accept_all(&mut Client::connect(b.addr), 700..800);
+        accept_all(&mut Client::connect(a.addr), 800..850);
     });
     // a closes the window and is done with it; b cannot say so yet.
     redis.wait_for_mark(window, "a", "full");
@@ -234,7 +245,7 @@ fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer
     let line = a.wait_for_record(window, "the complete record", |l| l.complete);
     assert_eq!(
         (line.unique_requests, line.instances),
-        (800, 2),
+        (850, 2),
         "{line:?}\na:\n{}\nb:\n{}",
         a.stderr_text(),
         b.stderr_text()
@@ -246,23 +257,32 @@ fn losing_redis_between_two_closes_ends_exact(lose: impl FnOnce(&mut RedisServer
     assert_eq!(last.as_ref(), Some(&line), "a later revision: {last:?}");
     let stderr = a.stderr_text() + &b.stderr_text();
     assert!(
-        stderr.contains("Redis lost this instance's ids"),
+        stderr.contains("Redis lost ids this instance had delivered"),
         "{stderr}"
     );
 }
 
 #[test]
 fn redis_restarted_empty_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(|redis| redis.restart());
+    losing_redis_between_two_closes_ends_exact(&|_| {}, |redis| redis.restart());
 }
 
 #[test]
 fn redis_flushed_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(|redis| {
+    losing_redis_between_two_closes_ends_exact(&|_| {}, |redis| {
         let _: () = redis::cmd("FLUSHALL")
             .query(&mut redis.connection())
             .unwrap();
     });
+}
+
+/// Redis comes back from a snapshot taken mid-window: the instances' marks are
+/// there, ids delivered after the snapshot are not. Each instance's count of
+/// delivered ids, written with the ids, is short of what it delivered, so it sends
+/// the window again.
+#[test]
+fn redis_restored_from_an_older_snapshot_between_two_closes() {
+    losing_redis_between_two_closes_ends_exact(&RedisServer::snapshot, |redis| redis.restart());
 }
 
 #[test]
@@ -327,4 +347,132 @@ fn two_instances_behind_haproxy_count_exactly_for_every_client_style() {
     for instance in [&a, &b] {
         assert!(metric(&instance.scrape(), "verve_ids_accepted_total") > 0);
     }
+}
+
+/// An instance that starts after a window ended has no ids for it: the fleet does
+/// not wait for it on that window (a rolling deploy would otherwise turn windows
+/// incomplete, or leave them unpublished).
+#[test]
+fn an_instance_started_after_a_window_is_not_waited_for_on_it() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    // A long wait, so that the record below is not published at it.
+    let wait = [("VERVE_FLEET_WAIT_MS", "4000")];
+    let a = fleet_member(&redis.url(), "a", &wait);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &wait);
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut Client::connect(a.addr), 0..100);
+        accept_all(&mut Client::connect(b.addr), 50..150);
+        let window = window_length().window_of(SystemTime::now());
+        redis.wait_for_mark(window, "b", "sending");
+        link.hold();
+    });
+    // a is done; b is held; c joins the fleet before b can finish.
+    redis.wait_for_mark(window, "a", "full");
+    let c = fleet_member(&redis.url(), "c", &wait);
+    link.release();
+    let line = a.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.instances),
+        (150, true, 2),
+        "{line:?}"
+    );
+    assert_eq!(b.wait_for_window(window), line);
+    // c took no part in the window: it neither held it up nor logs it.
+    c.wait_for_window(window_length().next(window));
+    assert!(c
+        .windows()
+        .iter()
+        .all(|l| l.window_start != window.to_string()));
+}
+
+/// The last instance left stops while another one, killed a moment before, still
+/// looks alive: the window is left to the fleet, and an instance that starts later
+/// settles it once its wait is over.
+#[test]
+fn a_window_left_unfinished_is_settled_by_an_instance_that_starts_later() {
+    let redis = RedisServer::start();
+    let length = verve::window::WindowLength::from_secs(5);
+    let env = [("VERVE_WINDOW_SECS", "5")];
+    let a = fleet_member(&redis.url(), "a", &env);
+    let mut b = fleet_member(&redis.url(), "b", &env);
+    let window = common::start_of_next_window(length);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    accept_all(&mut Client::connect(b.addr), 50..200);
+    eventually(
+        Duration::from_secs(5),
+        || "every id in Redis".into(),
+        || (redis.scard(window) == 200).then_some(()),
+    );
+    b.kill();
+    let (status, lines) = a.terminate();
+    assert!(status.success());
+    assert!(
+        lines.iter().all(|l| l.window_start != window.to_string()),
+        "published with b still looking alive: {lines:?}"
+    );
+    assert_eq!(
+        length.window_of(SystemTime::now()),
+        window,
+        "took 5 s to stop"
+    );
+    let c = fleet_member(&redis.url(), "c", &env);
+    let line = c.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.partial),
+        (200, false, true),
+        "{line:?}"
+    );
+}
+
+/// The instance that published a record is killed before Kafka took it: another
+/// instance following the window sends it, once the publisher had its time.
+#[test]
+fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
+    let tansu = Tansu::start();
+    let sinks = kafka(&tansu, "orphaned");
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    // a's Kafka never answers: its records are never acknowledged.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!("127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let fleet = [
+        ("VERVE_FLEET_WAIT_MS", "3000"),
+        ("VERVE_SHUTDOWN_DRAIN_MS", "200"),
+    ];
+    let mut env_a = borrowed(&sinks);
+    env_a.retain(|(k, _)| *k != "VERVE_KAFKA_BROKERS");
+    env_a.push(("VERVE_KAFKA_BROKERS", &silent));
+    env_a.extend(fleet);
+    let mut env_b = borrowed(&sinks);
+    env_b.extend(fleet);
+    let mut a = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "a", &env_a);
+    let b = fleet_member(&redis.url(), "b", &env_b);
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut Client::connect(b.addr), 0..100);
+        accept_all(&mut Client::connect(a.addr), 50..120);
+        let window = window_length().window_of(SystemTime::now());
+        redis.wait_for_mark(window, "a", "sending");
+        // a is the last to be done, so a publishes.
+        link.hold();
+    });
+    redis.wait_for_mark(window, "b", "full");
+    link.release();
+    let line = a.wait_for_window(window);
+    assert_eq!((line.unique_requests, line.complete), (120, true));
+    a.kill();
+    let records = eventually(
+        LIMIT,
+        || format!("{window} on the topic"),
+        || {
+            let records = records_of(&tansu, "orphaned", window);
+            (!records.is_empty()).then_some(records)
+        },
+    );
+    assert_eq!(counts_and_revisions(&records), [(1, 120, true)]);
+    assert!(
+        b.stderr_text().contains("sending it on"),
+        "{}",
+        b.stderr_text()
+    );
 }

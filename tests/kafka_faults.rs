@@ -12,7 +12,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use verve::metrics::Telemetry;
 use verve::report::{CountRecord, Scope, Timestamp};
-use verve::sink::{CountSink, KafkaSettings, KafkaSink};
+use verve::sink::{Acknowledged, CountSink, KafkaSettings, KafkaSink};
 use verve::window::WindowStart;
 
 const TOPIC: &str = "counts";
@@ -39,10 +39,12 @@ fn outage() -> Duration {
     )
 }
 
+/// A sink to the mock cluster, its telemetry, and the acknowledgements it reports.
 fn sink(
     cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-) -> (KafkaSink, Arc<Telemetry>) {
+) -> (KafkaSink, Arc<Telemetry>, flume::Receiver<Acknowledged>) {
     let telemetry = Arc::new(Telemetry::default());
+    let (acks, acknowledged) = flume::unbounded();
     let sink = KafkaSink::new(
         &KafkaSettings {
             brokers: cluster.bootstrap_servers(),
@@ -52,9 +54,17 @@ fn sink(
             extra: vec![],
         },
         telemetry.clone(),
+        Some(acks),
     )
     .unwrap();
-    (sink, telemetry)
+    (sink, telemetry, acknowledged)
+}
+
+fn acknowledged(start: u64, revision: u64) -> Acknowledged {
+    Acknowledged {
+        window: WindowStart::from_unix_secs(start),
+        revision,
+    }
 }
 
 fn delivered(telemetry: &Telemetry) -> u64 {
@@ -65,7 +75,7 @@ fn delivered(telemetry: &Telemetry) -> u64 {
 fn a_record_published_during_a_broker_outage_is_delivered_once_after_it() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let (mut sink, telemetry) = sink(&cluster);
+    let (mut sink, telemetry, acks) = sink(&cluster);
     // Warm up: the producer knows the cluster before the outage starts.
     sink.publish(&report(1_795_255_440, 7));
     sink.flush(Instant::now() + Duration::from_secs(10));
@@ -82,6 +92,14 @@ fn a_record_published_during_a_broker_outage_is_delivered_once_after_it() {
     sink.flush(Instant::now() + Duration::from_secs(30));
     assert_eq!(delivered(&telemetry), 2);
     assert_eq!(telemetry.kafka_failed.load(Ordering::Relaxed), 0);
+    // Each acknowledgement reported once delivered: what the fleet notes in Redis.
+    assert_eq!(
+        acks.drain().collect::<Vec<_>>(),
+        [
+            acknowledged(1_795_255_440, 1),
+            acknowledged(1_795_255_500, 1)
+        ]
+    );
 
     let records = read_until(
         &consumer(&cluster.bootstrap_servers(), TOPIC),
@@ -118,7 +136,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
         ],
     );
-    let (mut sink, telemetry) = sink(&cluster);
+    let (mut sink, telemetry, _) = sink(&cluster);
     for (i, start) in [1_795_255_500u64, 1_795_255_560, 1_795_255_620]
         .into_iter()
         .enumerate()

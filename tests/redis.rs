@@ -97,7 +97,7 @@ fn a_redis_restart_mid_window_loses_nothing() {
     assert!(
         verve
             .stderr_text()
-            .contains("Redis lost this instance's ids"),
+            .contains("Redis lost ids this instance had delivered"),
         "{}",
         verve.stderr_text()
     );

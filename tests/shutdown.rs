@@ -42,7 +42,7 @@ fn redis_and_kafka_that_never_answer_do_not_hold_up_shutdown() {
         &url,
         "stuck",
         &[
-            ("VERVE_REDIS_TIMEOUT_MS", "1000"),
+            ("VERVE_REDIS_TIMEOUT_MS", "500"),
             ("VERVE_SINKS", "log,kafka"),
             ("VERVE_KAFKA_BROKERS", &brokers),
             ("VERVE_SHUTDOWN_DRAIN_MS", &drain),

@@ -21,10 +21,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::CountSink;
+use super::{Acknowledged, CountSink};
 use crate::metrics::Telemetry;
 use crate::report::CountRecord;
-use crate::window::WindowStart;
 
 /// Where and how to publish.
 #[derive(Debug, Clone)]
@@ -38,29 +37,41 @@ pub struct KafkaSettings {
     pub extra: Vec<(String, String)>,
 }
 
-/// Called by librdkafka's polling thread with each record's fate; counts it.
-struct DeliveryReports(Arc<Telemetry>);
+/// Called by librdkafka's polling thread with each record's fate; counts it, and
+/// passes acknowledgements on to whoever follows them (the Redis store).
+struct DeliveryReports {
+    telemetry: Arc<Telemetry>,
+    acks: Option<flume::Sender<Acknowledged>>,
+}
 
 impl ClientContext for DeliveryReports {}
 
 impl ProducerContext for DeliveryReports {
-    type DeliveryOpaque = Box<WindowStart>;
+    type DeliveryOpaque = Box<Acknowledged>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, window: Box<WindowStart>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, record: Box<Acknowledged>) {
         match result {
             Ok(message) => {
-                self.0.kafka_delivered.fetch_add(1, Ordering::Relaxed);
+                // Before it is counted: whoever sees the count sees the ack too.
+                if let Some(acks) = &self.acks {
+                    let _ = acks.send(*record);
+                }
+                self.telemetry
+                    .kafka_delivered
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    window_start = %window,
+                    window_start = %record.window,
+                    revision = record.revision,
                     partition = message.partition(),
                     offset = message.offset(),
                     "window published to Kafka"
                 );
             }
             Err((error, _)) => {
-                let failed = self.0.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
+                let failed = self.telemetry.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!(
-                    window_start = %window,
+                    window_start = %record.window,
+                    revision = record.revision,
                     %error,
                     failed_total = failed,
                     "Kafka delivery failed; this window's count is in the count log only"
@@ -77,8 +88,13 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// Creates the producer; brokers need not be reachable yet.
-    pub fn new(settings: &KafkaSettings, telemetry: Arc<Telemetry>) -> Result<KafkaSink, String> {
+    /// Creates the producer; brokers need not be reachable yet. Each record Kafka
+    /// acknowledges is sent to `acks`, if given.
+    pub fn new(
+        settings: &KafkaSettings,
+        telemetry: Arc<Telemetry>,
+        acks: Option<flume::Sender<Acknowledged>>,
+    ) -> Result<KafkaSink, String> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &settings.brokers)
@@ -93,7 +109,10 @@ impl KafkaSink {
         }
 
         let producer = config
-            .create_with_context(DeliveryReports(telemetry.clone()))
+            .create_with_context(DeliveryReports {
+                telemetry: telemetry.clone(),
+                acks,
+            })
             .map_err(|e| {
                 format!("invalid Kafka settings (VERVE_KAFKA_BROKERS, VERVE_KAFKA_CONFIG): {e}")
             })?;
@@ -109,7 +128,11 @@ impl CountSink for KafkaSink {
     fn publish(&mut self, record: &CountRecord) {
         let key = record.window_start.to_string();
         let value = record.to_json();
-        let message = BaseRecord::with_opaque_to(&self.topic, Box::new(record.window_start))
+        let acknowledged = Acknowledged {
+            window: record.window_start,
+            revision: record.revision,
+        };
+        let message = BaseRecord::with_opaque_to(&self.topic, Box::new(acknowledged))
             .key(&key)
             .payload(&value);
         if let Err((error, _)) = self.producer.send(message) {

@@ -14,6 +14,15 @@ pub use log::{CountLogFormat, LogSink};
 use std::time::Instant;
 
 use crate::report::CountRecord;
+use crate::window::WindowStart;
+
+/// A shared sink took a record for good (Kafka acknowledged it): in Redis mode the
+/// fleet notes it, so that no other instance sends the record again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acknowledged {
+    pub window: WindowStart,
+    pub revision: u64,
+}
 
 /// A destination for window counts.
 pub trait CountSink: Send {

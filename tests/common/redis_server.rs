@@ -36,7 +36,13 @@ impl RedisServer {
         }
     }
 
-    /// Starts an empty server on the same port and waits until it answers.
+    /// Writes a snapshot (`SAVE`) that a restart then loads: Redis as it is now.
+    pub fn snapshot(&self) {
+        let _: () = redis::cmd("SAVE").query(&mut self.connection()).unwrap();
+    }
+
+    /// Starts the server again on the same port (empty, or from the last
+    /// [`RedisServer::snapshot`]) and waits until it answers.
     pub fn restart(&mut self) {
         self.kill();
         let child = Command::new("redis-server")

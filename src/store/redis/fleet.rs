@@ -3,39 +3,47 @@
 //! Keys, for a window `W` (its start, RFC 3339) and the prefix `P`:
 //!
 //! - `P:{W}`: the set of the window's ids, filled by every instance with `SADD`.
-//! - `P:{W}:marks`: per instance, `sending` (set with its first ids for the window:
-//!   the sentinel of its ids) or, once its last `SADD` for the window is
-//!   acknowledged, `full` or `partial` (done; whether it ran for the whole window).
-//! - `P:{W}:record`: the latest published record: revision, count, complete,
-//!   partial, instances, published_at, and which instance published it.
-//! - `P:instances`: the live instances, a sorted set scored by when each one's
-//!   heartbeat expires (`VERVE_FLEET_WAIT_MS` after it was sent).
-//! - `P:epoch`: created once by the first heartbeat, without expiry; only Redis
-//!   losing its data makes it change.
+//! - `P:{W}:marks`: per instance, `sending` (from its first ids for the window on)
+//!   or, once its last `SADD` for the window is acknowledged, `full` or `partial`
+//!   (done; whether it ran for the whole window).
+//! - `P:{W}:delivered`: per instance, how many ids it has delivered to the window,
+//!   written in the same transaction as the ids: the sentinel of its ids.
+//! - `P:{W}:record`: the latest published record (revision, count, complete,
+//!   partial, instances, published_at), the process that published it, and the
+//!   highest revision the shared sinks acknowledged.
+//! - `P:instances`, `P:joined`, `P:runs`: the live instances (a sorted set scored
+//!   by heartbeat expiry, by Redis's clock), each one's first window and process.
+//! - `P:epoch`: created by the first heartbeat, without expiry; only Redis losing
+//!   its data makes it change.
+//! - `P:orphans`: windows left unfinished by instances that stopped.
 //!
-//! Every window key expires a few windows after the window (at least five minutes).
+//! Every window key expires a while after the window: five windows, at least five
+//! minutes, and at least four fleet waits.
 //!
 //! An instance registers (its first heartbeat) before it accepts an id, when Redis
 //! is reachable. An instance done with a window runs `settle.lua`, which marks it
-//! done and, if every live instance (read in the script: a list from the last
-//! heartbeat could miss one that just joined) and every instance that sent ids to
-//! the window is done, publishes the window: its `SCARD`, and a revision one higher
-//! than the last, taken together in the script. Until that happens the instance checks again every poll
-//! interval; once the fleet's wait is over (`VERVE_FLEET_WAIT_MS` after the window
-//! ended), checks publish whatever is there with `complete=false`. Whenever the
-//! count grows after that (an instance that was cut off delivers its ids), the next
-//! check or done mark publishes a revision. The script publishes for exactly one
-//! caller per revision, so each revision reaches the shared sinks once.
+//! done and, if every live instance that started before the window ended (read in
+//! the script: a list from the last heartbeat could miss one that just joined) and
+//! every instance that sent ids to the window is done, publishes the window: its
+//! `SCARD`, and a revision one higher than the last, taken together in the script.
+//! Until that happens the instance checks again every poll interval; once the
+//! fleet's wait is over (`VERVE_FLEET_WAIT_MS` after the window ended), checks
+//! publish whatever is there with `complete=false`. Whenever the count grows after
+//! that (an instance that was cut off delivers its ids), the next check or done mark
+//! publishes a revision. The script publishes for exactly one caller per revision,
+//! so each revision reaches the shared sinks once; if that caller's process dies
+//! before they acknowledge it, another instance following the window sends it.
 //!
-//! If Redis loses an instance's ids (a restart without persistence, `FLUSHALL`,
-//! eviction), it loses the instance's mark with them: `settle.lua` answers `lost`
-//! when the instance is done with the window (or checks it again later), and the
-//! instance sends every id of the window again from its local set. The record goes too; each instance passes the
-//! latest record it knows, so revisions keep increasing. So do the other instances'
-//! marks and heartbeats: for one heartbeat lifetime after noticing a loss (a new
-//! epoch, or a lost mark), an instance also waits for every instance it saw live in
-//! the two heartbeat lifetimes before it, and for every instance it saw take part
-//! in the window, so that none is taken for done, or gone, before it could say so.
+//! If Redis loses ids (a restart, from a snapshot or empty, `FLUSHALL`, a failover
+//! to a replica that lagged), it loses or rolls back the deliveries counted with
+//! them: `settle.lua` answers `lost` when an instance's count in Redis is short of
+//! what it delivered, and the instance sends every id of the window again from its
+//! local set. A lost record is put back from the latest one each instance passes
+//! in, so revisions keep increasing. The epoch tells the rest: for one heartbeat
+//! lifetime after noticing a loss, an instance also waits for every instance it saw
+//! live in the two heartbeat lifetimes before it, and for every instance it saw take
+//! part in the window, and does not publish a window with no record before the
+//! instances that knew its record had time to put it back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -59,6 +67,14 @@ const POLL: Duration = Duration::from_millis(250);
 /// are waited for: a heartbeat lifetime, and one more for an instance cut off.
 const SEEN_FOR_WAITS: u32 = 2;
 
+/// Records the highest revision the shared sinks acknowledged.
+const ACK: &str = "\
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+if tonumber(ARGV[1]) > acked and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'acked', ARGV[1])
+end
+return 0";
+
 /// Whether an instance ran for the whole of a window it is done with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Coverage {
@@ -66,16 +82,37 @@ pub(super) enum Coverage {
     Partial,
 }
 
-/// What this instance knows of a window it is done with.
+/// What this instance knows of a window it settles.
 #[derive(Debug, Clone)]
 pub(super) struct WindowView {
-    pub coverage: Coverage,
-    /// This instance sent ids to the window: its mark is their sentinel.
-    pub sent: bool,
+    /// Its mark, or `None` for a window it took no part in (left by another).
+    pub coverage: Option<Coverage>,
+    /// How many ids it delivered to the window.
+    pub delivered: u64,
     /// The latest record seen.
     pub known: Option<Published>,
     /// Every instance seen taking part, waited for even if Redis loses their marks.
     pub members: BTreeSet<String>,
+}
+
+/// How a round counts its ids as this instance's deliveries to a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Count {
+    /// Adds them to the count: after a loss of Redis's data, the count starts
+    /// again from nothing and stays short of what the instance delivered.
+    Add,
+    /// Starts the count with them (a replay's first chunk).
+    Set,
+}
+
+/// When `settle.lua` may publish without every instance done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Force {
+    No,
+    /// The fleet's wait for the window is over.
+    Yes,
+    /// This instance is leaving: publish unless another live instance still may.
+    IfAlone,
 }
 
 /// What `settle.lua` found.
@@ -88,13 +125,19 @@ pub(super) struct Settled {
     pub count: u64,
     /// Instances done with the window right now.
     pub done: u64,
-    /// Every instance with a mark for the window: done, or still sending.
+    /// Every instance that took part in the window: done, or still sending.
     pub members: Vec<String>,
+    /// The highest revision the shared sinks acknowledged.
+    pub acked: u64,
+    /// The process that published the record still runs.
+    pub publisher_live: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
-    /// Redis lost this instance's ids for the window: send them again.
+    /// Redis lost its data since this instance's last heartbeat: beat, then retry.
+    Epoch,
+    /// Redis lost ids this instance delivered to the window: send them again.
     Lost,
     /// This call published a new revision.
     Published,
@@ -132,19 +175,26 @@ impl Published {
     }
 }
 
-/// This instance's side of the protocol: key names, the script, the live fleet.
+/// This instance's side of the protocol: key names, scripts, what it knows of
+/// the fleet.
 pub(super) struct Fleet {
     prefix: String,
     instance: String,
     /// This process, as the publisher of records: distinct from an earlier
     /// process that ran under the same instance name.
     pub run: String,
+    /// The window this process started in: it has no ids for earlier ones.
+    first_window: WindowStart,
+    window_secs: u64,
     /// Window keys live this long, in seconds.
     key_ttl_secs: u64,
     /// `VERVE_FLEET_WAIT_MS`: the heartbeat's time to live, and how long after a
     /// window's end the fleet waits for every instance.
     pub wait: Duration,
     settle: Script,
+    heartbeat: Script,
+    leave: Script,
+    ack: Script,
     /// The live instances, as of the last heartbeat or leave.
     live: Vec<String>,
     /// When each instance was last seen live, for as long as a loss could need it.
@@ -158,14 +208,25 @@ pub(super) struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(prefix: &str, instance: &str, window_secs: u64, wait: Duration) -> Self {
+    pub fn new(
+        prefix: &str,
+        instance: &str,
+        first_window: WindowStart,
+        window_secs: u64,
+        wait: Duration,
+    ) -> Self {
         Fleet {
             prefix: prefix.to_owned(),
             instance: instance.to_owned(),
             run: format!("{instance}/{}-{}", std::process::id(), now_ms()),
-            key_ttl_secs: (window_secs * 5).max(300),
+            first_window,
+            window_secs,
+            key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
             wait,
             settle: Script::new(include_str!("settle.lua")),
+            heartbeat: Script::new(include_str!("heartbeat.lua")),
+            leave: Script::new(include_str!("leave.lua")),
+            ack: Script::new(ACK),
             live: Vec::new(),
             seen: BTreeMap::new(),
             epoch: None,
@@ -185,41 +246,46 @@ impl Fleet {
         POLL.min(self.wait / 4)
     }
 
-    fn ids_key(&self, window: WindowStart) -> String {
+    fn window_key(&self, window: WindowStart, part: &str) -> String {
         // The hash tag keeps a window's keys on one Redis Cluster slot.
-        format!("{}:{{{window}}}", self.prefix)
+        format!("{}:{{{window}}}{part}", self.prefix)
     }
 
-    fn marks_key(&self, window: WindowStart) -> String {
-        format!("{}:marks", self.ids_key(window))
+    fn fleet_key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
     }
 
-    fn record_key(&self, window: WindowStart) -> String {
-        format!("{}:record", self.ids_key(window))
-    }
-
-    fn registry_key(&self) -> String {
-        format!("{}:instances", self.prefix)
-    }
-
-    fn epoch_key(&self) -> String {
-        format!("{}:epoch", self.prefix)
-    }
-
-    /// Adds `ids` to `window` to `pipe`. The window's first round (`first`) also
-    /// sets this instance's `sending` mark, the sentinel of its ids: only
-    /// `settle.lua` looks at it again, when the instance is done with the window, so
-    /// a round costs nothing more than its `SADD`s.
+    /// Adds `ids` to `window` to `pipe`, and counts them as this instance's
+    /// deliveries as `count` says (`None`: they are counted already, a round
+    /// retried after its answer was lost). The pipeline must be atomic (`MULTI`): the count
+    /// is the sentinel of the ids, so the two go in together or not at all. The
+    /// window's first round (`first`) also sets this instance's `sending` mark.
     pub fn queue_ids(
         &self,
         pipe: &mut redis::Pipeline,
         window: WindowStart,
         ids: &[i64],
+        count: Option<Count>,
         first: bool,
     ) {
-        let key = self.ids_key(window);
+        let key = self.window_key(window, "");
+        for chunk in ids.chunks(SADD_IDS) {
+            pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
+        }
+        let counts = self.window_key(window, ":delivered");
+        if let Some(count) = count {
+            let command = match count {
+                Count::Add => "HINCRBY",
+                Count::Set => "HSET",
+            };
+            pipe.cmd(command)
+                .arg(&counts)
+                .arg(&self.instance)
+                .arg(ids.len())
+                .ignore();
+        }
         if first {
-            let marks = self.marks_key(window);
+            let marks = self.window_key(window, ":marks");
             pipe.cmd("HSET")
                 .arg(&marks)
                 .arg(&self.instance)
@@ -230,45 +296,49 @@ impl Fleet {
                 .arg(self.key_ttl_secs)
                 .ignore();
         }
-        for chunk in ids.chunks(SADD_IDS) {
-            pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
+        for key in [key, counts] {
+            pipe.cmd("EXPIRE").arg(key).arg(self.key_ttl_secs).ignore();
         }
-        pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
     }
 
-    /// Tells the fleet this instance is alive for another `wait`, forgets instances
-    /// whose heartbeat expired, learns who is live, and notices when Redis lost its
-    /// data (the epoch changed).
-    pub fn heartbeat(&mut self, connection: &mut Connection) -> RedisResult<()> {
-        let now = now_ms();
-        let expires = now + self.wait.as_millis() as u64;
-        let (registry, epoch) = (self.registry_key(), self.epoch_key());
-        let (live, epoch): (Vec<String>, String) = redis::pipe()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&registry)
-            .arg("-inf")
-            .arg(now)
-            .ignore()
-            .cmd("ZADD")
-            .arg(&registry)
-            .arg(expires)
+    /// How many ids Redis counts as this instance's deliveries to each of `windows`.
+    pub fn delivered(
+        &self,
+        connection: &mut Connection,
+        windows: &[WindowStart],
+    ) -> RedisResult<Vec<u64>> {
+        let mut pipe = redis::pipe();
+        for window in windows {
+            pipe.cmd("HGET")
+                .arg(self.window_key(*window, ":delivered"))
+                .arg(&self.instance);
+        }
+        let counts: Vec<Option<u64>> = pipe.query(connection)?;
+        Ok(counts.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Tells the fleet this instance is alive for another `wait`, learns who is
+    /// live, notices when Redis lost its data (the epoch changed), and returns the
+    /// windows other instances left to the fleet.
+    pub fn heartbeat(&mut self, connection: &mut Connection) -> RedisResult<Vec<WindowStart>> {
+        let (epoch, live, orphans): (String, Vec<String>, Vec<u64>) = self
+            .heartbeat
+            .key(self.fleet_key("instances"))
+            .key(self.fleet_key("joined"))
+            .key(self.fleet_key("runs"))
+            .key(self.fleet_key("epoch"))
+            .key(self.fleet_key("orphans"))
             .arg(&self.instance)
-            .ignore()
-            .cmd("ZRANGEBYSCORE")
-            .arg(&registry)
-            .arg(now)
-            .arg("+inf")
-            .cmd("SET")
-            .arg(&epoch)
+            .arg(&self.run)
+            .arg(self.wait.as_millis() as u64)
+            .arg(self.first_window.unix_secs())
             // Distinct each time: the same process may create it again after a loss.
-            .arg(format!("{}@{now}", self.run))
-            .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg(&epoch)
-            .query(connection)?;
+            .arg(format!("{}@{}", self.run, now_ms()))
+            .invoke(connection)?;
         if self.epoch.as_ref().is_some_and(|known| *known != epoch) {
-            tracing::warn!("Redis lost its data (the fleet's epoch key changed); windows in progress are sent again");
+            tracing::warn!(
+                "Redis lost its data (the fleet's epoch key changed); windows are sent again as they are settled"
+            );
             self.lost_data();
         }
         self.epoch = Some(epoch);
@@ -279,7 +349,10 @@ impl Fleet {
         let horizon = self.wait * SEEN_FOR_WAITS;
         self.seen.retain(|_, at| now.duration_since(*at) < horizon);
         self.live = live;
-        Ok(())
+        Ok(orphans
+            .into_iter()
+            .map(WindowStart::from_unix_secs)
+            .collect())
     }
 
     /// Redis lost its data: for a heartbeat lifetime, every instance seen live
@@ -292,8 +365,8 @@ impl Fleet {
         self.uncertain_until = Some(Instant::now() + self.wait);
     }
 
-    /// Shortly after Redis lost its data, the instances seen live before it.
-    fn still_remembered(&mut self) -> Vec<String> {
+    /// Whether a loss of Redis's data was noticed less than a heartbeat lifetime ago.
+    pub fn is_uncertain(&mut self) -> bool {
         if self
             .uncertain_until
             .is_some_and(|until| Instant::now() >= until)
@@ -301,63 +374,77 @@ impl Fleet {
             self.uncertain_until = None;
             self.remembered.clear();
         }
-        self.remembered.clone()
+        self.uncertain_until.is_some()
     }
 
-    /// Leaves the fleet (shutdown); returns whether any other instance is still
-    /// waited for (live, or seen live shortly before Redis lost its data).
-    pub fn leave(&mut self, connection: &mut Connection) -> RedisResult<bool> {
-        let registry = self.registry_key();
-        self.live = redis::pipe()
-            .cmd("ZREM")
-            .arg(&registry)
+    /// Leaves the fleet (shutdown).
+    pub fn leave(&mut self, connection: &mut Connection) -> RedisResult<()> {
+        self.live = self
+            .leave
+            .key(self.fleet_key("instances"))
+            .key(self.fleet_key("joined"))
+            .key(self.fleet_key("runs"))
             .arg(&self.instance)
-            .ignore()
-            .cmd("ZRANGEBYSCORE")
-            .arg(&registry)
-            .arg(now_ms())
-            .arg("+inf")
-            .query::<(Vec<String>,)>(connection)?
-            .0;
-        let remembered = self.still_remembered();
-        let others = self.live.iter().chain(&remembered);
-        Ok(others.into_iter().any(|other| *other != self.instance))
+            .invoke(connection)?;
+        Ok(())
     }
 
-    /// Marks this instance done with `window` and publishes the window if the fleet
-    /// is done with it, or if `force`.
+    /// Records that the shared sinks acknowledged `revision` of `window`.
+    pub fn ack(
+        &self,
+        connection: &mut Connection,
+        window: WindowStart,
+        revision: u64,
+    ) -> RedisResult<()> {
+        self.ack
+            .key(self.window_key(window, ":record"))
+            .arg(revision)
+            .invoke(connection)
+    }
+
+    /// Marks this instance done with `window` (unless it took no part in it) and
+    /// publishes the window if the fleet is done with it, or as `force` says.
     pub fn settle(
         &mut self,
         connection: &mut Connection,
         window: WindowStart,
         view: &WindowView,
-        force: bool,
+        force: Force,
     ) -> RedisResult<Settled> {
-        // The live instances are read by the script itself: a list from the last
-        // heartbeat could miss an instance that joined since, ids and all.
-        let mut awaited = self.still_remembered();
+        let mut awaited = match self.is_uncertain() {
+            true => self.remembered.clone(),
+            false => Vec::new(),
+        };
         awaited.extend(view.members.iter().cloned());
         let mut call = self.settle.prepare_invoke();
-        call.key(self.ids_key(window))
-            .key(self.marks_key(window))
-            .key(self.record_key(window))
-            .key(self.registry_key())
-            .arg(&self.instance)
+        for part in ["", ":marks", ":delivered", ":record"] {
+            call.key(self.window_key(window, part));
+        }
+        for name in ["instances", "joined", "runs", "epoch", "orphans"] {
+            call.key(self.fleet_key(name));
+        }
+        call.arg(&self.instance)
             .arg(&self.run)
             .arg(match view.coverage {
-                Coverage::Full => "full",
-                Coverage::Partial => "partial",
+                Some(Coverage::Full) => "full",
+                Some(Coverage::Partial) => "partial",
+                None => "",
             })
-            .arg(flag(view.sent))
-            .arg(flag(force))
-            .arg(now_ms())
-            .arg(self.key_ttl_secs);
+            .arg(view.delivered)
+            .arg(match force {
+                Force::No => "0",
+                Force::Yes => "1",
+                Force::IfAlone => "alone",
+            })
+            .arg(window.unix_secs())
+            .arg(self.key_ttl_secs)
+            .arg(self.epoch.as_deref().unwrap_or_default());
         match &view.known {
             Some(known) => call
                 .arg(known.revision)
                 .arg(known.unique_requests)
-                .arg(flag(known.complete))
-                .arg(flag(known.partial))
+                .arg(u8::from(known.complete))
+                .arg(u8::from(known.partial))
                 .arg(known.instances)
                 .arg(known.published_at_ms),
             None => call.arg(0).arg(0).arg(0).arg(0).arg(0).arg(0),
@@ -365,33 +452,11 @@ impl Fleet {
         for instance in &awaited {
             call.arg(instance);
         }
-        type Reply = (
-            String,
-            u64,
-            u64,
-            u8,
-            u8,
-            u64,
-            u64,
-            String,
-            u64,
-            u64,
-            Vec<String>,
-        );
-        let (
-            outcome,
-            revision,
-            unique_requests,
-            complete,
-            partial,
-            instances,
-            at,
-            by,
-            count,
-            done,
-            members,
-        ): Reply = call.invoke(connection)?;
+        let (head, tail): (SettledHead, SettledTail) = call.invoke(connection)?;
+        let (outcome, revision, unique_requests, complete, partial, instances, at) = head;
+        let (by, count, done, members, acked, publisher_live) = tail;
         let outcome = match outcome.as_str() {
+            "epoch" => Outcome::Epoch,
             "lost" => Outcome::Lost,
             "published" => Outcome::Published,
             _ => Outcome::Unchanged,
@@ -411,7 +476,15 @@ impl Fleet {
             count,
             done,
             members,
+            acked,
+            publisher_live: publisher_live == 1,
         })
+    }
+
+    /// Whether the fleet's wait for `window` is over (by this host's clock).
+    pub fn is_wait_over(&self, window: WindowStart) -> bool {
+        let end = window.unix_secs() + self.window_secs;
+        now_ms() >= end * 1000 + self.wait.as_millis() as u64
     }
 
     /// Warns when Redis may evict keys: an evicted window set would be counted short.
@@ -433,10 +506,6 @@ impl Fleet {
     }
 }
 
-fn flag(on: bool) -> &'static str {
-    if on {
-        "1"
-    } else {
-        "0"
-    }
-}
+/// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
+type SettledHead = (String, u64, u64, u8, u8, u64, u64);
+type SettledTail = (String, u64, u64, Vec<String>, u64, u8);

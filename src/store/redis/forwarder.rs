@@ -1,12 +1,14 @@
 //! The thread that talks to Redis.
 //!
-//! It takes work in this order: a round that failed (once its backoff is over), a
-//! heartbeat that is due, a window check that is due, then the next round off the
-//! queue: a round of ids (pipelined `SADD`s, up to [`ROUND_IDS`] ids) or a closed
-//! window (all of this instance's ids for it are in by then: it marks itself done
-//! and starts following the window until the fleet's record is complete). Every
-//! call that fails is retried after a backoff; nothing taken off the queue is
-//! dropped, and the queue's lock is never held while waiting on Redis.
+//! It takes work in this order: a round that failed (once its backoff is over),
+//! acknowledgements from the shared sinks to record, a heartbeat that is due, a
+//! window check that is due (alternating with rounds, so that neither starves),
+//! then the next round off the queue: a round of ids (one `MULTI` of `SADD`s and
+//! delivery counts, up to [`ROUND_IDS`] ids) or a closed window (all of this
+//! instance's ids for it are in by then: it marks itself done and follows the
+//! window until the fleet's record is complete). Every call that fails is retried
+//! after a backoff; nothing taken off the queue is dropped, and the queue's lock is
+//! never held while waiting on Redis.
 //!
 //! Shutdown: the forwarder sends what is queued, leaves the fleet (publishing what
 //! is pending if it was the last instance), flushes the sinks and stops, or gives
@@ -19,16 +21,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{Client, Connection, RedisError, RedisResult};
 
-use super::fleet::{Coverage, Fleet, Outcome, Settled, WindowView};
+use super::fleet::{Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::metrics;
 use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
+use crate::sink::Acknowledged;
 use crate::window::{WindowLength, WindowStart};
 
 /// Ids sent in one round trip, at most.
 pub(super) const ROUND_IDS: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub(super) struct Forwarder {
     shared: Arc<Shared>,
@@ -41,13 +43,21 @@ pub(super) struct Forwarder {
     ever_connected: bool,
     fleet: Fleet,
     reporter: Reporter,
-    /// Open windows this instance has sent ids to: their `sending` mark is set.
-    sent: BTreeSet<WindowStart>,
-    /// Closed windows this instance is done with, followed until their record is
-    /// complete (or for a window after the fleet's wait).
+    /// Records the shared sinks acknowledged, to note in Redis.
+    acks: Option<flume::Receiver<Acknowledged>>,
+    /// How long a record's publisher has to get it acknowledged by the shared
+    /// sinks before another instance sends it, if the publisher no longer runs.
+    redeliver_after: Duration,
+    pending_acks: Vec<Acknowledged>,
+    /// Per open window this instance has sent ids to: how many it delivered.
+    delivered: BTreeMap<WindowStart, u64>,
+    /// Closed windows this instance settled, followed until their record is
+    /// complete (and acknowledged), or for a while after the fleet's wait.
     tracked: BTreeMap<WindowStart, Tracked>,
     /// A round that failed, to send again first.
     retry: Option<Round>,
+    /// A check ran last: a round goes next, if there is one.
+    round_next: bool,
     next_heartbeat: Instant,
     /// After a failure nothing is tried before this.
     resume_at: Option<Instant>,
@@ -57,33 +67,41 @@ pub(super) struct Forwarder {
 }
 
 enum Round {
-    Ids(Vec<(WindowStart, Vec<i64>)>),
+    /// Ids, one entry per window; `retried` after a failure that may have left
+    /// some of them in Redis already.
+    Ids {
+        batches: Vec<(WindowStart, Vec<i64>)>,
+        retried: bool,
+    },
     Close(ClosedWindow),
 }
 
 enum Work {
     Round(Round),
+    Ack(Acknowledged),
     Heartbeat,
     Check(WindowStart),
     Leave,
     GiveUp,
 }
 
-/// A window this instance is done with, until the fleet is.
+/// A window this instance settled, until the fleet is done with it.
 struct Tracked {
-    closed: ClosedWindow,
+    window: WindowStart,
+    /// Its ids (to send again if Redis loses them) and endpoints; `None` for a
+    /// window another instance left to the fleet.
+    closed: Option<ClosedWindow>,
     view: WindowView,
     next_check: Instant,
     /// From then on, checks publish whatever the count is (`complete=false`).
     wait_over: Instant,
     /// Then this instance stops following the window.
     forget_at: Instant,
-}
-
-impl Tracked {
-    fn is_complete(&self) -> bool {
-        self.view.known.as_ref().is_some_and(|k| k.complete)
-    }
+    /// The revision this instance sent to the shared sinks for a publisher that
+    /// stopped before they acknowledged it.
+    redelivered: u64,
+    /// The highest revision the shared sinks acknowledged, as last read.
+    acked: u64,
 }
 
 impl Forwarder {
@@ -104,14 +122,19 @@ impl Forwarder {
             fleet: Fleet::new(
                 &settings.prefix,
                 &settings.instance,
+                settings.first_window,
                 settings.window_secs,
                 settings.fleet_wait,
             ),
             url: settings.url,
             reporter,
-            sent: BTreeSet::new(),
+            acks: settings.acks,
+            redeliver_after: settings.redeliver_after,
+            pending_acks: Vec::new(),
+            delivered: BTreeMap::new(),
             tracked: BTreeMap::new(),
             retry: None,
+            round_next: false,
             next_heartbeat: Instant::now(),
             resume_at: None,
             backoff: FIRST_BACKOFF,
@@ -122,9 +145,12 @@ impl Forwarder {
     pub(super) fn run(mut self) {
         loop {
             match self.next_work() {
-                Work::Round(Round::Ids(batches)) => self.send_ids(batches),
+                Work::Round(Round::Ids { batches, retried }) => self.send_ids(batches, retried),
                 Work::Round(Round::Close(closed)) => self.close(closed),
-                Work::Heartbeat => self.heartbeat(),
+                Work::Ack(ack) => self.ack(ack),
+                Work::Heartbeat => {
+                    self.heartbeat();
+                }
                 Work::Check(window) => self.check(window),
                 Work::Leave => return self.leave(),
                 Work::GiveUp => return self.give_up(),
@@ -141,29 +167,44 @@ impl Forwarder {
             if finishing.is_some_and(|deadline| now >= deadline) {
                 return Work::GiveUp;
             }
+            if let Some(acks) = &self.acks {
+                self.pending_acks.extend(acks.drain());
+            }
             let wake = match self.resume_at.filter(|&at| at > now) {
                 Some(at) => at,
                 None => {
                     if let Some(round) = self.retry.take() {
                         return Work::Round(round);
                     }
+                    if let Some(ack) = self.pending_acks.pop() {
+                        return Work::Ack(ack);
+                    }
                     // Heartbeats go on until the instance leaves: while it finishes,
                     // it still has ids to deliver that the fleet must wait for.
                     if self.next_heartbeat <= now {
                         return Work::Heartbeat;
                     }
-                    let next_check = self.tracked.iter().map(|(w, t)| (t.next_check, *w)).min();
-                    if finishing.is_none() {
-                        if let Some((_, window)) = next_check.filter(|(at, _)| *at <= now) {
-                            return Work::Check(window);
-                        }
+                    let next_check = self
+                        .tracked
+                        .values()
+                        .map(|t| (t.next_check, t.window))
+                        .min();
+                    let due = next_check.filter(|(at, _)| *at <= now && finishing.is_none());
+                    if let Some((_, window)) = due.filter(|_| !self.round_next) {
+                        self.round_next = true;
+                        return Work::Check(window);
                     }
+                    self.round_next = false;
                     if let Some(round) = take_round(&mut queue) {
                         return Work::Round(round);
+                    }
+                    if let Some((_, window)) = due {
+                        return Work::Check(window);
                     }
                     if finishing.is_some() {
                         return Work::Leave;
                     }
+                    // At least once a heartbeat interval, to drain acknowledgements.
                     next_check.map_or(self.next_heartbeat, |(at, _)| at.min(self.next_heartbeat))
                 }
             };
@@ -172,28 +213,59 @@ impl Forwarder {
         }
     }
 
-    /// Sends a round of ids (one entry per window).
-    fn send_ids(&mut self, batches: Vec<(WindowStart, Vec<i64>)>) {
-        let mut pipe = redis::pipe();
-        let mut firsts = Vec::new();
-        for (window, ids) in &batches {
-            let first = !self.sent.contains(window);
-            if first {
-                firsts.push(*window);
+    /// Sends a round of ids (one entry per window), each window's ids in one
+    /// transaction with the count of ids this instance delivered to it. A retried
+    /// round first asks Redis whether its transaction went through before the
+    /// failure, so that no id is counted twice (a count too high could hide a
+    /// later loss).
+    fn send_ids(&mut self, batches: Vec<(WindowStart, Vec<i64>)>, retried: bool) {
+        let before: Vec<u64> = batches
+            .iter()
+            .map(|(window, _)| self.delivered.get(window).copied().unwrap_or(0))
+            .collect();
+        let counts = match retried {
+            false => vec![Some(Count::Add); batches.len()],
+            true => {
+                let windows: Vec<WindowStart> = batches.iter().map(|(w, _)| *w).collect();
+                let Some(in_redis) = self.call(|c, fleet| fleet.delivered(c, &windows)) else {
+                    self.retry = Some(Round::Ids { batches, retried });
+                    return;
+                };
+                // Counted already, or not; anything else is a loss, which
+                // `settle.lua` finds by the count staying short.
+                let counts = in_redis.iter().zip(&before).zip(&batches);
+                counts
+                    .map(
+                        |((&now, &was), (_, ids))| match now == was + ids.len() as u64 {
+                            true => None,
+                            false => Some(Count::Add),
+                        },
+                    )
+                    .collect()
             }
-            self.fleet.queue_ids(&mut pipe, *window, ids, first);
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for ((window, ids), count) in batches.iter().zip(counts) {
+            let first = !self.delivered.contains_key(window);
+            self.fleet.queue_ids(&mut pipe, *window, ids, count, first);
         }
         if self.call(|connection, _| pipe.exec(connection)).is_none() {
-            self.retry = Some(Round::Ids(batches));
+            self.retry = Some(Round::Ids {
+                batches,
+                retried: true,
+            });
             return;
         }
-        self.sent.extend(firsts);
+        for ((window, ids), was) in batches.iter().zip(before) {
+            self.delivered.insert(*window, was + ids.len() as u64);
+        }
         let sent: usize = batches.iter().map(|(_, ids)| ids.len()).sum();
-        self.delivered(sent);
+        self.taken(sent);
     }
 
     /// Accounts for ids Redis took, and reopens admission once the buffer drained.
-    fn delivered(&self, ids: usize) {
+    fn taken(&self, ids: usize) {
         let mut queue = self.shared.queue();
         queue.buffered_ids -= ids;
         let telemetry = &self.shared.telemetry;
@@ -214,50 +286,79 @@ impl Forwarder {
     /// now) and starts following the window.
     fn close(&mut self, closed: ClosedWindow) {
         let window = closed.window;
-        let end = self.length.end_of(window);
-        let wait_over = instant_of(end + self.fleet.wait);
-        let view = WindowView {
-            coverage: match closed.partial {
-                true => Coverage::Partial,
-                false => Coverage::Full,
-            },
-            sent: self.sent.contains(&window),
-            known: None,
-            members: BTreeSet::new(),
+        let coverage = match closed.partial {
+            true => Coverage::Partial,
+            false => Coverage::Full,
         };
-        let mut tracked = Tracked {
-            closed,
-            view,
-            next_check: Instant::now() + self.fleet.poll_interval(),
-            wait_over,
-            forget_at: wait_over
-                + self
-                    .fleet
-                    .wait
-                    .max(Duration::from_secs(self.length.as_secs())),
-        };
-        match self.settle(&tracked, Instant::now() >= wait_over) {
+        let mut tracked = self.track(window, Some(closed), Some(coverage));
+        let force = self.force(&tracked);
+        match self.settle(&mut tracked, force) {
             Some(settled) => {
-                self.sent.remove(&window);
+                self.delivered.remove(&window);
                 self.learn(&mut tracked, &settled);
-                if !tracked.is_complete() {
+                if !self.is_finished(&tracked) {
                     self.tracked.insert(window, tracked);
                 }
             }
-            None => self.retry = Some(Round::Close(tracked.closed)),
+            None => {
+                if let Some(closed) = tracked.closed {
+                    self.retry = Some(Round::Close(closed));
+                }
+            }
+        }
+    }
+
+    /// A window to follow, as this instance knows it so far.
+    fn track(
+        &self,
+        window: WindowStart,
+        closed: Option<ClosedWindow>,
+        coverage: Option<Coverage>,
+    ) -> Tracked {
+        let end = self.length.end_of(window);
+        let wait_over = instant_of(end + self.fleet.wait);
+        let window_length = Duration::from_secs(self.length.as_secs());
+        Tracked {
+            window,
+            view: WindowView {
+                coverage,
+                delivered: closed.as_ref().map_or(0, |c| c.unique_requests),
+                known: None,
+                members: BTreeSet::new(),
+            },
+            closed,
+            next_check: Instant::now() + self.fleet.poll_interval(),
+            wait_over,
+            forget_at: wait_over + self.fleet.wait.max(window_length) + self.redeliver_after,
+            redelivered: 0,
+            acked: 0,
+        }
+    }
+
+    /// How hard a settle of `tracked` may push: once the fleet's wait is over it
+    /// publishes whatever is there, except shortly after a loss of Redis's data
+    /// for a window this instance knows no record of (an instance that does may
+    /// still have to put it back, or its revision would be used twice).
+    fn force(&mut self, tracked: &Tracked) -> Force {
+        let wait_over = Instant::now() >= tracked.wait_over;
+        let unsure = tracked.view.known.is_none() && self.fleet.is_uncertain();
+        match wait_over && !unsure {
+            true => Force::Yes,
+            false => Force::No,
         }
     }
 
     /// Checks a window the fleet has not finished: publishes it once the fleet's
-    /// wait is over, learns revisions, and forgets it when complete or old.
+    /// wait is over, learns revisions, and forgets it when finished or old.
     fn check(&mut self, window: WindowStart) {
         let Some(mut tracked) = self.tracked.remove(&window) else {
             return;
         };
         let now = Instant::now();
-        if let Some(settled) = self.settle(&tracked, now >= tracked.wait_over) {
+        let force = self.force(&tracked);
+        if let Some(settled) = self.settle(&mut tracked, force) {
             self.learn(&mut tracked, &settled);
-            if tracked.is_complete() {
+            if self.is_finished(&tracked) {
                 return;
             }
             if now >= tracked.forget_at {
@@ -265,7 +366,8 @@ impl Forwarder {
                     window_start = %window,
                     unique_requests = settled.count,
                     instances_done = settled.done,
-                    "the fleet never completed this window; its last record says complete=false"
+                    revision = tracked.view.known.as_ref().map_or(0, |k| k.revision),
+                    "stopped following a window the fleet has not completed"
                 );
                 return;
             }
@@ -274,52 +376,86 @@ impl Forwarder {
         self.tracked.insert(window, tracked);
     }
 
-    /// Runs `settle.lua` for a tracked window, sending the window's ids again as
-    /// long as Redis answers that it lost them.
-    fn settle(&mut self, tracked: &Tracked, force: bool) -> Option<Settled> {
-        let window = tracked.closed.window;
+    /// Whether the fleet is done with a window: its record is complete and, if
+    /// this instance writes to shared sinks, they acknowledged it.
+    fn is_finished(&self, tracked: &Tracked) -> bool {
+        tracked.view.known.as_ref().is_some_and(|known| {
+            known.complete && (!self.reporter.has_shared_sinks() || tracked.acked >= known.revision)
+        })
+    }
+
+    /// Runs `settle.lua` for a window: beats first if Redis lost its data since
+    /// the last heartbeat, and sends the window's ids again as long as Redis
+    /// answers that it lost some.
+    fn settle(&mut self, tracked: &mut Tracked, force: Force) -> Option<Settled> {
+        let window = tracked.window;
         loop {
-            let settled = self
-                .call(|connection, fleet| fleet.settle(connection, window, &tracked.view, force))?;
-            if settled.outcome != Outcome::Lost {
-                return Some(settled);
-            }
-            if !self.replay(window, &tracked.closed.ids) {
-                return None;
+            let view = &tracked.view;
+            let settled =
+                self.call(|connection, fleet| fleet.settle(connection, window, view, force))?;
+            match settled.outcome {
+                Outcome::Epoch => {
+                    if !self.heartbeat() {
+                        return None;
+                    }
+                }
+                Outcome::Lost => {
+                    let closed = tracked.closed.as_ref()?;
+                    if !self.replay(window, &closed.ids) {
+                        return None;
+                    }
+                }
+                Outcome::Published | Outcome::Unchanged => return Some(settled),
             }
         }
     }
 
-    /// Reports a record newer than any seen for the window: to the shared sinks too
-    /// if this process published it.
+    /// Reports a record newer than any seen for the window (to the shared sinks
+    /// too if this process published it), and sends a record on to the shared
+    /// sinks if its publisher stopped before they acknowledged it.
     fn learn(&mut self, tracked: &mut Tracked, settled: &Settled) {
+        tracked.acked = tracked.acked.max(settled.acked);
         let view = &mut tracked.view;
         view.members.extend(settled.members.iter().cloned());
         let Some(record) = &settled.record else {
             return;
         };
-        if view
+        let window = tracked.window;
+        let count = record.to_record(window, self.length.as_secs());
+        let endpoints = tracked.closed.as_ref().map_or(&[][..], |c| &c.endpoints);
+        let newer = view
             .known
             .as_ref()
-            .is_some_and(|known| known.revision >= record.revision)
-        {
-            return;
+            .map_or(true, |known| known.revision < record.revision);
+        if newer {
+            // A publication whose answer was lost (a timeout) shows up as this
+            // process's record on the next call.
+            let published = settled.outcome == Outcome::Published || record.by == self.fleet.run;
+            view.known = Some(record.clone());
+            self.reporter.report(&count, published, endpoints);
         }
-        // A publication whose answer was lost (a timeout) shows up as this
-        // process's record on the next call.
-        let published = settled.outcome == Outcome::Published || record.by == self.fleet.run;
-        let window = tracked.closed.window;
-        let count = record.to_record(window, self.length.as_secs());
-        view.known = Some(record.clone());
-        self.reporter
-            .report(&count, published, &tracked.closed.endpoints);
+        let age = Duration::from_millis(metrics::now_ms().saturating_sub(record.published_at_ms));
+        let orphaned = record.revision > settled.acked
+            && !settled.publisher_live
+            && age > self.redeliver_after
+            && record.by != self.fleet.run
+            && record.revision > tracked.redelivered;
+        if orphaned && self.reporter.has_shared_sinks() {
+            tracked.redelivered = record.revision;
+            tracing::warn!(
+                window_start = %window,
+                revision = record.revision,
+                "the instance that published this record stopped before the shared sinks acknowledged it; sending it on"
+            );
+            self.reporter.redeliver(&count);
+        }
     }
 
-    /// Redis lost this instance's ids of `window`: sends them all again, with its
-    /// `sending` mark first.
+    /// Redis lost ids this instance delivered to `window`: sends them all again,
+    /// each chunk in one transaction with the count delivered so far, so that a
+    /// replay cut short is found short again.
     fn replay(&mut self, window: WindowStart, ids: &IdSet) -> bool {
         self.fleet.lost_data();
-        // Copied out once, to be sent in rounds of ROUND_IDS.
         let mut all = Vec::with_capacity(ids.len());
         ids.iter_sync(|&id| {
             all.push(id);
@@ -332,73 +468,132 @@ impl Forwarder {
         tracing::warn!(
             window_start = %window,
             ids = all.len(),
-            "Redis lost this instance's ids of a window (a restart, FLUSHALL or eviction); sending them again"
+            "Redis lost ids this instance had delivered to a window (a restart, FLUSHALL, a failover, eviction); sending them again"
         );
-        let mut rest = all.as_slice();
-        let mut first = true;
-        loop {
-            let (chunk, next) = rest.split_at(rest.len().min(ROUND_IDS));
+        // The first chunk starts the count again and sets the mark; each further
+        // chunk adds to it, so a loss in the middle leaves the count short again.
+        for (i, chunk) in all.chunks(ROUND_IDS).enumerate() {
+            // A long replay must not let this instance's heartbeat lapse.
+            if self.next_heartbeat <= Instant::now() {
+                self.heartbeat();
+            }
+            let count = match i {
+                0 => Count::Set,
+                _ => Count::Add,
+            };
             let mut pipe = redis::pipe();
-            self.fleet.queue_ids(&mut pipe, window, chunk, first);
+            pipe.atomic();
+            self.fleet
+                .queue_ids(&mut pipe, window, chunk, Some(count), i == 0);
             if self.call(|connection, _| pipe.exec(connection)).is_none() {
                 return false;
             }
-            (rest, first) = (next, false);
-            if rest.is_empty() {
-                return true;
+        }
+        true
+    }
+
+    /// Tells the fleet this instance is alive, and settles the windows other
+    /// instances left unfinished once their wait is over. False if Redis failed.
+    fn heartbeat(&mut self) -> bool {
+        let orphans = self.call(|connection, fleet| fleet.heartbeat(connection));
+        if let Some(registered) = self.registered.take() {
+            let _ = registered.send(());
+        }
+        let Some(orphans) = orphans else {
+            return false;
+        };
+        self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
+        for window in orphans {
+            let known = self.tracked.contains_key(&window) || self.delivered.contains_key(&window);
+            if !known && self.fleet.is_wait_over(window) {
+                self.adopt(window);
             }
+        }
+        true
+    }
+
+    /// Settles a window an instance left unfinished when it stopped, taking no part
+    /// in it: publishes what is there.
+    fn adopt(&mut self, window: WindowStart) {
+        let mut tracked = self.track(window, None, None);
+        if let Some(settled) = self.settle(&mut tracked, Force::Yes) {
+            if settled.record.is_some() {
+                tracing::info!(window_start = %window, "settled a window left unfinished by a stopped instance");
+            }
+            self.learn(&mut tracked, &settled);
         }
     }
 
-    fn heartbeat(&mut self) {
+    /// Notes in Redis that the shared sinks acknowledged a record.
+    fn ack(&mut self, ack: Acknowledged) {
         if self
-            .call(|connection, fleet| fleet.heartbeat(connection))
-            .is_some()
+            .call(|connection, fleet| fleet.ack(connection, ack.window, ack.revision))
+            .is_none()
         {
-            self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
-        }
-        if let Some(registered) = self.registered.take() {
-            let _ = registered.send(());
+            self.pending_acks.push(ack);
         }
     }
 
     /// Shutdown, once everything queued is sent: leaves the fleet, publishes the
-    /// windows still pending if no other instance is left to, and flushes the sinks.
+    /// windows still pending if no other instance may, leaves the others to the
+    /// fleet, and flushes the sinks.
     fn leave(mut self) {
         let deadline = self.shared.queue().finish_by.unwrap_or_else(Instant::now);
-        let others = self.call(|connection, fleet| fleet.leave(connection));
+        let left = self
+            .call(|connection, fleet| fleet.leave(connection))
+            .is_some();
         let windows: Vec<WindowStart> = self.tracked.keys().copied().collect();
         for window in windows {
             let Some(mut tracked) = self.tracked.remove(&window) else {
                 continue;
             };
-            let settled = match others {
-                Some(others) if Instant::now() < deadline => self.settle(&tracked, !others),
-                _ => None,
+            let settled = match left && Instant::now() < deadline {
+                true => self.settle(&mut tracked, Force::IfAlone),
+                false => None,
             };
             if let Some(settled) = &settled {
                 self.learn(&mut tracked, settled);
             }
-            if tracked.view.known.is_none() {
-                tracing::info!(window_start = %window, "leaving the window to the rest of the fleet");
-                // Its clients' endpoints hear the count so far rather than nothing.
-                let so_far = CountRecord {
-                    window_start: window,
-                    window_seconds: self.length.as_secs(),
-                    unique_requests: settled
-                        .as_ref()
-                        .map_or(tracked.closed.unique_requests, |s| s.count),
-                    scope: Scope::Global,
-                    revision: 0,
-                    complete: false,
-                    partial: true,
-                    instances: settled.as_ref().map_or(1, |s| s.done),
-                    published_at: Timestamp::now(),
-                };
-                self.reporter.call_back(&so_far, &tracked.closed.endpoints);
-            }
+            let Some(closed) = tracked
+                .closed
+                .as_ref()
+                .filter(|_| tracked.view.known.is_none())
+            else {
+                continue;
+            };
+            tracing::info!(window_start = %window, "leaving the window to the rest of the fleet");
+            // Its clients' endpoints hear the count so far rather than nothing.
+            let so_far = CountRecord {
+                window_start: window,
+                window_seconds: self.length.as_secs(),
+                unique_requests: settled.as_ref().map_or(closed.unique_requests, |s| s.count),
+                scope: Scope::Global,
+                revision: 0,
+                complete: false,
+                partial: true,
+                instances: settled.as_ref().map_or(1, |s| s.done),
+                published_at: Timestamp::now(),
+            };
+            self.reporter.call_back(&so_far, &closed.endpoints);
         }
         self.reporter.flush(deadline);
+        // What the shared sinks acknowledged by now, so that no other instance
+        // sends it again.
+        if let Some(acks) = &self.acks {
+            self.pending_acks.extend(acks.drain());
+        }
+        while Instant::now() < deadline {
+            let Some(ack) = self.pending_acks.pop() else {
+                break;
+            };
+            let (window, revision) = (ack.window, ack.revision);
+            if self
+                .call(|connection, fleet| fleet.ack(connection, window, revision))
+                .is_none()
+            {
+                break;
+            }
+        }
     }
 
     /// Shutdown, at the deadline, with Redis still failing: says what is lost.
@@ -473,7 +668,9 @@ impl Forwarder {
     fn failed(&mut self, error: &RedisError) {
         self.connection = None;
         self.resume_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        // Never longer than a heartbeat interval: this instance must not drop out
+        // of the fleet for waiting on itself once Redis is back.
+        self.backoff = (self.backoff * 2).min(self.fleet.heartbeat_interval());
         let telemetry = &self.shared.telemetry;
         telemetry.redis_errors.fetch_add(1, Ordering::Relaxed);
         let since = &telemetry.redis_down_since_ms;
@@ -517,7 +714,10 @@ fn take_round(queue: &mut Queue) -> Option<Round> {
             }
         }
     }
-    Some(Round::Ids(batches))
+    Some(Round::Ids {
+        batches,
+        retried: false,
+    })
 }
 
 /// Waits on the queue's condition until `at`, or until woken.

@@ -30,6 +30,7 @@ use redis::Client;
 use super::{Admission, DedupStore, IdSet};
 use crate::metrics::Telemetry;
 use crate::report::{ClosedWindow, Reporter};
+use crate::sink::Acknowledged;
 use crate::window::WindowStart;
 use forwarder::Forwarder;
 
@@ -50,6 +51,14 @@ pub struct RedisSettings {
     /// before the count is published anyway; also how long an instance that stops
     /// sending heartbeats still counts as live.
     pub fleet_wait: Duration,
+    /// The window this process started in.
+    pub first_window: WindowStart,
+    /// Records the shared sinks acknowledged (Kafka's delivery reports), if any.
+    pub acks: Option<flume::Receiver<Acknowledged>>,
+    /// How long a record's publisher has to get it acknowledged before another
+    /// instance sends it, once the publisher no longer runs: the fleet's wait and
+    /// a whole shutdown.
+    pub redeliver_after: Duration,
 }
 
 pub struct RedisStore {
@@ -105,7 +114,8 @@ impl RedisStore {
             admission,
             capacity: settings.buffer_ids,
         });
-        let first_attempt = 2 * settings.timeout + Duration::from_millis(100);
+        // Connecting, reading the eviction policy, the heartbeat: a timeout each.
+        let first_attempt = 3 * settings.timeout + Duration::from_millis(100);
         let (registered, attempted) = std::sync::mpsc::channel();
         let forwarder = Forwarder::new(shared.clone(), client, settings, reporter, registered);
         let forwarder = std::thread::Builder::new()

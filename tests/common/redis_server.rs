@@ -81,13 +81,18 @@ impl RedisServer {
     }
 
     /// `instance`'s mark for `window` in the fleet protocol: `sending`, `full`,
-    /// `partial`, or none.
+    /// `partial`, or none. Marks belong to runs, `<instance>/<pid>-<start>`; an
+    /// instance of the tests runs once.
     pub fn mark(&self, window: WindowStart, instance: &str) -> Option<String> {
-        redis::cmd("HGET")
+        let marks: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(format!("verve:{{{window}}}:marks"))
-            .arg(instance)
             .query(&mut self.connection())
-            .unwrap()
+            .unwrap();
+        let run = format!("{instance}/");
+        marks
+            .into_iter()
+            .find(|(name, _)| name.starts_with(&run))
+            .map(|(_, mark)| mark)
     }
 
     /// Waits until `instance`'s mark for `window` is `mark`.

@@ -1,49 +1,54 @@
 //! The fleet protocol: how instances sharing a Redis agree on each window's count.
 //!
-//! Keys, for a window `W` (its start, RFC 3339) and the prefix `P`:
+//! The fleet's members are runs, one per process (`<instance>/<pid>-<start ms>`):
+//! a restarted instance is a new member, and what its earlier process left unsaid
+//! stays that process's. Keys, for a window `W` (its start, RFC 3339) and the
+//! prefix `P`:
 //!
-//! - `P:{W}`: the set of the window's ids, filled by every instance with `SADD`.
-//! - `P:{W}:marks`: per instance, `sending` (from its first ids for the window on)
-//!   or, once its last `SADD` for the window is acknowledged, `full` or `partial`
+//! - `P:{W}`: the set of the window's ids, filled by every run with `SADD`.
+//! - `P:{W}:marks`: per run, `sending` (from its first ids for the window on) or,
+//!   once its last `SADD` for the window is acknowledged, `full` or `partial`
 //!   (done; whether it ran for the whole window).
-//! - `P:{W}:delivered`: per instance, how many ids it has delivered to the window,
-//!   written in the same transaction as the ids: the sentinel of its ids.
+//! - `P:{W}:delivered`, `P:{W}:rounds`: per run, how many ids it has delivered to
+//!   the window, counted in the same transaction as the ids and once per round
+//!   (`count.lua`): the sentinel of its ids.
 //! - `P:{W}:record`: the latest published record (revision, count, complete,
-//!   partial, instances, published_at), the process that published it, and the
+//!   partial, instances, published_at), the run that published it, and the
 //!   highest revision the shared sinks acknowledged.
-//! - `P:instances`, `P:joined`, `P:runs`: the live instances (a sorted set scored
-//!   by heartbeat expiry, by Redis's clock), each one's first window and process.
+//! - `P:instances`, `P:joined`, `P:left`: the live runs (a sorted set scored by
+//!   heartbeat expiry, by Redis's clock), each one's first window, and the runs
+//!   that left lately, with when.
 //! - `P:epoch`: created by the first heartbeat, without expiry; only Redis losing
 //!   its data makes it change.
-//! - `P:orphans`: windows left unfinished by instances that stopped.
+//! - `P:orphans`: windows left unfinished by runs that stopped.
 //!
 //! Every window key expires a while after the window: five windows, at least five
 //! minutes, and at least four fleet waits.
 //!
-//! An instance registers (its first heartbeat) before it accepts an id, when Redis
-//! is reachable. An instance done with a window runs `settle.lua`, which marks it
-//! done and, if every live instance that started before the window ended (read in
-//! the script: a list from the last heartbeat could miss one that just joined) and
-//! every instance that sent ids to the window is done, publishes the window: its
-//! `SCARD`, and a revision one higher than the last, taken together in the script.
-//! Until that happens the instance checks again every poll interval; once the
-//! fleet's wait is over (`VERVE_FLEET_WAIT_MS` after the window ended), checks
-//! publish whatever is there with `complete=false`. Whenever the count grows after
-//! that (an instance that was cut off delivers its ids), the next check or done mark
-//! publishes a revision. The script publishes for exactly one caller per revision,
-//! so each revision reaches the shared sinks once; if that caller's process dies
-//! before they acknowledge it, another instance following the window sends it.
+//! A run registers (its first heartbeat) before it accepts an id, when Redis is
+//! reachable. A run done with a window runs `settle.lua`, which marks it done and,
+//! if every live run that started before the window ended (read in the script: a
+//! list from the last heartbeat could miss one that just joined) and every run
+//! that delivered ids to the window is done, publishes the window: its `SCARD`,
+//! and a revision one higher than the last, taken together in the script. Until
+//! that happens the run checks again every poll interval; once the fleet's wait is
+//! over (`VERVE_FLEET_WAIT_MS` after the window ended), checks publish whatever is
+//! there with `complete=false`. Whenever the count grows after that (a run that was
+//! cut off delivers its ids), the next check or done mark publishes a revision. The
+//! script publishes for exactly one caller per revision, so each revision reaches
+//! the shared sinks once; if that caller dies before they acknowledge it, another
+//! run following the window sends it.
 //!
 //! If Redis loses ids (a restart, from a snapshot or empty, `FLUSHALL`, a failover
 //! to a replica that lagged), it loses or rolls back the deliveries counted with
-//! them: `settle.lua` answers `lost` when an instance's count in Redis is short of
-//! what it delivered, and the instance sends every id of the window again from its
-//! local set. A lost record is put back from the latest one each instance passes
-//! in, so revisions keep increasing. The epoch tells the rest: for one heartbeat
-//! lifetime after noticing a loss, an instance also waits for every instance it saw
-//! live in the two heartbeat lifetimes before it, and for every instance it saw take
-//! part in the window, and does not publish a window with no record before the
-//! instances that knew its record had time to put it back.
+//! them: `settle.lua` answers `lost` when a run's count in Redis is short of what
+//! it delivered, and the run sends every id of the window again from its local
+//! set. A lost record is put back from the latest one each run passes in, so
+//! revisions keep increasing. The epoch tells the rest: for one heartbeat lifetime
+//! after noticing a loss, a run also waits for every run it saw live in the two
+//! heartbeat lifetimes before it, and for every run it saw take part in the
+//! window, and does not publish a window with no record before the runs that knew
+//! its record had time to put it back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -67,6 +72,10 @@ const POLL: Duration = Duration::from_millis(250);
 /// are waited for: a heartbeat lifetime, and one more for an instance cut off.
 const SEEN_FOR_WAITS: u32 = 2;
 
+/// A run that left is remembered this long (for a record it published to be sent
+/// on only after its shutdown had time to deliver it).
+const LEFT_REMEMBERED: Duration = Duration::from_secs(3600);
+
 /// Records the highest revision the shared sinks acknowledged.
 const ACK: &str = "\
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
@@ -82,7 +91,7 @@ pub(super) enum Coverage {
     Partial,
 }
 
-/// What this instance knows of a window it settles.
+/// What this run knows of a window it settles.
 #[derive(Debug, Clone)]
 pub(super) struct WindowView {
     /// Its mark, or `None` for a window it took no part in (left by another).
@@ -91,17 +100,19 @@ pub(super) struct WindowView {
     pub delivered: u64,
     /// The latest record seen.
     pub known: Option<Published>,
-    /// Every instance seen taking part, waited for even if Redis loses their marks.
+    /// The highest revision the shared sinks acknowledged, as last seen.
+    pub acked: u64,
+    /// Every run seen taking part, waited for even if Redis loses their marks.
     pub members: BTreeSet<String>,
 }
 
-/// How a round counts its ids as this instance's deliveries to a window.
+/// How a round counts its ids as this run's deliveries to a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Count {
     /// Adds them to the count: after a loss of Redis's data, the count starts
-    /// again from nothing and stays short of what the instance delivered.
+    /// again from nothing and stays short of what the run delivered.
     Add,
-    /// Starts the count with them (a replay's first chunk).
+    /// Starts the count again with them (a replay's first round).
     Set,
 }
 
@@ -125,12 +136,15 @@ pub(super) struct Settled {
     pub count: u64,
     /// Instances done with the window right now.
     pub done: u64,
-    /// Every instance that took part in the window: done, or still sending.
+    /// Every run that took part in the window: done, or still sending.
     pub members: Vec<String>,
     /// The highest revision the shared sinks acknowledged.
     pub acked: u64,
-    /// The process that published the record still runs.
+    /// The run that published the record is live.
     pub publisher_live: bool,
+    /// When the run that published the record left the fleet, in ms since the
+    /// epoch; 0 if it is live, or unknown (its heartbeat expired).
+    pub publisher_left_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,8 +168,7 @@ pub(super) struct Published {
     pub partial: bool,
     pub instances: u64,
     pub published_at_ms: u64,
-    /// The process that published it ([`Fleet::run`]); empty if restored after
-    /// Redis lost it.
+    /// The run that published it ([`Fleet::run`]).
     pub by: String,
 }
 
@@ -175,13 +188,11 @@ impl Published {
     }
 }
 
-/// This instance's side of the protocol: key names, scripts, what it knows of
-/// the fleet.
+/// This run's side of the protocol: key names, scripts, what it knows of the fleet.
 pub(super) struct Fleet {
     prefix: String,
-    instance: String,
-    /// This process, as the publisher of records: distinct from an earlier
-    /// process that ran under the same instance name.
+    /// This process's name in the fleet: distinct from an earlier process that ran
+    /// under the same instance name.
     pub run: String,
     /// The window this process started in: it has no ids for earlier ones.
     first_window: WindowStart,
@@ -195,13 +206,18 @@ pub(super) struct Fleet {
     heartbeat: Script,
     leave: Script,
     ack: Script,
-    /// The live instances, as of the last heartbeat or leave.
+    /// `count.lua`, sent whole inside each round's `MULTI` (a script not yet
+    /// loaded there would fail the transaction).
+    count: &'static str,
+    /// The live runs, as of the last heartbeat.
     live: Vec<String>,
-    /// When each instance was last seen live, for as long as a loss could need it.
+    /// This run has left the fleet: it no longer registers.
+    left: bool,
+    /// When each run was last seen live, for as long as a loss could need it.
     seen: BTreeMap<String, Instant>,
     /// The fleet's epoch at the last heartbeat.
     epoch: Option<String>,
-    /// Instances seen live before Redis lost its data, waited for as if still live
+    /// Runs seen live before Redis lost its data, waited for as if still live
     /// until `uncertain_until`.
     remembered: Vec<String>,
     uncertain_until: Option<Instant>,
@@ -217,7 +233,6 @@ impl Fleet {
     ) -> Self {
         Fleet {
             prefix: prefix.to_owned(),
-            instance: instance.to_owned(),
             run: format!("{instance}/{}-{}", std::process::id(), now_ms()),
             first_window,
             window_secs,
@@ -227,7 +242,9 @@ impl Fleet {
             heartbeat: Script::new(include_str!("heartbeat.lua")),
             leave: Script::new(include_str!("leave.lua")),
             ack: Script::new(ACK),
+            count: include_str!("count.lua"),
             live: Vec::new(),
+            left: false,
             seen: BTreeMap::new(),
             epoch: None,
             remembered: Vec::new(),
@@ -255,40 +272,43 @@ impl Fleet {
         format!("{}:{name}", self.prefix)
     }
 
-    /// Adds `ids` to `window` to `pipe`, and counts them as this instance's
-    /// deliveries as `count` says (`None`: they are counted already, a round
-    /// retried after its answer was lost). The pipeline must be atomic (`MULTI`): the count
-    /// is the sentinel of the ids, so the two go in together or not at all. The
-    /// window's first round (`first`) also sets this instance's `sending` mark.
+    /// Adds `ids` to `window` to `pipe` as round `round` of this run's deliveries
+    /// to it, counted as `count` says. The pipeline must be atomic (`MULTI`): the
+    /// count is the sentinel of the ids, so the two go in together or not at all;
+    /// and it counts each round once, however often the round is sent. The
+    /// window's first round also sets this run's `sending` mark.
     pub fn queue_ids(
         &self,
         pipe: &mut redis::Pipeline,
         window: WindowStart,
         ids: &[i64],
-        count: Option<Count>,
-        first: bool,
+        round: u64,
+        count: Count,
     ) {
         let key = self.window_key(window, "");
         for chunk in ids.chunks(SADD_IDS) {
             pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
         }
-        let counts = self.window_key(window, ":delivered");
-        if let Some(count) = count {
-            let command = match count {
-                Count::Add => "HINCRBY",
-                Count::Set => "HSET",
-            };
-            pipe.cmd(command)
-                .arg(&counts)
-                .arg(&self.instance)
-                .arg(ids.len())
-                .ignore();
-        }
-        if first {
+        pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
+        pipe.cmd("EVAL")
+            .arg(self.count)
+            .arg(2)
+            .arg(self.window_key(window, ":delivered"))
+            .arg(self.window_key(window, ":rounds"))
+            .arg(&self.run)
+            .arg(round)
+            .arg(ids.len())
+            .arg(match count {
+                Count::Add => "add",
+                Count::Set => "set",
+            })
+            .arg(self.key_ttl_secs)
+            .ignore();
+        if round == 1 || count == Count::Set {
             let marks = self.window_key(window, ":marks");
             pipe.cmd("HSET")
                 .arg(&marks)
-                .arg(&self.instance)
+                .arg(&self.run)
                 .arg("sending")
                 .ignore();
             pipe.cmd("EXPIRE")
@@ -296,55 +316,38 @@ impl Fleet {
                 .arg(self.key_ttl_secs)
                 .ignore();
         }
-        for key in [key, counts] {
-            pipe.cmd("EXPIRE").arg(key).arg(self.key_ttl_secs).ignore();
-        }
     }
 
-    /// How many ids Redis counts as this instance's deliveries to each of `windows`.
-    pub fn delivered(
-        &self,
-        connection: &mut Connection,
-        windows: &[WindowStart],
-    ) -> RedisResult<Vec<u64>> {
-        let mut pipe = redis::pipe();
-        for window in windows {
-            pipe.cmd("HGET")
-                .arg(self.window_key(*window, ":delivered"))
-                .arg(&self.instance);
-        }
-        let counts: Vec<Option<u64>> = pipe.query(connection)?;
-        Ok(counts.into_iter().map(Option::unwrap_or_default).collect())
-    }
-
-    /// Tells the fleet this instance is alive for another `wait`, learns who is
-    /// live, notices when Redis lost its data (the epoch changed), and returns the
-    /// windows other instances left to the fleet.
+    /// Tells the fleet this run is alive for another `wait`, learns who is live,
+    /// notices when Redis lost its data (the epoch changed), and returns the windows
+    /// stopped runs left to the fleet. Once this run has left, it only reads the
+    /// epoch: it must not come back to life in the registry.
     pub fn heartbeat(&mut self, connection: &mut Connection) -> RedisResult<Vec<WindowStart>> {
+        if self.left {
+            let epoch: Option<String> = redis::cmd("GET")
+                .arg(self.fleet_key("epoch"))
+                .query(connection)?;
+            self.learn_epoch(epoch.unwrap_or_default());
+            return Ok(Vec::new());
+        }
         let (epoch, live, orphans): (String, Vec<String>, Vec<u64>) = self
             .heartbeat
             .key(self.fleet_key("instances"))
             .key(self.fleet_key("joined"))
-            .key(self.fleet_key("runs"))
+            .key(self.fleet_key("left"))
             .key(self.fleet_key("epoch"))
             .key(self.fleet_key("orphans"))
-            .arg(&self.instance)
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
-            // Distinct each time: the same process may create it again after a loss.
+            // Distinct each time: the same run may create it again after a loss.
             .arg(format!("{}@{}", self.run, now_ms()))
+            .arg(LEFT_REMEMBERED.as_millis() as u64)
             .invoke(connection)?;
-        if self.epoch.as_ref().is_some_and(|known| *known != epoch) {
-            tracing::warn!(
-                "Redis lost its data (the fleet's epoch key changed); windows are sent again as they are settled"
-            );
-            self.lost_data();
-        }
-        self.epoch = Some(epoch);
+        self.learn_epoch(epoch);
         let now = Instant::now();
-        for instance in &live {
-            self.seen.insert(instance.clone(), now);
+        for run in &live {
+            self.seen.insert(run.clone(), now);
         }
         let horizon = self.wait * SEEN_FOR_WAITS;
         self.seen.retain(|_, at| now.duration_since(*at) < horizon);
@@ -353,6 +356,16 @@ impl Fleet {
             .into_iter()
             .map(WindowStart::from_unix_secs)
             .collect())
+    }
+
+    fn learn_epoch(&mut self, epoch: String) {
+        if self.epoch.as_ref().is_some_and(|known| *known != epoch) {
+            tracing::warn!(
+                "Redis lost its data (the fleet's epoch key changed); windows are sent again as they are settled"
+            );
+            self.lost_data();
+        }
+        self.epoch = Some(epoch);
     }
 
     /// Redis lost its data: for a heartbeat lifetime, every instance seen live
@@ -377,15 +390,23 @@ impl Fleet {
         self.uncertain_until.is_some()
     }
 
-    /// Leaves the fleet (shutdown).
-    pub fn leave(&mut self, connection: &mut Connection) -> RedisResult<()> {
-        self.live = self
-            .leave
-            .key(self.fleet_key("instances"))
-            .key(self.fleet_key("joined"))
-            .key(self.fleet_key("runs"))
-            .arg(&self.instance)
-            .invoke(connection)?;
+    /// Leaves the fleet (shutdown), leaving `unfinished` windows to it: whoever
+    /// settles them takes them off the list.
+    pub fn leave(
+        &mut self,
+        connection: &mut Connection,
+        unfinished: &[WindowStart],
+    ) -> RedisResult<()> {
+        let mut call = self.leave.prepare_invoke();
+        for name in ["instances", "joined", "left", "orphans"] {
+            call.key(self.fleet_key(name));
+        }
+        call.arg(&self.run);
+        for window in unfinished {
+            call.arg(window.unix_secs());
+        }
+        call.invoke::<()>(connection)?;
+        self.left = true;
         Ok(())
     }
 
@@ -420,11 +441,10 @@ impl Fleet {
         for part in ["", ":marks", ":delivered", ":record"] {
             call.key(self.window_key(window, part));
         }
-        for name in ["instances", "joined", "runs", "epoch", "orphans"] {
+        for name in ["instances", "joined", "left", "epoch", "orphans"] {
             call.key(self.fleet_key(name));
         }
-        call.arg(&self.instance)
-            .arg(&self.run)
+        call.arg(&self.run)
             .arg(match view.coverage {
                 Some(Coverage::Full) => "full",
                 Some(Coverage::Partial) => "partial",
@@ -446,15 +466,25 @@ impl Fleet {
                 .arg(u8::from(known.complete))
                 .arg(u8::from(known.partial))
                 .arg(known.instances)
-                .arg(known.published_at_ms),
-            None => call.arg(0).arg(0).arg(0).arg(0).arg(0).arg(0),
+                .arg(known.published_at_ms)
+                .arg(view.acked)
+                .arg(&known.by),
+            None => call
+                .arg(0)
+                .arg(0)
+                .arg(0)
+                .arg(0)
+                .arg(0)
+                .arg(0)
+                .arg(0)
+                .arg(""),
         };
         for instance in &awaited {
             call.arg(instance);
         }
         let (head, tail): (SettledHead, SettledTail) = call.invoke(connection)?;
         let (outcome, revision, unique_requests, complete, partial, instances, at) = head;
-        let (by, count, done, members, acked, publisher_live) = tail;
+        let (by, count, done, members, acked, publisher_live, publisher_left_ms) = tail;
         let outcome = match outcome.as_str() {
             "epoch" => Outcome::Epoch,
             "lost" => Outcome::Lost,
@@ -478,6 +508,7 @@ impl Fleet {
             members,
             acked,
             publisher_live: publisher_live == 1,
+            publisher_left_ms,
         })
     }
 
@@ -508,4 +539,4 @@ impl Fleet {
 
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);
-type SettledTail = (String, u64, u64, Vec<String>, u64, u8);
+type SettledTail = (String, u64, u64, Vec<String>, u64, u8, u64);

@@ -14,7 +14,7 @@
 //! is pending if it was the last instance), flushes the sinks and stops, or gives
 //! up at the deadline.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +31,9 @@ use crate::window::{WindowLength, WindowStart};
 /// Ids sent in one round trip, at most.
 pub(super) const ROUND_IDS: usize = 64 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Windows remembered as finished, so that one left to the fleet by another run is
+/// not taken over again after this run saw it done.
+const FINISHED_REMEMBERED: usize = 64;
 
 pub(super) struct Forwarder {
     shared: Arc<Shared>,
@@ -49,8 +52,10 @@ pub(super) struct Forwarder {
     /// sinks before another instance sends it, if the publisher no longer runs.
     redeliver_after: Duration,
     pending_acks: Vec<Acknowledged>,
-    /// Per open window this instance has sent ids to: how many it delivered.
-    delivered: BTreeMap<WindowStart, u64>,
+    /// Per open window this run has sent ids to: what it delivered so far.
+    delivered: BTreeMap<WindowStart, Delivery>,
+    /// Windows this run saw finished lately: not to be taken over again.
+    finished: VecDeque<WindowStart>,
     /// Closed windows this instance settled, followed until their record is
     /// complete (and acknowledged), or for a while after the fleet's wait.
     tracked: BTreeMap<WindowStart, Tracked>,
@@ -66,13 +71,17 @@ pub(super) struct Forwarder {
     registered: Option<mpsc::Sender<()>>,
 }
 
+/// What a run delivered to a window: ids, in rounds numbered from 1.
+#[derive(Debug, Clone, Copy, Default)]
+struct Delivery {
+    ids: u64,
+    rounds: u64,
+}
+
 enum Round {
-    /// Ids, one entry per window; `retried` after a failure that may have left
-    /// some of them in Redis already.
-    Ids {
-        batches: Vec<(WindowStart, Vec<i64>)>,
-        retried: bool,
-    },
+    /// Ids, per window, with each window's round number (kept if the round is sent
+    /// again, so that it is counted once).
+    Ids(Vec<(WindowStart, Vec<i64>, u64)>),
     Close(ClosedWindow),
 }
 
@@ -97,11 +106,11 @@ struct Tracked {
     wait_over: Instant,
     /// Then this instance stops following the window.
     forget_at: Instant,
-    /// The revision this instance sent to the shared sinks for a publisher that
-    /// stopped before they acknowledged it.
+    /// The rounds this run sent to the window (a replay numbers on from them).
+    rounds: u64,
+    /// The revision this run sent to the shared sinks for a publisher that stopped
+    /// before they acknowledged it.
     redelivered: u64,
-    /// The highest revision the shared sinks acknowledged, as last read.
-    acked: u64,
 }
 
 impl Forwarder {
@@ -132,6 +141,7 @@ impl Forwarder {
             redeliver_after: settings.redeliver_after,
             pending_acks: Vec::new(),
             delivered: BTreeMap::new(),
+            finished: VecDeque::new(),
             tracked: BTreeMap::new(),
             retry: None,
             round_next: false,
@@ -145,12 +155,10 @@ impl Forwarder {
     pub(super) fn run(mut self) {
         loop {
             match self.next_work() {
-                Work::Round(Round::Ids { batches, retried }) => self.send_ids(batches, retried),
+                Work::Round(Round::Ids(batches)) => self.send_ids(batches),
                 Work::Round(Round::Close(closed)) => self.close(closed),
                 Work::Ack(ack) => self.ack(ack),
-                Work::Heartbeat => {
-                    self.heartbeat();
-                }
+                Work::Heartbeat => self.heartbeat(),
                 Work::Check(window) => self.check(window),
                 Work::Leave => return self.leave(),
                 Work::GiveUp => return self.give_up(),
@@ -213,54 +221,31 @@ impl Forwarder {
         }
     }
 
-    /// Sends a round of ids (one entry per window), each window's ids in one
-    /// transaction with the count of ids this instance delivered to it. A retried
-    /// round first asks Redis whether its transaction went through before the
-    /// failure, so that no id is counted twice (a count too high could hide a
-    /// later loss).
-    fn send_ids(&mut self, batches: Vec<(WindowStart, Vec<i64>)>, retried: bool) {
-        let before: Vec<u64> = batches
-            .iter()
-            .map(|(window, _)| self.delivered.get(window).copied().unwrap_or(0))
-            .collect();
-        let counts = match retried {
-            false => vec![Some(Count::Add); batches.len()],
-            true => {
-                let windows: Vec<WindowStart> = batches.iter().map(|(w, _)| *w).collect();
-                let Some(in_redis) = self.call(|c, fleet| fleet.delivered(c, &windows)) else {
-                    self.retry = Some(Round::Ids { batches, retried });
-                    return;
-                };
-                // Counted already, or not; anything else is a loss, which
-                // `settle.lua` finds by the count staying short.
-                let counts = in_redis.iter().zip(&before).zip(&batches);
-                counts
-                    .map(
-                        |((&now, &was), (_, ids))| match now == was + ids.len() as u64 {
-                            true => None,
-                            false => Some(Count::Add),
-                        },
-                    )
-                    .collect()
-            }
-        };
+    /// Sends a round of ids: per window, the ids in one transaction with their
+    /// count as this run's deliveries, numbered so that a round sent again (its
+    /// answer lost) or executed late is counted once (a count too high could hide
+    /// a later loss).
+    fn send_ids(&mut self, mut batches: Vec<(WindowStart, Vec<i64>, u64)>) {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for ((window, ids), count) in batches.iter().zip(counts) {
-            let first = !self.delivered.contains_key(window);
-            self.fleet.queue_ids(&mut pipe, *window, ids, count, first);
+        for (window, ids, round) in &mut batches {
+            if *round == 0 {
+                *round = self.delivered.get(window).map_or(0, |d| d.rounds) + 1;
+            }
+            self.fleet
+                .queue_ids(&mut pipe, *window, ids, *round, Count::Add);
         }
         if self.call(|connection, _| pipe.exec(connection)).is_none() {
-            self.retry = Some(Round::Ids {
-                batches,
-                retried: true,
-            });
+            self.retry = Some(Round::Ids(batches));
             return;
         }
-        for ((window, ids), was) in batches.iter().zip(before) {
-            self.delivered.insert(*window, was + ids.len() as u64);
+        let mut sent = 0;
+        for (window, ids, round) in &batches {
+            let delivery = self.delivered.entry(*window).or_default();
+            delivery.ids += ids.len() as u64;
+            delivery.rounds = *round;
+            sent += ids.len();
         }
-        let sent: usize = batches.iter().map(|(_, ids)| ids.len()).sum();
         self.taken(sent);
     }
 
@@ -296,9 +281,7 @@ impl Forwarder {
             Some(settled) => {
                 self.delivered.remove(&window);
                 self.learn(&mut tracked, &settled);
-                if !self.is_finished(&tracked) {
-                    self.tracked.insert(window, tracked);
-                }
+                self.follow(tracked);
             }
             None => {
                 if let Some(closed) = tracked.closed {
@@ -318,20 +301,34 @@ impl Forwarder {
         let end = self.length.end_of(window);
         let wait_over = instant_of(end + self.fleet.wait);
         let window_length = Duration::from_secs(self.length.as_secs());
+        let delivery = self.delivered.get(&window).copied().unwrap_or_default();
         Tracked {
             window,
             view: WindowView {
                 coverage,
                 delivered: closed.as_ref().map_or(0, |c| c.unique_requests),
                 known: None,
+                acked: 0,
                 members: BTreeSet::new(),
             },
             closed,
+            rounds: delivery.rounds,
             next_check: Instant::now() + self.fleet.poll_interval(),
             wait_over,
             forget_at: wait_over + self.fleet.wait.max(window_length) + self.redeliver_after,
             redelivered: 0,
-            acked: 0,
+        }
+    }
+
+    /// Keeps following a window, unless the fleet is done with it.
+    fn follow(&mut self, tracked: Tracked) {
+        if self.is_finished(&tracked) {
+            self.finished.push_back(tracked.window);
+            if self.finished.len() > FINISHED_REMEMBERED {
+                self.finished.pop_front();
+            }
+        } else {
+            self.tracked.insert(tracked.window, tracked);
         }
     }
 
@@ -359,7 +356,7 @@ impl Forwarder {
         if let Some(settled) = self.settle(&mut tracked, force) {
             self.learn(&mut tracked, &settled);
             if self.is_finished(&tracked) {
-                return;
+                return self.follow(tracked);
             }
             if now >= tracked.forget_at {
                 tracing::warn!(
@@ -380,7 +377,8 @@ impl Forwarder {
     /// this instance writes to shared sinks, they acknowledged it.
     fn is_finished(&self, tracked: &Tracked) -> bool {
         tracked.view.known.as_ref().is_some_and(|known| {
-            known.complete && (!self.reporter.has_shared_sinks() || tracked.acked >= known.revision)
+            let acked = tracked.view.acked >= known.revision;
+            known.complete && (acked || !self.reporter.has_shared_sinks())
         })
     }
 
@@ -395,15 +393,11 @@ impl Forwarder {
                 self.call(|connection, fleet| fleet.settle(connection, window, view, force))?;
             match settled.outcome {
                 Outcome::Epoch => {
-                    if !self.heartbeat() {
-                        return None;
-                    }
+                    self.beat()?;
                 }
                 Outcome::Lost => {
                     let closed = tracked.closed.as_ref()?;
-                    if !self.replay(window, &closed.ids) {
-                        return None;
-                    }
+                    tracked.rounds = self.replay(window, &closed.ids, tracked.rounds)?;
                 }
                 Outcome::Published | Outcome::Unchanged => return Some(settled),
             }
@@ -414,8 +408,8 @@ impl Forwarder {
     /// too if this process published it), and sends a record on to the shared
     /// sinks if its publisher stopped before they acknowledged it.
     fn learn(&mut self, tracked: &mut Tracked, settled: &Settled) {
-        tracked.acked = tracked.acked.max(settled.acked);
         let view = &mut tracked.view;
+        view.acked = view.acked.max(settled.acked);
         view.members.extend(settled.members.iter().cloned());
         let Some(record) = &settled.record else {
             return;
@@ -434,10 +428,16 @@ impl Forwarder {
             view.known = Some(record.clone());
             self.reporter.report(&count, published, endpoints);
         }
-        let age = Duration::from_millis(metrics::now_ms().saturating_sub(record.published_at_ms));
+        // The publisher had its time: since it left, or (if it died) since it
+        // published.
+        let since = match settled.publisher_left_ms {
+            0 => record.published_at_ms,
+            left => left,
+        };
+        let waited = Duration::from_millis(metrics::now_ms().saturating_sub(since));
         let orphaned = record.revision > settled.acked
             && !settled.publisher_live
-            && age > self.redeliver_after
+            && waited > self.redeliver_after
             && record.by != self.fleet.run
             && record.revision > tracked.redelivered;
         if orphaned && self.reporter.has_shared_sinks() {
@@ -451,10 +451,11 @@ impl Forwarder {
         }
     }
 
-    /// Redis lost ids this instance delivered to `window`: sends them all again,
-    /// each chunk in one transaction with the count delivered so far, so that a
-    /// replay cut short is found short again.
-    fn replay(&mut self, window: WindowStart, ids: &IdSet) -> bool {
+    /// Redis lost ids this run delivered to `window`: sends them all again, in
+    /// rounds numbered on from `rounds`, the first of which starts the count again,
+    /// so that a replay cut short is found short again. Returns the last round's
+    /// number, or `None` if Redis failed.
+    fn replay(&mut self, window: WindowStart, ids: &IdSet, rounds: u64) -> Option<u64> {
         self.fleet.lost_data();
         let mut all = Vec::with_capacity(ids.len());
         ids.iter_sync(|&id| {
@@ -470,57 +471,65 @@ impl Forwarder {
             ids = all.len(),
             "Redis lost ids this instance had delivered to a window (a restart, FLUSHALL, a failover, eviction); sending them again"
         );
-        // The first chunk starts the count again and sets the mark; each further
-        // chunk adds to it, so a loss in the middle leaves the count short again.
+        let mut round = rounds;
         for (i, chunk) in all.chunks(ROUND_IDS).enumerate() {
-            // A long replay must not let this instance's heartbeat lapse.
+            // A long replay must not let this run's heartbeat lapse.
             if self.next_heartbeat <= Instant::now() {
-                self.heartbeat();
+                self.beat()?;
             }
+            round += 1;
             let count = match i {
                 0 => Count::Set,
                 _ => Count::Add,
             };
             let mut pipe = redis::pipe();
             pipe.atomic();
-            self.fleet
-                .queue_ids(&mut pipe, window, chunk, Some(count), i == 0);
-            if self.call(|connection, _| pipe.exec(connection)).is_none() {
-                return false;
-            }
+            self.fleet.queue_ids(&mut pipe, window, chunk, round, count);
+            self.call(|connection, _| pipe.exec(connection))?;
         }
-        true
+        Some(round)
     }
 
-    /// Tells the fleet this instance is alive, and settles the windows other
-    /// instances left unfinished once their wait is over. False if Redis failed.
-    fn heartbeat(&mut self) -> bool {
+    /// The scheduled heartbeat: tells the fleet this run is alive, and settles the
+    /// windows stopped runs left unfinished, once their wait is over.
+    fn heartbeat(&mut self) {
+        let Some(orphans) = self.beat() else {
+            return;
+        };
+        for window in orphans {
+            let ours = self.tracked.contains_key(&window)
+                || self.delivered.contains_key(&window)
+                || self.finished.contains(&window);
+            if !ours && self.fleet.is_wait_over(window) {
+                self.adopt(window);
+            }
+        }
+    }
+
+    /// Tells the fleet this run is alive; returns the windows left to the fleet,
+    /// or `None` if Redis failed.
+    fn beat(&mut self) -> Option<Vec<WindowStart>> {
         let orphans = self.call(|connection, fleet| fleet.heartbeat(connection));
         if let Some(registered) = self.registered.take() {
             let _ = registered.send(());
         }
-        let Some(orphans) = orphans else {
-            return false;
-        };
-        self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
-        for window in orphans {
-            let known = self.tracked.contains_key(&window) || self.delivered.contains_key(&window);
-            if !known && self.fleet.is_wait_over(window) {
-                self.adopt(window);
-            }
+        if orphans.is_some() {
+            self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
         }
-        true
+        orphans
     }
 
-    /// Settles a window an instance left unfinished when it stopped, taking no part
-    /// in it: publishes what is there.
+    /// Settles a window a stopped run left unfinished, taking no part in it:
+    /// publishes what is there, if nobody has since.
     fn adopt(&mut self, window: WindowStart) {
         let mut tracked = self.track(window, None, None);
-        if let Some(settled) = self.settle(&mut tracked, Force::Yes) {
-            if settled.record.is_some() {
-                tracing::info!(window_start = %window, "settled a window left unfinished by a stopped instance");
-            }
-            self.learn(&mut tracked, &settled);
+        let Some(settled) = self.settle(&mut tracked, Force::Yes) else {
+            return;
+        };
+        if let (Outcome::Published, Some(record)) = (settled.outcome, &settled.record) {
+            tracing::info!(window_start = %window, "settled a window left unfinished by a stopped instance");
+            let count = record.to_record(window, self.length.as_secs());
+            self.reporter.report(&count, true, &[]);
         }
     }
 
@@ -539,10 +548,10 @@ impl Forwarder {
     /// fleet, and flushes the sinks.
     fn leave(mut self) {
         let deadline = self.shared.queue().finish_by.unwrap_or_else(Instant::now);
-        let left = self
-            .call(|connection, fleet| fleet.leave(connection))
-            .is_some();
         let windows: Vec<WindowStart> = self.tracked.keys().copied().collect();
+        let left = self
+            .call(|connection, fleet| fleet.leave(connection, &windows))
+            .is_some();
         for window in windows {
             let Some(mut tracked) = self.tracked.remove(&window) else {
                 continue;
@@ -714,10 +723,9 @@ fn take_round(queue: &mut Queue) -> Option<Round> {
             }
         }
     }
-    Some(Round::Ids {
-        batches,
-        retried: false,
-    })
+    Some(Round::Ids(
+        batches.into_iter().map(|(w, ids)| (w, ids, 0)).collect(),
+    ))
 }
 
 /// Waits on the queue's condition until `at`, or until woken.

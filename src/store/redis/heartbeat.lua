@@ -1,29 +1,33 @@
--- Tells the fleet an instance is alive, by Redis's clock (so that hosts' clocks
--- need not agree to the second for liveness), and forgets instances whose
--- heartbeat expired.
+-- Tells the fleet a process is alive, by Redis's clock (so that hosts' clocks need
+-- not agree to the second for liveness), and forgets processes whose heartbeat
+-- expired. A process is a member of the fleet by its run: a restart is a new one.
 --
--- KEYS[1] the live instances: sorted set scored by heartbeat expiry (ms)
--- KEYS[2] each live instance's first window (unix seconds)
--- KEYS[3] each live instance's process (its run)
+-- KEYS[1] the live runs: sorted set scored by heartbeat expiry (ms)
+-- KEYS[2] each live run's first window (unix seconds)
+-- KEYS[3] runs that left, and when (ms)
 -- KEYS[4] the fleet's epoch
--- KEYS[5] windows left to the fleet by leaving instances
--- ARGV[1] this instance; ARGV[2] its process; ARGV[3] the heartbeat's lifetime (ms)
--- ARGV[4] its first window (unix seconds); ARGV[5] an epoch, if there is none yet
+-- KEYS[5] windows left to the fleet by runs that stopped
+-- ARGV[1] this run; ARGV[2] the heartbeat's lifetime (ms); ARGV[3] its first window
+-- ARGV[4] an epoch, if there is none yet; ARGV[5] how long to remember a run that left (ms)
 --
--- Returns {epoch, live instances, windows left to the fleet}.
+-- Returns {epoch, live runs, windows left to the fleet}.
 
 redis.replicate_commands()
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('HDEL', KEYS[2], gone)
-  redis.call('HDEL', KEYS[3], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('SET', KEYS[4], ARGV[5], 'NX')
+local left = redis.call('HGETALL', KEYS[3])
+for i = 1, #left, 2 do
+  if tonumber(left[i + 1]) < now - tonumber(ARGV[5]) then
+    redis.call('HDEL', KEYS[3], left[i])
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'NX')
 return {
   redis.call('GET', KEYS[4]),
   redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),

@@ -1,14 +1,20 @@
--- Takes an instance out of the fleet (shutdown).
+-- Takes a run out of the fleet (shutdown), noting when it left, and leaves the
+-- windows it has not seen finished to the fleet: whoever settles them takes them
+-- off the list, and whoever is live after their wait settles what is left.
 --
--- KEYS[1] the live instances; KEYS[2] their first windows; KEYS[3] their processes
--- ARGV[1] the instance
+-- KEYS[1] the live runs; KEYS[2] their first windows; KEYS[3] runs that left
+-- KEYS[4] windows left to the fleet
+-- ARGV[1] the run; ARGV[2..] its unfinished windows (unix seconds)
 --
--- Returns the instances still live.
+-- Returns nothing.
 
 redis.replicate_commands()
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+redis.call('HSET', KEYS[3], ARGV[1], now)
+for i = 2, #ARGV do
+  redis.call('SADD', KEYS[4], ARGV[i])
+end
+return 0

@@ -8,8 +8,10 @@
 Starts a redis-server and N release instances sharing it (one worker each) on
 loopback, loads each with wrk (random ids, --connections connections each) for
 --duration seconds, stops everything, and reads INFO commandstats: the calls of
-every command, per instance and window, per instance and second, and per 1,000
-requests. Short windows make the per-window part visible next to the per-id part.
+every command (those a script or a MULTI runs included), per instance and window,
+per instance and second, and per 1,000 requests; and redis-server's CPU time per
+new id (user and system, /proc). Short windows make the per-window part visible
+next to the per-id part.
 """
 
 import argparse
@@ -30,6 +32,12 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    """User and system time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_port(port):
@@ -68,6 +76,7 @@ def run_fleet(args, procs):
     subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "RESETSTAT"], check=True,
                    stdout=subprocess.DEVNULL)
 
+    cpu_before = cpu_seconds(redis.pid)
     started = time.time()
     loads = []
     for i, (_, port) in enumerate(instances):
@@ -82,9 +91,16 @@ def run_fleet(args, procs):
         requests += int(re.search(r"(\d+) requests in", out).group(1))
     elapsed = time.time() - started
 
+    redis_cpu = cpu_seconds(redis.pid) - cpu_before
     stats = subprocess.run(["redis-cli", "-p", str(redis_port), "INFO", "commandstats"],
                            capture_output=True, text=True, check=True).stdout
-    return stats, requests, elapsed
+    # The window sets are the keys ending in their hash tag: verve:{<window start>}.
+    keys = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan", "--pattern", "verve:{*}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    new_ids = sum(int(subprocess.run(["redis-cli", "-p", str(redis_port), "SCARD", key],
+                                     capture_output=True, text=True, check=True).stdout)
+                  for key in keys if key.endswith("}"))
+    return stats, requests, elapsed, redis_cpu, new_ids
 
 
 def main():
@@ -102,7 +118,7 @@ def main():
 
     procs = []
     try:
-        stats, requests, elapsed = run_fleet(args, procs)
+        stats, requests, elapsed, redis_cpu, new_ids = run_fleet(args, procs)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -121,6 +137,8 @@ def main():
     total = sum(commands.values())
     print(f"{'all':>18} {total:>9,} {total / instance_windows:>20.2f} "
           f"{total / (elapsed * args.instances):>20.2f} {total / requests * 1000:>14.2f}")
+    print(f"redis-server CPU: {redis_cpu:.2f} s for {new_ids:,} ids in the window sets: "
+          f"{redis_cpu / max(new_ids, 1) * 1e6:.2f} µs per id, {redis_cpu / requests * 1e6:.2f} µs per request")
 
 
 if __name__ == "__main__":

@@ -285,11 +285,18 @@ impl Fleet {
         round: u64,
         count: Count,
     ) {
+        // A window's keys get their time to live when this run first writes to
+        // them; a key recreated later (Redis lost it) is written again by a
+        // replay, which starts over with `Count::Set`.
+        let first = round == 1 || count == Count::Set;
+        let ttl_secs = if first { self.key_ttl_secs } else { 0 };
         let key = self.window_key(window, "");
         for chunk in ids.chunks(SADD_IDS) {
             pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
         }
-        pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
+        if first {
+            pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
+        }
         pipe.cmd("EVAL")
             .arg(self.count)
             .arg(2)
@@ -302,9 +309,9 @@ impl Fleet {
                 Count::Add => "add",
                 Count::Set => "set",
             })
-            .arg(self.key_ttl_secs)
+            .arg(ttl_secs)
             .ignore();
-        if round == 1 || count == Count::Set {
+        if first {
             let marks = self.window_key(window, ":marks");
             pipe.cmd("HSET")
                 .arg(&marks)

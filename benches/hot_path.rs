@@ -4,6 +4,7 @@
 //! bench once as a smoke test. Figures and method: docs/performance.md.
 
 use std::hint::black_box;
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -39,6 +40,7 @@ fn parsing(c: &mut Criterion) {
         b.iter(|| {
             let framed = request::frame_requests(black_box(&pipelined), &LIMITS, |req| {
                 black_box(req.len);
+                ControlFlow::Continue(())
             });
             framed.consumed
         })

@@ -63,7 +63,7 @@ def run_fleet(args, procs):
     instances = []
     for i in range(args.instances):
         port = free_port()
-        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_WORKERS="1",
+        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
                    VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
                    VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
                    VERVE_COUNT_LOG=str(work / f"i{i}.log"), RUST_LOG="warn")

@@ -102,7 +102,7 @@ class Server:
         self.count_log = self.dir / "counts.log"
 
     def start(self):
-        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{self.port}", VERVE_WORKERS="1",
+        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{self.port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
                    VERVE_WINDOW_SECS="86400", VERVE_COUNT_LOG=str(self.count_log), RUST_LOG="warn")
         self.redis_proc = None
         if self.redis:

@@ -21,7 +21,8 @@
 //! immediate timing, are called as batches arrive, with the count so far.
 //!
 //! Invariants: every window from the one the service started in to the one it
-//! stops in is closed exactly once; the first is partial unless the service started
+//! stops in is closed exactly once, except a run of more than ten windows without
+//! ids closing at once (the clock jumped forward), which is skipped with one line; the first is partial unless the service started
 //! on its boundary, the last is partial if the service stopped within it.
 
 use std::collections::{BTreeMap, HashSet};
@@ -43,6 +44,12 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A window still open this long after its end is held up by a worker: say so.
 const HELD_UP_AFTER: Duration = Duration::from_secs(5);
+
+/// More windows than this without an id, closing at once, mean the clock jumped
+/// forward (or the process was frozen for that long): they are skipped with one
+/// line, instead of one record each (a jump of days would otherwise report
+/// hundreds of thousands of zeros).
+const MAX_EMPTY_WINDOWS_AT_ONCE: u64 = 10;
 
 /// What the aggregator holds for a window until it closes.
 struct OpenWindow {
@@ -220,9 +227,34 @@ impl Aggregator {
         let watermark = &mut self.watermarks[mark.worker];
         *watermark = (*watermark).max(mark.window);
         let passed = self.watermarks.iter().min().copied();
-        while passed.is_some_and(|passed| self.next_close < passed) {
-            self.close_next(false);
+        while let Some(passed) = passed.filter(|&passed| self.next_close < passed) {
+            self.skip_a_gap_before(passed);
+            if self.next_close < passed {
+                self.close_next(false);
+            }
         }
+    }
+
+    /// Skips the windows without ids from the next to close onwards, if more than
+    /// [`MAX_EMPTY_WINDOWS_AT_ONCE`] of them are about to close before `until`.
+    fn skip_a_gap_before(&mut self, until: WindowStart) {
+        let first_with_ids = self.open.keys().next().copied();
+        let gap_end = first_with_ids.map_or(until, |first| first.min(until));
+        let skipped = self.length.windows_between(self.next_close, gap_end);
+        if skipped <= MAX_EMPTY_WINDOWS_AT_ONCE {
+            return;
+        }
+        tracing::warn!(
+            from = %self.next_close,
+            to = %gap_end,
+            windows = skipped,
+            "the clock jumped forward (or the process was frozen): windows without ids \
+             skipped, not reported one by one"
+        );
+        self.telemetry
+            .windows_skipped
+            .fetch_add(skipped, Ordering::Relaxed);
+        self.next_close = gap_end;
     }
 
     /// Closes everything at shutdown, once every worker is gone (so every id is
@@ -237,6 +269,7 @@ impl Aggregator {
             .max(self.next_close)
             .max(last_open.unwrap_or(self.next_close));
         while self.next_close <= last {
+            self.skip_a_gap_before(last);
             let stopped_within = self.length.end_of(self.next_close) > now;
             self.close_next(stopped_within);
         }
@@ -457,6 +490,32 @@ mod tests {
         assert_eq!(
             recorded.counts(),
             vec![(60, 0, true), (120, 0, false), (180, 1, false)]
+        );
+    }
+
+    #[test]
+    fn a_clock_jump_skips_the_empty_windows_with_one_line() {
+        let (mut agg, recorded) = aggregator();
+        agg.ingest(batch(60, &[1]));
+        // A day later; ids arrive for the new window before the workers pass it.
+        agg.ingest(batch(86_460, &[2, 3]));
+        pass(&mut agg, 86_520);
+        assert_eq!(recorded.counts(), vec![(60, 1, true), (86_460, 2, false)]);
+        assert_eq!(agg.telemetry.windows_skipped.load(Ordering::Relaxed), 1_439);
+        // Up to ten empty windows at once are still reported one by one.
+        pass(&mut agg, 86_520 + 600);
+        assert_eq!(recorded.counts().len(), 2 + 10);
+        // A jump at shutdown is skipped the same way.
+        let recorded_before = recorded.counts().len();
+        agg.finish(at_ms((86_520 + 600 + 3_600) * 1000 + 500));
+        assert_eq!(
+            recorded.counts().len(),
+            recorded_before + 1,
+            "the last, partial"
+        );
+        assert_eq!(
+            recorded.counts().last(),
+            Some(&(86_520 + 600 + 3_600, 0, true))
         );
     }
 

@@ -28,6 +28,10 @@ pub struct Config {
     #[arg(long, env = "VERVE_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: SocketAddr,
 
+    /// Address of the operations listener (/metrics, /healthz); 0.0.0.0:9464 exposes it to other hosts, empty turns it off.
+    #[arg(long, env = "VERVE_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+    pub admin_addr: AdminAddr,
+
     /// Worker threads, each with its own runtime and listener [default: available cores].
     #[arg(long, env = "VERVE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -87,10 +91,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
 
-    /// Connections one worker holds at most; more are closed as they arrive, and counted.
-    #[arg(long, env = "VERVE_MAX_CONNECTIONS", default_value_t = 25_000,
+    /// Connections one worker holds at most; more are closed as they arrive, and counted [default: what the open-file limit allows, at most 25000].
+    #[arg(long, env = "VERVE_MAX_CONNECTIONS",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_connections: u32,
+    pub max_connections: Option<u32>,
 
     /// Largest request head (request line and header fields) in bytes; larger is answered 431.
     #[arg(long, env = "VERVE_MAX_HEAD_BYTES", default_value_t = Limits::DEFAULT.head_bytes as u32,
@@ -220,6 +224,21 @@ pub struct Config {
     /// Refuse callbacks to loopback, private and link-local addresses (checked after DNS).
     #[arg(long, env = "VERVE_CALLBACK_DENY_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
     pub callback_deny_private: bool,
+}
+
+/// Where the operations endpoints listen, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for AdminAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" => Ok(AdminAddr(None)),
+            addr => addr.parse().map(|addr| AdminAddr(Some(addr))),
+        }
+    }
 }
 
 /// Which kernel interface the worker runtimes use for I/O.
@@ -365,8 +384,9 @@ impl Config {
         Duration::from_millis(self.fleet_wait_ms)
     }
 
-    /// What a client may ask of the server: request sizes, timeouts, connections.
-    pub fn client_limits(&self) -> ClientLimits {
+    /// What a client may ask of the server: request sizes, timeouts, and
+    /// `connections_per_worker`, the cap start-up settled on.
+    pub fn client_limits(&self, connections_per_worker: usize) -> ClientLimits {
         ClientLimits {
             request: Limits {
                 head_bytes: self.max_head_bytes as usize,
@@ -379,7 +399,7 @@ impl Config {
                 idle: Duration::from_millis(self.idle_timeout_ms),
                 write: Duration::from_millis(self.write_timeout_ms),
             },
-            connections_per_worker: self.max_connections as usize,
+            connections_per_worker,
         }
     }
 
@@ -462,10 +482,15 @@ mod tests {
         assert_eq!(c.count_log, PathBuf::from("logs/unique-requests.log"));
         assert_eq!(c.io_driver, IoDriver::Epoll);
         assert_eq!(c.sinks, vec![SinkKind::Log]);
-        let limits = c.client_limits();
+        assert_eq!(
+            c.admin_addr,
+            AdminAddr(Some("127.0.0.1:9464".parse().unwrap()))
+        );
+        assert_eq!(c.max_connections, None, "taken from the open-file limit");
+        let limits = c.client_limits(7);
         assert_eq!(limits.request, Limits::DEFAULT);
         assert_eq!(limits.timeouts, Timeouts::DEFAULT);
-        assert_eq!(limits.connections_per_worker, 25_000);
+        assert_eq!(limits.connections_per_worker, 7);
     }
 
     #[test]

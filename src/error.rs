@@ -17,6 +17,12 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    /// Another process listens on the operations address.
+    AdminAddressInUse(SocketAddr),
+    AdminBind {
+        addr: SocketAddr,
+        source: io::Error,
+    },
     /// `VERVE_IO_DRIVER=uring` on a kernel or in a sandbox without io_uring.
     UringUnavailable,
     /// The worker runtime could not be built (io_uring limits, usually).
@@ -40,6 +46,14 @@ impl StartError {
             _ => StartError::Bind { addr, source },
         }
     }
+
+    /// As [`StartError::bind`], for the operations listener.
+    pub(crate) fn admin_bind(addr: SocketAddr, source: io::Error) -> Self {
+        match source.kind() {
+            io::ErrorKind::AddrInUse => StartError::AdminAddressInUse(addr),
+            _ => StartError::AdminBind { addr, source },
+        }
+    }
 }
 
 impl fmt::Display for StartError {
@@ -54,6 +68,15 @@ impl fmt::Display for StartError {
             StartError::Bind { addr, source } => {
                 write!(f, "cannot listen on {addr}: {source} (check VERVE_ADDR)")
             }
+            StartError::AdminAddressInUse(addr) => write!(
+                f,
+                "cannot listen on {addr} for /metrics and /healthz: address already in use \
+                 (set VERVE_ADMIN_ADDR to a free address, or to an empty value to turn it off)"
+            ),
+            StartError::AdminBind { addr, source } => write!(
+                f,
+                "cannot listen on {addr} for /metrics and /healthz: {source} (check VERVE_ADMIN_ADDR)"
+            ),
             StartError::UringUnavailable => f.write_str(
                 "io_uring is not available here (kernel too old, or blocked by seccomp); \
                  set VERVE_IO_DRIVER=auto or epoll",
@@ -74,6 +97,7 @@ impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StartError::Bind { source, .. }
+            | StartError::AdminBind { source, .. }
             | StartError::Runtime { source, .. }
             | StartError::Thread(source) => Some(source),
             _ => None,

@@ -1,4 +1,4 @@
-//! What `/metrics` and `/healthz` report.
+//! What `/metrics` and `/healthz` report (served by [`crate::admin`]).
 //!
 //! Request counters live per worker, in [`WorkerCounters`] that only their worker
 //! writes (a plain load and store, no locked instruction, no lock) and that a scrape
@@ -20,19 +20,12 @@ use crate::server::response::Status;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Accept,
-    Healthz,
-    Metrics,
     /// Anything else (404), including unframeable requests.
     Other,
 }
 
 /// Every route with its label, in declaration order, so `route as usize` indexes it.
-const ROUTES: [(Route, &str); 4] = [
-    (Route::Accept, "accept"),
-    (Route::Healthz, "healthz"),
-    (Route::Metrics, "metrics"),
-    (Route::Other, "other"),
-];
+const ROUTES: [(Route, &str); 2] = [(Route::Accept, "accept"), (Route::Other, "other")];
 
 /// Every status, in declaration order, so `status as usize` indexes it.
 const STATUSES: [Status; 10] = [
@@ -115,6 +108,8 @@ pub struct Telemetry {
     workers: Mutex<Vec<Arc<WorkerCounters>>>,
     window_secs: AtomicU64,
     pub windows_closed: AtomicU64,
+    /// Windows without ids skipped at once because the clock jumped forward.
+    pub windows_skipped: AtomicU64,
     /// Count records this instance published (each revision once, fleet-wide).
     pub records_published: AtomicU64,
     pub last_window_unique: AtomicU64,
@@ -246,7 +241,7 @@ impl Telemetry {
                 }
             }
         }
-        let simple: [(&str, &str, &str, u64); 15] = [
+        let simple: [(&str, &str, &str, u64); 16] = [
             (
                 "verve_ids_accepted_total",
                 "counter",
@@ -270,6 +265,12 @@ impl Telemetry {
                 "counter",
                 "Windows closed and reported.",
                 load(&self.windows_closed),
+            ),
+            (
+                "verve_windows_skipped_total",
+                "counter",
+                "Windows without ids skipped, not reported, because the clock jumped forward.",
+                load(&self.windows_skipped),
             ),
             (
                 "verve_records_published_total",

@@ -12,45 +12,44 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::ValueEnum;
 
+use crate::admin::AdminListener;
 use crate::aggregator::Aggregator;
 use crate::callback::Dispatcher;
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::report::Reporter;
-use crate::server::{claim_address, file_limit, Driver, Intake, Workers};
+use crate::server::file_limit::{self, ConnectionCap};
+use crate::server::{claim_address, Driver, Intake, Workers};
 use crate::sink::{Acknowledged, CountSink, KafkaSettings, KafkaSink, LogSink};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
-
-/// Descriptors kept aside for everything but client connections: listeners, logs,
-/// Redis, Kafka, callbacks.
-const SPARE_FILES: u64 = 1024;
 
 /// Shutdown ends at most this long after `VERVE_SHUTDOWN_DRAIN_MS`: time for the
 /// last windows to reach Redis, Kafka and the endpoints after connections drained.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 
-/// Raises the open-file limit as far as allowed and warns when it is still below
-/// what the connection cap needs; returns the limit (0 if unknown).
-fn ensure_file_limit(config: &Config) -> u64 {
-    let wanted = config.worker_count() as u64 * u64::from(config.max_connections) + SPARE_FILES;
-    match file_limit::raise_to_hard_limit() {
-        Ok(limit) if limit < wanted => {
-            tracing::warn!(
-                open_files = limit,
-                wanted,
-                "the open-file limit is below VERVE_MAX_CONNECTIONS × workers, so accepting \
-                 fails before the cap applies; raise it (ulimit -n, docker run --ulimit nofile=…) \
-                 or lower VERVE_MAX_CONNECTIONS"
-            );
-            limit
-        }
-        Ok(limit) => limit,
+/// Raises the open-file limit as far as allowed and settles the connection cap on
+/// it; warns when a cap the operator set needs more files than the limit allows.
+fn settle_connection_cap(config: &Config) -> (ConnectionCap, Option<u64>) {
+    let open_files = match file_limit::raise_to_hard_limit() {
+        Ok(limit) => Some(limit),
         Err(err) => {
             tracing::warn!(error = %err, "cannot read or raise the open-file limit");
-            0
+            None
         }
+    };
+    let cap = file_limit::connection_cap(config.max_connections, config.worker_count(), open_files);
+    if cap.short_of_files {
+        tracing::warn!(
+            open_files,
+            max_connections = cap.per_worker,
+            workers = config.worker_count(),
+            "the open-file limit is below VERVE_MAX_CONNECTIONS × workers, so accepting \
+             fails before the cap applies; raise it (ulimit -n, docker run --ulimit nofile=…) \
+             or lower VERVE_MAX_CONNECTIONS (unset, it follows the limit)"
+        );
     }
+    (cap, open_files)
 }
 
 /// A running service.
@@ -58,6 +57,8 @@ pub struct Verve {
     addr: SocketAddr,
     driver: Driver,
     workers: Workers,
+    /// Serves `/metrics` and `/healthz`, unless turned off.
+    admin: Option<AdminListener>,
     /// Returns the dedup store once every window is closed, for it to finish reporting.
     aggregator: JoinHandle<Box<dyn DedupStore>>,
     dispatcher: Dispatcher,
@@ -76,6 +77,10 @@ impl Verve {
         let sinks = open_sinks(config, &telemetry, in_fleet.then_some(&acks))?;
         drop(acks);
         let addr = claim_address(config.addr)?;
+        let admin = match config.admin_addr.0 {
+            Some(admin_addr) => Some(AdminListener::start(admin_addr, telemetry.clone())?),
+            None => None,
+        };
         let (callbacks, dispatcher) =
             Dispatcher::start(config, callback_policy.clone(), telemetry.clone())
                 .map_err(StartError::Thread)?;
@@ -113,14 +118,23 @@ impl Verve {
             }
         };
 
-        let open_files = ensure_file_limit(config);
+        let (cap, open_files) = settle_connection_cap(config);
+        let client_limits = config.client_limits(cap.per_worker);
         let (handoffs, received) = flume::bounded(config.queue_batches as usize);
         let intake = Intake {
             handoffs,
             first_window,
             admission,
         };
-        let workers = Workers::start(config, addr, driver, &callback_policy, &telemetry, &intake)?;
+        let workers = Workers::start(
+            config,
+            addr,
+            driver,
+            client_limits,
+            &callback_policy,
+            &telemetry,
+            &intake,
+        )?;
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
         drop(intake);
@@ -147,6 +161,7 @@ impl Verve {
         tracing::info!(
             version = %env!("CARGO_PKG_VERSION"),
             %addr,
+            admin = %admin.as_ref().map_or("off".to_owned(), |a| a.local_addr().to_string()),
             workers = config.worker_count(),
             io_driver = %driver,
             store = %if config.redis_url.is_some() { "redis" } else { "local" },
@@ -155,14 +170,15 @@ impl Verve {
             callback_timing = %names(&[config.callback_timing]),
             window_secs = config.window_secs,
             count_log = %config.count_log.display(),
-            max_connections = config.max_connections,
-            open_files,
+            max_connections = cap.per_worker,
+            open_files = open_files.unwrap_or_default(),
             "verve listening"
         );
         Ok(Verve {
             addr,
             driver,
             workers,
+            admin,
             aggregator,
             dispatcher,
             drain: config.shutdown_drain(),
@@ -172,6 +188,11 @@ impl Verve {
     /// The address the workers listen on, with the real port if 0 was configured.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address `/metrics` and `/healthz` are served on, if they are.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminListener::local_addr)
     }
 
     /// The I/O driver the workers run on.
@@ -193,6 +214,7 @@ impl Verve {
             }
         }
         self.dispatcher.finish(deadline);
+        drop(self.admin);
     }
 }
 

@@ -68,6 +68,11 @@ impl WindowLength {
     pub fn next(self, window: WindowStart) -> WindowStart {
         WindowStart(window.0 + self.secs)
     }
+
+    /// How many windows start at or after `from` and before `to`.
+    pub fn windows_between(self, from: WindowStart, to: WindowStart) -> u64 {
+        to.0.saturating_sub(from.0).div_ceil(self.secs)
+    }
 }
 
 /// Formats as RFC 3339 in UTC with a `Z` suffix, e.g. `2026-11-21T10:05:00Z`.

@@ -226,7 +226,7 @@ fn idle_timeout(driver: &str) {
         started.elapsed()
     );
 
-    let metrics = Client::connect(verve.addr).get("/metrics").body;
+    let metrics = verve.scrape();
     let series = "verve_connections_timed_out_total{waiting_for=\"idle\"}";
     assert_eq!(metric(&metrics, series), 1);
     assert_eq!(metric(&metrics, "verve_ids_accepted_total"), 14);
@@ -276,11 +276,81 @@ fn write_timeout(driver: &str) {
     assert_eq!(metric(&metrics, series), 1);
 }
 
+/// Clients that pipeline without reading their answers.
+const STALLED_CLIENTS: usize = 1000;
+
+/// What one stalled client may cost the server, at most: its read buffer (one
+/// chunk at the default limits) and one turn's responses, both bounded; a few KiB
+/// each in practice. Without the output limit and the idle shrinking, a connection
+/// could hold whatever its client asked for (megabytes, with large limits).
+const STALLED_CLIENT_BYTES: u64 = 32 * 1024;
+
+#[test]
+fn clients_that_pipeline_without_reading_hold_bounded_memory() {
+    let open_files = file_limit::raise_to_hard_limit().unwrap();
+    assert!(
+        open_files > 2 * STALLED_CLIENTS as u64 + 256,
+        "ulimit -n too low"
+    );
+    // The write timeout would cut them off during the test; this test is about
+    // what they cost while they are there.
+    let verve = Verve::start(&[("VERVE_WRITE_TIMEOUT_MS", "600000")]);
+    let request = b"GET /api/verve/accept?id=7 HTTP/1.1\r\n\r\n";
+    let mut clients: Vec<TcpStream> = (0..STALLED_CLIENTS)
+        .map(|_| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // Small kernel buffers, so that the server's writes stall soon.
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.set_send_buffer_size(4096).unwrap();
+            socket.connect(&verve.addr.into()).unwrap();
+            let mut stream: TcpStream = socket.into();
+            stream.write_all(request).unwrap();
+            let mut answer = [0; 66];
+            stream.read_exact(&mut answer).unwrap();
+            assert!(answer.ends_with(b"ok"));
+            stream.set_nonblocking(true).unwrap();
+            stream
+        })
+        .collect();
+    let before = verve.rss_kib();
+
+    // Pipeline until no client can send a byte more: every server-side connection
+    // is then stalled on a write, holding what it holds.
+    // Two rounds in a row without a byte taken, so no connection is caught between
+    // a write finishing and its next read.
+    let burst = request.repeat(100);
+    let mut quiet_rounds = 0;
+    eventually(
+        Duration::from_secs(60),
+        || "the server to stop reading from every stalled client".into(),
+        || {
+            let mut sent = 0;
+            for client in &mut clients {
+                while let Ok(n) = client.write(&burst) {
+                    sent += n;
+                }
+            }
+            quiet_rounds = if sent == 0 { quiet_rounds + 1 } else { 0 };
+            (quiet_rounds == 2).then_some(())
+        },
+    );
+    let grown_kib = verve.rss_kib().saturating_sub(before);
+    assert!(
+        grown_kib * 1024 < STALLED_CLIENTS as u64 * STALLED_CLIENT_BYTES,
+        "{grown_kib} KiB more for {STALLED_CLIENTS} stalled clients"
+    );
+    eprintln!("{STALLED_CLIENTS} stalled clients: {grown_kib} KiB more");
+
+    // Someone else is still served.
+    let mut other = Client::connect(verve.addr);
+    accept_all(&mut other, [8]);
+}
+
 #[test]
 fn connections_beyond_the_cap_are_closed_at_once_and_the_listener_goes_on() {
     let verve = Verve::start(&[("VERVE_WORKERS", "1"), ("VERVE_MAX_CONNECTIONS", "20")]);
-    let mut scraper = Client::connect(verve.addr);
-    let mut held: Vec<Client> = (0..19)
+    let mut held: Vec<Client> = (0..20)
         .map(|id| {
             let mut client = Client::connect(verve.addr);
             accept_all(&mut client, [id]);
@@ -288,11 +358,11 @@ fn connections_beyond_the_cap_are_closed_at_once_and_the_listener_goes_on() {
         })
         .collect();
     let open = "verve_connections_open";
-    assert_eq!(metric(&scraper.get("/metrics").body, open), 20);
+    assert_eq!(metric(&verve.scrape(), open), 20);
 
     let mut extra = Client::connect(verve.addr);
     assert_eq!(response_or_close(&mut extra), None, "closed without a word");
-    let metrics = scraper.get("/metrics").body;
+    let metrics = verve.scrape();
     assert_eq!(metric(&metrics, "verve_connections_refused_total"), 1);
     assert_eq!(metric(&metrics, open), 20);
 
@@ -300,16 +370,16 @@ fn connections_beyond_the_cap_are_closed_at_once_and_the_listener_goes_on() {
     eventually(
         Duration::from_secs(5),
         || "the server to see a held connection close".into(),
-        || (metric(&scraper.get("/metrics").body, open) == 19).then_some(()),
+        || (metric(&verve.scrape(), open) == 19).then_some(()),
     );
     let mut next = Client::connect(verve.addr);
     accept_all(&mut next, [100]);
     for client in &mut held {
         accept_all(client, [101]);
     }
-    let metrics = scraper.get("/metrics").body;
+    let metrics = verve.scrape();
     assert_eq!(metric(&metrics, "verve_connections_refused_total"), 1);
-    assert_eq!(metric(&metrics, "verve_ids_accepted_total"), 19 + 1 + 18);
+    assert_eq!(metric(&metrics, "verve_ids_accepted_total"), 20 + 1 + 19);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! /metrics and /healthz over real sockets.
+//! /metrics and /healthz over real sockets, on the operations listener.
 
 mod common;
 
@@ -8,8 +8,8 @@ use common::redis_server::free_port;
 use common::{accept_all, eventually, metric, within_one_window, Client, Verve};
 
 /// Polls /healthz until it answers 503, and returns that answer.
-fn unhealthy(client: &mut Client, limit: Duration) -> common::Response {
-    let poll = || Some(client.get("/healthz")).filter(|r| r.status == 503);
+fn unhealthy(verve: &Verve, limit: Duration) -> common::Response {
+    let poll = || Some(verve.admin_get("/healthz")).filter(|r| r.status == 503);
     eventually(limit, || "healthz to turn 503".into(), poll)
 }
 
@@ -23,7 +23,7 @@ fn metrics_count_requests_ids_and_windows() {
         assert_eq!(client.get("/elsewhere").status, 404);
     });
     verve.wait_for_window(window);
-    let response = client.get("/metrics");
+    let response = verve.admin_get("/metrics");
     assert_eq!(response.status, 200);
     assert_eq!(
         response.header("content-type"),
@@ -68,11 +68,57 @@ fn metrics_count_requests_ids_and_windows() {
 #[test]
 fn healthz_is_ok_and_refuses_other_methods() {
     let verve = Verve::start(&[]);
-    let mut client = Client::connect(verve.addr);
-    let response = client.get("/healthz");
+    let response = verve.admin_get("/healthz");
     assert_eq!((response.status, response.body.as_str()), (200, "ok"));
+    assert_eq!(response.header("connection"), Some("close"));
+    let mut client = Client::connect(verve.admin.unwrap());
     client.send(b"POST /healthz HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
     assert_eq!(client.read_response().status, 405);
+    assert_eq!(verve.admin_get("/api/verve/accept?id=1").status, 404);
+}
+
+#[test]
+fn the_public_port_serves_only_the_api() {
+    let verve = Verve::start(&[]);
+    let mut client = Client::connect(verve.addr);
+    let (window, ()) = within_one_window(|| {
+        accept_all(&mut client, [1]);
+        assert_eq!(client.get("/metrics").status, 404);
+        assert_eq!(client.get("/healthz").status, 404);
+        accept_all(&mut client, [2]);
+    });
+    assert_eq!(verve.wait_for_window(window).unique_requests, 2);
+    let text = verve.scrape();
+    assert_eq!(
+        metric(
+            &text,
+            "verve_requests_total{route=\"other\",status=\"404\"}"
+        ),
+        2
+    );
+}
+
+#[test]
+fn the_operations_listener_answers_one_request_per_connection() {
+    let verve = Verve::start(&[]);
+    // Pipelined scrapes get one rendering, then the end of the connection: a
+    // client cannot make the service render into one buffer again and again.
+    let mut client = Client::connect(verve.admin.unwrap());
+    client.send(&b"GET /metrics HTTP/1.1\r\n\r\n".repeat(100));
+    let response = client.read_response();
+    assert_eq!(response.status, 200);
+    assert!(response
+        .body
+        .contains("# TYPE verve_requests_total counter"));
+    assert!(client.is_closed_by_server());
+}
+
+#[test]
+fn the_operations_listener_can_be_turned_off() {
+    let mut verve = Verve::start(&[("VERVE_ADMIN_ADDR", "")]);
+    let line = verve.wait_for_stderr("verve listening", Duration::from_secs(1));
+    assert!(line.contains(" admin=off "), "{line}");
+    assert_eq!(verve.admin, None);
 }
 
 #[test]
@@ -85,13 +131,13 @@ fn healthz_reports_redis_trouble() {
     ]);
     let mut client = Client::connect(verve.addr);
     // Unreachable, but not yet for a whole window.
-    assert_eq!(client.get("/healthz").status, 200);
+    assert_eq!(verve.admin_get("/healthz").status, 200);
     accept_all(&mut client, 1..=20);
     assert_eq!(
-        unhealthy(&mut client, Duration::from_secs(5)).body,
+        unhealthy(&verve, Duration::from_secs(5)).body,
         "dedup buffer over 90%"
     );
-    let text = client.get("/metrics").body;
+    let text = verve.scrape();
     assert_eq!(metric(&text, "verve_redis_buffered_ids"), 20);
     assert!(metric(&text, "verve_redis_errors_total") >= 1);
 }
@@ -100,11 +146,10 @@ fn healthz_reports_redis_trouble() {
 fn healthz_says_when_redis_has_been_gone_for_a_window() {
     let url = format!("redis://127.0.0.1:{}/0", free_port());
     let verve = Verve::start(&[("VERVE_REDIS_URL", url.as_str())]);
-    let mut client = Client::connect(verve.addr);
     // Healthy at first: unreachable, but not yet for a whole window.
-    assert_eq!(client.get("/healthz").status, 200);
+    assert_eq!(verve.admin_get("/healthz").status, 200);
     assert_eq!(
-        unhealthy(&mut client, Duration::from_secs(10)).body,
+        unhealthy(&verve, Duration::from_secs(10)).body,
         "redis unreachable for longer than a window"
     );
 }

@@ -37,12 +37,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Holds `n` keep-alive connections, each having sent one id from `next_id`.
 fn idle_crowd(verve: &Verve, n: u64, next_id: &AtomicU64) -> Vec<Client> {
     (0..n)
@@ -90,7 +84,7 @@ fn round(verve: &Verve, idle: u64, length: Duration, next_id: &Arc<AtomicU64>) -
     let fds = open_fds(verve.pid());
     eprintln!(
         "soak: end of churn beside {idle} idle: server fds {fds}, RSS {} KiB",
-        rss_kib(verve.pid())
+        verve.rss_kib()
     );
     assert!(fds >= idle as usize, "the idle crowd was not held");
     drop(crowd);
@@ -107,7 +101,7 @@ fn settled_rss(verve: &Verve, next_id: &Arc<AtomicU64>, ceiling: Option<u64>) ->
     let mut lowest = u64::MAX;
     loop {
         churn(verve, Duration::from_millis(200), next_id);
-        lowest = lowest.min(rss_kib(verve.pid()));
+        lowest = lowest.min(verve.rss_kib());
         match ceiling {
             None if started.elapsed() >= Duration::from_secs(3) => return lowest,
             Some(ceiling) if lowest <= ceiling => return lowest,

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -52,6 +53,58 @@ fn a_port_held_by_a_plain_listener_is_refused() {
 }
 
 #[test]
+fn an_operations_port_in_use_is_refused() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    assert_eq!(
+        fails(&[("VERVE_ADMIN_ADDR", &addr)]),
+        format!(
+            "verve: cannot listen on {addr} for /metrics and /healthz: address already in use \
+             (set VERVE_ADMIN_ADDR to a free address, or to an empty value to turn it off)"
+        )
+    );
+}
+
+/// Starts verve with the open-file limit (soft and hard) at `limit`, as `ulimit -n`
+/// would, and returns its start-up line and whether it warned.
+fn start_with_file_limit(limit: u64, env: &[(&str, &str)]) -> (String, bool) {
+    let mut cmd = command(env);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut verve = Verve::spawn(cmd);
+    let line = verve.wait_for_stderr("verve listening", Duration::from_secs(1));
+    let warned = verve.stderr_text().contains("WARN");
+    (line, warned)
+}
+
+#[test]
+fn the_connection_cap_follows_a_low_open_file_limit_without_a_warning() {
+    // 256 files: a quarter kept spare, the rest shared by the two workers.
+    let (line, warned) = start_with_file_limit(256, &[]);
+    assert!(line.contains(" max_connections=96 "), "{line}");
+    assert!(line.contains(" open_files=256"), "{line}");
+    assert!(!warned, "{line}");
+}
+
+#[test]
+fn a_connection_cap_the_open_file_limit_cannot_meet_is_reported() {
+    let (line, warned) = start_with_file_limit(256, &[("VERVE_MAX_CONNECTIONS", "1000")]);
+    assert!(line.contains(" max_connections=1000 "), "{line}");
+    assert!(warned, "{line}");
+}
+
+#[test]
 fn bad_values_name_their_variable() {
     assert_eq!(
         fails(&[("VERVE_WINDOW_SECS", "soon")]),
@@ -60,6 +113,10 @@ fn bad_values_name_their_variable() {
     assert_eq!(
         fails(&[("VERVE_ADDR", "localhost")]),
         "verve: invalid value 'localhost' for VERVE_ADDR (--addr): invalid socket address syntax"
+    );
+    assert_eq!(
+        fails(&[("VERVE_ADMIN_ADDR", "9464")]),
+        "verve: invalid value '9464' for VERVE_ADMIN_ADDR (--admin-addr): invalid socket address syntax"
     );
     assert_eq!(
         fails(&[("VERVE_IO_DRIVER", "fast")]),

@@ -48,32 +48,36 @@ impl Connection {
     /// Serves requests until the client closes, asks to close, errs, or times out.
     pub(crate) async fn run(mut self, worker: Rc<Worker>) -> io::Result<()> {
         let request_bytes = worker.limits().request_bytes();
+        let mut next = Next::Read;
         loop {
-            if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4 {
-                // Only a request longer than one chunk gets here; framing caps it.
-                self.exchange
-                    .read_buf
-                    .reserve(READ_CHUNK.min(request_bytes));
-            }
-            let buf = std::mem::take(&mut self.exchange.read_buf);
-            let (len, capacity) = (buf.len(), buf.capacity());
-            let (read, buf) = self.stream.read(buf.slice_mut(len..capacity)).await;
-            self.exchange.read_buf = buf.into_inner();
-            if read? == 0 {
-                if self.registration.expired() && !self.exchange.read_buf.is_empty() {
-                    // Half a request, and its time is up: say so before closing,
-                    // within a write deadline like any other answer.
-                    self.exchange.time_out(&worker);
-                    self.registration.wait_for(Wait::Write);
-                    self.send().await?;
+            if next == Next::Read {
+                if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4
+                {
+                    // Only a request longer than one chunk gets here; framing caps it.
+                    self.exchange
+                        .read_buf
+                        .reserve(READ_CHUNK.min(request_bytes));
                 }
-                // End of stream; a request cut short by it is simply not answered.
-                return Ok(());
+                let buf = std::mem::take(&mut self.exchange.read_buf);
+                let (len, capacity) = (buf.len(), buf.capacity());
+                let (read, buf) = self.stream.read(buf.slice_mut(len..capacity)).await;
+                self.exchange.read_buf = buf.into_inner();
+                if read? == 0 {
+                    if self.registration.expired() && !self.exchange.read_buf.is_empty() {
+                        // Half a request, and its time is up: say so before closing,
+                        // within a write deadline like any other answer.
+                        self.exchange.time_out(&worker);
+                        self.registration.wait_for(Wait::Write);
+                        self.send().await?;
+                    }
+                    // End of stream; a request cut short by it is simply not answered.
+                    return Ok(());
+                }
             }
 
             let waited_for = self.registration.waiting_for();
             let window = worker.window_of(SystemTime::now());
-            let next = self.exchange.answer(&worker, window);
+            next = self.exchange.answer(&worker, window);
             let answered = !self.exchange.write_buf.is_empty();
             if answered {
                 self.registration.wait_for(Wait::Write);
@@ -81,6 +85,8 @@ impl Connection {
             }
             match next {
                 Next::Read => {}
+                // Requests already read wait for their answers; no wait to set.
+                Next::AnswerMore => continue,
                 Next::Close => return Ok(()),
                 Next::CloseAfterError => {
                     // The linger bounds its own time.
@@ -94,6 +100,7 @@ impl Connection {
             // to the requests before it); or the rest of one begun earlier (or the
             // first of the connection), whose deadline stands.
             if self.exchange.read_buf.is_empty() {
+                self.exchange.shrink_idle(READ_CHUNK);
                 self.registration.wait_for(Wait::Idle);
             } else if answered || waited_for == Wait::Idle {
                 self.registration.wait_for(Wait::Head);

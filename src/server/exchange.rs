@@ -3,9 +3,12 @@
 //! An [`Exchange`] is a connection's buffers: what was read and not yet answered
 //! (always starting at a request boundary), the responses to send, and a scratch
 //! buffer for decoding. [`Exchange::answer`] frames every complete request in the
-//! read buffer, routes it, appends its response, and drops the bytes it used. It
+//! read buffer, routes it, appends its response, and drops the bytes it used,
+//! pausing once the responses reach [`OUTPUT_LIMIT`] so that they go out first. It
 //! does no I/O, so it can be driven and measured without a socket; after warm-up it
 //! allocates nothing (a test with a counting allocator holds it to that).
+
+use std::ops::ControlFlow;
 
 use super::query::parse_accept_query;
 use super::request::{self, FrameEnd, FrameError, Method, Request};
@@ -24,10 +27,23 @@ pub(crate) struct Exchange {
     scratch: Vec<u8>,
 }
 
+/// Responses a connection collects before it stops framing and sends them: what
+/// was read is answered in turns of at most this much output (plus one response),
+/// so a client that pipelines without reading holds a bounded amount of memory.
+pub(crate) const OUTPUT_LIMIT: usize = 64 * 1024;
+
+/// A buffer larger than this when the connection goes idle is given back: a long
+/// request or a burst of pipelined ones must not cost memory for the connection's
+/// whole life. Above what a read of pipelined requests usually needs.
+pub(crate) const IDLE_BUFFER_LIMIT: usize = 16 * 1024;
+
 /// What a connection does after answering what it has read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
     Read,
+    /// The output limit was reached with requests left in the read buffer: send,
+    /// then answer them before reading more.
+    AnswerMore,
     Close,
     /// Close after an unframeable request, while the client may still be sending.
     CloseAfterError,
@@ -57,29 +73,22 @@ impl Exchange {
                 (true, true) => Persistence::KeepAliveHttp10,
             };
             let head_only = req.method == Method::Head;
+            // Only the API: `/metrics` and `/healthz` have a listener of their own.
             let (route, status) = match req.path {
                 ACCEPT_PATH => (Route::Accept, accept(&req, worker, window, scratch)),
-                b"/healthz" | b"/metrics" if !matches!(req.method, Method::Get | Method::Head) => {
-                    (Route::Other, Status::MethodNotAllowed)
-                }
-                b"/healthz" => (
-                    Route::Healthz,
-                    healthz(worker, write_buf, persistence, head_only),
-                ),
-                b"/metrics" => (
-                    Route::Metrics,
-                    metrics(worker, write_buf, persistence, head_only),
-                ),
                 _ => (Route::Other, Status::NotFound),
             };
-            if matches!(route, Route::Accept | Route::Other) {
-                response::write(write_buf, status, persistence, head_only);
-            }
+            response::write(write_buf, status, persistence, head_only);
             worker.counters().record(route, status);
+            match write_buf.len() < OUTPUT_LIMIT {
+                true => ControlFlow::Continue(()),
+                false => ControlFlow::Break(()),
+            }
         });
         read_buf.drain(..framed.consumed);
         match framed.end {
             FrameEnd::Close => Next::Close,
+            FrameEnd::Paused => Next::AnswerMore,
             FrameEnd::Error(err) => {
                 tracing::debug!(error = %err, "closing connection");
                 refuse(write_buf, worker, refusal_status(err));
@@ -89,6 +98,16 @@ impl Exchange {
             // connection closes instead of waiting for more.
             FrameEnd::NeedMore if worker.is_draining() => Next::Close,
             FrameEnd::NeedMore => Next::Read,
+        }
+    }
+
+    /// Gives back buffers that grew past their usual size, while the connection
+    /// waits for its next request with nothing buffered.
+    pub(crate) fn shrink_idle(&mut self, capacity: usize) {
+        for buf in [&mut self.read_buf, &mut self.write_buf] {
+            if buf.is_empty() && buf.capacity() > IDLE_BUFFER_LIMIT {
+                *buf = Vec::with_capacity(capacity.min(IDLE_BUFFER_LIMIT));
+            }
         }
     }
 
@@ -113,34 +132,6 @@ fn refusal_status(err: FrameError) -> Status {
         FrameError::BodyTooLarge => Status::ContentTooLarge,
         FrameError::UnsupportedBody => Status::NotImplemented,
     }
-}
-
-/// `/healthz`: 200 `ok` while the service keeps up, else 503 and the reason.
-fn healthz(
-    worker: &Worker,
-    out: &mut Vec<u8>,
-    persistence: Persistence,
-    head_only: bool,
-) -> Status {
-    let (status, body) = match worker.telemetry().health() {
-        Ok(()) => (Status::Ok, "ok"),
-        Err(reason) => (Status::Unavailable, reason),
-    };
-    response::write_body(out, status, "text/plain", body, persistence, head_only);
-    status
-}
-
-/// `/metrics`: the Prometheus text exposition.
-fn metrics(
-    worker: &Worker,
-    out: &mut Vec<u8>,
-    persistence: Persistence,
-    head_only: bool,
-) -> Status {
-    let body = worker.telemetry().render();
-    let content_type = "text/plain; version=0.0.4";
-    response::write_body(out, Status::Ok, content_type, &body, persistence, head_only);
-    Status::Ok
 }
 
 /// Answers the accept endpoint, accepting the id when it is valid.
@@ -180,7 +171,6 @@ mod tests {
 
     use super::*;
     use crate::batch::{Batcher, Handoff};
-    use std::sync::Arc;
 
     use crate::callback::CallbackPolicy;
     use crate::metrics::Telemetry;
@@ -234,7 +224,7 @@ mod tests {
                 connections_per_worker: 1,
             },
             Batcher::new(tx, BATCH_IDS, Admission::default(), 0, window),
-            Arc::new(Telemetry::new(60)),
+            &Telemetry::new(60),
         );
         (worker, rx)
     }
@@ -262,6 +252,58 @@ mod tests {
             ok.repeat(3)
         );
         assert_eq!(exchange.read_buf, b"GET /api/verve/acc");
+    }
+
+    #[test]
+    fn output_is_sent_in_turns_of_at_most_the_limit() {
+        let (worker, _rx) = worker();
+        let mut exchange = Exchange::with_capacity(4096);
+        let window = worker.window_of(SystemTime::now());
+        let not_found = b"GET / HTTP/1.1\r\n\r\n";
+        let response_len = {
+            let mut one = Vec::new();
+            response::write(&mut one, Status::NotFound, Persistence::KeepAlive, false);
+            one.len()
+        };
+        let requests = 4 * OUTPUT_LIMIT / response_len;
+        exchange.read_buf = not_found.repeat(requests);
+        let (mut answered, mut turns) = (0, 0);
+        loop {
+            let next = exchange.answer(&worker, window);
+            let out = exchange.write_buf.len();
+            assert!(out < OUTPUT_LIMIT + response_len, "{out} bytes in one turn");
+            assert_eq!(out % response_len, 0);
+            answered += out / response_len;
+            exchange.write_buf.clear();
+            turns += 1;
+            match next {
+                Next::AnswerMore => assert!(out >= OUTPUT_LIMIT),
+                Next::Read => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(answered, requests);
+        assert_eq!(
+            turns,
+            requests.div_ceil(OUTPUT_LIMIT.div_ceil(response_len))
+        );
+        assert!(exchange.read_buf.is_empty());
+    }
+
+    #[test]
+    fn buffers_that_grew_are_given_back_when_idle() {
+        let mut exchange = Exchange::with_capacity(4096);
+        exchange.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
+        exchange.write_buf.reserve(IDLE_BUFFER_LIMIT);
+        let kept = exchange.write_buf.capacity();
+        exchange.shrink_idle(4096);
+        assert_eq!(exchange.read_buf.capacity(), 4096);
+        assert_eq!(exchange.write_buf.capacity(), kept, "not past the limit");
+        // A buffer holding a request's first bytes is not idle.
+        exchange.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
+        exchange.read_buf.push(b'G');
+        exchange.shrink_idle(4096);
+        assert!(exchange.read_buf.capacity() > IDLE_BUFFER_LIMIT);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::mem::MaybeUninit;
+use std::ops::ControlFlow;
 
 /// The most header fields [`Limits::headers`] may allow: the size of the uninitialised
 /// array httparse fills, on the stack, so the limit costs nothing per request.
@@ -119,6 +120,8 @@ pub enum FrameEnd {
     Close,
     /// The bytes after the last framed request cannot be framed.
     Error(FrameError),
+    /// The handler asked to stop; what follows is framed on the next call.
+    Paused,
 }
 
 /// The outcome of [`frame_requests`]: the bytes its requests used, and why it stopped.
@@ -130,12 +133,12 @@ pub struct Framed {
 
 /// Frames every complete request at the front of `buf`, in order, handing each to
 /// `handle`, and stops at the first that closes the connection, at an incomplete
-/// one, or at an error.
+/// one, at an error, or when `handle` breaks.
 #[inline]
 pub fn frame_requests<'b>(
     buf: &'b [u8],
     limits: &Limits,
-    mut handle: impl FnMut(Request<'b>),
+    mut handle: impl FnMut(Request<'b>) -> ControlFlow<()>,
 ) -> Framed {
     let mut consumed = 0;
     let end = loop {
@@ -149,9 +152,12 @@ pub fn frame_requests<'b>(
         match parse(&buf[consumed..], limits) {
             Ok(Some(req)) => {
                 consumed += req.len;
-                handle(req);
+                let flow = handle(req);
                 if !req.keep_alive {
                     break FrameEnd::Close;
+                }
+                if flow.is_break() {
+                    break FrameEnd::Paused;
                 }
             }
             Ok(None) => break FrameEnd::NeedMore,
@@ -339,10 +345,31 @@ mod tests {
         buf.extend_from_slice(second);
         buf.extend_from_slice(GET);
         let mut queries = Vec::new();
-        let framed = frame_requests(&buf, &LIMITS, |req| queries.push(req.query));
+        let framed = frame_requests(&buf, &LIMITS, |req| {
+            queries.push(req.query);
+            ControlFlow::Continue(())
+        });
         assert_eq!(queries, [&b"id=1"[..], b"id=2"]);
         assert_eq!(framed.end, FrameEnd::Close);
         assert_eq!(framed.consumed, GET.len() + second.len());
+    }
+
+    #[test]
+    fn a_handler_can_pause_framing_after_a_request() {
+        let buf = GET.repeat(3);
+        let mut handled = 0;
+        let framed = frame_requests(&buf, &LIMITS, |_| {
+            handled += 1;
+            match handled {
+                2 => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        });
+        assert_eq!(handled, 2);
+        assert_eq!(
+            (framed.consumed, framed.end),
+            (2 * GET.len(), FrameEnd::Paused)
+        );
     }
 
     #[test]
@@ -351,7 +378,10 @@ mod tests {
         buf.extend_from_slice(GET);
         buf.extend_from_slice(b"\r\n\r");
         let mut count = 0;
-        let framed = frame_requests(&buf, &LIMITS, |_| count += 1);
+        let framed = frame_requests(&buf, &LIMITS, |_| {
+            count += 1;
+            ControlFlow::Continue(())
+        });
         assert_eq!(count, 1);
         assert_eq!(framed.end, FrameEnd::NeedMore);
         assert_eq!(&buf[framed.consumed..], b"\r", "half an empty line waits");
@@ -361,14 +391,14 @@ mod tests {
     fn framing_stops_at_an_incomplete_request_or_an_error() {
         let mut buf = GET.to_vec();
         buf.extend_from_slice(&GET[..10]);
-        let framed = frame_requests(&buf, &LIMITS, |_| {});
+        let framed = frame_requests(&buf, &LIMITS, |_| ControlFlow::Continue(()));
         assert_eq!(
             (framed.consumed, framed.end),
             (GET.len(), FrameEnd::NeedMore)
         );
         buf.truncate(GET.len());
         buf.extend_from_slice(b"GARBAGE\r\n\r\n");
-        let framed = frame_requests(&buf, &LIMITS, |_| {});
+        let framed = frame_requests(&buf, &LIMITS, |_| ControlFlow::Continue(()));
         let malformed = FrameEnd::Error(FrameError::Malformed);
         assert_eq!((framed.consumed, framed.end), (GET.len(), malformed));
     }

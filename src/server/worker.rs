@@ -60,7 +60,6 @@ pub(crate) struct WorkerSettings {
 /// State shared by the tasks of one worker thread.
 pub(crate) struct Worker {
     window_length: WindowLength,
-    telemetry: Arc<Telemetry>,
     /// This worker's request counters, summed into `/metrics`.
     counters: Arc<WorkerCounters>,
     callback_policy: CallbackPolicy,
@@ -76,7 +75,7 @@ impl Worker {
         callback_policy: CallbackPolicy,
         client_limits: ClientLimits,
         batcher: Batcher,
-        telemetry: Arc<Telemetry>,
+        telemetry: &Telemetry,
     ) -> Self {
         let counters = telemetry.register_worker();
         let connections = Registry::new(
@@ -87,7 +86,6 @@ impl Worker {
         Worker {
             window_length,
             counters,
-            telemetry,
             callback_policy,
             limits: client_limits.request,
             batcher: RefCell::new(batcher),
@@ -115,10 +113,6 @@ impl Worker {
 
     pub(crate) fn counters(&self) -> &WorkerCounters {
         &self.counters
-    }
-
-    pub(crate) fn telemetry(&self) -> &Telemetry {
-        &self.telemetry
     }
 
     /// How large a request may be.
@@ -222,7 +216,7 @@ async fn serve(
             settings.index,
             settings.first_window,
         ),
-        settings.telemetry,
+        &settings.telemetry,
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
     monoio::spawn(sweep_periodically(worker.clone(), sweep_interval));

@@ -2,6 +2,8 @@
 //! split into reads, for the split-invariance checks: the property test in
 //! tests/framing.rs and the fuzz target in fuzz/ both include this file.
 
+use std::ops::ControlFlow;
+
 use verve::server::query::{parse_accept_query, QueryError};
 use verve::server::request::{frame_requests, FrameEnd, FrameError, Limits, Method, Request};
 use verve::server::ACCEPT_PATH;
@@ -55,7 +57,8 @@ pub fn transcript(input: &[u8], cuts: &[usize], limits: &Limits) -> Vec<Event> {
         buffer.extend_from_slice(&input[start..end]);
         start = end;
         let framed = frame_requests(&buffer, limits, |req| {
-            events.push(Event::of(req, &mut scratch))
+            events.push(Event::of(req, &mut scratch));
+            ControlFlow::Continue(())
         });
         buffer.drain(..framed.consumed);
         match framed.end {
@@ -65,6 +68,7 @@ pub fn transcript(input: &[u8], cuts: &[usize], limits: &Limits) -> Vec<Event> {
                 buffer.len()
             ),
             FrameEnd::Close => break,
+            FrameEnd::Paused => unreachable!("the handler never pauses"),
             FrameEnd::Error(err) => {
                 events.push(Event::Refused(err));
                 break;

@@ -43,6 +43,8 @@ pub fn drivers() -> Vec<&'static str> {
 pub struct Verve {
     child: Child,
     pub addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served, if they are.
+    pub admin: Option<SocketAddr>,
     pub count_log: PathBuf,
     stderr: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -63,9 +65,14 @@ pub struct WindowLine {
 impl Verve {
     /// Starts verve with test defaults (2 s windows, port 0) plus `env`.
     pub fn start(env: &[(&str, &str)]) -> Verve {
+        Verve::spawn(command(env))
+    }
+
+    /// Starts verve from a command made by [`command`], changed as a test needs.
+    pub fn spawn(mut command: Command) -> Verve {
         let dir = tempfile::tempdir().unwrap();
         let count_log = dir.path().join("counts.log");
-        let mut child = command(env)
+        let mut child = command
             .env("VERVE_COUNT_LOG", &count_log)
             .stderr(Stdio::piped())
             .spawn()
@@ -81,6 +88,7 @@ impl Verve {
         let mut verve = Verve {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
             count_log,
             stderr,
             _dir: dir,
@@ -88,6 +96,7 @@ impl Verve {
         let line = verve.wait_for_stderr("verve listening", Duration::from_secs(15));
         let addr = token(&line, "addr").expect("addr= in the start-up line");
         verve.addr = addr.parse().unwrap();
+        verve.admin = token(&line, "admin").and_then(|a| a.parse().ok());
         verve
     }
 
@@ -132,16 +141,30 @@ impl Verve {
         wait_with_deadline(&mut self.child, Duration::from_secs(15));
     }
 
+    /// The server's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// The process id, to read its file descriptors and memory from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// A /metrics scrape, on a connection of its own.
+    /// A /metrics scrape of the operations listener.
     pub fn scrape(&self) -> String {
-        let response = Client::connect(self.addr).get("/metrics");
+        let response = self.admin_get("/metrics");
         assert_eq!(response.status, 200);
         response.body
+    }
+
+    /// A GET from the operations listener, on a connection of its own (it answers
+    /// one request per connection).
+    pub fn admin_get(&self, target: &str) -> Response {
+        let admin = self.admin.expect("an operations listener");
+        Client::connect(admin).get(target)
     }
 
     pub fn stderr_text(&self) -> String {
@@ -226,6 +249,8 @@ pub fn command(env: &[(&str, &str)]) -> Command {
     cmd.env_clear()
         .env("RUST_LOG", "info")
         .env("VERVE_ADDR", "127.0.0.1:0")
+        // Instances run side by side: each gets its own operations port.
+        .env("VERVE_ADMIN_ADDR", "127.0.0.1:0")
         .env("VERVE_WORKERS", "2")
         .env("VERVE_WINDOW_SECS", WINDOW_SECS.to_string())
         .stdin(Stdio::null())

@@ -1,0 +1,237 @@
+//! The operations listener: `/metrics` and `/healthz` on an address of their own
+//! (`VERVE_ADMIN_ADDR`, loopback by default), away from the public port.
+//!
+//! One thread serves it with blocking sockets, one connection at a time and one
+//! request per connection (`connection: close`). Scrapes are rare, so this costs
+//! the workers nothing, holds at most one rendering in memory, and takes the
+//! telemetry's lock only once per scrape. A client that is slow to send its
+//! request or to read the answer is cut off after [`CLIENT_DEADLINE`], so nobody
+//! holds the listener for long.
+//!
+//! Dropping it shuts the listening socket down, which wakes the blocked `accept`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::error::StartError;
+use crate::metrics::Telemetry;
+use crate::server::response::{self, Persistence, Status};
+
+/// The most a client may take to send its request, and to read the answer.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long, after the answer, unread input is discarded while waiting for the
+/// client to close (up to [`MAX_HEAD_BYTES`] of it), before closing anyway.
+const LINGER: Duration = Duration::from_millis(200);
+
+/// A request head larger than this is refused: a scrape's is a few hundred bytes.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// The running operations listener.
+pub struct AdminListener {
+    addr: SocketAddr,
+    /// The listening socket, kept to shut it down.
+    socket: Socket,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminListener {
+    /// Listens on `addr` and serves from a thread of its own.
+    pub fn start(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<AdminListener, StartError> {
+        let socket = bind(addr).map_err(|source| StartError::admin_bind(addr, source))?;
+        let listener: TcpListener = socket.try_clone().map_err(StartError::Thread)?.into();
+        let addr = listener.local_addr().map_err(StartError::Thread)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("verve-admin".into())
+            .spawn(move || serve(&listener, &telemetry, &stop))
+            .map_err(StartError::Thread)?;
+        Ok(AdminListener {
+            addr,
+            socket,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on, with the real port if 0 was configured.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Dropping the listener stops it, and waits for the thread (at most one client's
+/// deadline), also when start-up fails after it.
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        // On Linux, shutting a listening socket down makes a blocked accept fail.
+        let _ = self.socket.shutdown(Shutdown::Read);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the operations listener panicked");
+            }
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(64)?;
+    Ok(socket)
+}
+
+fn serve(listener: &TcpListener, telemetry: &Telemetry, stopping: &AtomicBool) {
+    loop {
+        let accepted = listener.accept();
+        if stopping.load(Ordering::Acquire) {
+            return;
+        }
+        match accepted {
+            Ok((stream, _peer)) => {
+                if let Err(err) = answer(stream, telemetry) {
+                    tracing::debug!(error = %err, "operations client");
+                }
+            }
+            Err(err) => {
+                // Usually EMFILE: back off instead of spinning on the error.
+                tracing::warn!(error = %err, "operations listener: accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Reads one request head and answers it.
+fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> io::Result<()> {
+    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let status_or_route = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        match route(&head) {
+            Some(found) => break found,
+            None if head.len() >= MAX_HEAD_BYTES => break Err(Status::HeaderFieldsTooLarge),
+            None => {}
+        }
+    };
+    let mut out = Vec::new();
+    match status_or_route {
+        Ok((Endpoint::Metrics, head_only)) => response::write_body(
+            &mut out,
+            Status::Ok,
+            "text/plain; version=0.0.4",
+            &telemetry.render(),
+            Persistence::Close,
+            head_only,
+        ),
+        Ok((Endpoint::Healthz, head_only)) => {
+            let (status, body) = match telemetry.health() {
+                Ok(()) => (Status::Ok, "ok"),
+                Err(reason) => (Status::Unavailable, reason),
+            };
+            let persistence = Persistence::Close;
+            response::write_body(&mut out, status, "text/plain", body, persistence, head_only);
+        }
+        Err(status) => response::write(&mut out, status, Persistence::Close, false),
+    }
+    stream.set_write_timeout(Some(CLIENT_DEADLINE))?;
+    stream.write_all(&out)?;
+    // The client may have sent more (pipelined requests) that is never read; a
+    // plain close would then reset the connection and could destroy the answer.
+    stream.shutdown(Shutdown::Write)?;
+    let linger_until = Instant::now() + LINGER;
+    let mut discarded = 0;
+    while discarded < MAX_HEAD_BYTES {
+        let left = linger_until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(n) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// What the operations listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Metrics,
+    Healthz,
+}
+
+/// Routes a complete request head: the endpoint and whether to leave the body out
+/// (HEAD), or the error status; `None` while the head is incomplete.
+fn route(head: &[u8]) -> Option<Result<(Endpoint, bool), Status>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Err(Status::HeaderFieldsTooLarge)),
+        Err(_) => Some(Err(Status::BadRequest)),
+        Ok(httparse::Status::Complete(_)) => {
+            let path = request.path.unwrap_or_default();
+            let path = path.split('?').next().unwrap_or_default();
+            let endpoint = match path {
+                "/metrics" => Endpoint::Metrics,
+                "/healthz" => Endpoint::Healthz,
+                _ => return Some(Err(Status::NotFound)),
+            };
+            Some(match request.method {
+                Some("GET") => Ok((endpoint, false)),
+                Some("HEAD") => Ok((endpoint, true)),
+                _ => Err(Status::MethodNotAllowed),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_the_two_endpoints_and_refuses_the_rest() {
+        let route = |head: &str| route(head.as_bytes());
+        assert_eq!(
+            route("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Ok((Endpoint::Metrics, false)))
+        );
+        assert_eq!(
+            route("HEAD /healthz?verbose HTTP/1.0\r\n\r\n"),
+            Some(Ok((Endpoint::Healthz, true)))
+        );
+        assert_eq!(route("GET /metrics HTTP/1.1\r\nHost"), None);
+        assert_eq!(
+            route("GET /api/verve/accept?id=1 HTTP/1.1\r\n\r\n"),
+            Some(Err(Status::NotFound))
+        );
+        assert_eq!(
+            route("POST /metrics HTTP/1.1\r\n\r\n"),
+            Some(Err(Status::MethodNotAllowed))
+        );
+        assert_eq!(route("\x16\x03\x01\r\n\r\n"), Some(Err(Status::BadRequest)));
+    }
+}

@@ -63,9 +63,15 @@ pub struct WindowLine {
 impl Verve {
     /// Starts verve with test defaults (2 s windows, port 0) plus `env`.
     pub fn start(env: &[(&str, &str)]) -> Verve {
+        Verve::start_command(command(env))
+    }
+
+    /// Starts `cmd` (a [`command`], perhaps changed further) with a count log of
+    /// its own, and waits until it listens.
+    pub fn start_command(mut cmd: Command) -> Verve {
         let dir = tempfile::tempdir().unwrap();
         let count_log = dir.path().join("counts.log");
-        let mut child = command(env)
+        let mut child = cmd
             .env("VERVE_COUNT_LOG", &count_log)
             .stderr(Stdio::piped())
             .spawn()
@@ -228,6 +234,8 @@ pub fn command(env: &[(&str, &str)]) -> Command {
         .env("VERVE_ADDR", "127.0.0.1:0")
         .env("VERVE_WORKERS", "2")
         .env("VERVE_WINDOW_SECS", WINDOW_SECS.to_string())
+        // Tests call receivers on loopback, which the default refuses.
+        .env("VERVE_CALLBACK_DENY_PRIVATE", "false")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     for (key, value) in env {

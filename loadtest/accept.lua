@@ -4,7 +4,9 @@
 --
 -- ids             each thread draws ids uniformly from its own range of this many
 --                 (default 1000000); a smaller range means more repeats
--- endpoint_share  share of requests (0..1) that carry an endpoint (default 0)
+-- endpoint_share  share of requests (0..1) that carry an endpoint (default 0); the
+--                 endpoint is on loopback, so start verve with
+--                 VERVE_CALLBACK_DENY_PRIVATE=false or those requests get 400
 -- pipeline        requests per write (default 1: no pipelining)
 -- base            first id of thread 0's range (default 0); threads' ranges do not
 --                 overlap, so runs with different bases send disjoint ids

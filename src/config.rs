@@ -221,8 +221,8 @@ pub struct Config {
     #[arg(long, env = "VERVE_CALLBACK_ALLOW", default_value = "")]
     pub callback_allow: String,
 
-    /// Refuse callbacks to loopback, private and link-local addresses (checked after DNS).
-    #[arg(long, env = "VERVE_CALLBACK_DENY_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    /// Refuse callbacks to loopback, private, link-local and other special-purpose addresses, and to localhost names (names are checked after DNS); false for local setups.
+    #[arg(long, env = "VERVE_CALLBACK_DENY_PRIVATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub callback_deny_private: bool,
 }
 

@@ -3,7 +3,8 @@
 //! `VERVE_CALLBACK_CONCURRENCY` threads take jobs from one bounded queue; each job
 //! is one HTTP call (POST with the count record and `final` as a JSON body, or GET
 //! with `count=N`), retried after a
-//! transport error or a 5xx answer with doubling backoff, never after a 4xx. Every
+//! transport error or a 5xx answer with doubling backoff up to a ceiling, never
+//! after a 4xx nor after a refusal by the policy. Every
 //! outcome is logged with the endpoint, the status or error, the attempts and the
 //! latency. Names are resolved through the [`CallbackPolicy`], so a refused address
 //! is never connected to, whatever the name.
@@ -23,8 +24,16 @@ use crate::config::{CallbackMethod, CallbackTiming, Config};
 use crate::metrics::{CallbackOutcome, Telemetry};
 use crate::report::CountRecord;
 
-/// The first retry waits this long; each further one twice as long as the last.
+/// The first retry waits this long; each further one twice as long as the last,
+/// up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest wait before a retry. The waiting thread is one of the few callers,
+/// so a dead endpoint must not keep it for long: with the most retries (10), the
+/// waits add up to 13 s instead of the 102 s that doubling alone would reach.
+/// Two seconds still spans a receiver's restart or a balancer's failover, which
+/// is what the later retries are there for.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Response bodies are read (so connections can be reused) up to this size.
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -128,11 +137,7 @@ impl Caller {
     fn run(&self, mut job: CallbackJob) {
         loop {
             self.call(&job);
-            match self
-                .coalescer
-                .as_ref()
-                .and_then(|c| c.release(&job.endpoint))
-            {
+            match self.coalescer.as_ref().and_then(|c| c.release(&job)) {
                 Some(next) => job = next,
                 None => return,
             }
@@ -141,8 +146,7 @@ impl Caller {
 
     fn call(&self, job: &CallbackJob) {
         let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
-        for attempt in 1..=self.retries + 1 {
+        for (attempt, backoff) in (1..=self.retries + 1).zip(backoffs()) {
             let outcome = self.send(job);
             let retry = attempt <= self.retries
                 && match &outcome {
@@ -173,7 +177,6 @@ impl Caller {
                 _ => {
                     tracing::debug!(endpoint = %job.endpoint, attempt, ?outcome, "callback will be retried");
                     std::thread::sleep(backoff);
-                    backoff *= 2;
                     continue;
                 }
             }
@@ -207,6 +210,13 @@ impl Caller {
             .read_to_vec();
         Ok(response.status().as_u16())
     }
+}
+
+/// The wait before each retry: 100 ms, doubling up to [`MAX_BACKOFF`].
+fn backoffs() -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(FIRST_BACKOFF), |last| {
+        Some((*last * 2).min(MAX_BACKOFF))
+    })
 }
 
 /// A POST callback's body: the count record, and whether its count is final.
@@ -278,6 +288,17 @@ impl std::error::Error for Refusal {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_from_100_ms_up_to_2_s() {
+        let waits: Vec<u64> = backoffs().take(8).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        // The most retries (10) wait 13.1 s in all.
+        assert_eq!(
+            backoffs().take(10).sum::<Duration>(),
+            Duration::from_millis(13_100)
+        );
+    }
 
     #[test]
     fn count_is_added_to_the_query_the_endpoint_has() {

@@ -10,8 +10,9 @@
 //! Timing (`VERVE_CALLBACK_TIMING`): `close` calls each endpoint seen in a window
 //! once, with the window's final count, when the window closes. `immediate` calls
 //! on every batch that names the endpoint, with the count so far; calls to one
-//! endpoint are coalesced so that at most one is in flight and only the latest
-//! waiting count is sent after it.
+//! endpoint about one window are coalesced so that at most one is in flight and
+//! only the latest waiting count is sent after it. Each window keeps its own
+//! line, so a window's last count is never replaced by the next window's first.
 
 mod dispatcher;
 mod policy;
@@ -26,6 +27,7 @@ pub use policy::{CallbackPolicy, Refusal};
 
 use crate::metrics::{CallbackOutcome, Telemetry};
 use crate::report::CountRecord;
+use crate::window::WindowStart;
 
 /// One call to make: tell `endpoint` about `record`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +80,7 @@ impl Callbacks {
             self.jobs.try_send(job)
         {
             if let Some(coalescer) = &self.coalescer {
-                coalescer.forget(&job.endpoint);
+                coalescer.forget(&job);
             }
             let dropped_total = self.telemetry.record_callbacks(CallbackOutcome::Dropped, 1);
             tracing::warn!(
@@ -96,53 +98,64 @@ impl Callbacks {
     }
 }
 
-/// Immediate mode's bookkeeping: which endpoints have a call in flight, and the
-/// latest job waiting behind each.
+/// Immediate mode's bookkeeping: which (endpoint, window) pairs have a call in
+/// flight, and the latest job waiting behind each. Keyed by window too: a job for
+/// the next window must not replace the waiting one, which carries the earlier
+/// window's last count.
 ///
 /// The mutex is taken once per submitted job and once per finished call, never per
 /// request, and held only for a map lookup; the aggregator and the dispatcher
 /// threads are the only users.
 #[derive(Clone, Default)]
 struct Coalescer {
-    in_flight: Arc<Mutex<HashMap<Arc<str>, Option<CallbackJob>>>>,
+    in_flight: Arc<Mutex<HashMap<Line, Option<CallbackJob>>>>,
+}
+
+/// The calls that are coalesced together: one endpoint, one window.
+type Line = (Arc<str>, WindowStart);
+
+fn line_of(job: &CallbackJob) -> Line {
+    (job.endpoint.clone(), job.record.window_start)
 }
 
 impl Coalescer {
-    /// Returns the job if its endpoint is idle (it is now in flight); otherwise
-    /// keeps it as the endpoint's next call, replacing an older waiting one.
+    /// Returns the job if its line is idle (it is now in flight); otherwise keeps
+    /// it as the line's next call, replacing an older waiting one.
     fn claim(&self, job: CallbackJob) -> Option<CallbackJob> {
+        let line = line_of(&job);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        match in_flight.get_mut(&job.endpoint) {
+        match in_flight.get_mut(&line) {
             Some(waiting) => {
                 *waiting = Some(job);
                 None
             }
             None => {
-                in_flight.insert(job.endpoint.clone(), None);
+                in_flight.insert(line, None);
                 Some(job)
             }
         }
     }
 
-    /// A call to `endpoint` finished: returns the job waiting behind it, if any
-    /// (the endpoint stays in flight), or marks the endpoint idle.
-    fn release(&self, endpoint: &Arc<str>) -> Option<CallbackJob> {
+    /// The call `done` finished: returns the job waiting behind it, if any (the
+    /// line stays in flight), or marks the line idle.
+    fn release(&self, done: &CallbackJob) -> Option<CallbackJob> {
+        let line = line_of(done);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        match in_flight.get_mut(endpoint).and_then(Option::take) {
+        match in_flight.get_mut(&line).and_then(Option::take) {
             Some(next) => Some(next),
             None => {
-                in_flight.remove(endpoint);
+                in_flight.remove(&line);
                 None
             }
         }
     }
 
-    /// The job for `endpoint` could not be queued: it is not in flight after all.
-    fn forget(&self, endpoint: &Arc<str>) {
+    /// `job` could not be queued: its line is not in flight after all.
+    fn forget(&self, job: &CallbackJob) {
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(endpoint);
+            .remove(&line_of(job));
     }
 }
 
@@ -150,13 +163,17 @@ impl Coalescer {
 mod tests {
     use super::*;
     use crate::report::{Scope, Timestamp};
-    use crate::window::WindowStart;
 
     fn job(endpoint: &Arc<str>, count: u64) -> CallbackJob {
+        job_in(endpoint, 60, count)
+    }
+
+    /// A job about the window that starts at `window` (Unix seconds).
+    fn job_in(endpoint: &Arc<str>, window: u64, count: u64) -> CallbackJob {
         CallbackJob {
             endpoint: endpoint.clone(),
             record: CountRecord {
-                window_start: WindowStart::from_unix_secs(60),
+                window_start: WindowStart::from_unix_secs(window),
                 window_seconds: 60,
                 unique_requests: count,
                 scope: Scope::Instance,
@@ -198,15 +215,40 @@ mod tests {
             .collect();
         assert_eq!(queued, vec![(a.clone(), 1), (b.clone(), 1)]);
         // The call to a finishes: the latest waiting count goes next, 2 is skipped.
-        assert_eq!(
-            coalescer.release(&a).map(|j| j.record.unique_requests),
-            Some(3)
-        );
-        assert_eq!(coalescer.release(&a), None);
-        assert_eq!(coalescer.release(&b), None);
+        let next = coalescer.release(&job(&a, 1));
+        assert_eq!(next, Some(job(&a, 3)));
+        assert_eq!(coalescer.release(&job(&a, 3)), None);
+        assert_eq!(coalescer.release(&job(&b, 1)), None);
         // a is idle again: the next job is queued at once.
         callbacks.submit(job(&a, 4));
         assert_eq!(rx.try_recv().map(|j| j.record.unique_requests), Ok(4));
+    }
+
+    #[test]
+    fn immediate_mode_coalesces_each_window_apart() {
+        let (mut callbacks, rx) = Callbacks::detached(8, true);
+        let coalescer = callbacks.coalescer.clone().unwrap();
+        let a: Arc<str> = "http://a/".into();
+        callbacks.submit(job_in(&a, 60, 1));
+        callbacks.submit(job_in(&a, 60, 5)); // waits behind 1
+                                             // The next window's first call is not held behind the last one's, and does
+                                             // not replace the count waiting there.
+        callbacks.submit(job_in(&a, 120, 1));
+        callbacks.submit(job_in(&a, 120, 2)); // waits behind 120's 1
+        assert_eq!(
+            rx.drain().collect::<Vec<_>>(),
+            vec![job_in(&a, 60, 1), job_in(&a, 120, 1)]
+        );
+        assert_eq!(
+            coalescer.release(&job_in(&a, 60, 1)),
+            Some(job_in(&a, 60, 5))
+        );
+        assert_eq!(
+            coalescer.release(&job_in(&a, 120, 1)),
+            Some(job_in(&a, 120, 2))
+        );
+        assert_eq!(coalescer.release(&job_in(&a, 60, 5)), None);
+        assert_eq!(coalescer.release(&job_in(&a, 120, 2)), None);
     }
 
     #[test]

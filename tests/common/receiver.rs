@@ -1,6 +1,6 @@
 //! A real HTTP endpoint for callback tests: a std TCP server on a loopback port
-//! that records every request and answers as told (a status, after a delay, or
-//! never).
+//! that records every request and answers as told (a status, after a delay, once
+//! the test releases it, or never).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,6 +14,9 @@ pub enum Answer {
     Status(u16),
     /// The status, after holding the request this long.
     Delayed(u16, Duration),
+    /// The status, once the test calls [`Receiver::release`]; requests are
+    /// recorded as they arrive.
+    Held(u16),
     /// Read the request, never answer.
     Never,
 }
@@ -47,6 +50,7 @@ struct State {
     calls: Mutex<Vec<Call>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    released: AtomicBool,
     stopped: AtomicBool,
 }
 
@@ -99,6 +103,11 @@ impl Receiver {
         })
     }
 
+    /// Lets [`Answer::Held`] requests be answered, those waiting and any later.
+    pub fn release(&self) {
+        self.state.released.store(true, Ordering::SeqCst);
+    }
+
     /// The most requests that were being answered at the same moment.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
@@ -125,6 +134,15 @@ fn serve(stream: TcpStream, state: &State, answer: Answer) {
             Answer::Status(status) => status,
             Answer::Delayed(status, delay) => {
                 std::thread::sleep(delay);
+                status
+            }
+            Answer::Held(status) => {
+                while !state.released.load(Ordering::SeqCst) {
+                    if state.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 status
             }
             Answer::Never => {

@@ -154,6 +154,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub fleet_wait_ms: u64,
 
+    /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number.
+    #[arg(long, env = "VERVE_REDIS_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub redis_shards: u16,
+
     /// This instance's name in the fleet, unique among the instances sharing Redis [default: host name and process id].
     #[arg(long, env = "VERVE_INSTANCE")]
     pub instance: Option<String>,

@@ -106,6 +106,7 @@ impl Verve {
                     window_secs: config.window_secs,
                     fleet_wait: config.fleet_wait(),
                     first_window,
+                    shards: usize::from(config.redis_shards),
                     acks: Some(acknowledged),
                     redeliver_after: config.fleet_wait()
                         + config.shutdown_drain()

@@ -216,13 +216,14 @@ fn an_instance_killed_mid_window_delays_its_window_by_the_fleet_wait_only() {
 /// is (`lose`; `mid_window` runs once both have delivered their first ids): the
 /// ids it lost are sent again, and the final revision is exact.
 fn losing_redis_between_two_closes_ends_exact(
+    env: &[(&str, &str)],
     mid_window: &dyn Fn(&RedisServer),
     lose: impl FnOnce(&mut RedisServer),
 ) {
     let mut redis = RedisServer::start();
     let link = Proxy::start(redis.port);
-    let a = fleet_member(&redis.url(), "a", &[]);
-    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let a = fleet_member(&redis.url(), "a", env);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", env);
     let (window, ()) = within_one_window(|| {
         accept_all(&mut Client::connect(a.addr), 0..400);
         accept_all(&mut Client::connect(b.addr), 300..700);
@@ -264,16 +265,23 @@ fn losing_redis_between_two_closes_ends_exact(
 
 #[test]
 fn redis_restarted_empty_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&|_| {}, |redis| redis.restart());
+    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, |redis| redis.restart());
+}
+
+fn flush(redis: &mut RedisServer) {
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .unwrap();
 }
 
 #[test]
 fn redis_flushed_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&|_| {}, |redis| {
-        let _: () = redis::cmd("FLUSHALL")
-            .query(&mut redis.connection())
-            .unwrap();
-    });
+    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, flush);
+}
+
+#[test]
+fn redis_flushed_between_two_closes_with_sixteen_shards() {
+    losing_redis_between_two_closes_ends_exact(&[("VERVE_REDIS_SHARDS", "16")], &|_| {}, flush);
 }
 
 /// Redis comes back from a snapshot taken mid-window: the instances' marks are
@@ -282,7 +290,9 @@ fn redis_flushed_between_two_closes() {
 /// the window again.
 #[test]
 fn redis_restored_from_an_older_snapshot_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&RedisServer::snapshot, |redis| redis.restart());
+    losing_redis_between_two_closes_ends_exact(&[], &RedisServer::snapshot, |redis| {
+        redis.restart()
+    });
 }
 
 #[test]

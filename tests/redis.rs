@@ -58,6 +58,61 @@ fn two_instances_count_each_id_once_and_publish_one_record() {
 }
 
 #[test]
+fn a_window_sharded_over_sixteen_sets_counts_exactly() {
+    let redis = RedisServer::start();
+    let shards = [("VERVE_REDIS_SHARDS", "16")];
+    let a = fleet_member(&redis.url(), "a", &shards);
+    let b = fleet_member(&redis.url(), "b", &shards);
+    let (window, ()) = within_one_window(|| {
+        thread::scope(|s| {
+            s.spawn(|| accept_all(&mut Client::connect(a.addr), 0..700));
+            s.spawn(|| accept_all(&mut Client::connect(b.addr), 500..1000));
+        });
+    });
+    let line = a.wait_for_window(window);
+    assert_eq!(b.wait_for_window(window), line);
+    assert_eq!((line.unique_requests, line.complete), (1000, true));
+    // Every shard took its part of the ids, each with a time to live; no
+    // unsharded set was written.
+    let mut connection = redis.connection();
+    let sizes: Vec<u64> = (0..16)
+        .map(|shard| {
+            let key = format!("verve:{{{window}/{shard}}}");
+            let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
+            assert!(ttl > 0, "{key}: ttl {ttl}");
+            redis::cmd("SCARD")
+                .arg(&key)
+                .query(&mut connection)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(sizes.iter().sum::<u64>(), 1000);
+    assert!(sizes.iter().all(|&n| n > 0), "{sizes:?}");
+    let unsharded: bool = redis::cmd("EXISTS")
+        .arg(format!("verve:{{{window}}}"))
+        .query(&mut connection)
+        .unwrap();
+    assert!(!unsharded);
+
+    // An instance that would split windows differently is refused at start-up.
+    let mut other = common::command(&[
+        ("VERVE_REDIS_URL", redis.url().as_str()),
+        ("VERVE_REDIS_SHARDS", "4"),
+    ]);
+    let output = other.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            "verve: VERVE_REDIS_SHARDS is 4 here but 16 in the fleet sharing this Redis \
+             (prefix verve): every instance must split windows the same way, or ids would \
+             be counted twice; set it to 16"
+        )
+    );
+}
+
+#[test]
 fn a_redis_restart_mid_window_loses_nothing() {
     let mut redis = RedisServer::start();
     let verve = fleet_member(&redis.url(), "solo", &[]);

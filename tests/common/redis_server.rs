@@ -104,12 +104,15 @@ impl RedisServer {
         );
     }
 
-    /// The size of `window`'s set of ids.
+    /// How many ids `window` holds: its set's size, or its shards' (up to 16).
     pub fn scard(&self, window: WindowStart) -> u64 {
-        redis::cmd("SCARD")
-            .arg(format!("verve:{{{window}}}"))
-            .query(&mut self.connection())
-            .unwrap()
+        let mut connection = self.connection();
+        let unsharded = std::iter::once(format!("verve:{{{window}}}"));
+        let shards = (0..16).map(|shard| format!("verve:{{{window}/{shard}}}"));
+        unsharded
+            .chain(shards)
+            .map(|key| -> u64 { redis::cmd("SCARD").arg(key).query(&mut connection).unwrap() })
+            .sum()
     }
 
     /// A field of `window`'s published record.

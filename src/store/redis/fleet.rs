@@ -5,7 +5,10 @@
 //! stays that process's. Keys, for a window `W` (its start, RFC 3339) and the
 //! prefix `P`:
 //!
-//! - `P:{W}`: the set of the window's ids, filled by every run with `SADD`.
+//! - `P:{W}`: the set of the window's ids, filled by every run with `SADD`; with
+//!   `VERVE_REDIS_SHARDS` = S > 1, S disjoint sets `P:{W/k}` instead, an id in
+//!   shard [`shard_of`] of it, each with a hash tag of its own so that Redis
+//!   Cluster may spread them; the window's count is the sum of their sizes.
 //! - `P:{W}:marks`: per run, `sending` (from its first ids for the window on) or,
 //!   once its last `SADD` for the window is acknowledged, `full` or `partial`
 //!   (done; whether it ran for the whole window).
@@ -21,6 +24,8 @@
 //! - `P:epoch`: created by the first heartbeat, without expiry; only Redis losing
 //!   its data makes it change.
 //! - `P:orphans`: windows left unfinished by runs that stopped.
+//! - `P:shards`: the number of shards, set by the first heartbeat; a run with
+//!   another number refuses to deliver (it would count some ids twice).
 //!
 //! Every window key expires a while after the window: five windows, at least five
 //! minutes, and at least four fleet waits.
@@ -58,6 +63,13 @@ use redis::{Connection, RedisResult, Script};
 use crate::metrics::now_ms;
 use crate::report::{CountRecord, Scope, Timestamp};
 use crate::window::WindowStart;
+
+/// Which of `shards` sets an id goes to: a fixed multiplicative hash, the same in
+/// every instance and every version (it is part of the layout in Redis).
+pub(super) fn shard_of(id: i64, shards: usize) -> usize {
+    let mixed = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((mixed >> 32) % shards as u64) as usize
+}
 
 /// Ids per `SADD` command.
 const SADD_IDS: usize = 4096;
@@ -199,6 +211,8 @@ pub(super) struct Fleet {
     window_secs: u64,
     /// Window keys live this long, in seconds.
     key_ttl_secs: u64,
+    /// `VERVE_REDIS_SHARDS`: sets per window.
+    pub shards: usize,
     /// `VERVE_FLEET_WAIT_MS`: the heartbeat's time to live, and how long after a
     /// window's end the fleet waits for every instance.
     pub wait: Duration,
@@ -211,6 +225,9 @@ pub(super) struct Fleet {
     count: &'static str,
     /// The live runs, as of the last heartbeat.
     live: Vec<String>,
+    /// Why this run must not deliver to the fleet (its shards differ), as of the
+    /// last heartbeat.
+    pub refusal: Option<String>,
     /// This run has left the fleet: it no longer registers.
     left: bool,
     /// When each run was last seen live, for as long as a loss could need it.
@@ -230,6 +247,7 @@ impl Fleet {
         first_window: WindowStart,
         window_secs: u64,
         wait: Duration,
+        shards: usize,
     ) -> Self {
         Fleet {
             prefix: prefix.to_owned(),
@@ -237,6 +255,7 @@ impl Fleet {
             first_window,
             window_secs,
             key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
+            shards,
             wait,
             settle: Script::new(include_str!("settle.lua")),
             heartbeat: Script::new(include_str!("heartbeat.lua")),
@@ -244,6 +263,7 @@ impl Fleet {
             ack: Script::new(ACK),
             count: include_str!("count.lua"),
             live: Vec::new(),
+            refusal: None,
             left: false,
             seen: BTreeMap::new(),
             epoch: None,
@@ -268,6 +288,14 @@ impl Fleet {
         format!("{}:{{{window}}}{part}", self.prefix)
     }
 
+    /// The set of shard `shard` of `window`'s ids: with one shard, the window's set.
+    fn shard_key(&self, window: WindowStart, shard: usize) -> String {
+        match self.shards {
+            1 => self.window_key(window, ""),
+            _ => format!("{}:{{{window}/{shard}}}", self.prefix),
+        }
+    }
+
     fn fleet_key(&self, name: &str) -> String {
         format!("{}:{name}", self.prefix)
     }
@@ -277,6 +305,10 @@ impl Fleet {
     /// count is the sentinel of the ids, so the two go in together or not at all;
     /// and it counts each round once, however often the round is sent. The
     /// window's first round also sets this run's `sending` mark.
+    ///
+    /// `touched` says which shards this run already wrote to in the window (empty:
+    /// none); returns the shards this round writes to first, for the caller to add
+    /// once Redis took the round.
     pub fn queue_ids(
         &self,
         pipe: &mut redis::Pipeline,
@@ -284,18 +316,26 @@ impl Fleet {
         ids: &[i64],
         round: u64,
         count: Count,
-    ) {
-        // A window's keys get their time to live when this run first writes to
-        // them; a key recreated later (Redis lost it) is written again by a
-        // replay, which starts over with `Count::Set`.
+        touched: &[bool],
+    ) -> Vec<usize> {
+        // A key gets its time to live when this run first writes to it; a key
+        // recreated later (Redis lost it) is written again by a replay, which
+        // starts over with nothing touched.
         let first = round == 1 || count == Count::Set;
         let ttl_secs = if first { self.key_ttl_secs } else { 0 };
-        let key = self.window_key(window, "");
-        for chunk in ids.chunks(SADD_IDS) {
-            pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
-        }
-        if first {
-            pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
+        let mut new_shards = Vec::new();
+        for (shard, ids) in self.split(ids).iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let key = self.shard_key(window, shard);
+            for chunk in ids.chunks(SADD_IDS) {
+                pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
+            }
+            if !touched.get(shard).copied().unwrap_or(false) {
+                pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
+                new_shards.push(shard);
+            }
         }
         pipe.cmd("EVAL")
             .arg(self.count)
@@ -323,6 +363,19 @@ impl Fleet {
                 .arg(self.key_ttl_secs)
                 .ignore();
         }
+        new_shards
+    }
+
+    /// `ids` by shard; with one shard, as they are.
+    fn split<'a>(&self, ids: &'a [i64]) -> Vec<std::borrow::Cow<'a, [i64]>> {
+        if self.shards == 1 {
+            return vec![std::borrow::Cow::Borrowed(ids)];
+        }
+        let mut shards = vec![Vec::new(); self.shards];
+        for &id in ids {
+            shards[shard_of(id, self.shards)].push(id);
+        }
+        shards.into_iter().map(std::borrow::Cow::Owned).collect()
     }
 
     /// Tells the fleet this run is alive for another `wait`, learns who is live,
@@ -337,20 +390,33 @@ impl Fleet {
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
-        let (epoch, live, orphans): (String, Vec<String>, Vec<u64>) = self
+        let (epoch, live, orphans, shards): (String, Vec<String>, Vec<u64>, usize) = self
             .heartbeat
             .key(self.fleet_key("instances"))
             .key(self.fleet_key("joined"))
             .key(self.fleet_key("left"))
             .key(self.fleet_key("epoch"))
             .key(self.fleet_key("orphans"))
+            .key(self.fleet_key("shards"))
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
             // Distinct each time: the same run may create it again after a loss.
             .arg(format!("{}@{}", self.run, now_ms()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
+            .arg(self.shards)
             .invoke(connection)?;
+        if shards != self.shards {
+            let refusal = format!(
+                "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
+                 (prefix {}): every instance must split windows the same way, or ids would \
+                 be counted twice; set it to {shards}",
+                self.shards, self.prefix
+            );
+            self.refusal = Some(refusal.clone());
+            return Err((redis::ErrorKind::Client, "refused", refusal).into());
+        }
+        self.refusal = None;
         self.learn_epoch(epoch);
         let now = Instant::now();
         for run in &live {
@@ -445,11 +511,15 @@ impl Fleet {
         };
         awaited.extend(view.members.iter().cloned());
         let mut call = self.settle.prepare_invoke();
-        for part in ["", ":marks", ":delivered", ":record"] {
+        call.key(self.shard_key(window, 0));
+        for part in [":marks", ":delivered", ":record"] {
             call.key(self.window_key(window, part));
         }
         for name in ["instances", "joined", "left", "epoch", "orphans"] {
             call.key(self.fleet_key(name));
+        }
+        for shard in 1..self.shards {
+            call.key(self.shard_key(window, shard));
         }
         call.arg(&self.run)
             .arg(match view.coverage {
@@ -547,3 +617,26 @@ impl Fleet {
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);
 type SettledTail = (String, u64, u64, Vec<String>, u64, u8, u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_fixed_and_spread_ids_evenly() {
+        // Part of the layout in Redis: these must never change.
+        assert_eq!(
+            [0, 1, 2, 3, -1, i64::MAX, i64::MIN].map(|id| shard_of(id, 16)),
+            [0, 9, 2, 12, 6, 6, 0]
+        );
+        assert!((-500..500).all(|id| shard_of(id, 1) == 0));
+        let mut per_shard = [0u32; 16];
+        for id in 0..160_000 {
+            per_shard[shard_of(id * 7_919, 16)] += 1;
+        }
+        assert!(
+            per_shard.iter().all(|&n| (9_000..11_000).contains(&n)),
+            "{per_shard:?}"
+        );
+    }
+}

@@ -67,15 +67,18 @@ pub(super) struct Forwarder {
     /// After a failure nothing is tried before this.
     resume_at: Option<Instant>,
     backoff: Duration,
-    /// Told once the first heartbeat has been tried (start-up waits for it).
-    registered: Option<mpsc::Sender<()>>,
+    /// Told once the first heartbeat has been tried (start-up waits for it), and
+    /// whether the fleet refused this run.
+    registered: Option<mpsc::Sender<Result<(), String>>>,
 }
 
-/// What a run delivered to a window: ids, in rounds numbered from 1.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a run delivered to a window: ids, in rounds numbered from 1, and which
+/// shards it wrote to (each got its time to live then).
+#[derive(Debug, Clone, Default)]
 struct Delivery {
     ids: u64,
     rounds: u64,
+    touched: Vec<bool>,
 }
 
 enum Round {
@@ -119,7 +122,7 @@ impl Forwarder {
         client: Client,
         settings: RedisSettings,
         reporter: Reporter,
-        registered: mpsc::Sender<()>,
+        registered: mpsc::Sender<Result<(), String>>,
     ) -> Self {
         Forwarder {
             shared,
@@ -134,6 +137,7 @@ impl Forwarder {
                 settings.first_window,
                 settings.window_secs,
                 settings.fleet_wait,
+                settings.shards,
             ),
             url: settings.url,
             reporter,
@@ -158,7 +162,11 @@ impl Forwarder {
                 Work::Round(Round::Ids(batches)) => self.send_ids(batches),
                 Work::Round(Round::Close(closed)) => self.close(closed),
                 Work::Ack(ack) => self.ack(ack),
-                Work::Heartbeat => self.heartbeat(),
+                Work::Heartbeat => {
+                    if !self.heartbeat() {
+                        return;
+                    }
+                }
                 Work::Check(window) => self.check(window),
                 Work::Leave => return self.leave(),
                 Work::GiveUp => return self.give_up(),
@@ -228,22 +236,32 @@ impl Forwarder {
     fn send_ids(&mut self, mut batches: Vec<(WindowStart, Vec<i64>, u64)>) {
         let mut pipe = redis::pipe();
         pipe.atomic();
+        let mut new_shards = Vec::with_capacity(batches.len());
         for (window, ids, round) in &mut batches {
+            let delivery = self.delivered.get(window);
             if *round == 0 {
-                *round = self.delivered.get(window).map_or(0, |d| d.rounds) + 1;
+                *round = delivery.map_or(0, |d| d.rounds) + 1;
             }
-            self.fleet
-                .queue_ids(&mut pipe, *window, ids, *round, Count::Add);
+            let touched = delivery.map_or(&[][..], |d| &d.touched);
+            new_shards.push(self.fleet.queue_ids(
+                &mut pipe,
+                *window,
+                ids,
+                *round,
+                Count::Add,
+                touched,
+            ));
         }
         if self.call(|connection, _| pipe.exec(connection)).is_none() {
             self.retry = Some(Round::Ids(batches));
             return;
         }
         let mut sent = 0;
-        for (window, ids, round) in &batches {
+        for ((window, ids, round), new_shards) in batches.iter().zip(new_shards) {
             let delivery = self.delivered.entry(*window).or_default();
             delivery.ids += ids.len() as u64;
             delivery.rounds = *round;
+            touch(&mut delivery.touched, &new_shards, self.fleet.shards);
             sent += ids.len();
         }
         self.taken(sent);
@@ -301,7 +319,7 @@ impl Forwarder {
         let end = self.length.end_of(window);
         let wait_over = instant_of(end + self.fleet.wait);
         let window_length = Duration::from_secs(self.length.as_secs());
-        let delivery = self.delivered.get(&window).copied().unwrap_or_default();
+        let rounds = self.delivered.get(&window).map_or(0, |d| d.rounds);
         Tracked {
             window,
             view: WindowView {
@@ -312,7 +330,7 @@ impl Forwarder {
                 members: BTreeSet::new(),
             },
             closed,
-            rounds: delivery.rounds,
+            rounds,
             next_check: Instant::now() + self.fleet.poll_interval(),
             wait_over,
             forget_at: wait_over + self.fleet.wait.max(window_length) + self.redeliver_after,
@@ -472,6 +490,9 @@ impl Forwarder {
             "Redis lost ids this instance had delivered to a window (a restart, FLUSHALL, a failover, eviction); sending them again"
         );
         let mut round = rounds;
+        // Redis may have lost any shard since this run wrote to it: each gets its
+        // time to live again when the replay first writes to it.
+        let mut touched = Vec::new();
         for (i, chunk) in all.chunks(ROUND_IDS).enumerate() {
             // A long replay must not let this run's heartbeat lapse.
             if self.next_heartbeat <= Instant::now() {
@@ -484,17 +505,23 @@ impl Forwarder {
             };
             let mut pipe = redis::pipe();
             pipe.atomic();
-            self.fleet.queue_ids(&mut pipe, window, chunk, round, count);
+            let new_shards = self
+                .fleet
+                .queue_ids(&mut pipe, window, chunk, round, count, &touched);
             self.call(|connection, _| pipe.exec(connection))?;
+            touch(&mut touched, &new_shards, self.fleet.shards);
         }
         Some(round)
     }
 
     /// The scheduled heartbeat: tells the fleet this run is alive, and settles the
     /// windows stopped runs left unfinished, once their wait is over.
-    fn heartbeat(&mut self) {
+    /// Returns false if the fleet refused this run at start-up: the thread ends,
+    /// and so does start-up, with the reason.
+    fn heartbeat(&mut self) -> bool {
+        let first = self.registered.is_some();
         let Some(orphans) = self.beat() else {
-            return;
+            return !(first && self.fleet.refusal.is_some());
         };
         for window in orphans {
             let ours = self.tracked.contains_key(&window)
@@ -504,6 +531,7 @@ impl Forwarder {
                 self.adopt(window);
             }
         }
+        true
     }
 
     /// Tells the fleet this run is alive; returns the windows left to the fleet,
@@ -511,7 +539,10 @@ impl Forwarder {
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
         let orphans = self.call(|connection, fleet| fleet.heartbeat(connection));
         if let Some(registered) = self.registered.take() {
-            let _ = registered.send(());
+            let _ = registered.send(match &self.fleet.refusal {
+                Some(refusal) => Err(refusal.clone()),
+                None => Ok(()),
+            });
         }
         if orphans.is_some() {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
@@ -747,5 +778,15 @@ fn instant_of(t: SystemTime) -> Instant {
     match t.duration_since(SystemTime::now()) {
         Ok(ahead) => now + ahead,
         Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+    }
+}
+
+/// Notes that `shards` were written to, in a list of `count` flags.
+fn touch(touched: &mut Vec<bool>, shards: &[usize], count: usize) {
+    if !shards.is_empty() {
+        touched.resize(count, false);
+        for &shard in shards {
+            touched[shard] = true;
+        }
     }
 }

@@ -7,10 +7,12 @@
 -- KEYS[3] runs that left, and when (ms)
 -- KEYS[4] the fleet's epoch
 -- KEYS[5] windows left to the fleet by runs that stopped
+-- KEYS[6] the number of shards the fleet splits windows over
 -- ARGV[1] this run; ARGV[2] the heartbeat's lifetime (ms); ARGV[3] its first window
 -- ARGV[4] an epoch, if there is none yet; ARGV[5] how long to remember a run that left (ms)
+-- ARGV[6] this run's number of shards, if the fleet has none yet
 --
--- Returns {epoch, live runs, windows left to the fleet}.
+-- Returns {epoch, live runs, windows left to the fleet, the fleet's number of shards}.
 
 redis.replicate_commands()
 local clock = redis.call('TIME')
@@ -28,8 +30,10 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SET', KEYS[4], ARGV[4], 'NX')
+redis.call('SET', KEYS[6], ARGV[6], 'NX')
 return {
   redis.call('GET', KEYS[4]),
   redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
   redis.call('SMEMBERS', KEYS[5]),
+  redis.call('GET', KEYS[6]),
 }

@@ -53,6 +53,8 @@ pub struct RedisSettings {
     pub fleet_wait: Duration,
     /// The window this process started in.
     pub first_window: WindowStart,
+    /// Sets each window's ids are split over; the same in every instance.
+    pub shards: usize,
     /// Records the shared sinks acknowledged (Kafka's delivery reports), if any.
     pub acks: Option<flume::Receiver<Acknowledged>>,
     /// How long a record's publisher has to get it acknowledged before another
@@ -122,7 +124,9 @@ impl RedisStore {
             .name("verve-redis".into())
             .spawn(move || forwarder.run())
             .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
-        let _ = attempted.recv_timeout(first_attempt);
+        if let Ok(Err(refusal)) = attempted.recv_timeout(first_attempt) {
+            return Err(refusal);
+        }
         Ok(RedisStore { shared, forwarder })
     }
 }

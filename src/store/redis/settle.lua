@@ -4,7 +4,7 @@
 -- revisions increase with the count, and one caller publishes each. A run is one
 -- process of an instance: a restarted instance is a new member of the fleet.
 --
--- KEYS[1] the window's set of ids
+-- KEYS[1] the window's set of ids (its first shard's, if it has several)
 -- KEYS[2] the window's marks: run -> sending | full | partial
 -- KEYS[3] the window's deliveries: run -> ids it delivered (its sentinel)
 -- KEYS[4] the window's published record (a hash)
@@ -13,6 +13,7 @@
 -- KEYS[7] runs that left, and when (ms)
 -- KEYS[8] the fleet's epoch
 -- KEYS[9] windows left to the fleet by runs that stopped
+-- KEYS[10..] the window's other shards, if it has several (disjoint sets)
 -- ARGV[1] this run
 -- ARGV[2] its mark: full | partial, or '' to settle a window it took no part in
 -- ARGV[3] how many ids it delivered to the window: fewer in Redis means Redis lost some
@@ -126,6 +127,9 @@ for i = 16, #ARGV do
 end
 
 local count = redis.call('SCARD', KEYS[1])
+for i = 10, #KEYS do
+  count = count + redis.call('SCARD', KEYS[i])
+end
 local complete = 0
 if not waiting then
   complete = 1

@@ -41,7 +41,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub window_secs: u64,
 
-    /// Where window counts go, comma-separated: log (the count log file), kafka.
+    /// Where window counts go, comma-separated: log (the count log file), kafka, redis-stream.
     #[arg(
         long,
         env = "VERVE_SINKS",
@@ -184,6 +184,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=2_147_483_647))]
     pub kafka_message_timeout_ms: u64,
 
+    /// Redis URL (redis://host:port/db) of the stream, for VERVE_SINKS=redis-stream [default: VERVE_REDIS_URL].
+    #[arg(long, env = "VERVE_REDIS_STREAM_URL")]
+    pub redis_stream_url: Option<String>,
+
+    /// Redis stream that receives one entry per count record.
+    #[arg(long, env = "VERVE_REDIS_STREAM", default_value = "verve:counts")]
+    pub redis_stream: String,
+
+    /// Entries the stream keeps, trimmed approximately (XADD MAXLEN ~); 100000 is about 69 days of 60 s windows.
+    #[arg(long, env = "VERVE_REDIS_STREAM_MAXLEN", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_stream_maxlen: u64,
+
     /// How endpoints are called: post (JSON body) or get (count as a query parameter).
     #[arg(long, env = "VERVE_CALLBACK_METHOD", value_enum, default_value_t = CallbackMethod::Post)]
     pub callback_method: CallbackMethod,
@@ -264,6 +277,21 @@ pub enum SinkKind {
     Log,
     /// A Kafka topic (VERVE_KAFKA_*).
     Kafka,
+    /// A Redis stream (VERVE_REDIS_STREAM*).
+    RedisStream,
+}
+
+impl SinkKind {
+    /// Whether the fleet shares the destination, as [`CountSink::is_shared`] says of
+    /// the sink itself, known before any sink is opened.
+    ///
+    /// [`CountSink::is_shared`]: crate::sink::CountSink::is_shared
+    pub fn is_shared(self) -> bool {
+        match self {
+            SinkKind::Log => false,
+            SinkKind::Kafka | SinkKind::RedisStream => true,
+        }
+    }
 }
 
 /// How the count log writes a record.
@@ -337,7 +365,22 @@ impl Config {
             ));
         }
         self.kafka_extra()?;
+        if self.sinks.contains(&SinkKind::RedisStream) {
+            self.redis_stream_url()?;
+        }
         Ok(())
+    }
+
+    /// The Redis of the stream sink, with the variable it came from:
+    /// `VERVE_REDIS_STREAM_URL`, else the store's `VERVE_REDIS_URL`.
+    pub fn redis_stream_url(&self) -> Result<(&str, &'static str), ConfigError> {
+        match (&self.redis_stream_url, &self.redis_url) {
+            (Some(url), _) => Ok((url, "VERVE_REDIS_STREAM_URL")),
+            (None, Some(url)) => Ok((url, "VERVE_REDIS_URL")),
+            (None, None) => Err(ConfigError(
+                "VERVE_SINKS includes redis-stream but neither VERVE_REDIS_STREAM_URL nor VERVE_REDIS_URL is set: set one to redis://host:port/db".into(),
+            )),
+        }
     }
 
     /// `VERVE_KAFKA_CONFIG` as key-value pairs.
@@ -585,5 +628,46 @@ mod tests {
             ("acks".to_owned(), "all".to_owned()),
         ];
         assert_eq!(c.kafka_extra().unwrap(), extra);
+    }
+
+    #[test]
+    fn the_redis_stream_needs_a_redis_and_defaults_to_the_stores() {
+        let err = load(&["--sinks", "log,redis-stream"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "VERVE_SINKS includes redis-stream but neither VERVE_REDIS_STREAM_URL nor VERVE_REDIS_URL is set: set one to redis://host:port/db"
+        );
+        let store = [
+            "--sinks",
+            "redis-stream",
+            "--redis-url",
+            "redis://store:6379/0",
+        ];
+        let c = load(&store).unwrap();
+        assert_eq!(c.sinks, vec![SinkKind::RedisStream]);
+        assert_eq!(
+            c.redis_stream_url(),
+            Ok(("redis://store:6379/0", "VERVE_REDIS_URL"))
+        );
+        assert_eq!(
+            (c.redis_stream.as_str(), c.redis_stream_maxlen),
+            ("verve:counts", 100_000)
+        );
+        let own = [&store[..], &["--redis-stream-url", "redis://stream:6379/1"]].concat();
+        assert_eq!(
+            load(&own).unwrap().redis_stream_url(),
+            Ok(("redis://stream:6379/1", "VERVE_REDIS_STREAM_URL"))
+        );
+        // Without the store: a stream of this instance's own counts.
+        let c = load(&[
+            "--sinks",
+            "redis-stream",
+            "--redis-stream-url",
+            "redis://s:6379/0",
+        ])
+        .unwrap();
+        assert_eq!(c.redis_url, None);
     }
 }

@@ -35,6 +35,8 @@ pub enum StartError {
     Redis(String),
     /// The Kafka producer could not be created (bad settings).
     Kafka(String),
+    /// The Redis stream sink could not be set up (a bad URL, usually).
+    RedisStream(String),
     Thread(io::Error),
 }
 
@@ -87,7 +89,9 @@ impl fmt::Display for StartError {
                  (for io_uring, raise `ulimit -l` or set VERVE_IO_DRIVER=epoll)"
             ),
             StartError::CountLog(err) => err.fmt(f),
-            StartError::Redis(message) | StartError::Kafka(message) => f.write_str(message),
+            StartError::Redis(message)
+            | StartError::Kafka(message)
+            | StartError::RedisStream(message) => f.write_str(message),
             StartError::Thread(source) => write!(f, "cannot start a thread: {source}"),
         }
     }

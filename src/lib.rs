@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod aggregator;
+pub mod backoff;
 pub mod batch;
 pub mod callback;
 pub mod config;

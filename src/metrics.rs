@@ -132,6 +132,8 @@ pub struct Telemetry {
     pub redis_down_since_ms: AtomicU64,
     pub kafka_delivered: AtomicU64,
     pub kafka_failed: AtomicU64,
+    pub redis_stream_delivered: AtomicU64,
+    pub redis_stream_failed: AtomicU64,
 }
 
 /// Milliseconds since the epoch, for heartbeats.
@@ -241,7 +243,7 @@ impl Telemetry {
                 }
             }
         }
-        let simple: [(&str, &str, &str, u64); 16] = [
+        let simple: [(&str, &str, &str, u64); 18] = [
             (
                 "verve_ids_accepted_total",
                 "counter",
@@ -337,6 +339,18 @@ impl Telemetry {
                 "counter",
                 "Records given up or refused.",
                 load(&self.kafka_failed),
+            ),
+            (
+                "verve_redis_stream_delivered_total",
+                "counter",
+                "Records appended to the Redis stream.",
+                load(&self.redis_stream_delivered),
+            ),
+            (
+                "verve_redis_stream_failed_total",
+                "counter",
+                "Records dropped (queue full) or given up at shutdown by the Redis stream sink.",
+                load(&self.redis_stream_failed),
             ),
         ];
         family(

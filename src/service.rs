@@ -21,7 +21,10 @@ use crate::metrics::Telemetry;
 use crate::report::Reporter;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, Driver, Intake, Workers};
-use crate::sink::{Acknowledged, CountSink, KafkaSettings, KafkaSink, LogSink};
+use crate::sink::{
+    Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink, RedisStreamSettings,
+    RedisStreamSink,
+};
 use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// Shutdown ends at most this long after `VERVE_SHUTDOWN_DRAIN_MS`: time for the
@@ -71,7 +74,7 @@ impl Verve {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy = config.callback_policy()?;
         let telemetry = Arc::new(Telemetry::new(config.window_secs));
-        // Kafka's acknowledgements, for the Redis store to note for the fleet.
+        // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
         let in_fleet = config.redis_url.is_some();
         let sinks = open_sinks(config, &telemetry, in_fleet.then_some(&acks))?;
@@ -230,12 +233,15 @@ fn names<T: ValueEnum>(choices: &[T]) -> String {
 }
 
 /// The sinks `VERVE_SINKS` names, in its order.
-/// In Redis mode, Kafka's acknowledgements go to `acks`, for the fleet to note.
+/// In Redis mode, the shared sinks' acknowledgements go to `acks`, for the fleet to
+/// note: a record's, once every shared sink took it.
 fn open_sinks(
     config: &Config,
     telemetry: &Arc<Telemetry>,
     acks: Option<&flume::Sender<Acknowledged>>,
 ) -> Result<Vec<Box<dyn CountSink>>, StartError> {
+    let shared = config.sinks.iter().filter(|kind| kind.is_shared()).count();
+    let acks = acks.map(|fleet| Acks::new(fleet.clone(), shared));
     let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
@@ -250,8 +256,22 @@ fn open_sinks(
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
                     extra: config.kafka_extra()?,
                 };
-                let sink = KafkaSink::new(&settings, telemetry.clone(), acks.cloned());
+                let sink = KafkaSink::new(&settings, telemetry.clone(), acks.clone());
                 sinks.push(Box::new(sink.map_err(StartError::Kafka)?));
+            }
+            SinkKind::RedisStream => {
+                let (url, variable) = config.redis_stream_url()?;
+                let client = redis::Client::open(url).map_err(|e| {
+                    StartError::RedisStream(format!("invalid {variable} '{url}': {e}"))
+                })?;
+                let settings = RedisStreamSettings {
+                    stream: config.redis_stream.clone(),
+                    maxlen: config.redis_stream_maxlen,
+                    timeout: Duration::from_millis(config.redis_timeout_ms),
+                };
+                let sink =
+                    RedisStreamSink::start(client, settings, telemetry.clone(), acks.clone());
+                sinks.push(Box::new(sink.map_err(StartError::Thread)?));
             }
         }
     }

@@ -12,7 +12,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use verve::metrics::Telemetry;
 use verve::report::{CountRecord, Scope, Timestamp};
-use verve::sink::{Acknowledged, CountSink, KafkaSettings, KafkaSink};
+use verve::sink::{Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink};
 use verve::window::WindowStart;
 
 const TOPIC: &str = "counts";
@@ -54,7 +54,7 @@ fn sink(
             extra: vec![],
         },
         telemetry.clone(),
-        Some(acks),
+        Some(Acks::new(acks, 1)),
     )
     .unwrap();
     (sink, telemetry, acknowledged)

@@ -133,6 +133,23 @@ fn a_bad_callback_allow_list_is_refused() {
 }
 
 #[test]
+fn a_redis_stream_without_a_redis_is_refused() {
+    assert_eq!(
+        fails(&[("VERVE_SINKS", "log,redis-stream")]),
+        "verve: VERVE_SINKS includes redis-stream but neither VERVE_REDIS_STREAM_URL nor \
+         VERVE_REDIS_URL is set: set one to redis://host:port/db"
+    );
+    let err = fails(&[
+        ("VERVE_SINKS", "redis-stream"),
+        ("VERVE_REDIS_STREAM_URL", "http://127.0.0.1:6379"),
+    ]);
+    assert!(
+        err.starts_with("verve: invalid VERVE_REDIS_STREAM_URL 'http://127.0.0.1:6379': "),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_unwritable_count_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let blocker = dir.path().join("file");

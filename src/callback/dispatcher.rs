@@ -20,6 +20,7 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 
 use super::{CallbackJob, CallbackPolicy, Callbacks, Coalescer, Refusal};
+use crate::backoff::Backoff;
 use crate::config::{CallbackMethod, CallbackTiming, Config};
 use crate::metrics::{CallbackOutcome, Telemetry};
 use crate::report::CountRecord;
@@ -146,7 +147,8 @@ impl Caller {
 
     fn call(&self, job: &CallbackJob) {
         let started = Instant::now();
-        for (attempt, backoff) in (1..=self.retries + 1).zip(backoffs()) {
+        let mut waits = backoff();
+        for attempt in 1..=self.retries + 1 {
             let outcome = self.send(job);
             let retry = attempt <= self.retries
                 && match &outcome {
@@ -176,7 +178,7 @@ impl Caller {
                 ),
                 _ => {
                     tracing::debug!(endpoint = %job.endpoint, attempt, ?outcome, "callback will be retried");
-                    std::thread::sleep(backoff);
+                    std::thread::sleep(waits.next_wait());
                     continue;
                 }
             }
@@ -212,11 +214,9 @@ impl Caller {
     }
 }
 
-/// The wait before each retry: 100 ms, doubling up to [`MAX_BACKOFF`].
-fn backoffs() -> impl Iterator<Item = Duration> {
-    std::iter::successors(Some(FIRST_BACKOFF), |last| {
-        Some((*last * 2).min(MAX_BACKOFF))
-    })
+/// The waits before a call's retries: 100 ms, doubling up to [`MAX_BACKOFF`].
+fn backoff() -> Backoff {
+    Backoff::new(FIRST_BACKOFF, MAX_BACKOFF)
 }
 
 /// A POST callback's body: the count record, and whether its count is final.
@@ -291,11 +291,15 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_100_ms_up_to_2_s() {
-        let waits: Vec<u64> = backoffs().take(8).map(|d| d.as_millis() as u64).collect();
+        let mut waits = backoff();
+        let waits: Vec<u64> = (0..8)
+            .map(|_| waits.next_wait().as_millis() as u64)
+            .collect();
         assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
         // The most retries (10) wait 13.1 s in all.
+        let mut waits = backoff();
         assert_eq!(
-            backoffs().take(10).sum::<Duration>(),
+            (0..10).map(|_| waits.next_wait()).sum::<Duration>(),
             Duration::from_millis(13_100)
         );
     }

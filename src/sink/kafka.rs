@@ -21,7 +21,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::{Acknowledged, CountSink};
+use super::{Acknowledged, Acks, CountSink};
 use crate::metrics::Telemetry;
 use crate::report::CountRecord;
 
@@ -41,7 +41,7 @@ pub struct KafkaSettings {
 /// passes acknowledgements on to whoever follows them (the Redis store).
 struct DeliveryReports {
     telemetry: Arc<Telemetry>,
-    acks: Option<flume::Sender<Acknowledged>>,
+    acks: Option<Acks>,
 }
 
 impl ClientContext for DeliveryReports {}
@@ -54,7 +54,7 @@ impl ProducerContext for DeliveryReports {
             Ok(message) => {
                 // Before it is counted: whoever sees the count sees the ack too.
                 if let Some(acks) = &self.acks {
-                    let _ = acks.send(*record);
+                    acks.acknowledged(*record);
                 }
                 self.telemetry
                     .kafka_delivered
@@ -93,7 +93,7 @@ impl KafkaSink {
     pub fn new(
         settings: &KafkaSettings,
         telemetry: Arc<Telemetry>,
-        acks: Option<flume::Sender<Acknowledged>>,
+        acks: Option<Acks>,
     ) -> Result<KafkaSink, String> {
         let mut config = ClientConfig::new();
         config

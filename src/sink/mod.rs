@@ -3,25 +3,87 @@
 //! The [`Reporter`](crate::report::Reporter) hands every [`CountRecord`] to each of
 //! its [`CountSink`]s in turn and does not know which kinds it has. A sink must not
 //! block for long: it runs on the thread that settles counts (the aggregator, or the
-//! Redis forwarder), once per record.
+//! Redis forwarder), once per record. The sinks that talk to a network (Kafka, a
+//! Redis stream) queue the record for a thread of their own.
+//!
+//! In Redis mode the shared sinks report what they took for good through [`Acks`],
+//! which tells the fleet a record is acknowledged once every shared sink took it.
 
 pub mod kafka;
 pub mod log;
+pub mod redis_stream;
 
 pub use kafka::{KafkaSettings, KafkaSink};
 pub use log::{CountLogFormat, LogSink};
+pub use redis_stream::{RedisStreamSettings, RedisStreamSink};
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::report::CountRecord;
 use crate::window::WindowStart;
 
-/// A shared sink took a record for good (Kafka acknowledged it): in Redis mode the
-/// fleet notes it, so that no other instance sends the record again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A shared sink took a record for good (Kafka acknowledged it, or Redis appended
+/// it to the stream): in Redis mode the fleet notes it, so that no other instance
+/// sends the record again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Acknowledged {
     pub window: WindowStart,
     pub revision: u64,
+}
+
+/// Records some but not all shared sinks acknowledged are remembered up to this
+/// many, the oldest forgotten first. A record stays partial only when a sink gave
+/// it up, and the fleet stops following a window a few windows after its end, so
+/// an acknowledgement that old can no longer matter.
+const PARTIAL_ACKS: usize = 1024;
+
+/// Where the shared sinks report acknowledgements, one clone each, for the fleet.
+///
+/// The fleet keeps one acknowledged revision per window, so with several shared
+/// sinks (Kafka and a Redis stream) a record is passed on only once each of them
+/// acknowledged it: if its publisher stops before one of them took it, another
+/// instance still sends it on.
+#[derive(Clone)]
+pub struct Acks {
+    fleet: flume::Sender<Acknowledged>,
+    /// The shared sinks that must each acknowledge a record.
+    sinks: usize,
+    /// How many sinks acknowledged each record not yet passed on. Locked by the
+    /// sinks' delivery threads once per record, for a map lookup: never contended
+    /// for long.
+    partial: Arc<Mutex<BTreeMap<Acknowledged, usize>>>,
+}
+
+impl Acks {
+    /// Acknowledgements of `sinks` shared sinks, passed on to `fleet`.
+    pub fn new(fleet: flume::Sender<Acknowledged>, sinks: usize) -> Self {
+        Acks {
+            fleet,
+            sinks,
+            partial: Arc::default(),
+        }
+    }
+
+    /// One shared sink took `ack`'s record for good.
+    pub fn acknowledged(&self, ack: Acknowledged) {
+        if self.sinks > 1 {
+            let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+            let took = partial.entry(ack).or_default();
+            *took += 1;
+            if *took < self.sinks {
+                if partial.len() > PARTIAL_ACKS {
+                    partial.pop_first();
+                }
+                return;
+            }
+            partial.remove(&ack);
+        }
+        // Nobody listens once this instance has left the fleet (at shutdown), and
+        // an acknowledgement is then of no use.
+        let _ = self.fleet.send(ack);
+    }
 }
 
 /// A destination for window counts.
@@ -39,4 +101,56 @@ pub trait CountSink: Send {
 
     /// Shutdown: delivers what is still pending, at most until `deadline`.
     fn flush(&mut self, _deadline: Instant) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(window: u64, revision: u64) -> Acknowledged {
+        Acknowledged {
+            window: WindowStart::from_unix_secs(window * 60),
+            revision,
+        }
+    }
+
+    #[test]
+    fn one_shared_sink_acknowledges_alone() {
+        let (fleet, noted) = flume::unbounded();
+        Acks::new(fleet, 1).acknowledged(ack(1, 1));
+        assert_eq!(noted.drain().collect::<Vec<_>>(), vec![ack(1, 1)]);
+    }
+
+    #[test]
+    fn with_two_shared_sinks_a_record_is_acknowledged_once_both_took_it() {
+        let (fleet, noted) = flume::unbounded();
+        // One clone per sink, as start-up hands them out.
+        let kafka = Acks::new(fleet, 2);
+        let stream = kafka.clone();
+        stream.acknowledged(ack(1, 1));
+        stream.acknowledged(ack(1, 2));
+        assert!(noted.is_empty(), "only one of the two took them");
+        kafka.acknowledged(ack(1, 2));
+        kafka.acknowledged(ack(1, 1));
+        assert_eq!(
+            noted.drain().collect::<Vec<_>>(),
+            vec![ack(1, 2), ack(1, 1)]
+        );
+        assert!(kafka.partial.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_only_one_sink_took_are_forgotten_oldest_first() {
+        let (fleet, noted) = flume::unbounded();
+        let acks = Acks::new(fleet, 2);
+        for window in 0..=PARTIAL_ACKS as u64 {
+            acks.acknowledged(ack(window, 1));
+        }
+        assert_eq!(acks.partial.lock().unwrap().len(), PARTIAL_ACKS);
+        // The oldest was forgotten, so a second acknowledgement does not complete
+        // it; the others still complete.
+        acks.acknowledged(ack(0, 1));
+        acks.acknowledged(ack(1, 1));
+        assert_eq!(noted.drain().collect::<Vec<_>>(), vec![ack(1, 1)]);
+    }
 }

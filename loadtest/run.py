@@ -3,6 +3,7 @@
 
     loadtest/run.py [--rate 20000] [--duration 15] [--connections 64] [--redis]
                     [--compare GIT_REF]
+    loadtest/run.py --fleet [--instances 2] [--window-secs 20] [--duration 15]
 
 Builds release, then for each server (the baseline, verve, and with --redis verve
 in Redis mode) starts it with one worker pinned to --server-cpu and drives it from
@@ -25,9 +26,22 @@ with --redis, Redis mode is compared the same way).
 
 In Redis mode the report also gives the commands redis-server ran (INFO
 commandstats), per 1,000 requests.
+
+--fleet measures the fleet scripts/fleet.sh starts instead (redis-server, tansu,
+--instances verve instances of one worker each, haproxy in front), driving the
+script itself so that what is measured is what people run. Once a window starts
+it sends random ids through the balancer with wrk for --duration seconds (within
+that one window), waits for the fleet to publish the window, and reports
+requests/s, verve's CPU per request over all instances, haproxy's, redis-server's
+CPU per new id (SCARD of the window's set), Redis commands per 1,000 requests, and
+whether the window's count in Redis, in every count log and on the topic equals
+the distinct ids wrk sent. Nothing is pinned: every process shares the machine,
+so on a small VM this is a functional measurement, not a scaling one. It writes
+loadtest/results/fleet.md.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -37,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,6 +302,249 @@ def plot(all_results, args, path):
     fig.savefig(path, dpi=110)
 
 
+# --- --fleet: the fleet of scripts/fleet.sh, through its balancer ---
+
+def read_fleet_env(path):
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def start_fleet(args, run_dir):
+    """Starts scripts/fleet.sh and waits for its fleet.env; returns (process, env)."""
+    cmd = [str(ROOT / "scripts" / "fleet.sh"), str(args.instances), "--port", str(free_port()),
+           "--window-secs", str(args.window_secs), "--run-dir", str(run_dir)]
+    out = open(run_dir / "fleet.out", "w")
+    fleet = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    env_file = run_dir / "fleet.env"
+    # Generous: the script may first build the release binary or install tansu.
+    deadline = time.time() + 900
+    while not env_file.exists():
+        if fleet.poll() is not None or time.time() > deadline:
+            # SIGTERM, not SIGKILL: the script's trap stops what it started.
+            fleet.terminate()
+            fleet.wait(timeout=60)
+            raise SystemExit(f"scripts/fleet.sh did not come up:\n{(run_dir / 'fleet.out').read_text()}")
+        time.sleep(0.2)
+    return fleet, read_fleet_env(env_file)
+
+
+def stop_fleet(fleet, env):
+    """SIGTERM to the script, which stops its parts in order; then checks none is left."""
+    fleet.send_signal(signal.SIGTERM)
+    fleet.wait(timeout=60)
+    pids = [env.get("REDIS_PID"), env.get("TANSU_PID"), env.get("HAPROXY_PID")]
+    pids += env.get("VERVE_PIDS", "").split(",")
+    return [pid for pid in pids if pid and running(pid)]
+
+
+def running(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def log_records(path, window):
+    """The count log's records (text format) of `window`, as dicts of their fields."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        if fields.get("window_start") == window:
+            records.append(fields)
+    return records
+
+
+def topic_records(env, window):
+    """The topic's records of `window` (values as dicts), read with tansu's consumer."""
+    if not env.get("KAFKA_BROKERS"):
+        return None
+    out = sh(["tansu", "cat", "consume", "--broker", f"tcp://{env['KAFKA_BROKERS']}",
+              "--max-wait-time-ms", "500", env["KAFKA_TOPIC"]], capture_output=True).stdout
+    records = []
+    for line in out.splitlines():
+        for record in json.loads(line):  # one JSON array per fetched batch
+            value = record["value"]
+            if isinstance(value, str):
+                value = json.loads(value)
+            # tansu cat prints keys as JSON, and the key (the window start, bare)
+            # is not JSON, so it shows null; the value names the window too.
+            if value.get("window_start") == window:
+                records.append(value)
+    return records
+
+
+def admin_metric(port, series):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(int(float(v)) for v in re.findall(rf"^{re.escape(series)} (\S+)$", text, re.M))
+
+
+def redis_cli(env, *args):
+    return sh(["redis-cli", "-p", env["REDIS_PORT"], *args], capture_output=True).stdout
+
+
+def measure_fleet(args):
+    if args.duration + 2 > args.window_secs:
+        raise SystemExit("--duration must leave at least 2 s of the window (--window-secs) free")
+    run_dir = ROOT / "target" / "fleet" / time.strftime("loadtest-%Y%m%dT%H%M%SZ", time.gmtime())
+    run_dir.mkdir(parents=True)
+    fleet, env = start_fleet(args, run_dir)
+    try:
+        result = drive_fleet(args, env)
+    finally:
+        left = stop_fleet(fleet, env)
+    result["left"] = left
+    result["run_dir"] = run_dir
+    return result
+
+
+def drive_fleet(args, env):
+    w = args.window_secs
+    verve_pids = env["VERVE_PIDS"].split(",")
+    admin_ports = env["VERVE_ADMIN_PORTS"].split(",")
+    # The load starts just after a window begins, so that it lies in that window
+    # alone (an id sent in two windows counts in each) and the fleet, up before the
+    # window, publishes it whole: partial=false, in steady state.
+    start = (time.time() // w + 1) * w
+    time.sleep(start - time.time() + 0.3)
+    window = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+    # Anything else running on the machine shows up in every figure below.
+    load = os.getloadavg()[0]
+    redis_cli(env, "CONFIG", "RESETSTAT")
+    accepted_before = [admin_metric(p, "verve_ids_accepted_total") for p in admin_ports]
+    verve_before = sum(cpu_seconds(pid) for pid in verve_pids)
+    haproxy_before = cpu_seconds(env["HAPROXY_PID"])
+    redis_before = cpu_seconds(env["REDIS_PID"])
+
+    sending = args.duration - 2
+    out = sh(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "-s", str(SCRIPT),
+              env["FLEET_URL"], "--", str(args.ids), "0", "1", "0", str(sending)],
+             capture_output=True).stdout
+    verve_cpu = sum(cpu_seconds(pid) for pid in verve_pids) - verve_before
+    haproxy_cpu = cpu_seconds(env["HAPROXY_PID"]) - haproxy_before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: .*", out)
+    lat = dict(re.findall(r"(p[\d.]+)=(\d+)", out))
+    distinct = int(re.search(r"distinct_ids=(\d+)", out).group(1))
+    accepted = [admin_metric(p, "verve_ids_accepted_total") - b for p, b in zip(admin_ports, accepted_before)]
+
+    # Every instance logs the fleet's record once it is published: at the latest
+    # the fleet wait (5 s) after the window's end.
+    logs = env["VERVE_COUNT_LOGS"].split(",")
+    deadline = start + w + 15
+    while not all(log_records(log, window) for log in logs):
+        if time.time() > deadline:
+            break
+        time.sleep(0.2)
+    published = time.time()
+    redis_cpu = cpu_seconds(env["REDIS_PID"]) - redis_before
+    scard = int(redis_cli(env, "SCARD", f"verve:{{{window}}}"))
+    stats = redis_cli(env, "INFO", "commandstats")
+    commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
+    for own in ("info", "config|resetstat"):
+        commands.pop(own, None)
+    commands["scard"] = commands.get("scard", 1) - 1  # this function's own; settle.lua runs the rest
+    return {
+        "window": window, "requests": requests, "rate": requests / sending, "sending": sending,
+        "p50": int(lat["p50"]), "p99": int(lat["p99"]), "failed": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(0) if errors else None, "distinct": distinct,
+        "accepted": accepted, "verve_cpu": verve_cpu, "haproxy_cpu": haproxy_cpu,
+        "redis_cpu": redis_cpu, "scard": scard, "commands": commands,
+        "logs": [log_records(log, window) for log in logs], "topic": topic_records(env, window),
+        "published_after": published - (start + w), "load": load,
+    }
+
+
+def fleet_report(args, r):
+    """The figures and the exactness verdict, as Markdown; and whether all was exact."""
+    n = args.instances
+    sent = r["distinct"]
+    checks = []
+    # Redis: the window's set.
+    checks.append((f"Redis `SCARD verve:{{{r['window']}}}`: {r['scard']:,}", r["scard"] == sent))
+    # The count logs: every instance logs the fleet's records; the highest revision counts.
+    for i, records in enumerate(r["logs"], 1):
+        if not records:
+            checks.append((f"verve-{i}'s count log: no record of the window", False))
+            continue
+        last = max(records, key=lambda f: int(f["revision"]))
+        fine = (int(last["unique_requests"]) == sent and last["scope"] == "global"
+                and last["complete"] == "true")
+        checks.append((f"verve-{i}'s count log: {int(last['unique_requests']):,} (scope={last['scope']}, "
+                       f"revision={last['revision']}, complete={last['complete']}, partial={last['partial']}, "
+                       f"instances={last['instances']}; {len(records)} record(s))", fine))
+    if r["topic"] is not None:
+        if r["topic"]:
+            last = max(r["topic"], key=lambda v: v["revision"])
+            fine = last["unique_requests"] == sent and last["complete"] is True
+            checks.append((f"topic: {last['unique_requests']:,} (revision {last['revision']}, "
+                           f"complete={str(last['complete']).lower()}; {len(r['topic'])} record(s) of the window)",
+                           fine))
+        else:
+            checks.append(("topic: no record of the window", False))
+    exact = all(fine for _, fine in checks) and r["failed"] == 0
+    total = sum(r["commands"].values())
+    top = ", ".join(f"{c} {k / r['requests'] * 1000:.2f}" for c, k in
+                    sorted(r["commands"].items(), key=lambda kv: -kv[1])[:8])
+    split = ", ".join(f"verve-{i} {a:,}" for i, a in enumerate(r["accepted"], 1))
+    lines = [
+        f"# Fleet load test, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"`loadtest/run.py --fleet --instances {n} --window-secs {args.window_secs} --duration {args.duration}"
+        f" --connections {args.connections}`: scripts/fleet.sh with {n} instances of one worker each "
+        f"(unpinned), redis-server, tansu and haproxy (round robin); wrk -t1 -c{args.connections} through "
+        f"haproxy, random ids from {args.ids:,}, requests sent for {r['sending']} s within the window "
+        f"starting {r['window']}.",
+        "",
+        f"{os.cpu_count()} CPUs ({os.uname().release}), load average {r['load']:.2f} just before the load, "
+        "shared by every process of the fleet and wrk: a "
+        "functional measurement of the fleet's path (balancer, instances, Redis, broker), not a scaling "
+        "one. With more instances than free cores, more instances only divide the same CPU.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| requests/s through haproxy | {r['rate']:,.0f} |",
+        f"| latency p50 / p99 (wrk, through haproxy) | {r['p50']:,} / {r['p99']:,} µs |",
+        f"| requests | {r['requests']:,} (ids accepted: {split}) |",
+        f"| non-2xx answers | {r['failed']} |",
+        f"| verve CPU per request, all instances | {r['verve_cpu'] / r['requests'] * 1e6:.2f} µs |",
+        f"| haproxy CPU per request | {r['haproxy_cpu'] / r['requests'] * 1e6:.2f} µs |",
+        f"| redis-server CPU per new id | {r['redis_cpu'] / max(r['scard'], 1) * 1e6:.2f} µs "
+        f"({r['redis_cpu']:.2f} s for {r['scard']:,} ids) |",
+        f"| Redis commands per 1,000 requests | {total / r['requests'] * 1000:.2f} ({top}) |",
+        f"| the window's record in every count log | {r['published_after']:.1f} s after the window's end "
+        "(polled every 0.2 s) |",
+        "",
+        f"Exactness: wrk sent {sent:,} distinct ids.",
+        "",
+    ]
+    lines += [f"- {text}: {'exact' if fine else 'MISMATCH'}" for text, fine in checks]
+    if r["socket_errors"]:
+        lines.append(f"- wrk: {r['socket_errors']}")
+    lines.append("")
+    lines.append(f"Fleet stopped: {'nothing left running' if not r['left'] else 'STILL RUNNING: ' + ', '.join(r['left'])}"
+                 f"; its logs are in {r['run_dir']}.")
+    return "\n".join(lines) + "\n", exact and not r["left"]
+
+
+def fleet_main(args):
+    if not shutil.which("wrk"):
+        ensure_tools(need_oha=False)
+    if not args.skip_build:
+        sh(["cargo", "build", "--release", "--bin", "verve"], cwd=ROOT)
+    print(f"== fleet of {args.instances} behind haproxy (scripts/fleet.sh)", flush=True)
+    r = measure_fleet(args)
+    report, fine = fleet_report(args, r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet.md").write_text(report)
+    print("\n" + report)
+    print(f"wrote {args.out / 'fleet.md'}")
+    if not fine:
+        sys.exit(1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=int, default=20000)
@@ -299,7 +557,15 @@ def main():
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--compare", metavar="GIT_REF", help="also measure verve as of this git ref")
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
+    p.add_argument("--fleet", action="store_true",
+                   help="measure the fleet of scripts/fleet.sh through its balancer instead")
+    p.add_argument("--instances", type=int, default=2, help="with --fleet: verve instances")
+    p.add_argument("--window-secs", type=int, default=20,
+                   help="with --fleet: the window, which must hold --duration and 2 s more")
     args = p.parse_args()
+    if args.fleet:
+        fleet_main(args)
+        return
 
     ensure_tools(need_oha=not shutil.which("wrk2"))
     earlier = build_at(args.compare) if args.compare else None

@@ -1,8 +1,9 @@
 //! Waits between retries: each twice the last, from a first wait up to a ceiling.
 //!
-//! Shared by the callback dispatcher and the Redis stream sink, which each choose
-//! their own first wait and ceiling (and say why beside them). The sequence never
-//! ends: how many retries there are, or until when, is the caller's to decide.
+//! Shared by the callback dispatcher, the Redis stream sink and the Redis store's
+//! forwarder, which each choose their own first wait and ceiling (and say why
+//! beside them). The sequence never ends: how many retries there are, or until
+//! when, is the caller's to decide.
 
 use std::time::Duration;
 

@@ -23,6 +23,7 @@ use redis::{Client, Connection, RedisError, RedisResult};
 
 use super::fleet::{Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
+use crate::backoff::Backoff;
 use crate::metrics;
 use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
 use crate::sink::Acknowledged;
@@ -30,6 +31,9 @@ use crate::window::{WindowLength, WindowStart};
 
 /// Ids sent in one round trip, at most.
 pub(super) const ROUND_IDS: usize = 64 * 1024;
+/// The first retry after a failed call waits this long, each further one twice as
+/// long, never longer than a heartbeat interval: this instance must not drop out of
+/// the fleet for waiting on itself once Redis is back.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Windows remembered as finished, so that one left to the fleet by another run is
 /// not taken over again after this run saw it done.
@@ -66,7 +70,7 @@ pub(super) struct Forwarder {
     next_heartbeat: Instant,
     /// After a failure nothing is tried before this.
     resume_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     /// Told once the first heartbeat has been tried (start-up waits for it), and
     /// whether the fleet refused this run.
     registered: Option<mpsc::Sender<Result<(), String>>>,
@@ -124,6 +128,15 @@ impl Forwarder {
         reporter: Reporter,
         registered: mpsc::Sender<Result<(), String>>,
     ) -> Self {
+        let fleet = Fleet::new(
+            &settings.prefix,
+            &settings.instance,
+            settings.first_window,
+            settings.window_secs,
+            settings.fleet_wait,
+            settings.shards,
+        );
+        let heartbeat_interval = fleet.heartbeat_interval();
         Forwarder {
             shared,
             client,
@@ -131,14 +144,7 @@ impl Forwarder {
             length: WindowLength::from_secs(settings.window_secs),
             connection: None,
             ever_connected: false,
-            fleet: Fleet::new(
-                &settings.prefix,
-                &settings.instance,
-                settings.first_window,
-                settings.window_secs,
-                settings.fleet_wait,
-                settings.shards,
-            ),
+            fleet,
             url: settings.url,
             reporter,
             acks: settings.acks,
@@ -151,7 +157,7 @@ impl Forwarder {
             round_next: false,
             next_heartbeat: Instant::now(),
             resume_at: None,
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
         }
     }
@@ -692,7 +698,7 @@ impl Forwarder {
     }
 
     fn recovered(&mut self) {
-        self.backoff = FIRST_BACKOFF;
+        self.backoff = Backoff::new(FIRST_BACKOFF, self.fleet.heartbeat_interval());
         self.resume_at = None;
         let since = self
             .shared
@@ -707,10 +713,7 @@ impl Forwarder {
 
     fn failed(&mut self, error: &RedisError) {
         self.connection = None;
-        self.resume_at = Some(Instant::now() + self.backoff);
-        // Never longer than a heartbeat interval: this instance must not drop out
-        // of the fleet for waiting on itself once Redis is back.
-        self.backoff = (self.backoff * 2).min(self.fleet.heartbeat_interval());
+        self.resume_at = Some(Instant::now() + self.backoff.next_wait());
         let telemetry = &self.shared.telemetry;
         telemetry.redis_errors.fetch_add(1, Ordering::Relaxed);
         let since = &telemetry.redis_down_since_ms;

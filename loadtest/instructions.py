@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Instructions per request, verve against the bare baseline, under callgrind.
+
+    loadtest/instructions.py [--requests 100000] [--warmup 20000] [--depths 1,16]
+                             [--servers baseline,verve] [--compare BINARY] [--top 15]
+                             [--skip-build]
+                             [--out loadtest/results/instructions]
+
+Wall-clock CPU on a shared VM swings by more than the differences worth chasing;
+an instruction count does not. For each server and pipelining depth, this starts
+the server (one worker) under `valgrind --tool=callgrind`, sends a warm-up stream
+with examples/request_stream.rs (one connection, `depth` requests per write),
+zeroes callgrind's counters, sends the measured stream (other ids, same shape),
+dumps the counters, and divides the instructions the server executed (every
+thread: workers, aggregator, timers) by the requests. Start-up and shutdown are
+outside the dump; what is inside is the work the stream caused, plus the periodic
+flush and sweep ticks that fell within it (a little, and it depends on how long
+the run took, so counts repeat to within a fraction of a percent, not exactly).
+
+--compare BINARY also measures another verve build (e.g. target/compare/verve-<sha>,
+which `loadtest/run.py --compare` leaves behind) as `before`, for verve / before.
+
+Prints a table (instructions per request, verve / baseline) and, for each run,
+where the instructions went: summed by source file (a crate, a std module, or one
+of verve's files) and by function (callgrind_annotate, own cost); the dumps stay
+in --out for a closer look (`callgrind_annotate --inclusive=yes FILE`).
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, limit=60):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}) before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port} after {limit} s")
+
+
+def stream(port, requests, depth, first):
+    subprocess.run([str(RELEASE / "examples" / "request_stream"), f"127.0.0.1:{port}",
+                    str(requests), str(depth), str(first)], check=True)
+
+
+def callgrind_control(option, pid):
+    subprocess.run(["callgrind_control", option, str(pid)], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def total_instructions(dump):
+    """The `totals:` (or `summary:`) line of a callgrind dump: instructions executed."""
+    for line in Path(dump).read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {dump}")
+
+
+def measure(server, depth, args, out):
+    """Runs one server under callgrind; returns instructions per request and the dump."""
+    port = free_port()
+    binary = {"baseline": RELEASE / "examples" / "baseline", "verve": RELEASE / "verve",
+              "before": args.compare}[server]
+    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
+               VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", RUST_LOG="warn",
+               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"))
+    pattern = out / f"{server}-d{depth}.%p"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
+                             str(binary)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        stream(port, args.warmup, depth, 0)
+        callgrind_control("--zero", proc.pid)
+        stream(port, args.requests, depth, args.warmup)
+        callgrind_control("--dump", proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    dump = out / f"{server}-d{depth}.{proc.pid}.1"
+    return total_instructions(dump) / args.requests, dump
+
+
+def own_costs(dump):
+    """Each function's own instructions, as `(instructions, "file:function")`, largest
+    first, read from the callgrind dump itself.
+
+    With fat LTO most of verve is inlined into a few symbols; the file is that of
+    the source line the instructions came from (callgrind's `fi=`/`fe=` for inlined
+    code), which still says which part of the code they belong to. The cost line
+    after a `calls=` line is a call's inclusive cost and is not counted."""
+    names = {"fl": {}, "fn": {}}
+    kinds = {"fl": "fl", "fi": "fl", "fe": "fl", "cfl": "fl", "cfi": "fl", "fn": "fn", "cfn": "fn"}
+
+    def name(kind, value):
+        table = names[kinds[kind]]
+        match = re.match(r"\((\d+)\)(?: (.*))?", value)
+        if not match:
+            return value
+        if match.group(2) is not None:
+            table[match.group(1)] = match.group(2)
+        return table.get(match.group(1), value)
+
+    costs, file, inlined, function, skip_next = {}, "", None, "", False
+    for line in Path(dump).read_text().splitlines():
+        spec = re.match(r"(fl|fi|fe|fn|cfl|cfi|cfn|calls)=(.*)", line)
+        if spec:
+            kind, value = spec.groups()
+            if kind == "calls":
+                skip_next = True
+            elif kind == "fl":
+                file, inlined = name(kind, value), None
+            elif kind in ("fi", "fe"):
+                inlined = name(kind, value)
+            elif kind == "fn":
+                function, inlined = name(kind, value), None
+            else:
+                name(kind, value)
+            continue
+        cost = re.match(r"[+-]?\d+|\*", line)
+        if not cost:
+            continue
+        if skip_next:
+            skip_next = False
+            continue
+        fields = line.split()
+        if len(fields) >= 2:
+            key = f"{inlined or file}:{function}"
+            costs[key] = costs.get(key, 0) + int(fields[1])
+    return sorted(((cost, key) for key, cost in costs.items()), reverse=True)
+
+
+def source_of(name):
+    """Which part of the code a `file:function` row's instructions came from: a
+    crate, a module of the standard library, libc, or one of the server's files."""
+    path = name.split(":", 1)[0]
+    crate = re.search(r"index\.crates\.io-[^/]+/([^/]+)/", path)
+    if crate:
+        return crate.group(1)
+    if "/rustc/" in path:
+        return "std " + path.split("/library/", 1)[-1]
+    if path.startswith("./") or "sysdeps" in path:
+        return "libc"
+    return path
+
+
+def by_source(rows):
+    """Own instructions summed by source, largest first."""
+    sources = {}
+    for instructions, name in rows:
+        source = source_of(name)
+        sources[source] = sources.get(source, 0) + instructions
+    return sorted(sources.items(), key=lambda item: -item[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--warmup", type=int, default=20_000)
+    parser.add_argument("--depths", default="1,16")
+    parser.add_argument("--servers", default="baseline,verve")
+    parser.add_argument("--compare", type=Path, metavar="BINARY")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" / "instructions")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_build:
+        subprocess.run(["cargo", "build", "--release", "--bin", "verve", "--example", "baseline",
+                        "--example", "request_stream"], cwd=ROOT, check=True)
+
+    depths = [int(d) for d in args.depths.split(",")]
+    servers = args.servers.split(",") + (["before"] if args.compare else [])
+    results = {}
+    for depth in depths:
+        for server in servers:
+            per_request, dump = measure(server, depth, args, args.out)
+            results[(server, depth)] = (per_request, dump)
+            print(f"{server:>8}  depth {depth:>2}: {per_request:,.0f} instructions per request",
+                  flush=True)
+
+    print(f"\n{args.requests:,} requests after {args.warmup:,} of warm-up, one connection, "
+          "one worker, under callgrind\n")
+    compared = "before" in servers
+    print("| depth | " + " | ".join(servers) + " | verve / baseline |"
+          + (" verve / before |" if compared else ""))
+    print("|---|" + "---|" * (len(servers) + 1 + compared))
+    for depth in depths:
+        cells = [f"{results[(s, depth)][0]:,.0f}" for s in servers]
+        ratio = ""
+        if ("baseline", depth) in results and ("verve", depth) in results:
+            ratio = f"{results[('verve', depth)][0] / results[('baseline', depth)][0]:.2f}"
+        if compared:
+            ratio += f" | {results[('verve', depth)][0] / results[('before', depth)][0]:.3f}"
+        print(f"| {depth} | " + " | ".join(cells) + f" | {ratio} |")
+    for (server, depth), (_, dump) in results.items():
+        rows = own_costs(dump)
+        print(f"\n{server}, depth {depth}: instructions per request by source (own cost)")
+        for label, instructions in by_source(rows)[:args.top]:
+            print(f"  {instructions / args.requests:>9,.0f}  {label}")
+        print(f"{server}, depth {depth}: by function")
+        for instructions, name in rows[:args.top]:
+            print(f"  {instructions / args.requests:>9,.0f}  {name[:120]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

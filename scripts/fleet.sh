@@ -64,22 +64,10 @@ for value in "$instances" "$window_secs" "$balancer_port" "$workers"; do
 done
 
 # --- what the fleet needs, installed when missing (as scripts/test.sh does) ---
-need_apt=()
-command -v redis-server >/dev/null || need_apt+=(redis-server)
-command -v haproxy >/dev/null || need_apt+=(haproxy)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing ${need_apt[*]}"
-  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
-  # The packages start system-wide services on the default ports; the fleet runs its own.
-  if command -v systemctl >/dev/null; then $sudo systemctl stop redis-server haproxy 2>/dev/null || true; fi
-fi
-if [ "$kafka" -eq 1 ] && ! command -v tansu >/dev/null; then
-  echo "installing tansu 0.6.0 (a Kafka-protocol broker; about 8 minutes on 2 cores, once)"
-  cargo install tansu --version 0.6.0 --locked --features dynostore
-fi
+# shellcheck source=scripts/lib/install.sh
+. scripts/lib/install.sh
+install_packages redis-server=redis-server haproxy=haproxy curl=curl
+if [ "$kafka" -eq 1 ]; then install_tansu; fi
 binary=$PWD/target/release/verve
 if [ ! -x "$binary" ]; then
   cargo build --release --bin verve

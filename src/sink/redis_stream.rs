@@ -32,6 +32,10 @@ use crate::report::CountRecord;
 /// windows this is 17 hours of Redis being away, in about 100 KiB.
 const QUEUE_RECORDS: usize = 1024;
 
+/// How long after the shutdown deadline the sink waits for its thread to have
+/// ended, which it does at the deadline.
+const ENDING_GRACE: Duration = Duration::from_millis(500);
+
 /// The first retry of a record waits this long, each further one twice as long.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -128,8 +132,11 @@ impl CountSink for RedisStreamSink {
     fn flush(&mut self, deadline: Instant) {
         let _ = self.finish.try_send(deadline);
         self.records = None;
-        // Disconnected once the thread ended; a timeout if an XADD overruns.
-        let _ = self.ended.recv_deadline(deadline);
+        // The thread ends by the deadline on its own (no attempt outlasts it) and
+        // then says what it gave up; waiting only until the deadline would race it,
+        // and the process could exit before that line is written. The grace bounds
+        // an attempt that overruns its timeout.
+        let _ = self.ended.recv_deadline(deadline + ENDING_GRACE);
         let left: Vec<CountRecord> = self.queue.drain().collect();
         if let (Some(first), Some(last)) = (left.first(), left.last()) {
             let failed = self

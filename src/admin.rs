@@ -8,13 +8,13 @@
 //! request or to read the answer is cut off after [`CLIENT_DEADLINE`], so nobody
 //! holds the listener for long.
 //!
-//! Dropping it shuts the listening socket down, which wakes the blocked `accept`.
+//! Dropping it shuts the listening socket down, which wakes the blocked `accept`;
+//! the thread is not waited for (it ends after the client it serves, if any).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
@@ -39,7 +39,6 @@ pub struct AdminListener {
     /// The listening socket, kept to shut it down.
     socket: Socket,
     stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl AdminListener {
@@ -50,7 +49,9 @@ impl AdminListener {
         let addr = listener.local_addr().map_err(StartError::Thread)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
-        let thread = std::thread::Builder::new()
+        // Not joined: a client being served when the service stops must not hold
+        // up its shutdown; the thread ends after that client, within its deadlines.
+        std::thread::Builder::new()
             .name("verve-admin".into())
             .spawn(move || serve(&listener, &telemetry, &stop))
             .map_err(StartError::Thread)?;
@@ -58,7 +59,6 @@ impl AdminListener {
             addr,
             socket,
             stopping,
-            thread: Some(thread),
         })
     }
 
@@ -68,18 +68,13 @@ impl AdminListener {
     }
 }
 
-/// Dropping the listener stops it, and waits for the thread (at most one client's
-/// deadline), also when start-up fails after it.
+/// Dropping the listener stops it (also when start-up fails after it): no new
+/// client is accepted, and the thread ends once the one it serves, if any, is done.
 impl Drop for AdminListener {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
         // On Linux, shutting a listening socket down makes a blocked accept fail.
         let _ = self.socket.shutdown(Shutdown::Read);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the operations listener panicked");
-            }
-        }
     }
 }
 
@@ -154,8 +149,21 @@ fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> io::Result<()> {
         }
         Err(status) => response::write(&mut out, status, Persistence::Close, false),
     }
-    stream.set_write_timeout(Some(CLIENT_DEADLINE))?;
-    stream.write_all(&out)?;
+    // One deadline for the whole answer: a per-call timeout would let a client
+    // that reads a little at a time hold the listener for as long as it likes.
+    let write_deadline = Instant::now() + CLIENT_DEADLINE;
+    let mut unsent = &out[..];
+    while !unsent.is_empty() {
+        let left = write_deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(unsent)? {
+            0 => return Ok(()),
+            n => unsent = &unsent[n..],
+        }
+    }
     // The client may have sent more (pipelined requests) that is never read; a
     // plain close would then reset the connection and could destroy the answer.
     stream.shutdown(Shutdown::Write)?;

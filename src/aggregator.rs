@@ -21,9 +21,10 @@
 //! immediate timing, are called as batches arrive, with the count so far.
 //!
 //! Invariants: every window from the one the service started in to the one it
-//! stops in is closed exactly once, except a run of more than ten windows without
-//! ids closing at once (the clock jumped forward), which is skipped with one line; the first is partial unless the service started
-//! on its boundary, the last is partial if the service stopped within it.
+//! stops in is closed exactly once, except a run of windows without ids closing at
+//! once that spans more than an hour and ten windows (the clock jumped forward),
+//! which is skipped with one line; the first is partial unless the service
+//! started on its boundary, the last is partial if the service stopped within it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -45,10 +46,15 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A window still open this long after its end is held up by a worker: say so.
 const HELD_UP_AFTER: Duration = Duration::from_secs(5);
 
-/// More windows than this without an id, closing at once, mean the clock jumped
-/// forward (or the process was frozen for that long): they are skipped with one
-/// line, instead of one record each (a jump of days would otherwise report
-/// hundreds of thousands of zeros).
+/// A run of windows without an id closing at once that spans more than this (and
+/// more than [`MAX_EMPTY_WINDOWS_AT_ONCE`] windows) means the clock jumped forward,
+/// or the process was frozen that long: the run is skipped with one line instead
+/// of one record each (a jump of days would otherwise report hundreds of thousands
+/// of zeros). Shorter stalls, a held-up worker among them, are reported window by
+/// window, so that in Redis mode this instance marks each of them done.
+const SKIPPED_AFTER: Duration = Duration::from_secs(3600);
+
+/// However long the windows, a run of this many or fewer is reported one by one.
 const MAX_EMPTY_WINDOWS_AT_ONCE: u64 = 10;
 
 /// What the aggregator holds for a window until it closes.
@@ -236,12 +242,14 @@ impl Aggregator {
     }
 
     /// Skips the windows without ids from the next to close onwards, if more than
-    /// [`MAX_EMPTY_WINDOWS_AT_ONCE`] of them are about to close before `until`.
+    /// [`MAX_EMPTY_WINDOWS_AT_ONCE`] of them, spanning more than [`SKIPPED_AFTER`],
+    /// are about to close before `until`.
     fn skip_a_gap_before(&mut self, until: WindowStart) {
         let first_with_ids = self.open.keys().next().copied();
         let gap_end = first_with_ids.map_or(until, |first| first.min(until));
         let skipped = self.length.windows_between(self.next_close, gap_end);
-        if skipped <= MAX_EMPTY_WINDOWS_AT_ONCE {
+        let span = Duration::from_secs(skipped.saturating_mul(self.length.as_secs()));
+        if skipped <= MAX_EMPTY_WINDOWS_AT_ONCE || span <= SKIPPED_AFTER {
             return;
         }
         tracing::warn!(
@@ -502,12 +510,13 @@ mod tests {
         pass(&mut agg, 86_520);
         assert_eq!(recorded.counts(), vec![(60, 1, true), (86_460, 2, false)]);
         assert_eq!(agg.telemetry.windows_skipped.load(Ordering::Relaxed), 1_439);
-        // Up to ten empty windows at once are still reported one by one.
-        pass(&mut agg, 86_520 + 600);
-        assert_eq!(recorded.counts().len(), 2 + 10);
+        // An hour of empty windows at once (a stall, not a jump) is still reported
+        // one by one.
+        pass(&mut agg, 86_520 + 3_600);
+        assert_eq!(recorded.counts().len(), 2 + 60);
         // A jump at shutdown is skipped the same way.
         let recorded_before = recorded.counts().len();
-        agg.finish(at_ms((86_520 + 600 + 3_600) * 1000 + 500));
+        agg.finish(at_ms((86_520 + 3_600 + 7_200) * 1000 + 500));
         assert_eq!(
             recorded.counts().len(),
             recorded_before + 1,
@@ -515,7 +524,7 @@ mod tests {
         );
         assert_eq!(
             recorded.counts().last(),
-            Some(&(86_520 + 600 + 3_600, 0, true))
+            Some(&(86_520 + 3_600 + 7_200, 0, true))
         );
     }
 

@@ -110,6 +110,17 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
              be counted twice; set it to 16"
         )
     );
+    // Nor is it registered: the fleet does not wait for it.
+    let live: Vec<String> = redis::cmd("ZRANGE")
+        .arg("verve:instances")
+        .arg(0)
+        .arg(-1)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(live.len(), 2, "{live:?}");
+    assert!(live
+        .iter()
+        .all(|run| run.starts_with("a/") || run.starts_with("b/")));
 }
 
 #[test]

@@ -6,8 +6,10 @@
 //! link-local, documentation, multicast, NAT64, 6to4 and the rest of IANA's
 //! registries: [`SPECIAL`]) and the names that are local by definition
 //! (`VERVE_CALLBACK_DENY_PRIVATE`). Both rules apply together. What can be decided
-//! from the URL alone (an address literal, `localhost`) is decided when the request
-//! arrives, and the client gets `400 failed`; what depends on DNS is decided on the
+//! from the URL alone (an address literal in the standard dotted or IPv6 form,
+//! `localhost`) is decided when the request arrives, and the client gets `400
+//! failed`; other hosts, legacy forms such as `2130706433` or `0177.0.0.1` among
+//! them (the resolver reads them as addresses), are decided on the
 //! addresses the name resolves to, inside the HTTP client's resolver right before
 //! the call, so a name cannot smuggle a call to a refused address, and a worker
 //! never waits for DNS. Every refusal names the knob that would allow it.

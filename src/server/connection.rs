@@ -49,6 +49,8 @@ impl Connection {
     pub(crate) async fn run(mut self, worker: Rc<Worker>) -> io::Result<()> {
         let request_bytes = worker.limits().request_bytes();
         let mut next = Next::Read;
+        // Whether anything was answered since the last read (over paused turns).
+        let mut answered = false;
         loop {
             if next == Next::Read {
                 if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4
@@ -73,13 +75,14 @@ impl Connection {
                     // End of stream; a request cut short by it is simply not answered.
                     return Ok(());
                 }
+                answered = false;
             }
 
             let waited_for = self.registration.waiting_for();
             let window = worker.window_of(SystemTime::now());
             next = self.exchange.answer(&worker, window);
-            let answered = !self.exchange.write_buf.is_empty();
-            if answered {
+            if !self.exchange.write_buf.is_empty() {
+                answered = true;
                 self.registration.wait_for(Wait::Write);
                 self.send().await?;
             }

@@ -413,6 +413,9 @@ impl Fleet {
                  be counted twice; set it to {shards}",
                 self.shards, self.prefix
             );
+            if self.refusal.is_none() {
+                tracing::error!("{refusal}; this instance delivers nothing until it is fixed");
+            }
             self.refusal = Some(refusal.clone());
             return Err((redis::ErrorKind::Client, "refused", refusal).into());
         }

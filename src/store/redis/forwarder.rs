@@ -74,6 +74,8 @@ pub(super) struct Forwarder {
     /// Told once the first heartbeat has been tried (start-up waits for it), and
     /// whether the fleet refused this run.
     registered: Option<mpsc::Sender<Result<(), String>>>,
+    /// Start-up heard that the fleet refused this run: the thread ends.
+    refused_at_start: bool,
 }
 
 /// What a run delivered to a window: ids, in rounds numbered from 1, and which
@@ -159,6 +161,7 @@ impl Forwarder {
             resume_at: None,
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
+            refused_at_start: false,
         }
     }
 
@@ -240,6 +243,13 @@ impl Forwarder {
     /// answer lost) or executed late is counted once (a count too high could hide
     /// a later loss).
     fn send_ids(&mut self, mut batches: Vec<(WindowStart, Vec<i64>, u64)>) {
+        if self.fleet.refusal.is_some() {
+            // Split the fleet's way or not at all: the ids wait (and the buffer
+            // fills, then 503) until the configuration is fixed.
+            self.retry = Some(Round::Ids(batches));
+            self.resume_at = Some(Instant::now() + self.fleet.heartbeat_interval());
+            return;
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         let mut new_shards = Vec::with_capacity(batches.len());
@@ -525,9 +535,8 @@ impl Forwarder {
     /// Returns false if the fleet refused this run at start-up: the thread ends,
     /// and so does start-up, with the reason.
     fn heartbeat(&mut self) -> bool {
-        let first = self.registered.is_some();
         let Some(orphans) = self.beat() else {
-            return !(first && self.fleet.refusal.is_some());
+            return !self.refused_at_start;
         };
         for window in orphans {
             let ours = self.tracked.contains_key(&window)
@@ -545,10 +554,13 @@ impl Forwarder {
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
         let orphans = self.call(|connection, fleet| fleet.heartbeat(connection));
         if let Some(registered) = self.registered.take() {
-            let _ = registered.send(match &self.fleet.refusal {
+            let outcome = match &self.fleet.refusal {
                 Some(refusal) => Err(refusal.clone()),
                 None => Ok(()),
-            });
+            };
+            // Start-up fails only if it is still waiting to hear it; otherwise the
+            // instance runs on, refused, and delivers nothing.
+            self.refused_at_start = outcome.is_err() && registered.send(outcome).is_ok();
         }
         if orphans.is_some() {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();

@@ -12,9 +12,16 @@
 -- ARGV[4] an epoch, if there is none yet; ARGV[5] how long to remember a run that left (ms)
 -- ARGV[6] this run's number of shards, if the fleet has none yet
 --
--- Returns {epoch, live runs, windows left to the fleet, the fleet's number of shards}.
+-- Returns {epoch, live runs, windows left to the fleet, the fleet's number of shards};
+-- a run whose number of shards is not the fleet's is not registered (it must not
+-- be waited for), and gets only the fleet's number back.
 
 redis.replicate_commands()
+redis.call('SET', KEYS[6], ARGV[6], 'NX')
+local shards = redis.call('GET', KEYS[6])
+if shards ~= ARGV[6] then
+  return {'', {}, {}, shards}
+end
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
@@ -30,10 +37,9 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SET', KEYS[4], ARGV[4], 'NX')
-redis.call('SET', KEYS[6], ARGV[6], 'NX')
 return {
   redis.call('GET', KEYS[4]),
   redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
   redis.call('SMEMBERS', KEYS[5]),
-  redis.call('GET', KEYS[6]),
+  shards,
 }

@@ -155,7 +155,12 @@ if record[3] == 1 or (mark == '' and record[1] > 0) then
   -- Finished, or settled by whoever took it over: no longer left to the fleet.
   redis.call('SREM', KEYS[9], ARGV[5])
 end
+-- Every settle renews the window's keys, its other shards included: a key that
+-- Redis lost and a later round wrote again has its time to live back.
 for i = 1, 4 do
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+for i = 10, #KEYS do
   redis.call('EXPIRE', KEYS[i], ttl)
 end
 

@@ -23,33 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from procs import cpu_seconds, free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    """User and system time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_port(port):
-    import socket
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def run_fleet(args, procs):
@@ -58,7 +35,7 @@ def run_fleet(args, procs):
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "",
                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
     procs.append(redis)
-    wait_for_port(redis_port)
+    wait_for_port(redis_port, "redis-server", limit=15)
     work = Path(tempfile.mkdtemp(prefix="verve-fleet-cost-"))
     instances = []
     for i in range(args.instances):
@@ -71,7 +48,7 @@ def run_fleet(args, procs):
         proc = subprocess.Popen([str(args.binary)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(work / f"i{i}.err", "w"))
         procs.append(proc)
-        wait_for_port(port)
+        wait_for_port(port, f"verve i{i}", limit=15)
         instances.append((proc, port))
     subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "RESETSTAT"], check=True,
                    stdout=subprocess.DEVNULL)

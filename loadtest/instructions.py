@@ -30,33 +30,14 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from procs import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, proc, limit=60):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}) before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port} after {limit} s")
 
 
 def stream(port, requests, depth, first):
@@ -90,7 +71,7 @@ def measure(server, depth, args, out):
                              str(binary)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, server, limit=60, proc=proc)
         stream(port, args.warmup, depth, 0)
         callgrind_control("--zero", proc.pid)
         stream(port, args.requests, depth, args.warmup)

@@ -46,7 +46,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from procs import cpu_seconds, free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def sh(cmd, **kw):
@@ -77,34 +77,11 @@ def ensure_tools(need_oha):
         sh([sys.executable, "-m", "pip", "install", "-q", "matplotlib"])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
-
-
 def peak_rss_mib(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def wait_for_port(port, name):
-    deadline = time.time() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit(f"{name} did not start listening on {port}")
-            time.sleep(0.05)
 
 
 class Server:
@@ -257,7 +234,6 @@ def measure(name, binary, env, args, redis=False):
 
 
 def table(all_results, args):
-    base = all_results["baseline"]
     rows = [
         ("fixed", "rate", "req/s", "{:,.0f}"), ("fixed", "p50", "p50 µs", "{:,.0f}"),
         ("fixed", "p99", "p99 µs", "{:,.0f}"), ("fixed", "p99.9", "p99.9 µs", "{:,.0f}"),

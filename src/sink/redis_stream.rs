@@ -110,11 +110,7 @@ impl CountSink for RedisStreamSink {
             return;
         };
         if records.try_send(*record).is_err() {
-            let failed = self
-                .telemetry
-                .redis_stream_failed
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
+            let failed = count_failed(&self.telemetry, 1);
             tracing::warn!(
                 window_start = %record.window_start,
                 revision = record.revision,
@@ -132,18 +128,16 @@ impl CountSink for RedisStreamSink {
     fn flush(&mut self, deadline: Instant) {
         let _ = self.finish.try_send(deadline);
         self.records = None;
-        // The thread ends by the deadline on its own (no attempt outlasts it) and
-        // then says what it gave up; waiting only until the deadline would race it,
-        // and the process could exit before that line is written. The grace bounds
-        // an attempt that overruns its timeout.
+        // The thread ends at the deadline on its own (attempts it starts once the
+        // deadline is known are bounded by it) and then says what it gave up;
+        // waiting only until the deadline would race it, and the process could exit
+        // before that line is written. The grace is for that line; an attempt
+        // already under way with the ordinary timeout when shutdown began can
+        // outlast it.
         let _ = self.ended.recv_deadline(deadline + ENDING_GRACE);
         let left: Vec<CountRecord> = self.queue.drain().collect();
         if let (Some(first), Some(last)) = (left.first(), left.last()) {
-            let failed = self
-                .telemetry
-                .redis_stream_failed
-                .fetch_add(left.len() as u64, Ordering::Relaxed)
-                + left.len() as u64;
+            let failed = count_failed(&self.telemetry, left.len() as u64);
             tracing::error!(
                 records = left.len(),
                 first_window = %first.window_start,
@@ -268,11 +262,7 @@ impl Appender {
     }
 
     fn give_up(&self, record: &CountRecord, attempts: u32) {
-        let failed = self
-            .telemetry
-            .redis_stream_failed
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+        let failed = count_failed(&self.telemetry, 1);
         tracing::error!(
             window_start = %record.window_start,
             revision = record.revision,
@@ -281,6 +271,14 @@ impl Appender {
             "Redis stream append given up at the shutdown deadline; this window's count is in the count log only"
         );
     }
+}
+
+/// Counts `records` as given up; returns the total so far, for the log line.
+fn count_failed(telemetry: &Telemetry, records: u64) -> u64 {
+    telemetry
+        .redis_stream_failed
+        .fetch_add(records, Ordering::Relaxed)
+        + records
 }
 
 /// The XADD that appends `record`, with the stream trimmed to about `maxlen`.

@@ -83,6 +83,22 @@ fn logged_json(verve: &Verve, window: WindowStart) -> serde_json::Map<String, se
     .clone()
 }
 
+/// verve with the stream sink (and `env`), whose Redis is down: it was started for a
+/// free port and stopped, so `restart` brings it back on the same one.
+fn with_the_stream_away(env: &[(&str, &str)]) -> (RedisServer, Verve) {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let mut all = vec![
+        ("VERVE_SINKS", "log,redis-stream"),
+        ("VERVE_REDIS_STREAM_URL", url.as_str()),
+        ("VERVE_REDIS_TIMEOUT_MS", "200"),
+    ];
+    all.extend_from_slice(env);
+    let verve = Verve::start(&all);
+    (redis, verve)
+}
+
 #[test]
 fn each_window_is_one_entry_with_every_field_of_the_count_log_record() {
     let redis = RedisServer::start();
@@ -197,14 +213,7 @@ fn with_redis_the_fleet_appends_each_record_once() {
 
 #[test]
 fn records_published_while_redis_is_away_are_appended_once_it_is_back() {
-    let mut redis = RedisServer::start();
-    let url = redis.url();
-    redis.kill();
-    let mut verve = Verve::start(&[
-        ("VERVE_SINKS", "log,redis-stream"),
-        ("VERVE_REDIS_STREAM_URL", &url),
-        ("VERVE_REDIS_TIMEOUT_MS", "200"),
-    ]);
+    let (mut redis, mut verve) = with_the_stream_away(&[]);
     let (window, ()) = within_one_window(|| accept_all(&mut Client::connect(verve.addr), 1..=30));
     assert_eq!(verve.wait_for_window(window).unique_requests, 30);
     verve.wait_for_stderr("Redis stream append failed", LIMIT);
@@ -236,13 +245,7 @@ fn records_published_while_redis_is_away_are_appended_once_it_is_back() {
 
 #[test]
 fn shutdown_gives_up_on_a_redis_that_stays_away_by_its_deadline() {
-    let mut redis = RedisServer::start();
-    let url = redis.url();
-    redis.kill();
-    let mut verve = Verve::start(&[
-        ("VERVE_SINKS", "log,redis-stream"),
-        ("VERVE_REDIS_STREAM_URL", &url),
-        ("VERVE_REDIS_TIMEOUT_MS", "200"),
+    let (_redis, mut verve) = with_the_stream_away(&[
         ("VERVE_SHUTDOWN_DRAIN_MS", "200"),
         ("VERVE_WINDOW_SECS", "3600"),
     ]);

@@ -3,13 +3,14 @@
 
 mod common;
 
-use std::thread;
 use std::time::Duration;
 
 use common::kafka::{all_records, Record};
 use common::redis_server::RedisServer;
 use common::tansu::Tansu;
-use common::{accept_all, fleet_member, window_length, within_one_window, Client, Verve};
+use common::{
+    accept_all, two_members_with_overlapping_ids, window_length, within_one_window, Client, Verve,
+};
 use verve::window::WindowStart;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -76,16 +77,7 @@ fn with_redis_the_fleet_publishes_one_record_per_window() {
         ("VERVE_KAFKA_BROKERS", brokers.as_str()),
         ("VERVE_KAFKA_TOPIC", "counts-fleet"),
     ];
-    let a = fleet_member(&redis.url(), "a", &kafka);
-    let b = fleet_member(&redis.url(), "b", &kafka);
-    let (window, ()) = within_one_window(|| {
-        thread::scope(|s| {
-            s.spawn(|| accept_all(&mut Client::connect(a.addr), 0..200));
-            s.spawn(|| accept_all(&mut Client::connect(b.addr), 100..300));
-        });
-    });
-    let (line_a, line_b) = (a.wait_for_window(window), b.wait_for_window(window));
-    assert_eq!((line_a.unique_requests, line_b.unique_requests), (300, 300));
+    let (_a, _b, window) = two_members_with_overlapping_ids(&redis.url(), &kafka);
 
     let records = records_of(&brokers, "counts-fleet", window);
     assert_eq!(records.len(), 1, "{records:?}");

@@ -5,13 +5,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
 use common::{
-    accept_all, eventually, fleet_member, metric, wait_with_deadline, window_length,
-    within_one_window, Client, Verve,
+    accept_all, eventually, metric, two_members_with_overlapping_ids, wait_with_deadline,
+    window_length, within_one_window, Client, Verve,
 };
 use verve::window::WindowStart;
 
@@ -158,16 +157,7 @@ fn with_redis_the_fleet_appends_each_record_once() {
     let redis = RedisServer::start();
     // No stream URL: the stream lives in the store's Redis.
     let sinks = [("VERVE_SINKS", "log,redis-stream")];
-    let a = fleet_member(&redis.url(), "a", &sinks);
-    let b = fleet_member(&redis.url(), "b", &sinks);
-    let (window, ()) = within_one_window(|| {
-        thread::scope(|s| {
-            s.spawn(|| accept_all(&mut Client::connect(a.addr), 0..200));
-            s.spawn(|| accept_all(&mut Client::connect(b.addr), 100..300));
-        });
-    });
-    let (line_a, line_b) = (a.wait_for_window(window), b.wait_for_window(window));
-    assert_eq!((line_a.unique_requests, line_b.unique_requests), (300, 300));
+    let (a, b, window) = two_members_with_overlapping_ids(&redis.url(), &sinks);
 
     let entries = entries_of(&redis, window);
     assert_eq!(entries.len(), 1, "{entries:?}");

@@ -243,6 +243,26 @@ pub fn fleet_member(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verv
     Verve::start(&env)
 }
 
+/// Two fleet members `a` and `b` sharing `redis_url` (with `extra`), sent ids 0..200
+/// and 100..300 at once within one window; returns them and the window, once
+/// both logged its count: 300.
+pub fn two_members_with_overlapping_ids(
+    redis_url: &str,
+    extra: &[(&str, &str)],
+) -> (Verve, Verve, WindowStart) {
+    let a = fleet_member(redis_url, "a", extra);
+    let b = fleet_member(redis_url, "b", extra);
+    let (window, ()) = within_one_window(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| accept_all(&mut Client::connect(a.addr), 0..200));
+            s.spawn(|| accept_all(&mut Client::connect(b.addr), 100..300));
+        });
+    });
+    let (line_a, line_b) = (a.wait_for_window(window), b.wait_for_window(window));
+    assert_eq!((line_a.unique_requests, line_b.unique_requests), (300, 300));
+    (a, b, window)
+}
+
 /// A `verve` command with the test defaults and `env` on top.
 pub fn command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verve"));

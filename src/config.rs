@@ -15,6 +15,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::callback::CallbackPolicy;
+use crate::redis_link::RedisMode;
 use crate::server::registry::Timeouts;
 use crate::server::request::{Limits, MAX_HEADERS_CEILING};
 use crate::server::ClientLimits;
@@ -131,9 +132,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub write_timeout_ms: u64,
 
-    /// Redis URL (redis://host:port/db) of the store shared by several instances; unset keeps dedup local.
+    /// Redis URL (redis://host:port/db) of the store shared by several instances, or in cluster mode seed nodes, comma-separated; unset keeps dedup local.
     #[arg(long, env = "VERVE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// single (one Redis server) or cluster (a Redis Cluster; VERVE_REDIS_URL lists seed nodes); also how the Redis stream is reached.
+    #[arg(long, env = "VERVE_REDIS_MODE", value_enum, default_value_t = RedisMode::Single)]
+    pub redis_mode: RedisMode,
 
     /// Prefix of every Redis key, so that deployments can share one Redis.
     #[arg(long, env = "VERVE_REDIS_PREFIX", default_value = "verve")]
@@ -154,10 +159,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub fleet_wait_ms: u64,
 
-    /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number.
-    #[arg(long, env = "VERVE_REDIS_SHARDS", default_value_t = 1,
+    /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number [default: 1 in single mode, 16 in cluster mode].
+    #[arg(long, env = "VERVE_REDIS_SHARDS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub redis_shards: u16,
+    pub redis_shards: Option<u16>,
 
     /// This instance's name in the fleet, unique among the instances sharing Redis [default: host name and process id].
     #[arg(long, env = "VERVE_INSTANCE")]
@@ -432,6 +437,16 @@ impl Config {
         Duration::from_millis(self.fleet_wait_ms)
     }
 
+    /// `VERVE_REDIS_SHARDS`, or its default: a single server gains nothing from
+    /// splitting a window, a cluster spreads 16 shards over its masters.
+    pub fn redis_shards(&self) -> usize {
+        let default = match self.redis_mode {
+            RedisMode::Single => 1,
+            RedisMode::Cluster => 16,
+        };
+        usize::from(self.redis_shards.unwrap_or(default))
+    }
+
     /// What a client may ask of the server: request sizes, timeouts, and
     /// `connections_per_worker`, the cap start-up settled on.
     pub fn client_limits(&self, connections_per_worker: usize) -> ClientLimits {
@@ -669,5 +684,17 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.redis_url, None);
+    }
+
+    #[test]
+    fn shards_default_by_redis_mode() {
+        assert_eq!(load(&[]).unwrap().redis_mode, RedisMode::Single);
+        assert_eq!(load(&[]).unwrap().redis_shards(), 1);
+        let cluster = ["--redis-mode", "cluster"];
+        assert_eq!(load(&cluster).unwrap().redis_shards(), 16);
+        let chosen = load(&[&cluster[..], &["--redis-shards", "48"]].concat()).unwrap();
+        assert_eq!(chosen.redis_shards(), 48);
+        let err = load(&["--redis-mode", "sentinel"]).unwrap_err();
+        assert!(err.0.contains("VERVE_REDIS_MODE"), "{}", err.0);
     }
 }

@@ -25,6 +25,7 @@ pub mod callback;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod redis_link;
 pub mod report;
 pub mod server;
 pub mod service;

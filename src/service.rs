@@ -18,6 +18,7 @@ use crate::callback::Dispatcher;
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
+use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, Driver, Intake, Workers};
@@ -101,6 +102,7 @@ impl Verve {
             None => Box::new(LocalStore::new(reporter, config.window_secs)),
             Some(url) => {
                 let settings = RedisSettings {
+                    mode: config.redis_mode,
                     url: url.clone(),
                     prefix: config.redis_prefix.clone(),
                     buffer_ids: config.redis_buffer_ids as usize,
@@ -109,7 +111,7 @@ impl Verve {
                     window_secs: config.window_secs,
                     fleet_wait: config.fleet_wait(),
                     first_window,
-                    shards: usize::from(config.redis_shards),
+                    shards: config.redis_shards(),
                     acks: Some(acknowledged),
                     redeliver_after: config.fleet_wait()
                         + config.shutdown_drain()
@@ -261,16 +263,16 @@ fn open_sinks(
             }
             SinkKind::RedisStream => {
                 let (url, variable) = config.redis_stream_url()?;
-                let client = redis::Client::open(url).map_err(|e| {
-                    StartError::RedisStream(format!("invalid {variable} '{url}': {e}"))
-                })?;
+                let timeout = Duration::from_millis(config.redis_timeout_ms);
+                let endpoint = RedisEndpoint::open(config.redis_mode, url, variable, timeout)
+                    .map_err(StartError::RedisStream)?;
                 let settings = RedisStreamSettings {
                     stream: config.redis_stream.clone(),
                     maxlen: config.redis_stream_maxlen,
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                 };
                 let sink =
-                    RedisStreamSink::start(client, settings, telemetry.clone(), acks.clone());
+                    RedisStreamSink::start(endpoint, settings, telemetry.clone(), acks.clone());
                 sinks.push(Box::new(sink.map_err(StartError::Thread)?));
             }
         }

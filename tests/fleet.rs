@@ -183,7 +183,7 @@ fn an_instance_killed_mid_window_delays_its_window_by_the_fleet_wait_only() {
         eventually(
             Duration::from_secs(5),
             || "b's ids in Redis".into(),
-            || (redis.scard(window) == 600).then_some(()),
+            || (redis.scard(window, 1) == 600).then_some(()),
         );
         b.kill();
     });
@@ -220,6 +220,10 @@ fn losing_redis_between_two_closes_ends_exact(
     mid_window: &dyn Fn(&RedisServer),
     lose: impl FnOnce(&mut RedisServer),
 ) {
+    let shards = env
+        .iter()
+        .find(|(name, _)| *name == "VERVE_REDIS_SHARDS")
+        .map_or(1, |(_, value)| value.parse().unwrap());
     let mut redis = RedisServer::start();
     let link = Proxy::start(redis.port);
     let a = fleet_member(&redis.url(), "a", env);
@@ -232,7 +236,7 @@ fn losing_redis_between_two_closes_ends_exact(
         eventually(
             Duration::from_secs(5),
             || "the first ids in Redis".into(),
-            || (redis.scard(window) == 700).then_some(()),
+            || (redis.scard(window, shards) == 700).then_some(()),
         );
         mid_window(&redis);
         link.hold();
@@ -412,7 +416,7 @@ fn a_window_left_unfinished_is_settled_by_an_instance_that_starts_later() {
     eventually(
         Duration::from_secs(5),
         || "every id in Redis".into(),
-        || (redis.scard(window) == 200).then_some(()),
+        || (redis.scard(window, 1) == 200).then_some(()),
     );
     b.kill();
     let (status, lines) = a.terminate();

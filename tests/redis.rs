@@ -75,9 +75,9 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
     // Every shard took its part of the ids, each with a time to live; no
     // unsharded set was written.
     let mut connection = redis.connection();
-    let sizes: Vec<u64> = (0..16)
-        .map(|shard| {
-            let key = format!("verve:{{{window}/{shard}}}");
+    let sizes: Vec<u64> = verve::store::window_sets("verve", window, 16)
+        .into_iter()
+        .map(|key| {
             let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
             assert!(ttl > 0, "{key}: ttl {ttl}");
             redis::cmd("SCARD")
@@ -112,7 +112,7 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
     );
     // Nor is it registered: the fleet does not wait for it.
     let live: Vec<String> = redis::cmd("ZRANGE")
-        .arg("verve:instances")
+        .arg("verve:{fleet}:instances")
         .arg(0)
         .arg(-1)
         .query(&mut connection)
@@ -136,7 +136,7 @@ fn a_redis_restart_mid_window_loses_nothing() {
         eventually(
             Duration::from_secs(1),
             || "the first ids in Redis".into(),
-            || (redis.scard(window) == 100).then_some(()),
+            || (redis.scard(window, 1) == 100).then_some(()),
         );
         redis.kill();
         accept_all(&mut client, 101..=200);

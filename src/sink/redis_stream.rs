@@ -20,12 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flume::RecvTimeoutError;
-use redis::{Client, Cmd, Connection, RedisResult};
+use redis::{Cmd, RedisResult};
 use serde_json::Value;
 
 use super::{Acknowledged, Acks, CountSink};
 use crate::backoff::Backoff;
 use crate::metrics::Telemetry;
+use crate::redis_link::{RedisEndpoint, RedisLink};
 use crate::report::CountRecord;
 
 /// Records waiting for the thread. One record per window (and revision): at 60 s
@@ -71,7 +72,7 @@ impl RedisStreamSink {
     /// Starts the thread; Redis need not be reachable yet. Each appended record is
     /// reported to `acks`, if given.
     pub fn start(
-        client: Client,
+        endpoint: RedisEndpoint,
         settings: RedisStreamSettings,
         telemetry: Arc<Telemetry>,
         acks: Option<Acks>,
@@ -80,7 +81,7 @@ impl RedisStreamSink {
         let (finish, deadline) = flume::bounded(1);
         let (end, ended) = flume::bounded(0);
         let appender = Appender {
-            client,
+            endpoint,
             connection: None,
             settings,
             records: queue.clone(),
@@ -151,8 +152,8 @@ impl CountSink for RedisStreamSink {
 
 /// The thread that appends.
 struct Appender {
-    client: Client,
-    connection: Option<Connection>,
+    endpoint: RedisEndpoint,
+    connection: Option<RedisLink>,
     settings: RedisStreamSettings,
     records: flume::Receiver<CountRecord>,
     finish: flume::Receiver<Instant>,
@@ -238,12 +239,11 @@ impl Appender {
     /// One XADD, connecting first if needed, every step within `limit`.
     fn attempt(&mut self, command: &Cmd, limit: Duration) -> RedisResult<String> {
         if self.connection.is_none() {
-            self.connection = Some(self.client.get_connection_with_timeout(limit)?);
+            self.connection = Some(self.endpoint.connect(limit)?);
         }
-        let connection = self.connection.as_mut().expect("connected above");
-        connection.set_read_timeout(Some(limit))?;
-        connection.set_write_timeout(Some(limit))?;
-        command.query(connection)
+        let link = self.connection.as_mut().expect("connected above");
+        link.set_timeout(limit)?;
+        command.query(link.connection())
     }
 
     /// Waits `wait` before the next attempt, or less if shutdown begins meanwhile.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use local::LocalStore;
-pub use redis::{RedisSettings, RedisStore};
+pub use redis::{window_sets, RedisSettings, RedisStore};
 
 use crate::report::ClosedWindow;
 use crate::window::WindowStart;

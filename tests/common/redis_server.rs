@@ -104,13 +104,11 @@ impl RedisServer {
         );
     }
 
-    /// How many ids `window` holds: its set's size, or its shards' (up to 16).
-    pub fn scard(&self, window: WindowStart) -> u64 {
+    /// How many ids `window` holds, split over `shards` sets.
+    pub fn scard(&self, window: WindowStart, shards: usize) -> u64 {
         let mut connection = self.connection();
-        let unsharded = std::iter::once(format!("verve:{{{window}}}"));
-        let shards = (0..16).map(|shard| format!("verve:{{{window}/{shard}}}"));
-        unsharded
-            .chain(shards)
+        verve::store::window_sets("verve", window, shards)
+            .into_iter()
             .map(|key| -> u64 { redis::cmd("SCARD").arg(key).query(&mut connection).unwrap() })
             .sum()
     }

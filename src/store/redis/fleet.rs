@@ -3,64 +3,74 @@
 //! The fleet's members are runs, one per process (`<instance>/<pid>-<start ms>`):
 //! a restarted instance is a new member, and what its earlier process left unsaid
 //! stays that process's. Keys, for a window `W` (its start, RFC 3339) and the
-//! prefix `P`:
+//! prefix `P`, each named for the Redis Cluster slot it must share (the part in
+//! braces is the hash tag):
 //!
-//! - `P:{W}`: the set of the window's ids, filled by every run with `SADD`; with
-//!   `VERVE_REDIS_SHARDS` = S > 1, S disjoint sets `P:{W/k}` instead, an id in
-//!   shard [`shard_of`] of it, each with a hash tag of its own so that Redis
-//!   Cluster may spread them; the window's count is the sum of their sizes.
+//! - `P:{W}`: the set of the window's ids, filled by every run; with
+//!   `VERVE_REDIS_SHARDS` = S > 1, S disjoint sets `P:{W/k}` (or `P:{W/k/n}`) instead,
+//!   an id in shard [`shard_of`] of it, each tag chosen so that shard k's slot is in
+//!   the k-th of S slices of the slots and Redis Cluster spreads the shards evenly
+//!   over its masters (`slots`); the window's count is the sum of their sizes.
+//! - Beside each shard, on its slot: `…:delivered` and `…:rounds`, per run, how
+//!   many ids it has delivered to the shard, counted in the same script as the ids
+//!   and once per numbered round (`round.lua`): the sentinel of its ids, which a
+//!   failover or a restart rolls back together with them.
 //! - `P:{W}:marks`: per run, `sending` (from its first ids for the window on) or,
-//!   once its last `SADD` for the window is acknowledged, `full` or `partial`
+//!   once its last ids for the window are acknowledged, `full` or `partial`
 //!   (done; whether it ran for the whole window).
-//! - `P:{W}:delivered`, `P:{W}:rounds`: per run, how many ids it has delivered to
-//!   the window, counted in the same transaction as the ids and once per round
-//!   (`count.lua`): the sentinel of its ids.
 //! - `P:{W}:record`: the latest published record (revision, count, complete,
-//!   partial, instances, published_at), the run that published it, and the
-//!   highest revision the shared sinks acknowledged.
-//! - `P:instances`, `P:joined`, `P:left`: the live runs (a sorted set scored by
-//!   heartbeat expiry, by Redis's clock), each one's first window, and the runs
-//!   that left lately, with when.
-//! - `P:epoch`: created by the first heartbeat, without expiry; only Redis losing
-//!   its data makes it change.
-//! - `P:orphans`: windows left unfinished by runs that stopped.
-//! - `P:shards`: the number of shards, set by the first heartbeat; a run with
-//!   another number refuses to deliver (it would count some ids twice).
+//!   partial, instances, published_at), the run that published it, the highest
+//!   revision the shared sinks acknowledged, and the window's generation (raised
+//!   by every mark that makes a run done).
+//! - `P:{fleet}:instances`, `…:joined`, `…:left`: the live runs (a sorted set
+//!   scored by heartbeat expiry, by Redis's clock), each one's first window, and
+//!   the runs that left lately, with when.
+//! - `P:{fleet}:epoch`: created by the first heartbeat, without expiry; only Redis
+//!   losing its data makes it change.
+//! - `P:{fleet}:orphans`: windows left unfinished by runs that stopped.
+//! - `P:{fleet}:shards`: the number of shards, set by the first heartbeat; a run
+//!   with another number refuses to deliver (it would count some ids twice).
 //!
 //! Every window key expires a while after the window: five windows, at least five
-//! minutes, and at least four fleet waits.
+//! minutes, and at least four fleet waits. No script touches two slots, so the
+//! same calls work on one server and on a cluster.
 //!
 //! A run registers (its first heartbeat) before it accepts an id, when Redis is
-//! reachable. A run done with a window runs `settle.lua`, which marks it done and,
-//! if every live run that started before the window ended (read in the script: a
-//! list from the last heartbeat could miss one that just joined) and every run
-//! that delivered ids to the window is done, publishes the window: its `SCARD`,
-//! and a revision one higher than the last, taken together in the script. Until
-//! that happens the run checks again every poll interval; once the fleet's wait is
-//! over (`VERVE_FLEET_WAIT_MS` after the window ended), checks publish whatever is
-//! there with `complete=false`. Whenever the count grows after that (a run that was
-//! cut off delivers its ids), the next check or done mark publishes a revision. The
-//! script publishes for exactly one caller per revision, so each revision reaches
-//! the shared sinks once; if that caller dies before they acknowledge it, another
-//! run following the window sends it.
+//! reachable. A run done with a window settles it, and checks it again every poll
+//! interval until the fleet is done with it. A settle is a survey (`roster.lua`
+//! on the registry: the epoch and the live runs; `tally.lua` on every shard: its
+//! size, and what this run delivered to it), then `settle.lua` on the window's
+//! slot, which marks the run done and, if every live run that started before the
+//! window ended and every run that delivered ids to it is done, publishes the
+//! window: the surveyed count, and a revision one higher than the last, taken
+//! together. The count was read on other slots: the window's generation (see
+//! `settle.lua`) tells the script whether some run became done after the shards
+//! were read, in which case it is read again. Once the fleet's wait is over
+//! (`VERVE_FLEET_WAIT_MS` after the window ended), settles publish whatever is
+//! there with `complete=false`. Whenever the count grows after that (a run that
+//! was cut off delivers its ids), the next settle publishes a revision. The script
+//! publishes for exactly one caller per revision, so each revision reaches the
+//! shared sinks once; if that caller dies before they acknowledge it, another run
+//! following the window sends it.
 //!
 //! If Redis loses ids (a restart, from a snapshot or empty, `FLUSHALL`, a failover
-//! to a replica that lagged), it loses or rolls back the deliveries counted with
-//! them: `settle.lua` answers `lost` when a run's count in Redis is short of what
-//! it delivered, and the run sends every id of the window again from its local
-//! set. A lost record is put back from the latest one each run passes in, so
-//! revisions keep increasing. The epoch tells the rest: for one heartbeat lifetime
-//! after noticing a loss, a run also waits for every run it saw live in the two
-//! heartbeat lifetimes before it, and for every run it saw take part in the
-//! window, and does not publish a window with no record before the runs that knew
-//! its record had time to put it back.
+//! to a replica that lagged), it loses or rolls back the deliveries counted beside
+//! them: a shard where this run's count in Redis is short of what it delivered is
+//! sent again from the local set. A lost record is put back from the latest one
+//! each run passes in, so revisions keep increasing. The epoch tells the rest: for
+//! one heartbeat lifetime after noticing a loss, a run also waits for every run it
+//! saw live in the two heartbeat lifetimes before it, and for every run it saw
+//! take part in the window, and does not publish a window with no record before
+//! the runs that knew its record had time to put it back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use redis::{Connection, RedisResult, Script};
+use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
+use super::slots::ShardTags;
 use crate::metrics::now_ms;
+use crate::redis_link::RedisLink;
 use crate::report::{CountRecord, Scope, Timestamp};
 use crate::window::WindowStart;
 
@@ -71,8 +81,14 @@ pub(super) fn shard_of(id: i64, shards: usize) -> usize {
     ((mixed >> 32) % shards as u64) as usize
 }
 
-/// Ids per `SADD` command.
-const SADD_IDS: usize = 4096;
+/// The keys of `window`'s sets of ids in Redis, under `prefix`, split over
+/// `shards`: for operators and tests that look into Redis.
+pub fn window_sets(prefix: &str, window: WindowStart, shards: usize) -> Vec<String> {
+    let mut fleet = Fleet::new(prefix, "", window, 1, Duration::from_secs(1), shards);
+    (0..shards)
+        .map(|shard| fleet.shard_keys(window, shard)[0].clone())
+        .collect()
+}
 
 /// The longest between two heartbeats.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -108,23 +124,25 @@ pub(super) enum Coverage {
 pub(super) struct WindowView {
     /// Its mark, or `None` for a window it took no part in (left by another).
     pub coverage: Option<Coverage>,
-    /// How many ids it delivered to the window.
-    pub delivered: u64,
+    /// How many ids it delivered to each shard of the window (empty: none).
+    pub delivered: Vec<u64>,
     /// The latest record seen.
     pub known: Option<Published>,
     /// The highest revision the shared sinks acknowledged, as last seen.
     pub acked: u64,
     /// Every run seen taking part, waited for even if Redis loses their marks.
     pub members: BTreeSet<String>,
+    /// The window's generation as last seen, if it was.
+    pub generation: Option<u64>,
 }
 
-/// How a round counts its ids as this run's deliveries to a window.
+/// How a round counts its ids as this run's deliveries to a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Count {
     /// Adds them to the count: after a loss of Redis's data, the count starts
     /// again from nothing and stays short of what the run delivered.
     Add,
-    /// Starts the count again with them (a replay's first round).
+    /// Starts the count again with them (a replay's first round to the shard).
     Set,
 }
 
@@ -138,6 +156,35 @@ pub(super) enum Force {
     IfAlone,
 }
 
+/// The fleet and a window's shards as a settle found them, before deciding.
+#[derive(Debug, Clone)]
+pub(super) struct Survey {
+    /// The fleet's epoch.
+    pub epoch: String,
+    /// The live runs, with each one's first window.
+    pub live: Vec<(String, WindowStart)>,
+    /// Per shard: its size, and how many ids this run delivered to it.
+    pub shards: Vec<(u64, u64)>,
+    /// Every run that delivered ids to some shard of the window.
+    pub delivered_by: BTreeSet<String>,
+}
+
+impl Survey {
+    /// The window's count: its shards are disjoint.
+    pub fn count(&self) -> u64 {
+        self.shards.iter().map(|(size, _)| size).sum()
+    }
+
+    /// The shards holding fewer of this run's ids than it delivered (`delivered`,
+    /// per shard): Redis lost some.
+    pub fn short_shards(&self, delivered: &[u64]) -> Vec<usize> {
+        let sent = |shard: usize| delivered.get(shard).copied().unwrap_or(0);
+        (0..self.shards.len())
+            .filter(|&shard| self.shards[shard].1 < sent(shard))
+            .collect()
+    }
+}
+
 /// What `settle.lua` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Settled {
@@ -146,6 +193,8 @@ pub(super) struct Settled {
     pub record: Option<Published>,
     /// The window's count right now, published or not.
     pub count: u64,
+    /// The window's generation.
+    pub generation: u64,
     /// Instances done with the window right now.
     pub done: u64,
     /// Every run that took part in the window: done, or still sending.
@@ -161,10 +210,8 @@ pub(super) struct Settled {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
-    /// Redis lost its data since this instance's last heartbeat: beat, then retry.
-    Epoch,
-    /// Redis lost ids this instance delivered to the window: send them again.
-    Lost,
+    /// A run became done after the shards were read: survey again, then retry.
+    Again,
     /// This call published a new revision.
     Published,
     /// Nothing new was published by this call.
@@ -200,6 +247,13 @@ impl Published {
     }
 }
 
+/// The commands of one round of ids, and what they deliver to each shard.
+pub(super) struct RoundCommands {
+    pub commands: Vec<Cmd>,
+    /// Per shard the round writes to: the shard, and how many ids it adds.
+    pub shards: Vec<(usize, u64)>,
+}
+
 /// This run's side of the protocol: key names, scripts, what it knows of the fleet.
 pub(super) struct Fleet {
     prefix: String,
@@ -213,6 +267,7 @@ pub(super) struct Fleet {
     key_ttl_secs: u64,
     /// `VERVE_REDIS_SHARDS`: sets per window.
     pub shards: usize,
+    tags: ShardTags,
     /// `VERVE_FLEET_WAIT_MS`: the heartbeat's time to live, and how long after a
     /// window's end the fleet waits for every instance.
     pub wait: Duration,
@@ -220,9 +275,9 @@ pub(super) struct Fleet {
     heartbeat: Script,
     leave: Script,
     ack: Script,
-    /// `count.lua`, sent whole inside each round's `MULTI` (a script not yet
-    /// loaded there would fail the transaction).
-    count: &'static str,
+    round: Script,
+    tally: Script,
+    roster: Script,
     /// The live runs, as of the last heartbeat.
     live: Vec<String>,
     /// Why this run must not deliver to the fleet (its shards differ), as of the
@@ -256,12 +311,15 @@ impl Fleet {
             window_secs,
             key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
             shards,
+            tags: ShardTags::new(shards),
             wait,
             settle: Script::new(include_str!("settle.lua")),
             heartbeat: Script::new(include_str!("heartbeat.lua")),
             leave: Script::new(include_str!("leave.lua")),
             ack: Script::new(ACK),
-            count: include_str!("count.lua"),
+            round: Script::new(include_str!("round.lua")),
+            tally: Script::new(include_str!("tally.lua")),
+            roster: Script::new(include_str!("roster.lua")),
             live: Vec::new(),
             refusal: None,
             left: false,
@@ -283,87 +341,78 @@ impl Fleet {
         POLL.min(self.wait / 4)
     }
 
+    /// A key of `window`'s bookkeeping, on the window's slot.
     fn window_key(&self, window: WindowStart, part: &str) -> String {
-        // The hash tag keeps a window's keys on one Redis Cluster slot.
         format!("{}:{{{window}}}{part}", self.prefix)
     }
 
-    /// The set of shard `shard` of `window`'s ids: with one shard, the window's set.
-    fn shard_key(&self, window: WindowStart, shard: usize) -> String {
+    /// Shard `shard` of `window`: its set, its deliveries and its rounds, on the
+    /// shard's slot ([`ShardTags`]). With one shard, on the window's slot.
+    fn shard_keys(&mut self, window: WindowStart, shard: usize) -> [String; 3] {
+        let prefix = &self.prefix;
         match self.shards {
-            1 => self.window_key(window, ""),
-            _ => format!("{}:{{{window}/{shard}}}", self.prefix),
+            1 => ["", ":delivered", ":rounds"].map(|part| self.window_key(window, part)),
+            _ => {
+                let tag = self.tags.tag(window, shard);
+                ["", ":delivered", ":rounds"].map(|part| format!("{prefix}:{{{tag}}}{part}"))
+            }
         }
     }
 
+    /// A key of the registry, on the fleet's slot.
     fn fleet_key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+        format!("{}:{{fleet}}:{name}", self.prefix)
     }
 
-    /// Adds `ids` to `window` to `pipe` as round `round` of this run's deliveries
-    /// to it, counted as `count` says. The pipeline must be atomic (`MULTI`): the
-    /// count is the sentinel of the ids, so the two go in together or not at all;
-    /// and it counts each round once, however often the round is sent. The
-    /// window's first round also sets this run's `sending` mark.
-    ///
-    /// `touched` says which shards this run already wrote to in the window (empty:
-    /// none); returns the shards this round writes to first, for the caller to add
-    /// once Redis took the round.
-    pub fn queue_ids(
-        &self,
-        pipe: &mut redis::Pipeline,
+    /// Commands adding `ids` to `window` as round `round` of this run's deliveries
+    /// to it, counted as `count` says: per shard, one `round.lua`, so that the ids
+    /// and their count go in together or not at all, and a round is counted once
+    /// however often it is sent. The window's first round also sets this run's
+    /// `sending` mark. `touched` says which shards this run already wrote to in the
+    /// window (and gave a time to live).
+    pub fn round(
+        &mut self,
         window: WindowStart,
         ids: &[i64],
         round: u64,
         count: Count,
         touched: &[bool],
-    ) -> Vec<usize> {
-        // A key gets its time to live when this run first writes to it; a key
-        // recreated later (Redis lost it) is written again by a replay, which
-        // starts over with nothing touched.
-        let first = round == 1 || count == Count::Set;
-        let ttl_secs = if first { self.key_ttl_secs } else { 0 };
-        let mut new_shards = Vec::new();
+    ) -> RoundCommands {
+        let mut commands = Vec::new();
+        let mut shards = Vec::new();
         for (shard, ids) in self.split(ids).iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
-            let key = self.shard_key(window, shard);
-            for chunk in ids.chunks(SADD_IDS) {
-                pipe.cmd("SADD").arg(&key).arg(chunk).ignore();
-            }
-            if !touched.get(shard).copied().unwrap_or(false) {
-                pipe.cmd("EXPIRE").arg(&key).arg(self.key_ttl_secs).ignore();
-                new_shards.push(shard);
-            }
+            let first = !touched.get(shard).copied().unwrap_or(false);
+            let keys = self.shard_keys(window, shard);
+            let mut call = evalsha(&self.round, &keys);
+            call.arg(&self.run)
+                .arg(round)
+                .arg(match count {
+                    Count::Add => "add",
+                    Count::Set => "set",
+                })
+                .arg(if first { self.key_ttl_secs } else { 0 })
+                .arg(&ids[..]);
+            commands.push(call);
+            shards.push((shard, ids.len() as u64));
         }
-        pipe.cmd("EVAL")
-            .arg(self.count)
-            .arg(2)
-            .arg(self.window_key(window, ":delivered"))
-            .arg(self.window_key(window, ":rounds"))
-            .arg(&self.run)
-            .arg(round)
-            .arg(ids.len())
-            .arg(match count {
-                Count::Add => "add",
-                Count::Set => "set",
-            })
-            .arg(ttl_secs)
-            .ignore();
-        if first {
-            let marks = self.window_key(window, ":marks");
-            pipe.cmd("HSET")
-                .arg(&marks)
-                .arg(&self.run)
-                .arg("sending")
-                .ignore();
-            pipe.cmd("EXPIRE")
-                .arg(&marks)
-                .arg(self.key_ttl_secs)
-                .ignore();
+        if round == 1 {
+            commands.extend(self.sending(window));
         }
-        new_shards
+        RoundCommands { commands, shards }
+    }
+
+    /// Commands setting this run's mark for `window` to `sending`: it has ids for
+    /// the window that are not all in.
+    pub fn sending(&self, window: WindowStart) -> [Cmd; 2] {
+        let marks = self.window_key(window, ":marks");
+        let mut mark = redis::cmd("HSET");
+        mark.arg(&marks).arg(&self.run).arg("sending");
+        let mut expire = redis::cmd("EXPIRE");
+        expire.arg(&marks).arg(self.key_ttl_secs);
+        [mark, expire]
     }
 
     /// `ids` by shard; with one shard, as they are.
@@ -378,15 +427,31 @@ impl Fleet {
         shards.into_iter().map(std::borrow::Cow::Owned).collect()
     }
 
-    /// Tells the fleet this run is alive for another `wait`, learns who is live,
-    /// notices when Redis lost its data (the epoch changed), and returns the windows
-    /// stopped runs left to the fleet. Once this run has left, it only reads the
-    /// epoch: it must not come back to life in the registry.
-    pub fn heartbeat(&mut self, connection: &mut Connection) -> RedisResult<Vec<WindowStart>> {
+    /// Runs `commands` in one pipeline (one round trip per node); a node that does
+    /// not know a script yet (it just started, or was just promoted) is taught the
+    /// pipelined scripts, and the pipeline is sent again: every command in it may
+    /// run twice.
+    pub fn pipeline(&self, link: &mut RedisLink, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        match link.pipeline(commands.clone()) {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                for script in [&self.round, &self.tally, &self.roster] {
+                    script.load(link.connection())?;
+                }
+                link.pipeline(commands)
+            }
+            result => result,
+        }
+    }
+
+    /// Tells the fleet this run is alive, learns who is live, notices when Redis
+    /// lost its data (the epoch changed), and returns the windows stopped runs
+    /// left to the fleet. Once this run has left, it only reads the epoch: it must
+    /// not come back to life in the registry.
+    pub fn heartbeat(&mut self, link: &mut RedisLink) -> RedisResult<Vec<WindowStart>> {
         if self.left {
             let epoch: Option<String> = redis::cmd("GET")
                 .arg(self.fleet_key("epoch"))
-                .query(connection)?;
+                .query(link.connection())?;
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
@@ -405,7 +470,7 @@ impl Fleet {
             .arg(format!("{}@{}", self.run, now_ms()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
-            .invoke(connection)?;
+            .invoke(link.connection())?;
         if shards != self.shards {
             let refusal = format!(
                 "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
@@ -444,6 +509,12 @@ impl Fleet {
         self.epoch = Some(epoch);
     }
 
+    /// Whether `epoch` is the one this run learned at its last heartbeat: if not,
+    /// Redis lost its data since, and the run must beat before it settles.
+    pub fn knows_epoch(&self, epoch: &str) -> bool {
+        self.epoch.as_deref() == Some(epoch)
+    }
+
     /// Redis lost its data: for a heartbeat lifetime, every instance seen live
     /// lately (even one whose heartbeat had just expired: it may be cut off, with
     /// ids on the way) is waited for, whatever the registry says.
@@ -468,11 +539,7 @@ impl Fleet {
 
     /// Leaves the fleet (shutdown), leaving `unfinished` windows to it: whoever
     /// settles them takes them off the list.
-    pub fn leave(
-        &mut self,
-        connection: &mut Connection,
-        unfinished: &[WindowStart],
-    ) -> RedisResult<()> {
+    pub fn leave(&mut self, link: &mut RedisLink, unfinished: &[WindowStart]) -> RedisResult<()> {
         let mut call = self.leave.prepare_invoke();
         for name in ["instances", "joined", "left", "orphans"] {
             call.key(self.fleet_key(name));
@@ -481,31 +548,59 @@ impl Fleet {
         for window in unfinished {
             call.arg(window.unix_secs());
         }
-        call.invoke::<()>(connection)?;
+        call.invoke::<()>(link.connection())?;
         self.left = true;
         Ok(())
     }
 
     /// Records that the shared sinks acknowledged `revision` of `window`.
-    pub fn ack(
-        &self,
-        connection: &mut Connection,
-        window: WindowStart,
-        revision: u64,
-    ) -> RedisResult<()> {
+    pub fn ack(&self, link: &mut RedisLink, window: WindowStart, revision: u64) -> RedisResult<()> {
         self.ack
             .key(self.window_key(window, ":record"))
             .arg(revision)
-            .invoke(connection)
+            .invoke(link.connection())
+    }
+
+    /// Reads the fleet (`roster.lua`) and every shard of `window` (`tally.lua`),
+    /// in one pipeline.
+    pub fn survey(&mut self, link: &mut RedisLink, window: WindowStart) -> RedisResult<Survey> {
+        let registry = ["instances", "joined", "epoch"].map(|name| self.fleet_key(name));
+        let mut commands = vec![evalsha(&self.roster, &registry)];
+        for shard in 0..self.shards {
+            let keys = self.shard_keys(window, shard);
+            let mut tally = evalsha(&self.tally, &keys);
+            tally.arg(&self.run).arg(self.key_ttl_secs);
+            commands.push(tally);
+        }
+        let mut answers = self.pipeline(link, commands)?.into_iter();
+        let roster = answers.next().unwrap_or(Value::Nil);
+        let (epoch, live): (String, Vec<(String, u64)>) = redis::from_redis_value(roster)?;
+        let mut survey = Survey {
+            epoch,
+            live: live
+                .into_iter()
+                .map(|(run, first)| (run, WindowStart::from_unix_secs(first)))
+                .collect(),
+            shards: Vec::with_capacity(self.shards),
+            delivered_by: BTreeSet::new(),
+        };
+        for answer in answers {
+            let (size, mine, runs): (u64, u64, Vec<String>) = redis::from_redis_value(answer)?;
+            survey.shards.push((size, mine));
+            survey.delivered_by.extend(runs);
+        }
+        Ok(survey)
     }
 
     /// Marks this instance done with `window` (unless it took no part in it) and
-    /// publishes the window if the fleet is done with it, or as `force` says.
+    /// publishes the window, with the count `survey` found, if the fleet is done
+    /// with it, or as `force` says.
     pub fn settle(
         &mut self,
-        connection: &mut Connection,
+        link: &mut RedisLink,
         window: WindowStart,
         view: &WindowView,
+        survey: &Survey,
         force: Force,
     ) -> RedisResult<Settled> {
         let mut awaited = match self.is_uncertain() {
@@ -513,32 +608,30 @@ impl Fleet {
             false => Vec::new(),
         };
         awaited.extend(view.members.iter().cloned());
+        awaited.extend(survey.delivered_by.iter().cloned());
+        let may_have_ids: Vec<&str> = survey
+            .live
+            .iter()
+            .filter(|(_, first)| *first <= window)
+            .map(|(run, _)| run.as_str())
+            .collect();
         let mut call = self.settle.prepare_invoke();
-        call.key(self.shard_key(window, 0));
-        for part in [":marks", ":delivered", ":record"] {
-            call.key(self.window_key(window, part));
-        }
-        for name in ["instances", "joined", "left", "epoch", "orphans"] {
-            call.key(self.fleet_key(name));
-        }
-        for shard in 1..self.shards {
-            call.key(self.shard_key(window, shard));
-        }
-        call.arg(&self.run)
+        call.key(self.window_key(window, ":marks"))
+            .key(self.window_key(window, ":record"))
+            .arg(&self.run)
             .arg(match view.coverage {
                 Some(Coverage::Full) => "full",
                 Some(Coverage::Partial) => "partial",
                 None => "",
             })
-            .arg(view.delivered)
             .arg(match force {
                 Force::No => "0",
                 Force::Yes => "1",
                 Force::IfAlone => "alone",
             })
-            .arg(window.unix_secs())
             .arg(self.key_ttl_secs)
-            .arg(self.epoch.as_deref().unwrap_or_default());
+            .arg(view.generation.map_or(String::new(), |g| g.to_string()))
+            .arg(survey.count());
         match &view.known {
             Some(known) => call
                 .arg(known.revision)
@@ -549,28 +642,25 @@ impl Fleet {
                 .arg(known.published_at_ms)
                 .arg(view.acked)
                 .arg(&known.by),
-            None => call
-                .arg(0)
-                .arg(0)
-                .arg(0)
-                .arg(0)
-                .arg(0)
-                .arg(0)
-                .arg(0)
-                .arg(""),
+            None => call.arg(&[0u64; 7][..]).arg(""),
         };
-        for instance in &awaited {
-            call.arg(instance);
-        }
-        let (head, tail): (SettledHead, SettledTail) = call.invoke(connection)?;
+        call.arg(may_have_ids.len())
+            .arg(&may_have_ids)
+            .arg(&awaited);
+        let (head, tail): (SettledHead, SettledTail) = call.invoke(link.connection())?;
         let (outcome, revision, unique_requests, complete, partial, instances, at) = head;
-        let (by, count, done, members, acked, publisher_live, publisher_left_ms) = tail;
+        let (by, generation, done, members, acked, release) = tail;
         let outcome = match outcome.as_str() {
-            "epoch" => Outcome::Epoch,
-            "lost" => Outcome::Lost,
+            "again" => Outcome::Again,
             "published" => Outcome::Published,
             _ => Outcome::Unchanged,
         };
+        if release == 1 {
+            redis::cmd("SREM")
+                .arg(self.fleet_key("orphans"))
+                .arg(window.unix_secs())
+                .exec(link.connection())?;
+        }
         let record = (revision > 0).then_some(Published {
             revision,
             unique_requests,
@@ -580,14 +670,30 @@ impl Fleet {
             published_at_ms: at,
             by,
         });
+        let publisher_live = record
+            .as_ref()
+            .is_some_and(|r| survey.live.iter().any(|(run, _)| *run == r.by));
+        // When a publisher that is gone left matters only for a record the shared
+        // sinks have not acknowledged: asked for then alone.
+        let publisher_left_ms = match &record {
+            Some(r) if !publisher_live && r.revision > acked && r.by != self.run => {
+                let left: Option<u64> = redis::cmd("HGET")
+                    .arg(self.fleet_key("left"))
+                    .arg(&r.by)
+                    .query(link.connection())?;
+                left.unwrap_or(0)
+            }
+            _ => 0,
+        };
         Ok(Settled {
             outcome,
             record,
-            count,
+            count: survey.count(),
+            generation,
             done,
             members,
             acked,
-            publisher_live: publisher_live == 1,
+            publisher_live,
             publisher_left_ms,
         })
     }
@@ -598,28 +704,49 @@ impl Fleet {
         now_ms() >= end * 1000 + self.wait.as_millis() as u64
     }
 
-    /// Warns when Redis may evict keys: an evicted window set would be counted short.
-    /// Users without the right to read the configuration are simply not warned.
-    pub fn check_eviction_policy(connection: &mut Connection) {
-        let policy: RedisResult<Vec<String>> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query(connection);
-        match policy.as_deref() {
-            Ok([_, policy]) if policy != "noeviction" => tracing::warn!(
-                policy = %policy,
-                "Redis may evict keys (maxmemory-policy is not noeviction): a window's ids \
-                 evicted before its close are counted short; set maxmemory-policy noeviction"
-            ),
-            Ok(_) => {}
+    /// Warns when Redis (any master of a cluster) may evict keys: an evicted
+    /// window set would be counted short. Users without the right to read the
+    /// configuration are simply not warned.
+    pub fn check_eviction_policy(link: &mut RedisLink) {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        let policies = link.on_every_master(&get).and_then(|answers| {
+            answers
+                .into_iter()
+                .map(|answer| Ok(redis::from_redis_value::<Vec<String>>(answer)?))
+                .collect::<RedisResult<Vec<_>>>()
+        });
+        match policies {
+            Ok(policies) => {
+                let evicting = policies.iter().find_map(|answer| match answer.as_slice() {
+                    [_, policy] if policy != "noeviction" => Some(policy.clone()),
+                    _ => None,
+                });
+                if let Some(policy) = evicting {
+                    tracing::warn!(
+                        policy = %policy,
+                        "Redis may evict keys (maxmemory-policy is not noeviction): a window's ids \
+                         evicted before its close are counted short; set maxmemory-policy noeviction"
+                    );
+                }
+            }
             Err(error) => tracing::debug!(%error, "cannot read Redis's maxmemory-policy"),
         }
     }
 }
 
+/// An `EVALSHA` of `script` on `keys`, for a pipeline; the caller adds the
+/// arguments. A node that does not know the script answers `NOSCRIPT`
+/// ([`Fleet::pipeline`] loads it then).
+fn evalsha(script: &Script, keys: &[String]) -> Cmd {
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    call
+}
+
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);
-type SettledTail = (String, u64, u64, Vec<String>, u64, u8, u64);
+type SettledTail = (String, u64, u64, Vec<String>, u64, u8);
 
 #[cfg(test)]
 mod tests {

@@ -3,8 +3,9 @@
 //! It takes work in this order: a round that failed (once its backoff is over),
 //! acknowledgements from the shared sinks to record, a heartbeat that is due, a
 //! window check that is due (alternating with rounds, so that neither starves),
-//! then the next round off the queue: a round of ids (one `MULTI` of `SADD`s and
-//! delivery counts, up to [`ROUND_IDS`] ids) or a closed window (all of this
+//! then the next round off the queue: a round of ids (one pipeline of
+//! `round.lua` calls, one per shard written to, up to [`ROUND_IDS`] ids in all) or
+//! a closed window (all of this
 //! instance's ids for it are in by then: it marks itself done and follows the
 //! window until the fleet's record is complete). Every call that fails is retried
 //! after a backoff; nothing taken off the queue is dropped, and the queue's lock is
@@ -19,12 +20,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use redis::{Client, Connection, RedisError, RedisResult};
+use redis::{RedisError, RedisResult};
 
-use super::fleet::{Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
+use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::backoff::Backoff;
 use crate::metrics;
+use crate::redis_link::{RedisEndpoint, RedisLink};
 use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
 use crate::sink::Acknowledged;
 use crate::window::{WindowLength, WindowStart};
@@ -38,14 +40,17 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Windows remembered as finished, so that one left to the fleet by another run is
 /// not taken over again after this run saw it done.
 const FINISHED_REMEMBERED: usize = 64;
+/// Surveys of a window per settle, at most: each one after the first follows a
+/// loss Redis had, or a run that became done while the shards were read.
+const SETTLE_SURVEYS: usize = 16;
 
 pub(super) struct Forwarder {
     shared: Arc<Shared>,
-    client: Client,
+    endpoint: RedisEndpoint,
     url: String,
     timeout: Duration,
     length: WindowLength,
-    connection: Option<Connection>,
+    connection: Option<RedisLink>,
     /// Redis has answered since start-up.
     ever_connected: bool,
     fleet: Fleet,
@@ -78,13 +83,27 @@ pub(super) struct Forwarder {
     refused_at_start: bool,
 }
 
-/// What a run delivered to a window: ids, in rounds numbered from 1, and which
-/// shards it wrote to (each got its time to live then).
+/// What a run delivered to a window: ids per shard (a shard got its time to live
+/// with the run's first ids for it), in rounds numbered from 1.
 #[derive(Debug, Clone, Default)]
 struct Delivery {
-    ids: u64,
+    ids: Vec<u64>,
     rounds: u64,
-    touched: Vec<bool>,
+}
+
+impl Delivery {
+    /// Counts `ids` more delivered to each of `shards`, out of `count`.
+    fn add(&mut self, shards: &[(usize, u64)], count: usize) {
+        self.ids.resize(count, 0);
+        for &(shard, ids) in shards {
+            self.ids[shard] += ids;
+        }
+    }
+
+    /// Which shards this run wrote to.
+    fn touched(&self) -> Vec<bool> {
+        self.ids.iter().map(|&ids| ids > 0).collect()
+    }
 }
 
 enum Round {
@@ -125,7 +144,7 @@ struct Tracked {
 impl Forwarder {
     pub(super) fn new(
         shared: Arc<Shared>,
-        client: Client,
+        endpoint: RedisEndpoint,
         settings: RedisSettings,
         reporter: Reporter,
         registered: mpsc::Sender<Result<(), String>>,
@@ -141,7 +160,7 @@ impl Forwarder {
         let heartbeat_interval = fleet.heartbeat_interval();
         Forwarder {
             shared,
-            client,
+            endpoint,
             timeout: settings.timeout,
             length: WindowLength::from_secs(settings.window_secs),
             connection: None,
@@ -250,34 +269,30 @@ impl Forwarder {
             self.resume_at = Some(Instant::now() + self.fleet.heartbeat_interval());
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut new_shards = Vec::with_capacity(batches.len());
+        let mut commands = Vec::new();
+        let mut shards = Vec::with_capacity(batches.len());
         for (window, ids, round) in &mut batches {
             let delivery = self.delivered.get(window);
             if *round == 0 {
                 *round = delivery.map_or(0, |d| d.rounds) + 1;
             }
-            let touched = delivery.map_or(&[][..], |d| &d.touched);
-            new_shards.push(self.fleet.queue_ids(
-                &mut pipe,
-                *window,
-                ids,
-                *round,
-                Count::Add,
-                touched,
-            ));
+            let touched = delivery.map_or_else(Vec::new, Delivery::touched);
+            let this = self.fleet.round(*window, ids, *round, Count::Add, &touched);
+            commands.extend(this.commands);
+            shards.push(this.shards);
         }
-        if self.call(|connection, _| pipe.exec(connection)).is_none() {
+        if self
+            .call(|link, fleet| fleet.pipeline(link, commands))
+            .is_none()
+        {
             self.retry = Some(Round::Ids(batches));
             return;
         }
         let mut sent = 0;
-        for ((window, ids, round), new_shards) in batches.iter().zip(new_shards) {
+        for ((window, ids, round), shards) in batches.iter().zip(shards) {
             let delivery = self.delivered.entry(*window).or_default();
-            delivery.ids += ids.len() as u64;
+            delivery.add(&shards, self.fleet.shards);
             delivery.rounds = *round;
-            touch(&mut delivery.touched, &new_shards, self.fleet.shards);
             sent += ids.len();
         }
         self.taken(sent);
@@ -335,18 +350,19 @@ impl Forwarder {
         let end = self.length.end_of(window);
         let wait_over = instant_of(end + self.fleet.wait);
         let window_length = Duration::from_secs(self.length.as_secs());
-        let rounds = self.delivered.get(&window).map_or(0, |d| d.rounds);
+        let delivery = self.delivered.get(&window).cloned().unwrap_or_default();
         Tracked {
             window,
             view: WindowView {
                 coverage,
-                delivered: closed.as_ref().map_or(0, |c| c.unique_requests),
+                delivered: delivery.ids,
                 known: None,
                 acked: 0,
                 members: BTreeSet::new(),
+                generation: None,
             },
             closed,
-            rounds,
+            rounds: delivery.rounds,
             next_check: Instant::now() + self.fleet.poll_interval(),
             wait_over,
             forget_at: wait_over + self.fleet.wait.max(window_length) + self.redeliver_after,
@@ -416,26 +432,36 @@ impl Forwarder {
         })
     }
 
-    /// Runs `settle.lua` for a window: beats first if Redis lost its data since
-    /// the last heartbeat, and sends the window's ids again as long as Redis
-    /// answers that it lost some.
+    /// Settles a window: surveys it, beats first if Redis lost its data since the
+    /// last heartbeat, sends the shards Redis lost ids of again, and runs
+    /// `settle.lua` with the count, surveying again while runs become done in
+    /// between. Returns `None` if Redis failed; `Outcome::Again` if runs kept
+    /// becoming done (the next check goes on).
     fn settle(&mut self, tracked: &mut Tracked, force: Force) -> Option<Settled> {
         let window = tracked.window;
-        loop {
-            let view = &tracked.view;
-            let settled =
-                self.call(|connection, fleet| fleet.settle(connection, window, view, force))?;
-            match settled.outcome {
-                Outcome::Epoch => {
-                    self.beat()?;
-                }
-                Outcome::Lost => {
-                    let closed = tracked.closed.as_ref()?;
-                    tracked.rounds = self.replay(window, &closed.ids, tracked.rounds)?;
-                }
-                Outcome::Published | Outcome::Unchanged => return Some(settled),
+        let mut settled = None;
+        for _ in 0..SETTLE_SURVEYS {
+            let survey = self.call(|link, fleet| fleet.survey(link, window))?;
+            if !self.fleet.knows_epoch(&survey.epoch) {
+                self.beat()?;
+                continue;
             }
+            let short = survey.short_shards(&tracked.view.delivered);
+            if !short.is_empty() {
+                let closed = tracked.closed.as_ref()?;
+                tracked.rounds = self.replay(window, &closed.ids, &short, tracked.rounds)?;
+                continue;
+            }
+            let view = &tracked.view;
+            let answer =
+                self.call(|link, fleet| fleet.settle(link, window, view, &survey, force))?;
+            tracked.view.generation = Some(answer.generation);
+            if answer.outcome != Outcome::Again {
+                return Some(answer);
+            }
+            settled = Some(answer);
         }
+        settled
     }
 
     /// Reports a record newer than any seen for the window (to the shared sinks
@@ -485,15 +511,27 @@ impl Forwarder {
         }
     }
 
-    /// Redis lost ids this run delivered to `window`: sends them all again, in
-    /// rounds numbered on from `rounds`, the first of which starts the count again,
-    /// so that a replay cut short is found short again. Returns the last round's
-    /// number, or `None` if Redis failed.
-    fn replay(&mut self, window: WindowStart, ids: &IdSet, rounds: u64) -> Option<u64> {
+    /// Redis lost ids this run delivered to `short` shards of `window`: marks the
+    /// run `sending` again (no run may take the window as complete meanwhile),
+    /// then sends every id of those shards again, in rounds numbered on from
+    /// `rounds`, the first of each shard starting its count again, so that a
+    /// replay cut short is found short again. Returns the last round's number, or
+    /// `None` if Redis failed.
+    fn replay(
+        &mut self,
+        window: WindowStart,
+        ids: &IdSet,
+        short: &[usize],
+        rounds: u64,
+    ) -> Option<u64> {
         self.fleet.lost_data();
-        let mut all = Vec::with_capacity(ids.len());
+        let shards = self.fleet.shards;
+        let mut lost = vec![Vec::new(); shards];
         ids.iter_sync(|&id| {
-            all.push(id);
+            let shard = shard_of(id, shards);
+            if short.contains(&shard) {
+                lost[shard].push(id);
+            }
             true
         });
         self.shared
@@ -502,30 +540,31 @@ impl Forwarder {
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             window_start = %window,
-            ids = all.len(),
+            ids = lost.iter().map(Vec::len).sum::<usize>(),
+            shards = short.len(),
             "Redis lost ids this instance had delivered to a window (a restart, FLUSHALL, a failover, eviction); sending them again"
         );
+        let sending = self.fleet.sending(window).to_vec();
+        self.call(|link, fleet| fleet.pipeline(link, sending))?;
         let mut round = rounds;
-        // Redis may have lost any shard since this run wrote to it: each gets its
-        // time to live again when the replay first writes to it.
-        let mut touched = Vec::new();
-        for (i, chunk) in all.chunks(ROUND_IDS).enumerate() {
-            // A long replay must not let this run's heartbeat lapse.
-            if self.next_heartbeat <= Instant::now() {
-                self.beat()?;
+        for ids in lost.iter().filter(|ids| !ids.is_empty()) {
+            // Redis may have lost the shard's keys: the replay's first round gives
+            // them their time to live again.
+            let mut touched = Vec::new();
+            for (i, chunk) in ids.chunks(ROUND_IDS).enumerate() {
+                // A long replay must not let this run's heartbeat lapse.
+                if self.next_heartbeat <= Instant::now() {
+                    self.beat()?;
+                }
+                round += 1;
+                let count = match i {
+                    0 => Count::Set,
+                    _ => Count::Add,
+                };
+                let this = self.fleet.round(window, chunk, round, count, &touched);
+                self.call(|link, fleet| fleet.pipeline(link, this.commands))?;
+                touched = vec![true; shards];
             }
-            round += 1;
-            let count = match i {
-                0 => Count::Set,
-                _ => Count::Add,
-            };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let new_shards = self
-                .fleet
-                .queue_ids(&mut pipe, window, chunk, round, count, &touched);
-            self.call(|connection, _| pipe.exec(connection))?;
-            touch(&mut touched, &new_shards, self.fleet.shards);
         }
         Some(round)
     }
@@ -552,7 +591,7 @@ impl Forwarder {
     /// Tells the fleet this run is alive; returns the windows left to the fleet,
     /// or `None` if Redis failed.
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
-        let orphans = self.call(|connection, fleet| fleet.heartbeat(connection));
+        let orphans = self.call(|link, fleet| fleet.heartbeat(link));
         if let Some(registered) = self.registered.take() {
             let outcome = match &self.fleet.refusal {
                 Some(refusal) => Err(refusal.clone()),
@@ -585,7 +624,7 @@ impl Forwarder {
     /// Notes in Redis that the shared sinks acknowledged a record.
     fn ack(&mut self, ack: Acknowledged) {
         if self
-            .call(|connection, fleet| fleet.ack(connection, ack.window, ack.revision))
+            .call(|link, fleet| fleet.ack(link, ack.window, ack.revision))
             .is_none()
         {
             self.pending_acks.push(ack);
@@ -599,7 +638,7 @@ impl Forwarder {
         let deadline = self.shared.queue().finish_by.unwrap_or_else(Instant::now);
         let windows: Vec<WindowStart> = self.tracked.keys().copied().collect();
         let left = self
-            .call(|connection, fleet| fleet.leave(connection, &windows))
+            .call(|link, fleet| fleet.leave(link, &windows))
             .is_some();
         for window in windows {
             let Some(mut tracked) = self.tracked.remove(&window) else {
@@ -646,7 +685,7 @@ impl Forwarder {
             };
             let (window, revision) = (ack.window, ack.revision);
             if self
-                .call(|connection, fleet| fleet.ack(connection, window, revision))
+                .call(|link, fleet| fleet.ack(link, window, revision))
                 .is_none()
             {
                 break;
@@ -672,15 +711,15 @@ impl Forwarder {
         self.reporter.flush(Instant::now());
     }
 
-    /// Runs `op` on the connection (connecting first if needed). On failure, drops
-    /// the connection, says so once per outage, and backs off.
+    /// Runs `op` on the link (connecting first if needed). On failure, drops the
+    /// link, says so once per outage, and backs off.
     fn call<T>(
         &mut self,
-        op: impl FnOnce(&mut Connection, &mut Fleet) -> RedisResult<T>,
+        op: impl FnOnce(&mut RedisLink, &mut Fleet) -> RedisResult<T>,
     ) -> Option<T> {
         let result = self.connect().and_then(|()| {
-            let connection = self.connection.as_mut().expect("connected above");
-            op(connection, &mut self.fleet)
+            let link = self.connection.as_mut().expect("connected above");
+            op(link, &mut self.fleet)
         });
         match result {
             Ok(value) => {
@@ -698,14 +737,12 @@ impl Forwarder {
         if self.connection.is_some() {
             return Ok(());
         }
-        let mut connection = self.client.get_connection_with_timeout(self.timeout)?;
-        connection.set_read_timeout(Some(self.timeout))?;
-        connection.set_write_timeout(Some(self.timeout))?;
+        let mut link = self.endpoint.connect(self.timeout)?;
         if !self.ever_connected {
             self.ever_connected = true;
-            Fleet::check_eviction_policy(&mut connection);
+            Fleet::check_eviction_policy(&mut link);
         }
-        self.connection = Some(connection);
+        self.connection = Some(link);
         Ok(())
     }
 
@@ -793,15 +830,5 @@ fn instant_of(t: SystemTime) -> Instant {
     match t.duration_since(SystemTime::now()) {
         Ok(ahead) => now + ahead,
         Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
-    }
-}
-
-/// Notes that `shards` were written to, in a list of `count` flags.
-fn touch(touched: &mut Vec<bool>, shards: &[usize], count: usize) {
-    if !shards.is_empty() {
-        touched.resize(count, false);
-        for &shard in shards {
-            touched[shard] = true;
-        }
     }
 }

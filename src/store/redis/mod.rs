@@ -2,9 +2,10 @@
 //!
 //! The aggregator queues ids new to this instance, and closed windows, with
 //! [`RedisStore`]; a forwarder thread of its own sends them, so Redis being slow or
-//! gone never stalls the aggregator, let alone a worker. Ids go to one Redis set per
-//! window with `SADD` (atomic per command: an id two instances send at once is added
-//! once), in pipelined rounds. A closed window comes after this instance's last ids
+//! gone never stalls the aggregator, let alone a worker. Ids go to a window's Redis
+//! sets (one, or `VERVE_REDIS_SHARDS` on a Redis Cluster's slots) with `SADD`
+//! inside a script per set (atomic per set: an id two instances send at once is
+//! added once), in pipelined rounds. A closed window comes after this instance's last ids
 //! for it in the queue, so when the forwarder reaches it, every id is in: it marks
 //! the instance done and the fleet protocol (`fleet`) decides when the window's
 //! count is published, and by whom.
@@ -12,12 +13,13 @@
 //! Outages: ids wait in the queue (at most `VERVE_REDIS_BUFFER_IDS`; beyond that the
 //! [`Admission`] closes and workers answer 503) and are sent once Redis is back,
 //! with backoff between attempts. If Redis lost ids this instance had sent (a
-//! restart, `FLUSHALL`, eviction), the window's sentinel says so when the instance
-//! is done with the window, and every id of it is sent again from the local set,
+//! restart, `FLUSHALL`, eviction, a failover), a set's sentinel says so when the
+//! instance settles the window, and every id of that set is sent again from the local set,
 //! which the store keeps until the fleet's record is complete: the counts stay exact.
 
 mod fleet;
 mod forwarder;
+mod slots;
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -25,18 +27,20 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redis::Client;
-
 use super::{Admission, DedupStore, IdSet};
 use crate::metrics::Telemetry;
+use crate::redis_link::{RedisEndpoint, RedisMode};
 use crate::report::{ClosedWindow, Reporter};
 use crate::sink::Acknowledged;
 use crate::window::WindowStart;
+pub use fleet::window_sets;
 use forwarder::Forwarder;
 
 /// How to reach Redis, what to call things there, and how long the fleet waits.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    pub mode: RedisMode,
+    /// One URL, or in cluster mode seed nodes, comma-separated.
     pub url: String,
     /// Keys start with `<prefix>:`.
     pub prefix: String,
@@ -104,8 +108,12 @@ impl RedisStore {
         admission: Admission,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self, String> {
-        let client = Client::open(settings.url.as_str())
-            .map_err(|e| format!("invalid VERVE_REDIS_URL '{}': {e}", settings.url))?;
+        let endpoint = RedisEndpoint::open(
+            settings.mode,
+            &settings.url,
+            "VERVE_REDIS_URL",
+            settings.timeout,
+        )?;
         telemetry
             .redis_buffer_capacity
             .store(settings.buffer_ids as u64, Ordering::Relaxed);
@@ -119,7 +127,7 @@ impl RedisStore {
         // Connecting, reading the eviction policy, the heartbeat: a timeout each.
         let first_attempt = 3 * settings.timeout + Duration::from_millis(100);
         let (registered, attempted) = std::sync::mpsc::channel();
-        let forwarder = Forwarder::new(shared.clone(), client, settings, reporter, registered);
+        let forwarder = Forwarder::new(shared.clone(), endpoint, settings, reporter, registered);
         let forwarder = std::thread::Builder::new()
             .name("verve-redis".into())
             .spawn(move || forwarder.run())

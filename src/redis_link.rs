@@ -1,0 +1,161 @@
+//! How verve reaches Redis: one server, or a Redis Cluster (`VERVE_REDIS_MODE`).
+//!
+//! Both the store and the Redis stream sink hold a [`RedisEndpoint`] and make a
+//! [`RedisLink`] from it, dropping the link after any error and making a new one.
+//! Everything they send is either a single command or script (routed by its first
+//! key in a cluster) or a [`RedisLink::pipeline`] of them, which a cluster splits
+//! by node; nothing relies on two keys of different slots being in one call.
+//!
+//! In a cluster the client follows `MOVED` and `ASK` itself and sends the command
+//! again: every command verve sends may be sent twice (the fleet's rounds are
+//! numbered, `SADD` is idempotent). Its own retries are kept short: the caller
+//! backs off and reconnects after an error, and a new link reads the slot map
+//! afresh, which is how a failover that moved a master is followed.
+
+use std::time::Duration;
+
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+use redis::{Client, Cmd, Connection, ConnectionLike, RedisResult, Value};
+
+/// A single Redis server, or a Redis Cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One server (or a primary behind a proxy): `VERVE_REDIS_URL` is one URL.
+    #[default]
+    Single,
+    /// A Redis Cluster: `VERVE_REDIS_URL` lists seed nodes, comma-separated.
+    Cluster,
+}
+
+/// Where Redis is: what a [`RedisLink`] is made from.
+#[derive(Clone)]
+pub enum RedisEndpoint {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+/// A live connection to Redis.
+pub enum RedisLink {
+    Single(Connection),
+    /// Boxed: it holds a connection per node and the slot map.
+    Cluster(Box<ClusterConnection>),
+}
+
+/// How often the cluster client sends a command again on its own (after `MOVED`,
+/// `ASK`, `TRYAGAIN`, a dropped node connection) before the caller hears the error.
+const CLUSTER_RETRIES: u32 = 3;
+
+impl RedisEndpoint {
+    /// Checks `urls` (`variable` names where they came from, for the error): one
+    /// URL in single mode, a comma-separated list of seed nodes in cluster mode.
+    pub fn open(
+        mode: RedisMode,
+        urls: &str,
+        variable: &str,
+        timeout: Duration,
+    ) -> Result<RedisEndpoint, String> {
+        let invalid = |e: redis::RedisError| format!("invalid {variable} '{urls}': {e}");
+        match mode {
+            RedisMode::Single => Client::open(urls)
+                .map(RedisEndpoint::Single)
+                .map_err(invalid),
+            RedisMode::Cluster => {
+                let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
+                if seeds.iter().any(|seed| seed.is_empty()) {
+                    return Err(format!(
+                        "invalid {variable} '{urls}': in cluster mode it lists seed nodes, \
+                         redis://host:port,redis://host:port,… with no empty entry"
+                    ));
+                }
+                ClusterClientBuilder::new(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(10)
+                    .max_retry_wait(timeout.as_millis().max(20) as u64)
+                    .build()
+                    .map(RedisEndpoint::Cluster)
+                    .map_err(invalid)
+            }
+        }
+    }
+
+    /// Connects, with `timeout` on the connect and on every read and write (a
+    /// cluster's connects keep the timeout the endpoint was opened with).
+    pub fn connect(&self, timeout: Duration) -> RedisResult<RedisLink> {
+        let mut link = match self {
+            RedisEndpoint::Single(client) => {
+                RedisLink::Single(client.get_connection_with_timeout(timeout)?)
+            }
+            RedisEndpoint::Cluster(client) => {
+                RedisLink::Cluster(Box::new(client.get_connection()?))
+            }
+        };
+        link.set_timeout(timeout)?;
+        Ok(link)
+    }
+}
+
+impl RedisLink {
+    /// Bounds every read and write from now on by `timeout`.
+    pub fn set_timeout(&mut self, timeout: Duration) -> RedisResult<()> {
+        match self {
+            RedisLink::Single(connection) => {
+                connection.set_read_timeout(Some(timeout))?;
+                connection.set_write_timeout(Some(timeout))
+            }
+            RedisLink::Cluster(connection) => {
+                connection.set_read_timeout(Some(timeout))?;
+                connection.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+
+    /// For a single command or script: a cluster routes it by its first key.
+    pub fn connection(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            RedisLink::Single(connection) => connection,
+            RedisLink::Cluster(connection) => connection.as_mut(),
+        }
+    }
+
+    /// Sends `commands` in one round trip per node and returns their answers in
+    /// order. Not a transaction: each command (a script, say) stands alone.
+    pub fn pipeline(&mut self, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        match self {
+            RedisLink::Single(connection) => {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                pipe.query(connection)
+            }
+            RedisLink::Cluster(connection) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                pipe.query(connection)
+            }
+        }
+    }
+
+    /// Sends `command` to the one server, or to every master of the cluster, and
+    /// returns each one's answer.
+    pub fn on_every_master(&mut self, command: &Cmd) -> RedisResult<Vec<Value>> {
+        match self {
+            RedisLink::Single(connection) => Ok(vec![command.query(connection)?]),
+            RedisLink::Cluster(connection) => {
+                let every_master =
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                match connection.route_command(command, every_master)? {
+                    Value::Map(answers) => {
+                        Ok(answers.into_iter().map(|(_, answer)| answer).collect())
+                    }
+                    answer => Ok(vec![answer]),
+                }
+            }
+        }
+    }
+}

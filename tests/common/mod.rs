@@ -8,6 +8,7 @@ pub mod haproxy;
 pub mod kafka;
 pub mod proxy;
 pub mod receiver;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod tansu;
 
@@ -350,8 +351,16 @@ pub fn start_of_next_window(length: WindowLength) -> WindowStart {
 /// Runs `send` so that it starts and ends inside one window, and returns that
 /// window. Starts just after a boundary; if `send` overruns the window (a very
 /// slow machine), tries again, so the window asserted on is always the right one.
-pub fn within_one_window<T>(mut send: impl FnMut() -> T) -> (WindowStart, T) {
-    let length = window_length();
+pub fn within_one_window<T>(send: impl FnMut() -> T) -> (WindowStart, T) {
+    within_one_window_of(window_length(), send)
+}
+
+/// [`within_one_window`] for windows of `length`, for verve started with a
+/// `VERVE_WINDOW_SECS` of its own.
+pub fn within_one_window_of<T>(
+    length: WindowLength,
+    mut send: impl FnMut() -> T,
+) -> (WindowStart, T) {
     for _ in 0..3 {
         let before = start_of_next_window(length);
         let result = send();
@@ -360,7 +369,10 @@ pub fn within_one_window<T>(mut send: impl FnMut() -> T) -> (WindowStart, T) {
         }
         eprintln!("sending overran window {before}; trying again in the next one");
     }
-    panic!("could not send within one {WINDOW_SECS} s window three times");
+    panic!(
+        "could not send within one {} s window three times",
+        length.as_secs()
+    );
 }
 
 /// A parsed HTTP response.

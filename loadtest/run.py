@@ -3,7 +3,7 @@
 
     loadtest/run.py [--rate 20000] [--duration 15] [--connections 64] [--redis]
                     [--compare GIT_REF]
-    loadtest/run.py --fleet [--instances 2] [--window-secs 20] [--duration 15]
+    loadtest/run.py --fleet [--cluster] [--instances 2] [--window-secs 20] [--duration 15]
 
 Builds release, then for each server (the baseline, verve, and with --redis verve
 in Redis mode) starts it with one worker pinned to --server-cpu and drives it from
@@ -33,11 +33,17 @@ script itself so that what is measured is what people run. Once a window starts
 it sends random ids through the balancer with wrk for --duration seconds (within
 that one window), waits for the fleet to publish the window, and reports
 requests/s, verve's CPU per request over all instances, haproxy's, redis-server's
-CPU per new id (SCARD of the window's set), Redis commands per 1,000 requests, and
+CPU per new id (SCARD of the window's sets), Redis commands per 1,000 requests, and
 whether the window's count in Redis, in every count log and on the topic equals
 the distinct ids wrk sent. Nothing is pinned: every process shares the machine,
 so on a small VM this is a functional measurement, not a scaling one. It writes
 loadtest/results/fleet.md.
+
+--fleet --cluster runs the fleet on a Redis Cluster of three masters instead
+(scripts/fleet.sh --cluster): the same figures, Redis's summed over the masters,
+and per master the window's sets it holds (`verve:{W/k}`, read with SCAN and SCARD
+on that master, which owns them), its share of the window's ids, its CPU seconds
+and its commands. It writes loadtest/results/fleet-cluster.md.
 """
 
 import argparse
@@ -288,6 +294,8 @@ def start_fleet(args, run_dir):
     """Starts scripts/fleet.sh and waits for its fleet.env; returns (process, env)."""
     cmd = [str(ROOT / "scripts" / "fleet.sh"), str(args.instances), "--port", str(free_port()),
            "--window-secs", str(args.window_secs), "--run-dir", str(run_dir)]
+    if args.cluster:
+        cmd.append("--cluster")
     out = open(run_dir / "fleet.out", "w")
     fleet = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     env_file = run_dir / "fleet.env"
@@ -307,8 +315,8 @@ def stop_fleet(fleet, env):
     """SIGTERM to the script, which stops its parts in order; then checks none is left."""
     fleet.send_signal(signal.SIGTERM)
     fleet.wait(timeout=60)
-    pids = [env.get("REDIS_PID"), env.get("TANSU_PID"), env.get("HAPROXY_PID")]
-    pids += env.get("VERVE_PIDS", "").split(",")
+    pids = [env.get("TANSU_PID"), env.get("HAPROXY_PID")]
+    pids += env.get("REDIS_PIDS", "").split(",") + env.get("VERVE_PIDS", "").split(",")
     return [pid for pid in pids if pid and running(pid)]
 
 
@@ -356,8 +364,28 @@ def admin_metric(port, series):
     return sum(int(float(v)) for v in re.findall(rf"^{re.escape(series)} (\S+)$", text, re.M))
 
 
-def redis_cli(env, *args):
-    return sh(["redis-cli", "-p", env["REDIS_PORT"], *args], capture_output=True).stdout
+def redis_cli(port, *args):
+    return sh(["redis-cli", "-p", port, *args], capture_output=True).stdout
+
+
+def commandstats(port):
+    """Calls per command on one Redis node since its last CONFIG RESETSTAT, less
+    this script's own."""
+    stats = redis_cli(port, "INFO", "commandstats")
+    commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
+    for own in ("info", "config|resetstat"):
+        commands.pop(own, None)
+    return commands
+
+
+def window_sets(port, window):
+    """The sizes of `window`'s id sets one Redis node holds: `verve:{W}`, or the
+    shards `verve:{W/k}` (VERVE_REDIS_SHARDS > 1). SCAN sees only the node's own
+    keys, so in a cluster each set is read on the master that owns its slot."""
+    keys = set()
+    for pattern in (f"verve:{{{window}}}", f"verve:{{{window}/*}}"):
+        keys.update(redis_cli(port, "--scan", "--pattern", pattern).split())
+    return {key: int(redis_cli(port, "SCARD", key)) for key in sorted(keys)}
 
 
 def measure_fleet(args):
@@ -387,11 +415,15 @@ def drive_fleet(args, env):
     window = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
     # Anything else running on the machine shows up in every figure below.
     load = os.getloadavg()[0]
-    redis_cli(env, "CONFIG", "RESETSTAT")
+    # One redis-server, or the cluster's masters, in the order of fleet.sh.
+    redis_ports = env["REDIS_PORTS"].split(",")
+    redis_pids = env["REDIS_PIDS"].split(",")
+    for port in redis_ports:
+        redis_cli(port, "CONFIG", "RESETSTAT")
     accepted_before = [admin_metric(p, "verve_ids_accepted_total") for p in admin_ports]
     verve_before = sum(cpu_seconds(pid) for pid in verve_pids)
     haproxy_before = cpu_seconds(env["HAPROXY_PID"])
-    redis_before = cpu_seconds(env["REDIS_PID"])
+    redis_before = [cpu_seconds(pid) for pid in redis_pids]
 
     sending = args.duration - 2
     out = sh(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "-s", str(SCRIPT),
@@ -415,19 +447,26 @@ def drive_fleet(args, env):
             break
         time.sleep(0.2)
     published = time.time()
-    redis_cpu = cpu_seconds(env["REDIS_PID"]) - redis_before
-    scard = int(redis_cli(env, "SCARD", f"verve:{{{window}}}"))
-    stats = redis_cli(env, "INFO", "commandstats")
-    commands = {name: int(calls) for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", stats)}
-    for own in ("info", "config|resetstat"):
-        commands.pop(own, None)
-    commands["scard"] = commands.get("scard", 1) - 1  # this function's own; settle.lua runs the rest
+    masters = []
+    for port, pid, before in zip(redis_ports, redis_pids, redis_before):
+        cpu = cpu_seconds(pid) - before
+        # The commands before this script's own SCAN and SCARD.
+        masters.append({"port": port, "cpu": cpu, "commands": commandstats(port)})
+    for master in masters:
+        master["sets"] = window_sets(master["port"], window)
+    commands = {}
+    for master in masters:
+        for name, calls in master["commands"].items():
+            commands[name] = commands.get(name, 0) + calls
+    redis_cpu = sum(m["cpu"] for m in masters)
+    scard = sum(sum(m["sets"].values()) for m in masters)
     return {
         "window": window, "requests": requests, "rate": requests / sending, "sending": sending,
         "p50": int(lat["p50"]), "p99": int(lat["p99"]), "failed": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(0) if errors else None, "distinct": distinct,
         "accepted": accepted, "verve_cpu": verve_cpu, "haproxy_cpu": haproxy_cpu,
-        "redis_cpu": redis_cpu, "scard": scard, "commands": commands,
+        "redis_cpu": redis_cpu, "scard": scard, "commands": commands, "masters": masters,
+        "cluster": env.get("REDIS_MODE") == "cluster",
         "logs": [log_records(log, window) for log in logs], "topic": topic_records(env, window),
         "published_after": published - (start + w), "load": load,
     }
@@ -438,8 +477,15 @@ def fleet_report(args, r):
     n = args.instances
     sent = r["distinct"]
     checks = []
-    # Redis: the window's set.
-    checks.append((f"Redis `SCARD verve:{{{r['window']}}}`: {r['scard']:,}", r["scard"] == sent))
+    # Redis: the window's set, or its shards on every master.
+    keys = [key for m in r["masters"] for key in m["sets"]]
+    if keys == [f"verve:{{{r['window']}}}"]:
+        where = f"`SCARD verve:{{{r['window']}}}`"
+    else:
+        where = f"`SCARD` of the window's {len(keys)} sets `verve:{{{r['window']}/k}}`"
+        if r["cluster"]:
+            where += f", summed over {len(r['masters'])} masters"
+    checks.append((f"Redis {where}: {r['scard']:,}", r["scard"] == sent))
     # The count logs: every instance logs the fleet's records; the highest revision counts.
     for i, records in enumerate(r["logs"], 1):
         if not records:
@@ -465,12 +511,16 @@ def fleet_report(args, r):
     top = ", ".join(f"{c} {k / r['requests'] * 1000:.2f}" for c, k in
                     sorted(r["commands"].items(), key=lambda kv: -kv[1])[:8])
     split = ", ".join(f"verve-{i} {a:,}" for i, a in enumerate(r["accepted"], 1))
+    masters = len(r["masters"])
+    redis = f"a Redis Cluster of {masters} masters" if r["cluster"] else "redis-server"
     lines = [
-        f"# Fleet load test, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"# Fleet load test{' on a Redis Cluster' if r['cluster'] else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        f"`loadtest/run.py --fleet --instances {n} --window-secs {args.window_secs} --duration {args.duration}"
+        f"`loadtest/run.py --fleet{' --cluster' if r['cluster'] else ''} --instances {n} "
+        f"--window-secs {args.window_secs} --duration {args.duration}"
         f" --connections {args.connections}`: scripts/fleet.sh with {n} instances of one worker each "
-        f"(unpinned), redis-server, tansu and haproxy (round robin); wrk -t1 -c{args.connections} through "
+        f"(unpinned), {redis}, tansu and haproxy (round robin); wrk -t1 -c{args.connections} through "
         f"haproxy, random ids from {args.ids:,}, requests sent for {r['sending']} s within the window "
         f"starting {r['window']}.",
         "",
@@ -487,12 +537,29 @@ def fleet_report(args, r):
         f"| non-2xx answers | {r['failed']} |",
         f"| verve CPU per request, all instances | {r['verve_cpu'] / r['requests'] * 1e6:.2f} µs |",
         f"| haproxy CPU per request | {r['haproxy_cpu'] / r['requests'] * 1e6:.2f} µs |",
-        f"| redis-server CPU per new id | {r['redis_cpu'] / max(r['scard'], 1) * 1e6:.2f} µs "
+        f"| redis-server CPU per new id{f', all {masters} masters' if r['cluster'] else ''} | "
+        f"{r['redis_cpu'] / max(r['scard'], 1) * 1e6:.2f} µs "
         f"({r['redis_cpu']:.2f} s for {r['scard']:,} ids) |",
         f"| Redis commands per 1,000 requests | {total / r['requests'] * 1000:.2f} ({top}) |",
         f"| the window's record in every count log | {r['published_after']:.1f} s after the window's end "
         "(polled every 0.2 s) |",
         "",
+    ]
+    if r["cluster"]:
+        lines += [
+            "Per master: the window's sets it holds (SCAN and SCARD on the master itself), its share of "
+            "the window's ids, its CPU and its commands.",
+            "",
+            "| master | sets | ids | share of ids | CPU | commands per 1,000 requests |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, m in enumerate(r["masters"], 1):
+            ids = sum(m["sets"].values())
+            lines.append(f"| redis-{i} (port {m['port']}) | {len(m['sets'])} | {ids:,} | "
+                         f"{ids / max(r['scard'], 1):.1%} | {m['cpu']:.2f} s | "
+                         f"{sum(m['commands'].values()) / r['requests'] * 1000:.2f} |")
+        lines.append("")
+    lines += [
         f"Exactness: wrk sent {sent:,} distinct ids.",
         "",
     ]
@@ -510,13 +577,15 @@ def fleet_main(args):
         ensure_tools(need_oha=False)
     if not args.skip_build:
         sh(["cargo", "build", "--release", "--bin", "verve"], cwd=ROOT)
-    print(f"== fleet of {args.instances} behind haproxy (scripts/fleet.sh)", flush=True)
+    redis = ", a Redis Cluster of 3 masters" if args.cluster else ""
+    print(f"== fleet of {args.instances} behind haproxy{redis} (scripts/fleet.sh)", flush=True)
     r = measure_fleet(args)
     report, fine = fleet_report(args, r)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fleet.md").write_text(report)
+    out = args.out / ("fleet-cluster.md" if args.cluster else "fleet.md")
+    out.write_text(report)
     print("\n" + report)
-    print(f"wrote {args.out / 'fleet.md'}")
+    print(f"wrote {out}")
     if not fine:
         sys.exit(1)
 
@@ -538,7 +607,11 @@ def main():
     p.add_argument("--instances", type=int, default=2, help="with --fleet: verve instances")
     p.add_argument("--window-secs", type=int, default=20,
                    help="with --fleet: the window, which must hold --duration and 2 s more")
+    p.add_argument("--cluster", action="store_true",
+                   help="with --fleet: a Redis Cluster of three masters instead of one redis-server")
     args = p.parse_args()
+    if args.cluster and not args.fleet:
+        p.error("--cluster goes with --fleet")
     if args.fleet:
         fleet_main(args)
         return

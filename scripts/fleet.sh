@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# A local fleet in one command: redis-server, tansu (a Kafka-protocol broker), N
-# verve release instances sharing them, and haproxy in front, all on loopback.
+# A local fleet in one command: redis-server (or a Redis Cluster of three masters),
+# tansu (a Kafka-protocol broker), N verve release instances sharing them, and
+# haproxy in front, all on loopback.
 #
 #   scripts/fleet.sh [instances] [--window-secs N] [--port P] [--workers W]
-#                    [--no-kafka] [--run-dir DIR]
+#                    [--cluster] [--no-kafka] [--run-dir DIR]
 #
 # instances      verve processes (default 2), each with its own port, operations
 #                port and count log
 # --window-secs  window length (default 10, so that counts show up quickly)
 # --port         the balancer's port (default 8080); every other port is a free one
 # --workers      worker threads per instance (default 1)
+# --cluster      a Redis Cluster of three masters (no replicas) instead of one
+#                redis-server; the instances get VERVE_REDIS_MODE=cluster and the
+#                three nodes as VERVE_REDIS_URL, and spread each window's ids over
+#                VERVE_REDIS_SHARDS sets (16 unless set), so over the masters
 # --no-kafka     no broker: the instances write their count logs only
 # --run-dir      where the logs, haproxy.cfg and fleet.env go
 #                (default target/fleet/<UTC date and time>)
-# --cluster      refused (exit 2): verve has no Redis Cluster mode yet
 #
 # Prints where each part listens and how to send traffic and read the counts,
 # then runs until Ctrl-C or SIGTERM and stops everything in order: the balancer,
 # the instances (the last one to leave publishes the window in progress), the
-# broker, Redis. Once everything is up it writes <run dir>/fleet.env (ports and
-# process ids), which loadtest/run.py --fleet reads. VERVE_* variables in the
-# environment reach every instance (those the fleet sets itself excepted), e.g.
-# VERVE_CALLBACK_DENY_PRIVATE=false for a callback receiver on loopback.
+# broker, Redis (every node). Once everything is up it writes <run dir>/fleet.env
+# (ports and process ids), which loadtest/run.py --fleet reads. VERVE_* variables
+# in the environment reach every instance (those the fleet sets itself excepted),
+# e.g. VERVE_CALLBACK_DENY_PRIVATE=false for a callback receiver on loopback.
 
 # shellcheck disable=SC2317  # the stop functions run from traps, the checks from wait_until
 set -euo pipefail
@@ -41,6 +45,7 @@ window_secs=10
 balancer_port=8080
 workers=1
 kafka=1
+cluster=0
 run_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,11 +54,7 @@ while [ $# -gt 0 ]; do
     --workers) workers=${2:?--workers needs a value}; shift 2 ;;
     --run-dir) run_dir=${2:?--run-dir needs a value}; shift 2 ;;
     --no-kafka) kafka=0; shift ;;
-    --cluster)
-      # Issue 13 asks for a 3-master Redis Cluster here, but the instances would
-      # need VERVE_REDIS_MODE=cluster to use one, and that is not built yet.
-      echo "fleet.sh: --cluster is not implemented yet: verve has no Redis Cluster mode (VERVE_REDIS_MODE=cluster) to point at one; run without it for a single redis-server" >&2
-      exit 2 ;;
+    --cluster) cluster=1; shift ;;
     -h|--help) usage 0 ;;
     [0-9]*) instances=$1; shift ;;
     *) echo "fleet.sh: unknown argument $1" >&2; usage ;;
@@ -83,8 +84,12 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$balancer_port") 2>/dev/null; then
 fi
 # Every other port is one the kernel hands out as free, all taken in one go so that
 # none repeats: redis, kafka, haproxy's stats page, then a public and an operations
-# port per instance.
-mapfile -t ports < <(python3 - $((3 + 2 * instances)) <<'EOF'
+# port per instance; with --cluster, the two other nodes' ports and each node's
+# cluster bus port (Redis's default bus port, its port + 10000, may be taken or
+# past 65535 for a port the kernel picked).
+extra_ports=0
+if [ "$cluster" -eq 1 ]; then extra_ports=5; fi
+mapfile -t ports < <(python3 - $((3 + 2 * instances + extra_ports)) <<'EOF'
 import socket, sys
 held = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in held:
@@ -95,6 +100,13 @@ EOF
 redis_port=${ports[0]}
 kafka_port=${ports[1]}
 stats_port=${ports[2]}
+redis_ports=("$redis_port")
+bus_ports=()
+if [ "$cluster" -eq 1 ]; then
+  next=$((3 + 2 * instances))
+  redis_ports+=("${ports[$next]}" "${ports[$((next + 1))]}")
+  bus_ports=("${ports[@]:$((next + 2)):3}")
+fi
 topic=${VERVE_KAFKA_TOPIC:-verve-unique-requests}
 
 run_dir=${run_dir:-target/fleet/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -185,12 +197,43 @@ wait_until() {
 }
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+join() { local IFS=,; echo "$*"; }
 
 # Redis: fresh and in memory only (no snapshot, no AOF), and noeviction, which
 # the fleet protocol needs: an evicted window set would be counted short.
-start redis "$run_dir/redis.log" redis-server --bind 127.0.0.1 --port "$redis_port" \
-  --save "" --appendonly no --maxmemory-policy noeviction --dir "$run_dir"
-wait_until "redis-server on port $redis_port" 10 redis-cli -p "$redis_port" ping
+redis_args=(--bind 127.0.0.1 --save "" --appendonly no --maxmemory-policy noeviction --dir "$run_dir")
+if [ "$cluster" -eq 0 ]; then
+  redis_mode=single
+  redis_url="redis://127.0.0.1:$redis_port/0"
+  start redis "$run_dir/redis.log" redis-server --port "$redis_port" "${redis_args[@]}"
+  wait_until "redis-server on port $redis_port" 10 redis-cli -p "$redis_port" ping
+else
+  # Three masters, each with the slots redis-cli gives it (a third each), no
+  # replicas: a node that stops takes its slots down, as one redis-server would.
+  redis_mode=cluster
+  urls=()
+  for n in 1 2 3; do
+    port=${redis_ports[$((n - 1))]}
+    urls+=("redis://127.0.0.1:$port")
+    start "redis-$n" "$run_dir/redis-$n.log" redis-server --port "$port" "${redis_args[@]}" \
+      --cluster-enabled yes --cluster-port "${bus_ports[$((n - 1))]}" \
+      --cluster-config-file "$run_dir/nodes-$port.conf" --cluster-node-timeout 2000
+  done
+  redis_url=$(join "${urls[@]}")
+  for port in "${redis_ports[@]}"; do
+    wait_until "redis-server on port $port" 10 redis-cli -p "$port" ping
+  done
+  if ! redis-cli --cluster create "${redis_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes \
+    >"$run_dir/cluster-create.log" 2>&1; then
+    echo "fleet.sh: redis-cli --cluster create failed; see $run_dir/cluster-create.log" >&2
+    exit 1
+  fi
+  # Every node must see every slot served before an instance asks it for one.
+  cluster_ok() { [[ $(redis-cli -p "$1" cluster info) == *cluster_state:ok* ]]; }
+  for port in "${redis_ports[@]}"; do
+    wait_until "the cluster on port $port (cluster_state:ok)" 20 cluster_ok "$port"
+  done
+fi
 
 # tansu in memory, as tests/common/tansu.rs runs it, with the topic made up front
 # (one partition, as the tests make it) so that the first record does not race
@@ -222,7 +265,7 @@ for ((i = 1; i <= instances; i++)); do
     "VERVE_ADDR=127.0.0.1:$port" "VERVE_ADMIN_ADDR=127.0.0.1:$admin" \
     "VERVE_INSTANCE=verve-$i" "VERVE_WORKERS=$workers" VERVE_PIN_WORKERS=false \
     "VERVE_WINDOW_SECS=$window_secs" "VERVE_COUNT_LOG=$run_dir/verve-$i.counts.log" \
-    "VERVE_REDIS_URL=redis://127.0.0.1:$redis_port/0" "${kafka_env[@]}" \
+    "VERVE_REDIS_MODE=$redis_mode" "VERVE_REDIS_URL=$redis_url" "${kafka_env[@]}" \
     "$binary"
 done
 for ((i = 1; i <= instances; i++)); do
@@ -288,10 +331,13 @@ all_up() {
 wait_until "the health checks of haproxy" 10 all_up
 
 # --- ready: what runs where ---
-join() { local IFS=,; echo "$*"; }
 verve_pids=()
+redis_pids=()
 for i in "${!names[@]}"; do
-  if [[ ${names[$i]} == verve-* ]]; then verve_pids+=("${pids[$i]}"); fi
+  case "${names[$i]}" in
+    verve-*) verve_pids+=("${pids[$i]}") ;;
+    redis | redis-*) redis_pids+=("${pids[$i]}") ;;
+  esac
 done
 pid_of() {
   local i
@@ -304,8 +350,14 @@ pid_of() {
   echo "FLEET_URL=http://127.0.0.1:$balancer_port"
   echo "FLEET_WINDOW_SECS=$window_secs"
   echo "FLEET_INSTANCES=$instances"
-  echo "REDIS_PORT=$redis_port"
+  # REDIS_PORT and REDIS_PID name the one redis-server, so they are empty with
+  # --cluster: a reader of one server's figures would see a third of the cluster's.
+  echo "REDIS_MODE=$redis_mode"
+  echo "REDIS_URL=$redis_url"
+  echo "REDIS_PORT=$([ "$cluster" -eq 0 ] && echo "$redis_port")"
   echo "REDIS_PID=$(pid_of redis)"
+  echo "REDIS_PORTS=$(join "${redis_ports[@]}")"
+  echo "REDIS_PIDS=$(join "${redis_pids[@]}")"
   echo "KAFKA_BROKERS=$([ "$kafka" -eq 1 ] && echo "127.0.0.1:$kafka_port")"
   echo "KAFKA_TOPIC=$topic"
   echo "TANSU_PID=$(pid_of tansu)"
@@ -327,7 +379,16 @@ printf '  %-9s %s\n' balancer "$url  (haproxy, round robin; stats page http://12
 for ((i = 1; i <= instances; i++)); do
   printf '  %-9s %s\n' "verve-$i" "http://127.0.0.1:${verve_ports[$((i - 1))]}  operations http://127.0.0.1:${admin_ports[$((i - 1))]}/healthz and /metrics"
 done
-printf '  %-9s %s\n' redis "redis://127.0.0.1:$redis_port/0  (no persistence, noeviction)"
+if [ "$cluster" -eq 0 ]; then
+  printf '  %-9s %s\n' redis "$redis_url  (no persistence, noeviction)"
+else
+  for n in 1 2 3; do
+    port=${redis_ports[$((n - 1))]}
+    slots=$(redis-cli -p "$port" cluster nodes | tr -d '\r' |
+      awk '$3 ~ /myself/ { for (i = 9; i <= NF; i++) printf "%s%s", (i > 9 ? "," : ""), $i }')
+    printf '  %-9s %s\n' "redis-$n" "redis://127.0.0.1:$port  (cluster master, slots $slots, bus port ${bus_ports[$((n - 1))]}; no persistence, noeviction)"
+  done
+fi
 if [ "$kafka" -eq 1 ]; then
   printf '  %-9s %s\n' kafka "127.0.0.1:$kafka_port  (tansu, in memory), topic $topic"
 fi
@@ -340,8 +401,13 @@ Send traffic through the balancer:
 Read the counts: every instance logs each record of the fleet (scope=global, one
 per window; a higher revision if the count was revised):
   tail -f $run_dir/verve-1.counts.log
-  redis-cli -p $redis_port --scan --pattern 'verve:{*}'     # the open windows' keys
 EOF
+if [ "$cluster" -eq 0 ]; then
+  echo "  redis-cli -p $redis_port --scan --pattern 'verve:{*}'     # the open windows' keys"
+else
+  # Each node scans its own keys only.
+  echo "  for p in ${redis_ports[*]}; do redis-cli -p \$p --scan --pattern 'verve:{*}'; done   # the open windows' keys, per master"
+fi
 if [ "$kafka" -eq 1 ]; then
   cat <<EOF
 The topic (one record per window and revision, key = window start; one JSON array

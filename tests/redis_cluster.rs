@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use common::redis_cluster::RedisCluster;
 use common::{
-    accept_all, eventually, fleet_member, start_of_next_window, two_members_with_overlapping_ids,
-    within_one_window, within_one_window_of, Client, Verve, WindowLine,
+    accept_all, eventually, fleet_member, metric, start_of_next_window,
+    two_members_with_overlapping_ids, within_one_window, within_one_window_of, Client, Verve,
+    WindowLine,
 };
 use verve::window::{WindowLength, WindowStart};
 
@@ -26,8 +27,7 @@ const DEFAULT_SHARDS: usize = 16;
 #[test]
 fn two_instances_over_three_masters_count_exactly() {
     let cluster = RedisCluster::start(3, 0);
-    let env = [CLUSTER_MODE, ("VERVE_REDIS_SHARDS", "64")];
-    let (a, b, window) = two_members_with_overlapping_ids(&cluster.urls(), &env);
+    let (a, b, window) = two_members_with_overlapping_ids(&cluster.urls(), &[CLUSTER_MODE]);
     let line = both_log_one_record(&a, &b, window);
     assert_eq!(summary(&line), (300, "global", 1, true, false, 2));
     assert_eq!(
@@ -36,13 +36,25 @@ fn two_instances_over_three_masters_count_exactly() {
     );
     let by = cluster.record_field(window, "by").unwrap();
     assert!(by.starts_with("a/") || by.starts_with("b/"), "{by}");
-    // Which master serves a shard depends on the window's hash: a master gets
-    // none of the 64 with chance (2/3)^64, so some master is left out with
-    // chance about 3·(2/3)^64 ≈ 2e-11.
-    let by_master = cluster.scard_by_master(window, 64);
-    assert_eq!(by_master.len(), 3, "{by_master:?}");
-    assert!(by_master.values().all(|&ids| ids > 0), "{by_master:?}");
+    // Shard k's slot is in the k-th sixteenth of the slots, and redis-cli gave
+    // each master a third of them, in one range: each master serves 5 or 6 of
+    // the window's 16 shards (a range boundary splits one sixteenth), whatever
+    // the window.
+    let mut shards_by_master: BTreeMap<u16, usize> = BTreeMap::new();
+    for key in verve::store::window_sets("verve", window, DEFAULT_SHARDS) {
+        *shards_by_master
+            .entry(cluster.owner_of_key(&key))
+            .or_default() += 1;
+    }
+    assert_eq!(shards_by_master.len(), 3, "{shards_by_master:?}");
+    assert!(
+        shards_by_master.values().all(|&n| n == 5 || n == 6),
+        "{shards_by_master:?}"
+    );
+    let by_master = cluster.scard_by_master(window, DEFAULT_SHARDS);
     assert_eq!(by_master.values().sum::<u64>(), 300, "{by_master:?}");
+    // 300 ids leave a master's 5 shards empty with chance about 3·(11/16)^300.
+    assert!(by_master.values().all(|&ids| ids > 0), "{by_master:?}");
 }
 
 #[test]
@@ -53,8 +65,8 @@ fn default_shards_in_cluster_mode_are_sixteen() {
     let line = verve.wait_for_window(window);
     assert_eq!((line.unique_requests, line.complete), (300, true));
     // 300 ids leave one of 16 shards empty with chance about 16·(15/16)^300 ≈ 6e-8.
-    let expected: BTreeSet<String> = (0..DEFAULT_SHARDS)
-        .map(|shard| format!("verve:{{{window}/{shard}}}"))
+    let expected: BTreeSet<String> = verve::store::window_sets("verve", window, DEFAULT_SHARDS)
+        .into_iter()
         .collect();
     assert_eq!(cluster.shard_keys(window), expected);
     assert!(
@@ -146,6 +158,13 @@ fn a_master_killed_mid_window_loses_nothing() {
     assert_eq!(summary(&line), (300, "global", 1, true, false, 2));
     let by_master = cluster.scard_by_master(window, DEFAULT_SHARDS);
     assert_eq!(by_master.values().sum::<u64>(), 300, "{by_master:?}");
+    // The promoted replica lacked ids both had delivered: whoever had ids in
+    // its shards sent them again (one instance or both).
+    let replays = |v: &Verve| metric(&v.scrape(), "verve_redis_replays_total");
+    assert!(
+        replays(&a) + replays(&b) >= 1,
+        "no replay, yet ids were lost"
+    );
 }
 
 /// Sends each instance its ids, at the same time.

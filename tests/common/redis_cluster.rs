@@ -184,7 +184,7 @@ impl RedisCluster {
     }
 
     /// For each master (every one listed, even with nothing), how many ids of
-    /// `window` it holds: the sizes of the shard sets `verve:{W/k}`, k < `shards`,
+    /// `window` it holds: the sizes of the shard sets of `window` split over `shards`,
     /// that it serves, each asked of its own master.
     pub fn scard_by_master(&self, window: WindowStart, shards: usize) -> BTreeMap<u16, u64> {
         let any = self.any_alive();
@@ -474,8 +474,8 @@ fn query<T: redis::FromRedisValue>(
 }
 
 /// The keys of `window`'s id sets.
-fn shard_keys(window: WindowStart, shards: usize) -> impl Iterator<Item = String> {
-    (0..shards).map(move |shard| format!("verve:{{{window}/{shard}}}"))
+fn shard_keys(window: WindowStart, shards: usize) -> Vec<String> {
+    verve::store::window_sets("verve", window, shards)
 }
 
 fn keyslot(connection: &mut redis::Connection, key: &str) -> u16 {

@@ -121,17 +121,22 @@ impl RedisLink {
     }
 
     /// Sends `commands` in one round trip per node and returns their answers in
-    /// order. Not a transaction: each command (a script, say) stands alone.
-    pub fn pipeline(&mut self, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+    /// order. `atomic` (one server only) makes them one transaction (`MULTI`);
+    /// otherwise each command (a script, say) stands alone.
+    pub fn pipeline(&mut self, commands: Vec<Cmd>, atomic: bool) -> RedisResult<Vec<Value>> {
         match self {
             RedisLink::Single(connection) => {
                 let mut pipe = redis::pipe();
+                if atomic {
+                    pipe.atomic();
+                }
                 for command in commands {
                     pipe.add_command(command);
                 }
                 pipe.query(connection)
             }
             RedisLink::Cluster(connection) => {
+                debug_assert!(!atomic, "a cluster has no transaction across nodes");
                 let mut pipe = redis::cluster::cluster_pipe();
                 for command in commands {
                     pipe.add_command(command);

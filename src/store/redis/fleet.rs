@@ -12,8 +12,9 @@
 //!   the k-th of S slices of the slots and Redis Cluster spreads the shards evenly
 //!   over its masters (`slots`); the window's count is the sum of their sizes.
 //! - Beside each shard, on its slot: `…:delivered` and `…:rounds`, per run, how
-//!   many ids it has delivered to the shard, counted in the same script as the ids
-//!   and once per numbered round (`round.lua`): the sentinel of its ids, which a
+//!   many ids it has delivered to the shard, counted atomically with the ids (in
+//!   `round.lua` on a cluster, in the round's transaction with `count.lua` on one
+//!   server) and once per numbered round: the sentinel of its ids, which a
 //!   failover or a restart rolls back together with them.
 //! - `P:{W}:marks`: per run, `sending` (from its first ids for the window on) or,
 //!   once its last ids for the window are acknowledged, `full` or `partial`
@@ -70,7 +71,7 @@ use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
 use super::slots::ShardTags;
 use crate::metrics::now_ms;
-use crate::redis_link::RedisLink;
+use crate::redis_link::{RedisLink, RedisMode};
 use crate::report::{CountRecord, Scope, Timestamp};
 use crate::window::WindowStart;
 
@@ -84,7 +85,15 @@ pub(super) fn shard_of(id: i64, shards: usize) -> usize {
 /// The keys of `window`'s sets of ids in Redis, under `prefix`, split over
 /// `shards`: for operators and tests that look into Redis.
 pub fn window_sets(prefix: &str, window: WindowStart, shards: usize) -> Vec<String> {
-    let mut fleet = Fleet::new(prefix, "", window, 1, Duration::from_secs(1), shards);
+    let mut fleet = Fleet::new(
+        prefix,
+        "",
+        window,
+        1,
+        Duration::from_secs(1),
+        shards,
+        RedisMode::Single,
+    );
     (0..shards)
         .map(|shard| fleet.shard_keys(window, shard)[0].clone())
         .collect()
@@ -250,6 +259,8 @@ impl Published {
 /// The commands of one round of ids, and what they deliver to each shard.
 pub(super) struct RoundCommands {
     pub commands: Vec<Cmd>,
+    /// The commands must run as one transaction (`MULTI`).
+    pub atomic: bool,
     /// Per shard the round writes to: the shard, and how many ids it adds.
     pub shards: Vec<(usize, u64)>,
 }
@@ -267,6 +278,10 @@ pub(super) struct Fleet {
     key_ttl_secs: u64,
     /// `VERVE_REDIS_SHARDS`: sets per window.
     pub shards: usize,
+    /// One server: a round may be a transaction over all its keys.
+    atomic: bool,
+    /// `count.lua`, for the rounds of a single server.
+    count: &'static str,
     tags: ShardTags,
     /// `VERVE_FLEET_WAIT_MS`: the heartbeat's time to live, and how long after a
     /// window's end the fleet waits for every instance.
@@ -303,6 +318,7 @@ impl Fleet {
         window_secs: u64,
         wait: Duration,
         shards: usize,
+        mode: RedisMode,
     ) -> Self {
         Fleet {
             prefix: prefix.to_owned(),
@@ -311,6 +327,8 @@ impl Fleet {
             window_secs,
             key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
             shards,
+            atomic: mode == RedisMode::Single,
+            count: include_str!("count.lua"),
             tags: ShardTags::new(shards),
             wait,
             settle: Script::new(include_str!("settle.lua")),
@@ -365,11 +383,14 @@ impl Fleet {
     }
 
     /// Commands adding `ids` to `window` as round `round` of this run's deliveries
-    /// to it, counted as `count` says: per shard, one `round.lua`, so that the ids
-    /// and their count go in together or not at all, and a round is counted once
-    /// however often it is sent. The window's first round also sets this run's
-    /// `sending` mark. `touched` says which shards this run already wrote to in the
-    /// window (and gave a time to live).
+    /// to it, counted as `count` says, so that the ids and their count go in
+    /// together or not at all, and a round is counted once however often it is
+    /// sent. On a cluster, per shard one `round.lua` (atomic on the shard's node);
+    /// on a single server, one transaction of plain `SADD`s and one `count.lua`
+    /// for every shard (the same effect, without passing every id through Lua).
+    /// The window's first round also sets this run's `sending` mark. `touched`
+    /// says which shards this run already wrote to in the window (and gave a time
+    /// to live).
     pub fn round(
         &mut self,
         window: WindowStart,
@@ -378,30 +399,64 @@ impl Fleet {
         count: Count,
         touched: &[bool],
     ) -> RoundCommands {
+        let mode = match count {
+            Count::Add => "add",
+            Count::Set => "set",
+        };
         let mut commands = Vec::new();
         let mut shards = Vec::new();
+        // For count.lua: each shard's sentinel keys, its ids and its time to live.
+        let mut sentinels = Vec::new();
+        let mut counts = Vec::new();
         for (shard, ids) in self.split(ids).iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
             let first = !touched.get(shard).copied().unwrap_or(false);
-            let keys = self.shard_keys(window, shard);
-            let mut call = evalsha(&self.round, &keys);
-            call.arg(&self.run)
-                .arg(round)
-                .arg(match count {
-                    Count::Add => "add",
-                    Count::Set => "set",
-                })
-                .arg(if first { self.key_ttl_secs } else { 0 })
-                .arg(&ids[..]);
-            commands.push(call);
+            let ttl = if first { self.key_ttl_secs } else { 0 };
+            let [set, delivered, rounds] = self.shard_keys(window, shard);
+            if self.atomic {
+                let mut add = redis::cmd("SADD");
+                add.arg(&set).arg(&ids[..]);
+                commands.push(add);
+                if first {
+                    let mut expire = redis::cmd("EXPIRE");
+                    expire.arg(&set).arg(ttl);
+                    commands.push(expire);
+                }
+                sentinels.extend([delivered, rounds]);
+                counts.extend([ids.len() as u64, ttl]);
+            } else {
+                let mut call = evalsha(&self.round, &[set, delivered, rounds]);
+                call.arg(&self.run)
+                    .arg(round)
+                    .arg(mode)
+                    .arg(ttl)
+                    .arg(&ids[..]);
+                commands.push(call);
+            }
             shards.push((shard, ids.len() as u64));
+        }
+        if self.atomic && !shards.is_empty() {
+            // Sent whole: a script not loaded yet would fail inside the transaction.
+            let mut call = redis::cmd("EVAL");
+            call.arg(self.count)
+                .arg(sentinels.len())
+                .arg(&sentinels)
+                .arg(&self.run)
+                .arg(round)
+                .arg(mode)
+                .arg(&counts);
+            commands.push(call);
         }
         if round == 1 {
             commands.extend(self.sending(window));
         }
-        RoundCommands { commands, shards }
+        RoundCommands {
+            commands,
+            shards,
+            atomic: self.atomic,
+        }
     }
 
     /// Commands setting this run's mark for `window` to `sending`: it has ids for
@@ -427,17 +482,22 @@ impl Fleet {
         shards.into_iter().map(std::borrow::Cow::Owned).collect()
     }
 
-    /// Runs `commands` in one pipeline (one round trip per node); a node that does
-    /// not know a script yet (it just started, or was just promoted) is taught the
-    /// pipelined scripts, and the pipeline is sent again: every command in it may
-    /// run twice.
-    pub fn pipeline(&self, link: &mut RedisLink, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
-        match link.pipeline(commands.clone()) {
+    /// Runs `commands` in one pipeline (one round trip per node), as one
+    /// transaction if `atomic`; a node that does not know a script yet (it just
+    /// started, or was just promoted) is taught the pipelined scripts, and the
+    /// pipeline is sent again: every command in it may run twice.
+    pub fn pipeline(
+        &self,
+        link: &mut RedisLink,
+        commands: Vec<Cmd>,
+        atomic: bool,
+    ) -> RedisResult<Vec<Value>> {
+        match link.pipeline(commands.clone(), atomic) {
             Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 for script in [&self.round, &self.tally, &self.roster] {
                     script.load(link.connection())?;
                 }
-                link.pipeline(commands)
+                link.pipeline(commands, atomic)
             }
             result => result,
         }
@@ -572,7 +632,7 @@ impl Fleet {
             tally.arg(&self.run).arg(self.key_ttl_secs);
             commands.push(tally);
         }
-        let mut answers = self.pipeline(link, commands)?.into_iter();
+        let mut answers = self.pipeline(link, commands, false)?.into_iter();
         let roster = answers.next().unwrap_or(Value::Nil);
         let (epoch, live): (String, Vec<(String, u64)>) = redis::from_redis_value(roster)?;
         let mut survey = Survey {

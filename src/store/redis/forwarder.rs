@@ -156,6 +156,7 @@ impl Forwarder {
             settings.window_secs,
             settings.fleet_wait,
             settings.shards,
+            settings.mode,
         );
         let heartbeat_interval = fleet.heartbeat_interval();
         Forwarder {
@@ -270,6 +271,7 @@ impl Forwarder {
             return;
         }
         let mut commands = Vec::new();
+        let mut atomic = false;
         let mut shards = Vec::with_capacity(batches.len());
         for (window, ids, round) in &mut batches {
             let delivery = self.delivered.get(window);
@@ -279,10 +281,11 @@ impl Forwarder {
             let touched = delivery.map_or_else(Vec::new, Delivery::touched);
             let this = self.fleet.round(*window, ids, *round, Count::Add, &touched);
             commands.extend(this.commands);
+            atomic = this.atomic;
             shards.push(this.shards);
         }
         if self
-            .call(|link, fleet| fleet.pipeline(link, commands))
+            .call(|link, fleet| fleet.pipeline(link, commands, atomic))
             .is_none()
         {
             self.retry = Some(Round::Ids(batches));
@@ -545,7 +548,7 @@ impl Forwarder {
             "Redis lost ids this instance had delivered to a window (a restart, FLUSHALL, a failover, eviction); sending them again"
         );
         let sending = self.fleet.sending(window).to_vec();
-        self.call(|link, fleet| fleet.pipeline(link, sending))?;
+        self.call(|link, fleet| fleet.pipeline(link, sending, false))?;
         let mut round = rounds;
         for ids in lost.iter().filter(|ids| !ids.is_empty()) {
             // Redis may have lost the shard's keys: the replay's first round gives
@@ -562,7 +565,7 @@ impl Forwarder {
                     _ => Count::Add,
                 };
                 let this = self.fleet.round(window, chunk, round, count, &touched);
-                self.call(|link, fleet| fleet.pipeline(link, this.commands))?;
+                self.call(|link, fleet| fleet.pipeline(link, this.commands, this.atomic))?;
                 touched = vec![true; shards];
             }
         }

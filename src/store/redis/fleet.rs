@@ -85,18 +85,51 @@ pub(super) fn shard_of(id: i64, shards: usize) -> usize {
 /// The keys of `window`'s sets of ids in Redis, under `prefix`, split over
 /// `shards`: for operators and tests that look into Redis.
 pub fn window_sets(prefix: &str, window: WindowStart, shards: usize) -> Vec<String> {
-    let mut fleet = Fleet::new(
-        prefix,
-        "",
-        window,
-        1,
-        Duration::from_secs(1),
-        shards,
-        RedisMode::Single,
-    );
+    let mut keys = Keys::new(prefix, shards);
     (0..shards)
-        .map(|shard| fleet.shard_keys(window, shard)[0].clone())
+        .map(|shard| keys.shard(window, shard)[0].clone())
         .collect()
+}
+
+/// The names of the protocol's keys, each naming the slot it must share (the
+/// part in braces).
+struct Keys {
+    prefix: String,
+    shards: usize,
+    tags: ShardTags,
+}
+
+impl Keys {
+    fn new(prefix: &str, shards: usize) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            shards,
+            tags: ShardTags::new(shards),
+        }
+    }
+
+    /// A key of `window`'s bookkeeping, on the window's slot.
+    fn window(&self, window: WindowStart, part: &str) -> String {
+        format!("{}:{{{window}}}{part}", self.prefix)
+    }
+
+    /// Shard `shard` of `window`: its set, its deliveries and its rounds, on the
+    /// shard's slot ([`ShardTags`]). With one shard, on the window's slot.
+    fn shard(&mut self, window: WindowStart, shard: usize) -> [String; 3] {
+        let parts = ["", ":delivered", ":rounds"];
+        match self.shards {
+            1 => parts.map(|part| self.window(window, part)),
+            _ => {
+                let (prefix, tag) = (&self.prefix, self.tags.tag(window, shard));
+                parts.map(|part| format!("{prefix}:{{{tag}}}{part}"))
+            }
+        }
+    }
+
+    /// A key of the registry, on the fleet's slot.
+    fn fleet(&self, name: &str) -> String {
+        format!("{}:{{fleet}}:{name}", self.prefix)
+    }
 }
 
 /// The longest between two heartbeats.
@@ -267,7 +300,7 @@ pub(super) struct RoundCommands {
 
 /// This run's side of the protocol: key names, scripts, what it knows of the fleet.
 pub(super) struct Fleet {
-    prefix: String,
+    keys: Keys,
     /// This process's name in the fleet: distinct from an earlier process that ran
     /// under the same instance name.
     pub run: String,
@@ -282,7 +315,6 @@ pub(super) struct Fleet {
     atomic: bool,
     /// `count.lua`, for the rounds of a single server.
     count: &'static str,
-    tags: ShardTags,
     /// `VERVE_FLEET_WAIT_MS`: the heartbeat's time to live, and how long after a
     /// window's end the fleet waits for every instance.
     pub wait: Duration,
@@ -321,7 +353,7 @@ impl Fleet {
         mode: RedisMode,
     ) -> Self {
         Fleet {
-            prefix: prefix.to_owned(),
+            keys: Keys::new(prefix, shards),
             run: format!("{instance}/{}-{}", std::process::id(), now_ms()),
             first_window,
             window_secs,
@@ -329,7 +361,6 @@ impl Fleet {
             shards,
             atomic: mode == RedisMode::Single,
             count: include_str!("count.lua"),
-            tags: ShardTags::new(shards),
             wait,
             settle: Script::new(include_str!("settle.lua")),
             heartbeat: Script::new(include_str!("heartbeat.lua")),
@@ -357,29 +388,6 @@ impl Fleet {
     /// How often to check a window the fleet has not finished.
     pub fn poll_interval(&self) -> Duration {
         POLL.min(self.wait / 4)
-    }
-
-    /// A key of `window`'s bookkeeping, on the window's slot.
-    fn window_key(&self, window: WindowStart, part: &str) -> String {
-        format!("{}:{{{window}}}{part}", self.prefix)
-    }
-
-    /// Shard `shard` of `window`: its set, its deliveries and its rounds, on the
-    /// shard's slot ([`ShardTags`]). With one shard, on the window's slot.
-    fn shard_keys(&mut self, window: WindowStart, shard: usize) -> [String; 3] {
-        let prefix = &self.prefix;
-        match self.shards {
-            1 => ["", ":delivered", ":rounds"].map(|part| self.window_key(window, part)),
-            _ => {
-                let tag = self.tags.tag(window, shard);
-                ["", ":delivered", ":rounds"].map(|part| format!("{prefix}:{{{tag}}}{part}"))
-            }
-        }
-    }
-
-    /// A key of the registry, on the fleet's slot.
-    fn fleet_key(&self, name: &str) -> String {
-        format!("{}:{{fleet}}:{name}", self.prefix)
     }
 
     /// Commands adding `ids` to `window` as round `round` of this run's deliveries
@@ -414,7 +422,7 @@ impl Fleet {
             }
             let first = !touched.get(shard).copied().unwrap_or(false);
             let ttl = if first { self.key_ttl_secs } else { 0 };
-            let [set, delivered, rounds] = self.shard_keys(window, shard);
+            let [set, delivered, rounds] = self.keys.shard(window, shard);
             if self.atomic {
                 let mut add = redis::cmd("SADD");
                 add.arg(&set).arg(&ids[..]);
@@ -462,7 +470,7 @@ impl Fleet {
     /// Commands setting this run's mark for `window` to `sending`: it has ids for
     /// the window that are not all in.
     pub fn sending(&self, window: WindowStart) -> [Cmd; 2] {
-        let marks = self.window_key(window, ":marks");
+        let marks = self.keys.window(window, ":marks");
         let mut mark = redis::cmd("HSET");
         mark.arg(&marks).arg(&self.run).arg("sending");
         let mut expire = redis::cmd("EXPIRE");
@@ -510,19 +518,19 @@ impl Fleet {
     pub fn heartbeat(&mut self, link: &mut RedisLink) -> RedisResult<Vec<WindowStart>> {
         if self.left {
             let epoch: Option<String> = redis::cmd("GET")
-                .arg(self.fleet_key("epoch"))
+                .arg(self.keys.fleet("epoch"))
                 .query(link.connection())?;
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
         let (epoch, live, orphans, shards): (String, Vec<String>, Vec<u64>, usize) = self
             .heartbeat
-            .key(self.fleet_key("instances"))
-            .key(self.fleet_key("joined"))
-            .key(self.fleet_key("left"))
-            .key(self.fleet_key("epoch"))
-            .key(self.fleet_key("orphans"))
-            .key(self.fleet_key("shards"))
+            .key(self.keys.fleet("instances"))
+            .key(self.keys.fleet("joined"))
+            .key(self.keys.fleet("left"))
+            .key(self.keys.fleet("epoch"))
+            .key(self.keys.fleet("orphans"))
+            .key(self.keys.fleet("shards"))
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
@@ -536,7 +544,7 @@ impl Fleet {
                 "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
                  (prefix {}): every instance must split windows the same way, or ids would \
                  be counted twice; set it to {shards}",
-                self.shards, self.prefix
+                self.shards, self.keys.prefix
             );
             if self.refusal.is_none() {
                 tracing::error!("{refusal}; this instance delivers nothing until it is fixed");
@@ -602,7 +610,7 @@ impl Fleet {
     pub fn leave(&mut self, link: &mut RedisLink, unfinished: &[WindowStart]) -> RedisResult<()> {
         let mut call = self.leave.prepare_invoke();
         for name in ["instances", "joined", "left", "orphans"] {
-            call.key(self.fleet_key(name));
+            call.key(self.keys.fleet(name));
         }
         call.arg(&self.run);
         for window in unfinished {
@@ -616,7 +624,7 @@ impl Fleet {
     /// Records that the shared sinks acknowledged `revision` of `window`.
     pub fn ack(&self, link: &mut RedisLink, window: WindowStart, revision: u64) -> RedisResult<()> {
         self.ack
-            .key(self.window_key(window, ":record"))
+            .key(self.keys.window(window, ":record"))
             .arg(revision)
             .invoke(link.connection())
     }
@@ -624,10 +632,10 @@ impl Fleet {
     /// Reads the fleet (`roster.lua`) and every shard of `window` (`tally.lua`),
     /// in one pipeline.
     pub fn survey(&mut self, link: &mut RedisLink, window: WindowStart) -> RedisResult<Survey> {
-        let registry = ["instances", "joined", "epoch"].map(|name| self.fleet_key(name));
+        let registry = ["instances", "joined", "epoch"].map(|name| self.keys.fleet(name));
         let mut commands = vec![evalsha(&self.roster, &registry)];
         for shard in 0..self.shards {
-            let keys = self.shard_keys(window, shard);
+            let keys = self.keys.shard(window, shard);
             let mut tally = evalsha(&self.tally, &keys);
             tally.arg(&self.run).arg(self.key_ttl_secs);
             commands.push(tally);
@@ -676,8 +684,8 @@ impl Fleet {
             .map(|(run, _)| run.as_str())
             .collect();
         let mut call = self.settle.prepare_invoke();
-        call.key(self.window_key(window, ":marks"))
-            .key(self.window_key(window, ":record"))
+        call.key(self.keys.window(window, ":marks"))
+            .key(self.keys.window(window, ":record"))
             .arg(&self.run)
             .arg(match view.coverage {
                 Some(Coverage::Full) => "full",
@@ -717,7 +725,7 @@ impl Fleet {
         };
         if release == 1 {
             redis::cmd("SREM")
-                .arg(self.fleet_key("orphans"))
+                .arg(self.keys.fleet("orphans"))
                 .arg(window.unix_secs())
                 .exec(link.connection())?;
         }
@@ -738,7 +746,7 @@ impl Fleet {
         let publisher_left_ms = match &record {
             Some(r) if !publisher_live && r.revision > acked && r.by != self.run => {
                 let left: Option<u64> = redis::cmd("HGET")
-                    .arg(self.fleet_key("left"))
+                    .arg(self.keys.fleet("left"))
                     .arg(&r.by)
                     .query(link.connection())?;
                 left.unwrap_or(0)

@@ -18,7 +18,7 @@ use std::time::Duration;
 use verve::window::WindowStart;
 
 use super::eventually;
-use super::redis_server::free_port;
+use super::redis_server::{free_port, server_command};
 
 /// How long the cluster may take to settle after a start, a failover or a kill.
 /// A killed master is replaced after the node timeout (1 s) and an election.
@@ -126,21 +126,14 @@ impl RedisCluster {
 
     fn spawn(&mut self, port: u16, bus_port: u16) {
         let config = self.dir.path().join(format!("nodes-{port}.conf"));
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
+        let child = server_command(port, self.dir.path())
             .args(["--cluster-port", &bus_port.to_string()])
-            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
             .arg(config)
             .args(["--cluster-node-timeout", "1000"])
-            .args(["--save", "", "--appendonly", "no"])
             // A replica's first sync would otherwise wait 5 s for others to join it.
             .args(["--repl-diskless-sync-delay", "0"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (scripts/test.sh installs it)");
         self.nodes.push(Node {

@@ -396,16 +396,16 @@ impl Fleet {
     /// sent. On a cluster, per shard one `round.lua` (atomic on the shard's node);
     /// on a single server, one transaction of plain `SADD`s and one `count.lua`
     /// for every shard (the same effect, without passing every id through Lua).
-    /// The window's first round also sets this run's `sending` mark. `touched`
-    /// says which shards this run already wrote to in the window (and gave a time
-    /// to live).
+    /// The window's first round also sets this run's `sending` mark. `delivered`
+    /// is what this run already delivered to each shard of the window: a shard it
+    /// has not written to yet gets its time to live with these ids.
     pub fn round(
         &mut self,
         window: WindowStart,
         ids: &[i64],
         round: u64,
         count: Count,
-        touched: &[bool],
+        delivered: &[u64],
     ) -> RoundCommands {
         let mode = match count {
             Count::Add => "add",
@@ -420,7 +420,7 @@ impl Fleet {
             if ids.is_empty() {
                 continue;
             }
-            let first = !touched.get(shard).copied().unwrap_or(false);
+            let first = delivered.get(shard).copied().unwrap_or(0) == 0;
             let ttl = if first { self.key_ttl_secs } else { 0 };
             let [set, delivered, rounds] = self.keys.shard(window, shard);
             if self.atomic {

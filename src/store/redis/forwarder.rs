@@ -3,9 +3,9 @@
 //! It takes work in this order: a round that failed (once its backoff is over),
 //! acknowledgements from the shared sinks to record, a heartbeat that is due, a
 //! window check that is due (alternating with rounds, so that neither starves),
-//! then the next round off the queue: a round of ids (one pipeline of
-//! `round.lua` calls, one per shard written to, up to [`ROUND_IDS`] ids in all) or
-//! a closed window (all of this
+//! then the next round off the queue: a round of ids (one pipeline, up to
+//! [`ROUND_IDS`] ids: a `MULTI` on one server, a `round.lua` per shard on a
+//! cluster) or a closed window (all of this
 //! instance's ids for it are in by then: it marks itself done and follows the
 //! window until the fleet's record is complete). Every call that fails is retried
 //! after a backoff; nothing taken off the queue is dropped, and the queue's lock is
@@ -98,11 +98,6 @@ impl Delivery {
         for &(shard, ids) in shards {
             self.ids[shard] += ids;
         }
-    }
-
-    /// Which shards this run wrote to.
-    fn touched(&self) -> Vec<bool> {
-        self.ids.iter().map(|&ids| ids > 0).collect()
     }
 }
 
@@ -278,8 +273,10 @@ impl Forwarder {
             if *round == 0 {
                 *round = delivery.map_or(0, |d| d.rounds) + 1;
             }
-            let touched = delivery.map_or_else(Vec::new, Delivery::touched);
-            let this = self.fleet.round(*window, ids, *round, Count::Add, &touched);
+            let delivered = delivery.map_or(&[][..], |d| &d.ids);
+            let this = self
+                .fleet
+                .round(*window, ids, *round, Count::Add, delivered);
             commands.extend(this.commands);
             atomic = this.atomic;
             shards.push(this.shards);
@@ -553,7 +550,7 @@ impl Forwarder {
         for ids in lost.iter().filter(|ids| !ids.is_empty()) {
             // Redis may have lost the shard's keys: the replay's first round gives
             // them their time to live again.
-            let mut touched = Vec::new();
+            let mut replayed = Delivery::default();
             for (i, chunk) in ids.chunks(ROUND_IDS).enumerate() {
                 // A long replay must not let this run's heartbeat lapse.
                 if self.next_heartbeat <= Instant::now() {
@@ -564,9 +561,9 @@ impl Forwarder {
                     0 => Count::Set,
                     _ => Count::Add,
                 };
-                let this = self.fleet.round(window, chunk, round, count, &touched);
+                let this = self.fleet.round(window, chunk, round, count, &replayed.ids);
                 self.call(|link, fleet| fleet.pipeline(link, this.commands, this.atomic))?;
-                touched = vec![true; shards];
+                replayed.add(&this.shards, shards);
             }
         }
         Some(round)

@@ -19,10 +19,9 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{Client, Cmd, Connection, ConnectionLike, RedisResult, Value};
 
 /// A single Redis server, or a Redis Cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RedisMode {
     /// One server (or a primary behind a proxy): `VERVE_REDIS_URL` is one URL.
-    #[default]
     Single,
     /// A Redis Cluster: `VERVE_REDIS_URL` lists seed nodes, comma-separated.
     Cluster,

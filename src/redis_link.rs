@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
-use redis::{Client, Cmd, Connection, ConnectionLike, RedisResult, Value};
+use redis::{
+    Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisResult, Script, ServerErrorKind, Value,
+};
 
 /// A single Redis server, or a Redis Cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,8 +123,16 @@ impl RedisLink {
 
     /// Sends `commands` in one round trip per node and returns their answers in
     /// order. `atomic` (one server only) makes them one transaction (`MULTI`);
-    /// otherwise each command (a script, say) stands alone.
-    pub fn pipeline(&mut self, commands: Vec<Cmd>, atomic: bool) -> RedisResult<Vec<Value>> {
+    /// otherwise each command (a script, say) stands alone. If a node does not
+    /// know a script yet (it just started, or was just promoted), `scripts` (those
+    /// the commands call by hash) are loaded and the same pipeline is sent again:
+    /// every command in it must be safe to run twice.
+    pub fn pipeline(
+        &mut self,
+        commands: Vec<Cmd>,
+        atomic: bool,
+        scripts: &[&Script],
+    ) -> RedisResult<Vec<Value>> {
         match self {
             RedisLink::Single(connection) => {
                 let mut pipe = redis::pipe();
@@ -132,7 +142,7 @@ impl RedisLink {
                 for command in commands {
                     pipe.add_command(command);
                 }
-                pipe.query(connection)
+                teaching_scripts(connection, scripts, |c| pipe.query(c))
             }
             RedisLink::Cluster(connection) => {
                 debug_assert!(!atomic, "a cluster has no transaction across nodes");
@@ -140,7 +150,7 @@ impl RedisLink {
                 for command in commands {
                     pipe.add_command(command);
                 }
-                pipe.query(connection)
+                teaching_scripts(connection.as_mut(), scripts, |c| pipe.query(c))
             }
         }
     }
@@ -161,5 +171,23 @@ impl RedisLink {
                 }
             }
         }
+    }
+}
+
+/// Runs `send`; if a node answered `NOSCRIPT`, loads `scripts` (on every master,
+/// in a cluster) and runs it once more.
+fn teaching_scripts<C: ConnectionLike>(
+    connection: &mut C,
+    scripts: &[&Script],
+    mut send: impl FnMut(&mut C) -> RedisResult<Vec<Value>>,
+) -> RedisResult<Vec<Value>> {
+    match send(connection) {
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            for script in scripts {
+                script.load(connection)?;
+            }
+            send(connection)
+        }
+        result => result,
     }
 }

@@ -67,7 +67,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
+use redis::{Cmd, RedisResult, Script, Value};
 
 use super::slots::ShardTags;
 use crate::metrics::now_ms;
@@ -491,24 +491,15 @@ impl Fleet {
     }
 
     /// Runs `commands` in one pipeline (one round trip per node), as one
-    /// transaction if `atomic`; a node that does not know a script yet (it just
-    /// started, or was just promoted) is taught the pipelined scripts, and the
-    /// pipeline is sent again: every command in it may run twice.
+    /// transaction if `atomic`, teaching a node that lacks them the scripts that
+    /// pipelines call by hash.
     pub fn pipeline(
         &self,
         link: &mut RedisLink,
         commands: Vec<Cmd>,
         atomic: bool,
     ) -> RedisResult<Vec<Value>> {
-        match link.pipeline(commands.clone(), atomic) {
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                for script in [&self.round, &self.tally, &self.roster] {
-                    script.load(link.connection())?;
-                }
-                link.pipeline(commands, atomic)
-            }
-            result => result,
-        }
+        link.pipeline(commands, atomic, &[&self.round, &self.tally, &self.roster])
     }
 
     /// Tells the fleet this run is alive, learns who is live, notices when Redis

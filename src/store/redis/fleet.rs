@@ -11,11 +11,13 @@
 //!   an id in shard [`shard_of`] of it, each tag chosen so that shard k's slot is in
 //!   the k-th of S slices of the slots and Redis Cluster spreads the shards evenly
 //!   over its masters (`slots`); the window's count is the sum of their sizes.
-//! - Beside each shard, on its slot: `…:delivered` and `…:rounds`, per run, how
-//!   many ids it has delivered to the shard, counted atomically with the ids (in
-//!   `round.lua` on a cluster, in the round's transaction with `count.lua` on one
-//!   server) and once per numbered round: the sentinel of its ids, which a
-//!   failover or a restart rolls back together with them.
+//! - The sentinel of the ids, `…:delivered` and `…:rounds`: per run, how many ids
+//!   it has delivered, counted atomically with the ids and once per numbered
+//!   round, so that a failover or a restart rolls them back together. On a
+//!   cluster each shard has its own, on its slot (`P:{W/k}:delivered`; written by
+//!   `round.lua` with the ids); on one server, where the shards are lost or kept
+//!   together, one serves the window (`P:{W}:delivered`; `count.lua` in the
+//!   round's transaction), so that shards cost no more calls per round.
 //! - `P:{W}:marks`: per run, `sending` (from its first ids for the window on) or,
 //!   once its last ids for the window are acknowledged, `full` or `partial`
 //!   (done; whether it ran for the whole window).
@@ -33,8 +35,8 @@
 //!   with another number refuses to deliver (it would count some ids twice).
 //!
 //! Every window key expires a while after the window: five windows, at least five
-//! minutes, and at least four fleet waits. No script touches two slots, so the
-//! same calls work on one server and on a cluster.
+//! minutes, and at least four fleet waits. On a cluster no script touches two
+//! slots.
 //!
 //! A run registers (its first heartbeat) before it accepts an id, when Redis is
 //! reachable. A run done with a window settles it, and checks it again every poll
@@ -85,10 +87,8 @@ pub(super) fn shard_of(id: i64, shards: usize) -> usize {
 /// The keys of `window`'s sets of ids in Redis, under `prefix`, split over
 /// `shards`: for operators and tests that look into Redis.
 pub fn window_sets(prefix: &str, window: WindowStart, shards: usize) -> Vec<String> {
-    let mut keys = Keys::new(prefix, shards);
-    (0..shards)
-        .map(|shard| keys.shard(window, shard)[0].clone())
-        .collect()
+    let mut keys = Keys::new(prefix, shards, RedisMode::Single);
+    (0..shards).map(|shard| keys.set(window, shard)).collect()
 }
 
 /// The names of the protocol's keys, each naming the slot it must share (the
@@ -97,14 +97,18 @@ struct Keys {
     prefix: String,
     shards: usize,
     tags: ShardTags,
+    /// Each shard has its own sentinel beside it (a cluster), rather than one for
+    /// the whole window (one server: its shards are lost or kept together).
+    sentinel_per_shard: bool,
 }
 
 impl Keys {
-    fn new(prefix: &str, shards: usize) -> Self {
+    fn new(prefix: &str, shards: usize, mode: RedisMode) -> Self {
         Keys {
             prefix: prefix.to_owned(),
             shards,
             tags: ShardTags::new(shards),
+            sentinel_per_shard: mode == RedisMode::Cluster,
         }
     }
 
@@ -113,16 +117,52 @@ impl Keys {
         format!("{}:{{{window}}}{part}", self.prefix)
     }
 
-    /// Shard `shard` of `window`: its set, its deliveries and its rounds, on the
-    /// shard's slot ([`ShardTags`]). With one shard, on the window's slot.
-    fn shard(&mut self, window: WindowStart, shard: usize) -> [String; 3] {
-        let parts = ["", ":delivered", ":rounds"];
+    /// A key of shard `shard` of `window`, on the shard's slot ([`ShardTags`]).
+    /// With one shard, on the window's slot.
+    fn shard_key(&mut self, window: WindowStart, shard: usize, part: &str) -> String {
         match self.shards {
-            1 => parts.map(|part| self.window(window, part)),
-            _ => {
-                let (prefix, tag) = (&self.prefix, self.tags.tag(window, shard));
-                parts.map(|part| format!("{prefix}:{{{tag}}}{part}"))
-            }
+            1 => self.window(window, part),
+            _ => format!("{}:{{{}}}{part}", self.prefix, self.tags.tag(window, shard)),
+        }
+    }
+
+    /// Shard `shard`'s set of `window`'s ids.
+    fn set(&mut self, window: WindowStart, shard: usize) -> String {
+        self.shard_key(window, shard, "")
+    }
+
+    /// How many sentinels a window has: one per shard, or one in all.
+    fn sentinels(&self) -> usize {
+        match self.sentinel_per_shard {
+            true => self.shards,
+            false => 1,
+        }
+    }
+
+    /// Which sentinel counts the ids of shard `shard`.
+    fn sentinel_of(&self, shard: usize) -> usize {
+        match self.sentinel_per_shard {
+            true => shard,
+            false => 0,
+        }
+    }
+
+    /// The sets of `window` whose ids sentinel `sentinel` counts.
+    fn counted_by(&mut self, window: WindowStart, sentinel: usize) -> Vec<String> {
+        match self.sentinel_per_shard {
+            true => vec![self.set(window, sentinel)],
+            false => (0..self.shards)
+                .map(|shard| self.set(window, shard))
+                .collect(),
+        }
+    }
+
+    /// Sentinel `sentinel` of `window`: its deliveries (run -> ids) and rounds
+    /// (run -> last round), beside the ids it counts.
+    fn sentinel(&mut self, window: WindowStart, sentinel: usize) -> [String; 2] {
+        match self.sentinel_per_shard {
+            true => [":delivered", ":rounds"].map(|part| self.shard_key(window, sentinel, part)),
+            false => [":delivered", ":rounds"].map(|part| self.window(window, part)),
         }
     }
 
@@ -205,26 +245,12 @@ pub(super) struct Survey {
     pub epoch: String,
     /// The live runs, with each one's first window.
     pub live: Vec<(String, WindowStart)>,
-    /// Per shard: its size, and how many ids this run delivered to it.
-    pub shards: Vec<(u64, u64)>,
+    /// The window's count: the sum of its shards' sizes (they are disjoint).
+    pub count: u64,
+    /// Per sentinel: the ids Redis counts as delivered by this run.
+    pub counted: Vec<u64>,
     /// Every run that delivered ids to some shard of the window.
     pub delivered_by: BTreeSet<String>,
-}
-
-impl Survey {
-    /// The window's count: its shards are disjoint.
-    pub fn count(&self) -> u64 {
-        self.shards.iter().map(|(size, _)| size).sum()
-    }
-
-    /// The shards holding fewer of this run's ids than it delivered (`delivered`,
-    /// per shard): Redis lost some.
-    pub fn short_shards(&self, delivered: &[u64]) -> Vec<usize> {
-        let sent = |shard: usize| delivered.get(shard).copied().unwrap_or(0);
-        (0..self.shards.len())
-            .filter(|&shard| self.shards[shard].1 < sent(shard))
-            .collect()
-    }
 }
 
 /// What `settle.lua` found.
@@ -353,7 +379,7 @@ impl Fleet {
         mode: RedisMode,
     ) -> Self {
         Fleet {
-            keys: Keys::new(prefix, shards),
+            keys: Keys::new(prefix, shards, mode),
             run: format!("{instance}/{}-{}", std::process::id(), now_ms()),
             first_window,
             window_secs,
@@ -393,12 +419,13 @@ impl Fleet {
     /// Commands adding `ids` to `window` as round `round` of this run's deliveries
     /// to it, counted as `count` says, so that the ids and their count go in
     /// together or not at all, and a round is counted once however often it is
-    /// sent. On a cluster, per shard one `round.lua` (atomic on the shard's node);
-    /// on a single server, one transaction of plain `SADD`s and one `count.lua`
-    /// for every shard (the same effect, without passing every id through Lua).
-    /// The window's first round also sets this run's `sending` mark. `delivered`
-    /// is what this run already delivered to each shard of the window: a shard it
-    /// has not written to yet gets its time to live with these ids.
+    /// sent. On a cluster, per shard one `round.lua` (atomic on the shard's node,
+    /// counted by the shard's own sentinel); on a single server, one transaction
+    /// of plain `SADD`s and one `count.lua` for the window's one sentinel (the
+    /// same effect, without passing every id through Lua). The window's first
+    /// round also sets this run's `sending` mark. `delivered` is what this run
+    /// already delivered to each shard of the window: a shard it has not written
+    /// to yet gets its time to live with these ids.
     pub fn round(
         &mut self,
         window: WindowStart,
@@ -411,30 +438,26 @@ impl Fleet {
             Count::Add => "add",
             Count::Set => "set",
         };
+        let ttl_if = |first: bool| if first { self.key_ttl_secs } else { 0 };
         let mut commands = Vec::new();
         let mut shards = Vec::new();
-        // For count.lua: each shard's sentinel keys, its ids and its time to live.
-        let mut sentinels = Vec::new();
-        let mut counts = Vec::new();
         for (shard, ids) in self.split(ids).iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
-            let first = delivered.get(shard).copied().unwrap_or(0) == 0;
-            let ttl = if first { self.key_ttl_secs } else { 0 };
-            let [set, delivered, rounds] = self.keys.shard(window, shard);
+            let ttl = ttl_if(delivered.get(shard).copied().unwrap_or(0) == 0);
+            let set = self.keys.set(window, shard);
             if self.atomic {
                 let mut add = redis::cmd("SADD");
                 add.arg(&set).arg(&ids[..]);
                 commands.push(add);
-                if first {
+                if ttl != 0 {
                     let mut expire = redis::cmd("EXPIRE");
                     expire.arg(&set).arg(ttl);
                     commands.push(expire);
                 }
-                sentinels.extend([delivered, rounds]);
-                counts.extend([ids.len() as u64, ttl]);
             } else {
+                let [delivered, rounds] = self.keys.sentinel(window, shard);
                 let mut call = evalsha(&self.round, &[set, delivered, rounds]);
                 call.arg(&self.run)
                     .arg(round)
@@ -446,15 +469,18 @@ impl Fleet {
             shards.push((shard, ids.len() as u64));
         }
         if self.atomic && !shards.is_empty() {
+            let ids: u64 = shards.iter().map(|(_, ids)| ids).sum();
+            let ttl = ttl_if(delivered.iter().all(|&ids| ids == 0));
             // Sent whole: a script not loaded yet would fail inside the transaction.
             let mut call = redis::cmd("EVAL");
             call.arg(self.count)
-                .arg(sentinels.len())
-                .arg(&sentinels)
+                .arg(2)
+                .arg(&self.keys.sentinel(window, 0))
                 .arg(&self.run)
                 .arg(round)
                 .arg(mode)
-                .arg(&counts);
+                .arg(ids)
+                .arg(ttl);
             commands.push(call);
         }
         if round == 1 {
@@ -620,13 +646,14 @@ impl Fleet {
             .invoke(link.connection())
     }
 
-    /// Reads the fleet (`roster.lua`) and every shard of `window` (`tally.lua`),
-    /// in one pipeline.
+    /// Reads the fleet (`roster.lua`) and every shard of `window` (`tally.lua`,
+    /// once per sentinel), in one pipeline.
     pub fn survey(&mut self, link: &mut RedisLink, window: WindowStart) -> RedisResult<Survey> {
         let registry = ["instances", "joined", "epoch"].map(|name| self.keys.fleet(name));
         let mut commands = vec![evalsha(&self.roster, &registry)];
-        for shard in 0..self.shards {
-            let keys = self.keys.shard(window, shard);
+        for sentinel in 0..self.keys.sentinels() {
+            let mut keys = self.keys.counted_by(window, sentinel);
+            keys.extend(self.keys.sentinel(window, sentinel));
             let mut tally = evalsha(&self.tally, &keys);
             tally.arg(&self.run).arg(self.key_ttl_secs);
             commands.push(tally);
@@ -640,15 +667,44 @@ impl Fleet {
                 .into_iter()
                 .map(|(run, first)| (run, WindowStart::from_unix_secs(first)))
                 .collect(),
-            shards: Vec::with_capacity(self.shards),
+            count: 0,
+            counted: Vec::with_capacity(self.keys.sentinels()),
             delivered_by: BTreeSet::new(),
         };
         for answer in answers {
             let (size, mine, runs): (u64, u64, Vec<String>) = redis::from_redis_value(answer)?;
-            survey.shards.push((size, mine));
+            survey.count += size;
+            survey.counted.push(mine);
             survey.delivered_by.extend(runs);
         }
         Ok(survey)
+    }
+
+    /// The shards to send again, with their sentinel: those whose sentinel counts
+    /// fewer of this run's ids than it delivered to them (`delivered`, per
+    /// shard). Redis lost some.
+    pub fn short_shards(&self, survey: &Survey, delivered: &[u64]) -> Vec<usize> {
+        let mut sent = vec![0; self.keys.sentinels()];
+        for (shard, &ids) in delivered.iter().enumerate() {
+            sent[self.keys.sentinel_of(shard)] += ids;
+        }
+        let counted = |sentinel: usize| survey.counted.get(sentinel).copied().unwrap_or(0);
+        (0..self.shards)
+            .filter(|&shard| {
+                let sentinel = self.keys.sentinel_of(shard);
+                counted(sentinel) < sent[sentinel]
+            })
+            .collect()
+    }
+
+    /// Which sentinel counts the ids of shard `shard`.
+    pub fn sentinel_of(&self, shard: usize) -> usize {
+        self.keys.sentinel_of(shard)
+    }
+
+    /// How many sentinels a window has.
+    pub fn sentinels(&self) -> usize {
+        self.keys.sentinels()
     }
 
     /// Marks this instance done with `window` (unless it took no part in it) and
@@ -690,7 +746,7 @@ impl Fleet {
             })
             .arg(self.key_ttl_secs)
             .arg(view.generation.map_or(String::new(), |g| g.to_string()))
-            .arg(survey.count());
+            .arg(survey.count);
         match &view.known {
             Some(known) => call
                 .arg(known.revision)
@@ -747,7 +803,7 @@ impl Fleet {
         Ok(Settled {
             outcome,
             record,
-            count: survey.count(),
+            count: survey.count,
             generation,
             done,
             members,

@@ -446,7 +446,7 @@ impl Forwarder {
                 self.beat()?;
                 continue;
             }
-            let short = survey.short_shards(&tracked.view.delivered);
+            let short = self.fleet.short_shards(&survey, &tracked.view.delivered);
             if !short.is_empty() {
                 let closed = tracked.closed.as_ref()?;
                 tracked.rounds = self.replay(window, &closed.ids, &short, tracked.rounds)?;
@@ -514,7 +514,7 @@ impl Forwarder {
     /// Redis lost ids this run delivered to `short` shards of `window`: marks the
     /// run `sending` again (no run may take the window as complete meanwhile),
     /// then sends every id of those shards again, in rounds numbered on from
-    /// `rounds`, the first of each shard starting its count again, so that a
+    /// `rounds`, the first to each sentinel starting its count again, so that a
     /// replay cut short is found short again. Returns the last round's number, or
     /// `None` if Redis failed.
     fn replay(
@@ -525,12 +525,12 @@ impl Forwarder {
         rounds: u64,
     ) -> Option<u64> {
         self.fleet.lost_data();
-        let shards = self.fleet.shards;
-        let mut lost = vec![Vec::new(); shards];
+        let (fleet, shards) = (&self.fleet, self.fleet.shards);
+        let mut lost = vec![Vec::new(); fleet.sentinels()];
         ids.iter_sync(|&id| {
             let shard = shard_of(id, shards);
             if short.contains(&shard) {
-                lost[shard].push(id);
+                lost[fleet.sentinel_of(shard)].push(id);
             }
             true
         });
@@ -548,8 +548,8 @@ impl Forwarder {
         self.call(|link, fleet| fleet.pipeline(link, sending, false))?;
         let mut round = rounds;
         for ids in lost.iter().filter(|ids| !ids.is_empty()) {
-            // Redis may have lost the shard's keys: the replay's first round gives
-            // them their time to live again.
+            // Redis may have lost the shards' keys: the replay's first round to
+            // each gives them their time to live again.
             let mut replayed = Delivery::default();
             for (i, chunk) in ids.chunks(ROUND_IDS).enumerate() {
                 // A long replay must not let this run's heartbeat lapse.

@@ -1,18 +1,24 @@
--- Reads one shard of a window as a run settles it: its size, what the run
--- delivered to it (fewer in Redis than the run sent means the shard lost ids), and
--- every run that delivered to it. Renews the shard's keys: a key Redis lost and a
--- later round wrote again has its time to live back.
+-- Reads shards of a window as a run settles it: their size, what the run
+-- delivered to them by their sentinel's count (fewer in Redis than the run sent
+-- means they lost ids), and every run that delivered to them. Renews the keys: a
+-- key Redis lost and a later round wrote again has its time to live back.
 --
--- KEYS[1] the shard's set of ids; KEYS[2] its deliveries; KEYS[3] its rounds
+-- KEYS[1..n-2] the shards' sets of ids (one on a cluster, where each shard has
+-- its own sentinel; all of the window's on one server);
+-- KEYS[n-1] their sentinel's deliveries; KEYS[n] its rounds
 -- ARGV[1] the run; ARGV[2] the keys' time to live (s)
 --
--- Returns {size, delivered by the run, runs that delivered}.
+-- Returns {size of the shards together, delivered by the run, runs that delivered}.
 
-for i = 1, 3 do
+local size = 0
+for i = 1, #KEYS do
   redis.call('EXPIRE', KEYS[i], ARGV[2])
+  if i <= #KEYS - 2 then
+    size = size + redis.call('SCARD', KEYS[i])
+  end
 end
 return {
-  redis.call('SCARD', KEYS[1]),
-  tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0'),
-  redis.call('HKEYS', KEYS[2]),
+  size,
+  tonumber(redis.call('HGET', KEYS[#KEYS - 1], ARGV[1]) or '0'),
+  redis.call('HKEYS', KEYS[#KEYS - 1]),
 }

@@ -14,7 +14,7 @@
 # --cluster      a Redis Cluster of three masters (no replicas) instead of one
 #                redis-server; the instances get VERVE_REDIS_MODE=cluster and the
 #                three nodes as VERVE_REDIS_URL, and spread each window's ids over
-#                VERVE_REDIS_SHARDS sets (16 unless set), so over the masters
+#                VERVE_REDIS_SHARDS sets (48 unless set), so over the masters
 # --no-kafka     no broker: the instances write their count logs only
 # --run-dir      where the logs, haproxy.cfg and fleet.env go
 #                (default target/fleet/<UTC date and time>)

@@ -159,7 +159,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub fleet_wait_ms: u64,
 
-    /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number [default: 1 in single mode, 16 in cluster mode].
+    /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number [default: 1 in single mode, 48 in cluster mode].
     #[arg(long, env = "VERVE_REDIS_SHARDS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub redis_shards: Option<u16>,
@@ -438,11 +438,12 @@ impl Config {
     }
 
     /// `VERVE_REDIS_SHARDS`, or its default: a single server gains nothing from
-    /// splitting a window, a cluster spreads 16 shards over its masters.
+    /// splitting a window; 48 shards split every window evenly over any number of
+    /// masters that divides 48 (2, 3, 4, 6, 8, …) and within one shard otherwise.
     pub fn redis_shards(&self) -> usize {
         let default = match self.redis_mode {
             RedisMode::Single => 1,
-            RedisMode::Cluster => 16,
+            RedisMode::Cluster => 48,
         };
         usize::from(self.redis_shards.unwrap_or(default))
     }
@@ -691,9 +692,9 @@ mod tests {
         assert_eq!(load(&[]).unwrap().redis_mode, RedisMode::Single);
         assert_eq!(load(&[]).unwrap().redis_shards(), 1);
         let cluster = ["--redis-mode", "cluster"];
-        assert_eq!(load(&cluster).unwrap().redis_shards(), 16);
-        let chosen = load(&[&cluster[..], &["--redis-shards", "48"]].concat()).unwrap();
-        assert_eq!(chosen.redis_shards(), 48);
+        assert_eq!(load(&cluster).unwrap().redis_shards(), 48);
+        let chosen = load(&[&cluster[..], &["--redis-shards", "16"]].concat()).unwrap();
+        assert_eq!(chosen.redis_shards(), 16);
         let err = load(&["--redis-mode", "sentinel"]).unwrap_err();
         assert!(err.0.contains("VERVE_REDIS_MODE"), "{}", err.0);
     }

@@ -11,6 +11,7 @@
 //! Dropping it shuts the listening socket down, which wakes the blocked `accept`;
 //! the thread is not waited for (it ends after the client it serves, if any).
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::server::response::{self, Persistence, Status};
 
@@ -33,6 +33,40 @@ const LINGER: Duration = Duration::from_millis(200);
 /// A request head larger than this is refused: a scrape's is a few hundred bytes.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
+/// Why the operations listener could not start, as one line that says what to do.
+#[derive(Debug)]
+pub enum AdminError {
+    Bind { addr: SocketAddr, source: io::Error },
+    Thread(io::Error),
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminError::Bind { addr, source } if source.kind() == io::ErrorKind::AddrInUse => {
+                write!(
+                    f,
+                    "cannot listen on {addr} for /metrics and /healthz: address already in use \
+                     (set VERVE_ADMIN_ADDR to a free address, or to an empty value to turn it off)"
+                )
+            }
+            AdminError::Bind { addr, source } => write!(
+                f,
+                "cannot listen on {addr} for /metrics and /healthz: {source} (check VERVE_ADMIN_ADDR)"
+            ),
+            AdminError::Thread(source) => write!(f, "cannot start a thread: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AdminError::Bind { source, .. } | AdminError::Thread(source) => Some(source),
+        }
+    }
+}
+
 /// The running operations listener.
 pub struct AdminListener {
     addr: SocketAddr,
@@ -43,10 +77,10 @@ pub struct AdminListener {
 
 impl AdminListener {
     /// Listens on `addr` and serves from a thread of its own.
-    pub fn start(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<AdminListener, StartError> {
-        let socket = bind(addr).map_err(|source| StartError::admin_bind(addr, source))?;
-        let listener: TcpListener = socket.try_clone().map_err(StartError::Thread)?.into();
-        let addr = listener.local_addr().map_err(StartError::Thread)?;
+    pub fn start(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<AdminListener, AdminError> {
+        let socket = bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
+        let listener: TcpListener = socket.try_clone().map_err(AdminError::Thread)?.into();
+        let addr = listener.local_addr().map_err(AdminError::Thread)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         // Not joined: a client being served when the service stops must not hold
@@ -54,7 +88,7 @@ impl AdminListener {
         std::thread::Builder::new()
             .name("verve-admin".into())
             .spawn(move || serve(&listener, &telemetry, &stop))
-            .map_err(StartError::Thread)?;
+            .map_err(AdminError::Thread)?;
         Ok(AdminListener {
             addr,
             socket,

@@ -14,12 +14,13 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, ValueEnum};
 
-use crate::callback::CallbackPolicy;
-use crate::redis_link::RedisMode;
-use crate::server::registry::Timeouts;
-use crate::server::request::{Limits, MAX_HEADERS_CEILING};
-use crate::server::ClientLimits;
+use crate::callback_policy::AllowList;
 use crate::window::WindowLength;
+
+/// The most header fields `VERVE_MAX_HEADERS` may allow: the size of the
+/// uninitialised array httparse fills, on a worker's stack, so the limit costs
+/// nothing per request.
+pub const MAX_HEADERS_CEILING: usize = 256;
 
 /// Counts unique request ids per time window, thread-per-core.
 #[derive(Debug, Clone, Parser)]
@@ -98,37 +99,37 @@ pub struct Config {
     pub max_connections: Option<u32>,
 
     /// Largest request head (request line and header fields) in bytes; larger is answered 431.
-    #[arg(long, env = "VERVE_MAX_HEAD_BYTES", default_value_t = Limits::DEFAULT.head_bytes as u32,
+    #[arg(long, env = "VERVE_MAX_HEAD_BYTES", default_value_t = 8 * 1024,
           value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
     pub max_head_bytes: u32,
 
     /// Longest request line in bytes; longer is answered 414.
-    #[arg(long, env = "VERVE_MAX_REQUEST_LINE_BYTES", default_value_t = Limits::DEFAULT.request_line_bytes as u32,
+    #[arg(long, env = "VERVE_MAX_REQUEST_LINE_BYTES", default_value_t = 7 * 1024,
           value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub max_request_line_bytes: u32,
 
     /// Most header fields in a request; more is answered 431.
-    #[arg(long, env = "VERVE_MAX_HEADERS", default_value_t = Limits::DEFAULT.headers as u16,
+    #[arg(long, env = "VERVE_MAX_HEADERS", default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..=MAX_HEADERS_CEILING as i64))]
     pub max_headers: u16,
 
     /// Largest request body in bytes, read and discarded; larger is answered 413.
-    #[arg(long, env = "VERVE_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT.body_bytes as u32,
+    #[arg(long, env = "VERVE_MAX_BODY_BYTES", default_value_t = 4 * 1024,
           value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
     pub max_body_bytes: u32,
 
     /// Longest a client may take to send a request, from its first byte (or from connecting), in milliseconds; then 408.
-    #[arg(long, env = "VERVE_HEAD_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.head.as_millis() as u64,
+    #[arg(long, env = "VERVE_HEAD_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub head_timeout_ms: u64,
 
     /// How long a keep-alive connection may wait for its next request, in milliseconds.
-    #[arg(long, env = "VERVE_IDLE_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.idle.as_millis() as u64,
+    #[arg(long, env = "VERVE_IDLE_TIMEOUT_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub idle_timeout_ms: u64,
 
     /// Longest a client may leave a response unread before its connection is closed, in milliseconds.
-    #[arg(long, env = "VERVE_WRITE_TIMEOUT_MS", default_value_t = Timeouts::DEFAULT.write.as_millis() as u64,
+    #[arg(long, env = "VERVE_WRITE_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub write_timeout_ms: u64,
 
@@ -182,7 +183,7 @@ pub struct Config {
 
     /// Extra librdkafka settings, comma-separated key=value (e.g. linger.ms=5,compression.type=lz4).
     #[arg(long, env = "VERVE_KAFKA_CONFIG", default_value = "")]
-    pub kafka_config: String,
+    pub kafka_config: KafkaOptions,
 
     /// How long a record is retried while brokers are unreachable, in milliseconds.
     #[arg(long, env = "VERVE_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 600_000,
@@ -242,7 +243,7 @@ pub struct Config {
 
     /// Hosts or CIDRs callbacks may go to, comma-separated; empty allows all.
     #[arg(long, env = "VERVE_CALLBACK_ALLOW", default_value = "")]
-    pub callback_allow: String,
+    pub callback_allow: AllowList,
 
     /// Refuse callbacks to loopback, private, link-local and other special-purpose addresses, and to localhost names (names are checked after DNS); false for local setups.
     #[arg(long, env = "VERVE_CALLBACK_DENY_PRIVATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -265,6 +266,15 @@ impl std::str::FromStr for AdminAddr {
 }
 
 /// Which kernel interface the worker runtimes use for I/O.
+/// A single Redis server, or a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisMode {
+    /// One server (or a primary behind a proxy): `VERVE_REDIS_URL` is one URL.
+    Single,
+    /// A Redis Cluster: `VERVE_REDIS_URL` lists seed nodes, comma-separated.
+    Cluster,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IoDriver {
     /// epoll, readiness-based I/O.
@@ -363,13 +373,11 @@ impl Config {
                 self.max_request_line_bytes, self.max_head_bytes
             )));
         }
-        self.callback_policy()?;
         if self.sinks.contains(&SinkKind::Kafka) && self.kafka_brokers.trim().is_empty() {
             return Err(ConfigError(
                 "VERVE_SINKS includes kafka but VERVE_KAFKA_BROKERS is empty: set it to host:port[,host:port…]".into(),
             ));
         }
-        self.kafka_extra()?;
         if self.sinks.contains(&SinkKind::RedisStream) {
             self.redis_stream_url()?;
         }
@@ -386,23 +394,6 @@ impl Config {
                 "VERVE_SINKS includes redis-stream but neither VERVE_REDIS_STREAM_URL nor VERVE_REDIS_URL is set: set one to redis://host:port/db".into(),
             )),
         }
-    }
-
-    /// `VERVE_KAFKA_CONFIG` as key-value pairs.
-    pub fn kafka_extra(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let items = self
-            .kafka_config
-            .split(',')
-            .map(str::trim)
-            .filter(|i| !i.is_empty());
-        items
-            .map(|item| match item.split_once('=') {
-                Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.trim().to_owned())),
-                _ => Err(ConfigError(format!(
-                    "invalid value for VERVE_KAFKA_CONFIG (--kafka-config): '{item}' is not key=value"
-                ))),
-            })
-            .collect()
     }
 
     /// This instance's name in the fleet: as configured, else `<host>-<pid>`.
@@ -447,33 +438,26 @@ impl Config {
         };
         usize::from(self.redis_shards.unwrap_or(default))
     }
+}
 
-    /// What a client may ask of the server: request sizes, timeouts, and
-    /// `connections_per_worker`, the cap start-up settled on.
-    pub fn client_limits(&self, connections_per_worker: usize) -> ClientLimits {
-        ClientLimits {
-            request: Limits {
-                head_bytes: self.max_head_bytes as usize,
-                request_line_bytes: self.max_request_line_bytes as usize,
-                headers: usize::from(self.max_headers),
-                body_bytes: self.max_body_bytes as usize,
-            },
-            timeouts: Timeouts {
-                head: Duration::from_millis(self.head_timeout_ms),
-                idle: Duration::from_millis(self.idle_timeout_ms),
-                write: Duration::from_millis(self.write_timeout_ms),
-            },
-            connections_per_worker,
-        }
-    }
+/// `VERVE_KAFKA_CONFIG`: extra librdkafka settings, as key-value pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaOptions(pub Vec<(String, String)>);
 
-    /// The callback policy, parsed from `VERVE_CALLBACK_ALLOW` and `VERVE_CALLBACK_DENY_PRIVATE`.
-    pub fn callback_policy(&self) -> Result<CallbackPolicy, ConfigError> {
-        CallbackPolicy::parse(&self.callback_allow, self.callback_deny_private).map_err(|e| {
-            ConfigError(format!(
-                "invalid value for VERVE_CALLBACK_ALLOW (--callback-allow): {e}"
-            ))
-        })
+impl std::str::FromStr for KafkaOptions {
+    type Err = String;
+
+    fn from_str(list: &str) -> Result<Self, String> {
+        let items = list.split(',').map(str::trim).filter(|i| !i.is_empty());
+        items
+            .map(|item| match item.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    Ok((key.trim().to_owned(), value.trim().to_owned()))
+                }
+                _ => Err(format!("'{item}' is not key=value")),
+            })
+            .collect::<Result<_, _>>()
+            .map(KafkaOptions)
     }
 }
 
@@ -551,10 +535,6 @@ mod tests {
             AdminAddr(Some("127.0.0.1:9464".parse().unwrap()))
         );
         assert_eq!(c.max_connections, None, "taken from the open-file limit");
-        let limits = c.client_limits(7);
-        assert_eq!(limits.request, Limits::DEFAULT);
-        assert_eq!(limits.timeouts, Timeouts::DEFAULT);
-        assert_eq!(limits.connections_per_worker, 7);
     }
 
     #[test]
@@ -627,7 +607,7 @@ mod tests {
         .to_string();
         assert_eq!(
             err,
-            "invalid value for VERVE_KAFKA_CONFIG (--kafka-config): 'linger.ms' is not key=value"
+            "invalid value 'linger.ms' for VERVE_KAFKA_CONFIG (--kafka-config): 'linger.ms' is not key=value"
         );
         let c = load(&[
             "--sinks",
@@ -643,7 +623,7 @@ mod tests {
             ("linger.ms".to_owned(), "5".to_owned()),
             ("acks".to_owned(), "all".to_owned()),
         ];
-        assert_eq!(c.kafka_extra().unwrap(), extra);
+        assert_eq!(c.kafka_config, KafkaOptions(extra));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod aggregator;
 pub mod backoff;
 pub mod batch;
 pub mod callback;
+pub mod callback_policy;
 pub mod config;
 pub mod error;
 pub mod metrics;

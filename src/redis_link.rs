@@ -14,20 +14,12 @@
 
 use std::time::Duration;
 
+use crate::config::RedisMode;
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{
     Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisResult, Script, ServerErrorKind, Value,
 };
-
-/// A single Redis server, or a Redis Cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RedisMode {
-    /// One server (or a primary behind a proxy): `VERVE_REDIS_URL` is one URL.
-    Single,
-    /// A Redis Cluster: `VERVE_REDIS_URL` lists seed nodes, comma-separated.
-    Cluster,
-}
 
 /// Where Redis is: what a [`RedisLink`] is made from.
 #[derive(Clone)]

@@ -14,14 +14,14 @@ use clap::ValueEnum;
 
 use crate::admin::AdminListener;
 use crate::aggregator::Aggregator;
-use crate::callback::Dispatcher;
+use crate::callback::{CallbackPolicy, Dispatcher};
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
 use crate::server::file_limit::{self, ConnectionCap};
-use crate::server::{claim_address, Driver, Intake, Workers};
+use crate::server::{claim_address, ClientLimits, Driver, Intake, Workers};
 use crate::sink::{
     Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink, RedisStreamSettings,
     RedisStreamSink,
@@ -73,7 +73,8 @@ impl Verve {
     /// Starts the service as configured.
     pub fn start(config: &Config) -> Result<Verve, StartError> {
         let driver = Driver::resolve(config.io_driver)?;
-        let callback_policy = config.callback_policy()?;
+        let callback_policy =
+            CallbackPolicy::new(config.callback_allow.clone(), config.callback_deny_private);
         let telemetry = Arc::new(Telemetry::new(config.window_secs));
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
@@ -125,7 +126,7 @@ impl Verve {
         };
 
         let (cap, open_files) = settle_connection_cap(config);
-        let client_limits = config.client_limits(cap.per_worker);
+        let client_limits = ClientLimits::from_config(config, cap.per_worker);
         let (handoffs, received) = flume::bounded(config.queue_batches as usize);
         let intake = Intake {
             handoffs,
@@ -256,7 +257,7 @@ fn open_sinks(
                     brokers: config.kafka_brokers.clone(),
                     topic: config.kafka_topic.clone(),
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
-                    extra: config.kafka_extra()?,
+                    extra: config.kafka_config.0.clone(),
                 };
                 let sink = KafkaSink::new(&settings, telemetry.clone(), acks.clone());
                 sinks.push(Box::new(sink.map_err(StartError::Kafka)?));

@@ -137,9 +137,15 @@ fn healthz_reports_redis_trouble() {
         unhealthy(&verve, Duration::from_secs(5)).body,
         "dedup buffer over 90%"
     );
-    let text = verve.scrape();
-    assert_eq!(metric(&text, "verve_redis_buffered_ids"), 20);
-    assert!(metric(&text, "verve_redis_errors_total") >= 1);
+    assert_eq!(metric(&verve.scrape(), "verve_redis_buffered_ids"), 20);
+    // The first failed attempt may still be under way on a loaded machine: start-up
+    // waits for it only so long.
+    let failed = || (metric(&verve.scrape(), "verve_redis_errors_total") >= 1).then_some(());
+    eventually(
+        Duration::from_secs(5),
+        || "a failed Redis call counted".into(),
+        failed,
+    );
 }
 
 #[test]

@@ -128,7 +128,7 @@ fn bad_values_name_their_variable() {
 fn a_bad_callback_allow_list_is_refused() {
     assert_eq!(
         fails(&[("VERVE_CALLBACK_ALLOW", "10.0.0.0/40")]),
-        "verve: invalid value for VERVE_CALLBACK_ALLOW (--callback-allow): '10.0.0.0/40': prefix must be 0 to 32"
+        "verve: invalid value '10.0.0.0/40' for VERVE_CALLBACK_ALLOW (--callback-allow): '10.0.0.0/40': prefix must be 0 to 32"
     );
 }
 

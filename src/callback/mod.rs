@@ -15,15 +15,14 @@
 //! line, so a window's last count is never replaced by the next window's first.
 
 mod dispatcher;
-mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use flume::TrySendError;
 
+pub use crate::callback_policy::{CallbackPolicy, Refusal};
 pub use dispatcher::Dispatcher;
-pub use policy::{CallbackPolicy, Refusal};
 
 use crate::metrics::{CallbackOutcome, Telemetry};
 use crate::report::CountRecord;

@@ -7,6 +7,7 @@
 
 pub mod affinity;
 mod connection;
+mod error;
 mod exchange;
 pub mod file_limit;
 pub mod query;
@@ -20,18 +21,19 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
 use crate::batch::Handoff;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
-use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::store::Admission;
 use crate::window::WindowStart;
 use worker::WorkerSettings;
 
+pub use error::ServerError;
 pub use exchange::ACCEPT_PATH;
 
 /// How much a client may ask of the server before it is cut off.
@@ -43,6 +45,27 @@ pub struct ClientLimits {
     pub connections_per_worker: usize,
 }
 
+impl ClientLimits {
+    /// The limits `config` sets, with `connections_per_worker`, the cap start-up
+    /// settled on.
+    pub fn from_config(config: &Config, connections_per_worker: usize) -> Self {
+        ClientLimits {
+            request: request::Limits {
+                head_bytes: config.max_head_bytes as usize,
+                request_line_bytes: config.max_request_line_bytes as usize,
+                headers: usize::from(config.max_headers),
+                body_bytes: config.max_body_bytes as usize,
+            },
+            timeouts: registry::Timeouts {
+                head: Duration::from_millis(config.head_timeout_ms),
+                idle: Duration::from_millis(config.idle_timeout_ms),
+                write: Duration::from_millis(config.write_timeout_ms),
+            },
+            connections_per_worker,
+        }
+    }
+}
+
 /// The I/O driver the workers actually run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
@@ -52,13 +75,13 @@ pub enum Driver {
 
 impl Driver {
     /// Turns the configured choice into a driver this kernel can run.
-    pub fn resolve(choice: IoDriver) -> Result<Driver, StartError> {
+    pub fn resolve(choice: IoDriver) -> Result<Driver, ServerError> {
         let uring = monoio::utils::detect_uring();
         match choice {
             IoDriver::Auto if uring => Ok(Driver::Uring),
             IoDriver::Auto | IoDriver::Epoll => Ok(Driver::Epoll),
             IoDriver::Uring if uring => Ok(Driver::Uring),
-            IoDriver::Uring => Err(StartError::UringUnavailable),
+            IoDriver::Uring => Err(ServerError::UringUnavailable),
         }
     }
 }
@@ -77,7 +100,7 @@ impl fmt::Display for Driver {
 /// SO_REUSEPORT would let a second process bind the same port and silently take
 /// half the connections. A socket bound *without* SO_REUSEPORT conflicts with any
 /// listener on the port, so binding one (and closing it again) is the check.
-pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, ServerError> {
     let probe = || -> io::Result<SocketAddr> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         // Lets a restart bind while old connections linger in TIME_WAIT; still
@@ -89,7 +112,7 @@ pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, StartError> {
             .as_socket()
             .ok_or_else(|| io::Error::other("bound address is not an IP address"))
     };
-    probe().map_err(|source| StartError::bind(addr, source))
+    probe().map_err(|source| ServerError::bind(addr, source))
 }
 
 /// Where workers hand the ids they accept.
@@ -119,7 +142,7 @@ impl Workers {
         callback_policy: &CallbackPolicy,
         telemetry: &Arc<Telemetry>,
         intake: &Intake,
-    ) -> Result<Workers, StartError> {
+    ) -> Result<Workers, ServerError> {
         let count = config.worker_count();
         let cpus = match config.pin_workers {
             true => affinity::allowed_cpus().unwrap_or_default(),
@@ -151,13 +174,13 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("verve-worker-{index}"))
                 .spawn(move || worker::run(settings, handoffs, stop, ready))
-                .map_err(StartError::Thread)?;
+                .map_err(ServerError::Thread)?;
             workers.threads.push(thread);
         }
         drop(ready_tx);
         for _ in 0..count {
             let outcome = ready_rx.recv().unwrap_or_else(|_| {
-                Err(StartError::Thread(io::Error::other(
+                Err(ServerError::Thread(io::Error::other(
                     "a worker died while starting",
                 )))
             });
@@ -177,5 +200,19 @@ impl Workers {
                 tracing::error!("a worker thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_defaults_are_the_servers_own() {
+        let config = Config::load_from(["verve"]).unwrap();
+        let limits = ClientLimits::from_config(&config, 7);
+        assert_eq!(limits.request, request::Limits::DEFAULT);
+        assert_eq!(limits.timeouts, registry::Timeouts::DEFAULT);
+        assert_eq!(limits.connections_per_worker, 7);
     }
 }

@@ -18,9 +18,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::ops::ControlFlow;
 
-/// The most header fields [`Limits::headers`] may allow: the size of the uninitialised
-/// array httparse fills, on the stack, so the limit costs nothing per request.
-pub const MAX_HEADERS_CEILING: usize = 256;
+use crate::config::MAX_HEADERS_CEILING;
 
 /// How large a request may be. Each bound is a configuration knob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

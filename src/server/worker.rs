@@ -29,10 +29,9 @@ use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use super::connection::Connection;
 use super::registry::{AtCapacity, Registration, Registry};
 use super::request::Limits;
-use super::{ClientLimits, Driver};
+use super::{ClientLimits, Driver, ServerError};
 use crate::batch::{Batcher, Handoff, Overloaded};
 use crate::callback::CallbackPolicy;
-use crate::error::StartError;
 use crate::metrics::{Telemetry, WorkerCounters};
 use crate::store::Admission;
 use crate::window::{WindowLength, WindowStart};
@@ -151,7 +150,7 @@ pub(crate) fn run(
     settings: WorkerSettings,
     handoffs: flume::Sender<Handoff>,
     shutdown: flume::Receiver<()>,
-    ready: mpsc::Sender<Result<(), StartError>>,
+    ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
     if let Some(cpu) = settings.cpu {
         if let Err(err) = super::affinity::pin_current_thread(cpu) {
@@ -161,7 +160,7 @@ pub(crate) fn run(
     let runtime = match build_runtime(settings.driver) {
         Ok(runtime) => runtime,
         Err(source) => {
-            let _ = ready.send(Err(StartError::Runtime {
+            let _ = ready.send(Err(ServerError::Runtime {
                 driver: settings.driver,
                 source,
             }));
@@ -193,13 +192,13 @@ async fn serve(
     settings: WorkerSettings,
     handoffs: flume::Sender<Handoff>,
     shutdown: flume::Receiver<()>,
-    ready: mpsc::Sender<Result<(), StartError>>,
+    ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
     let options = ListenerOpts::new().reuse_port(true).reuse_addr(true);
     let listener = match TcpListener::bind_with_config(settings.addr, &options) {
         Ok(listener) => listener,
         Err(source) => {
-            let _ = ready.send(Err(StartError::bind(settings.addr, source)));
+            let _ = ready.send(Err(ServerError::bind(settings.addr, source)));
             return;
         }
     };

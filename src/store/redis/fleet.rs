@@ -72,8 +72,9 @@ use std::time::{Duration, Instant};
 use redis::{Cmd, RedisResult, Script, Value};
 
 use super::slots::ShardTags;
+use crate::config::RedisMode;
 use crate::metrics::now_ms;
-use crate::redis_link::{RedisLink, RedisMode};
+use crate::redis_link::RedisLink;
 use crate::report::{CountRecord, Scope, Timestamp};
 use crate::window::WindowStart;
 

@@ -28,8 +28,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Admission, DedupStore, IdSet};
+use crate::config::RedisMode;
 use crate::metrics::Telemetry;
-use crate::redis_link::{RedisEndpoint, RedisMode};
+use crate::redis_link::RedisEndpoint;
 use crate::report::{ClosedWindow, Reporter};
 use crate::sink::Acknowledged;
 use crate::window::WindowStart;

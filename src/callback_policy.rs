@@ -22,9 +22,15 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 /// The operator's rules for callback targets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallbackPolicy {
+    allow: AllowList,
+    deny_private: bool,
+}
+
+/// `VERVE_CALLBACK_ALLOW`: hosts and CIDRs; empty allows every host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowList {
     hosts: Vec<String>,
     nets: Vec<IpNet>,
-    deny_private: bool,
 }
 
 /// Why a target is refused. Each message ends with the setting that allows it.
@@ -57,13 +63,12 @@ impl fmt::Display for Refusal {
     }
 }
 
-impl CallbackPolicy {
-    /// Parses a comma-separated list of hosts and CIDRs; empty allows every host.
-    pub fn parse(allow: &str, deny_private: bool) -> Result<CallbackPolicy, String> {
-        let mut policy = CallbackPolicy {
-            deny_private,
-            ..Default::default()
-        };
+impl std::str::FromStr for AllowList {
+    type Err = String;
+
+    /// Parses a comma-separated list of hosts and CIDRs.
+    fn from_str(allow: &str) -> Result<AllowList, String> {
+        let mut list = AllowList::default();
         for item in allow.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             if let Some((addr, prefix)) = item.split_once('/') {
                 let addr: IpAddr = unbracket(addr)
@@ -72,25 +77,33 @@ impl CallbackPolicy {
                 let net = prefix.parse().ok().and_then(|p| IpNet::new(addr, p).ok());
                 let max = if addr.is_ipv4() { 32 } else { 128 };
                 let net = net.ok_or_else(|| format!("'{item}': prefix must be 0 to {max}"))?;
-                policy.nets.push(canonical_net(net.trunc()));
+                list.nets.push(canonical_net(net.trunc()));
             } else if let Ok(addr) = unbracket(item).parse::<IpAddr>() {
-                policy.nets.push(canonical_net(IpNet::from(addr)));
+                list.nets.push(canonical_net(IpNet::from(addr)));
             } else if item
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             {
-                policy
-                    .hosts
+                list.hosts
                     .push(item.trim_end_matches('.').to_ascii_lowercase());
             } else {
                 return Err(format!("'{item}' is neither a host name nor a CIDR"));
             }
         }
-        Ok(policy)
+        Ok(list)
+    }
+}
+
+impl CallbackPolicy {
+    pub fn new(allow: AllowList, deny_private: bool) -> Self {
+        CallbackPolicy {
+            allow,
+            deny_private,
+        }
     }
 
     fn restricts_hosts(&self) -> bool {
-        !self.hosts.is_empty() || !self.nets.is_empty()
+        !self.allow.hosts.is_empty() || !self.allow.nets.is_empty()
     }
 
     /// Decides what can be decided from the host alone, without DNS (it runs on a
@@ -104,8 +117,12 @@ impl CallbackPolicy {
         if self.deny_private && is_local_name(name) {
             return Err(Refusal::LocalName);
         }
-        let named = self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name));
-        if self.restricts_hosts() && !named && self.nets.is_empty() {
+        let named = self
+            .allow
+            .hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name));
+        if self.restricts_hosts() && !named && self.allow.nets.is_empty() {
             return Err(Refusal::NotAllowed);
         }
         Ok(())
@@ -115,7 +132,11 @@ impl CallbackPolicy {
     /// is left. A host allowed by name may resolve anywhere the private rule allows.
     pub fn check_resolved(&self, host: &str, addrs: &mut Vec<IpAddr>) -> Result<(), Refusal> {
         let name = host.trim_end_matches('.');
-        let by_name = self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name));
+        let by_name = self
+            .allow
+            .hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name));
         let need_net = self.restricts_hosts() && !by_name;
         let mut first_refusal = None;
         addrs.retain(|&ip| match self.check_ip(ip, need_net) {
@@ -133,7 +154,7 @@ impl CallbackPolicy {
 
     fn check_ip(&self, ip: IpAddr, need_net: bool) -> Result<(), Refusal> {
         let ip = canonical(ip);
-        if need_net && !self.nets.iter().any(|n| n.contains(&ip)) {
+        if need_net && !self.allow.nets.iter().any(|n| n.contains(&ip)) {
             return Err(Refusal::NotAllowed);
         }
         match special_block(ip) {
@@ -261,6 +282,10 @@ const SPECIAL: [(IpNet, &str); 31] = [
 mod tests {
     use super::*;
 
+    fn policy(allow: &str, deny_private: bool) -> Result<CallbackPolicy, String> {
+        Ok(CallbackPolicy::new(allow.parse()?, deny_private))
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -274,7 +299,7 @@ mod tests {
 
     #[test]
     fn an_empty_policy_without_the_private_rule_allows_everything() {
-        let p = CallbackPolicy::parse("", false).unwrap();
+        let p = policy("", false).unwrap();
         assert_eq!(p.check_host("127.0.0.1"), Ok(()));
         assert_eq!(p.check_host("localhost"), Ok(()));
         assert_eq!(p.check_host("example.com"), Ok(()));
@@ -326,7 +351,7 @@ mod tests {
 
     #[test]
     fn the_private_rule_refuses_both_ends_of_every_special_block() {
-        let p = CallbackPolicy::parse("", true).unwrap();
+        let p = policy("", true).unwrap();
         for (first, last, block) in BLOCK_ENDS {
             for end in [first, last] {
                 assert_eq!(p.check_host(end), private(unbracket(end), block), "{end}");
@@ -338,7 +363,7 @@ mod tests {
 
     #[test]
     fn addresses_just_outside_the_special_blocks_are_public() {
-        let p = CallbackPolicy::parse("", true).unwrap();
+        let p = policy("", true).unwrap();
         for public in [
             "1.0.0.0",
             "9.255.255.255",
@@ -379,7 +404,7 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_addresses_are_judged_as_the_ipv4_address() {
-        let p = CallbackPolicy::parse("", true).unwrap();
+        let p = policy("", true).unwrap();
         assert_eq!(
             p.check_host("[::ffff:10.0.0.1]"),
             private("10.0.0.1", "private-use, RFC 1918")
@@ -398,7 +423,7 @@ mod tests {
 
     #[test]
     fn the_private_rule_refuses_localhost_names_without_resolving() {
-        let p = CallbackPolicy::parse("", true).unwrap();
+        let p = policy("", true).unwrap();
         for local in ["localhost", "LocalHost.", "api.localhost", "a.b.LOCALHOST."] {
             assert_eq!(p.check_host(local), Err(Refusal::LocalName), "{local}");
         }
@@ -414,7 +439,7 @@ mod tests {
 
     #[test]
     fn the_private_rule_keeps_only_public_resolved_addresses() {
-        let p = CallbackPolicy::parse("", true).unwrap();
+        let p = policy("", true).unwrap();
         let mut addrs = vec![ip("127.0.0.1"), ip("93.184.216.34"), ip("fd00::1")];
         assert_eq!(p.check_resolved("example.com", &mut addrs), Ok(()));
         assert_eq!(addrs, vec![ip("93.184.216.34")]);
@@ -448,7 +473,7 @@ mod tests {
 
     #[test]
     fn the_allow_list_takes_hosts_and_cidrs() {
-        let p = CallbackPolicy::parse(
+        let p = policy(
             "hooks.example.com, 10.0.0.0/8 ,192.0.2.7,[2001:db8::]/32,[::ffff:172.16.0.0]/108",
             false,
         )
@@ -482,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_cidr_with_host_bits_set_allows_its_whole_block() {
-        let p = CallbackPolicy::parse("10.1.2.3/16", false).unwrap();
+        let p = policy("10.1.2.3/16", false).unwrap();
         assert_eq!(p.check_host("10.1.0.0"), Ok(()));
         assert_eq!(p.check_host("10.1.255.255"), Ok(()));
         assert_eq!(p.check_host("10.2.0.0"), Err(Refusal::NotAllowed));
@@ -490,7 +515,7 @@ mod tests {
 
     #[test]
     fn a_host_only_allow_list_refuses_other_names_at_once() {
-        let p = CallbackPolicy::parse("hooks.example.com", false).unwrap();
+        let p = policy("hooks.example.com", false).unwrap();
         assert_eq!(p.check_host("evil.example.com"), Err(Refusal::NotAllowed));
         assert_eq!(p.check_host("127.0.0.1"), Err(Refusal::NotAllowed));
     }
@@ -499,7 +524,7 @@ mod tests {
     fn both_rules_apply_together() {
         // Listing a private block does not lift the private rule: a private
         // receiver needs VERVE_CALLBACK_DENY_PRIVATE=false.
-        let p = CallbackPolicy::parse("10.0.0.0/8,hooks.internal", true).unwrap();
+        let p = policy("10.0.0.0/8,hooks.internal", true).unwrap();
         assert_eq!(
             p.check_host("10.0.0.1"),
             private("10.0.0.1", "private-use, RFC 1918")
@@ -515,23 +540,23 @@ mod tests {
     #[test]
     fn bad_lists_are_refused() {
         assert_eq!(
-            CallbackPolicy::parse("10.0.0.0/33", false),
+            policy("10.0.0.0/33", false),
             Err("'10.0.0.0/33': prefix must be 0 to 32".to_owned())
         );
         assert_eq!(
-            CallbackPolicy::parse("[::1]/129", false),
+            policy("[::1]/129", false),
             Err("'[::1]/129': prefix must be 0 to 128".to_owned())
         );
         assert_eq!(
-            CallbackPolicy::parse("nonsense/8", false),
+            policy("nonsense/8", false),
             Err("'nonsense/8' is not a CIDR".to_owned())
         );
         assert_eq!(
-            CallbackPolicy::parse("http://x", false),
+            policy("http://x", false),
             Err("'http://x' is not a CIDR".to_owned())
         );
         assert_eq!(
-            CallbackPolicy::parse("a b", false),
+            policy("a b", false),
             Err("'a b' is neither a host name nor a CIDR".to_owned())
         );
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use verve::aggregator::Aggregator;
 use verve::batch::{Batch, Watermark};
-use verve::report::CountRecord;
+use verve::record::CountRecord;
 use verve::report::Reporter;
 use verve::server::query::parse_accept_query;
 use verve::server::request;

@@ -36,7 +36,8 @@ use flume::{Receiver, RecvTimeoutError};
 use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
 use crate::metrics::{self, Telemetry};
-use crate::report::{ClosedWindow, CountRecord, Scope, Timestamp};
+use crate::record::{CountRecord, Scope, Timestamp};
+use crate::store::ClosedWindow;
 use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
 
@@ -364,11 +365,12 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
+    use crate::admission::Admission;
     use crate::batch::Batcher;
     use crate::config::CallbackTiming;
     use crate::report::Reporter;
     use crate::sink::CountSink;
-    use crate::store::{Admission, LocalStore};
+    use crate::store::LocalStore;
 
     /// A sink that remembers what it was given.
     #[derive(Clone, Default)]

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use flume::{Sender, TrySendError};
 
-use crate::store::Admission;
+use crate::admission::Admission;
 use crate::window::WindowStart;
 
 /// Distinct endpoints one batch may carry. A batch is sealed early when one more

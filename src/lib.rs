@@ -18,6 +18,7 @@
 //! refused with 503 while the ids already accepted wait their turn.
 
 pub mod admin;
+pub mod admission;
 pub mod aggregator;
 pub mod backoff;
 pub mod batch;
@@ -26,6 +27,7 @@ pub mod callback_policy;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod record;
 pub mod redis_link;
 pub mod report;
 pub mod server;

@@ -1,8 +1,7 @@
 //! What `/metrics` and `/healthz` report (served by [`crate::admin`]).
 //!
-//! Request counters live per worker, in [`WorkerCounters`] that only their worker
-//! writes (a plain load and store, no locked instruction, no lock) and that a scrape
-//! sums. Everything else is a handful of atomics in [`Telemetry`], written once per
+//! Request counters are the server's own ([`ServerCounters`]: per worker, written
+//! only by that worker, summed at scrape). Everything else is a handful of atomics in [`Telemetry`], written once per
 //! batch, window, callback or Redis round, never per request. The text exposition
 //! is written here by hand: the format is a few lines of `name{labels} value`, and
 //! per-worker counters summed at scrape time do not fit a client library's own
@@ -10,102 +9,16 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::server::registry::{Wait, WAITS};
-use crate::server::response::Status;
-
-/// Which part of the API a request was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Accept,
-    /// Anything else (404), including unframeable requests.
-    Other,
-}
-
-/// Every route with its label, in declaration order, so `route as usize` indexes it.
-const ROUTES: [(Route, &str); 2] = [(Route::Accept, "accept"), (Route::Other, "other")];
-
-/// Every status, in declaration order, so `status as usize` indexes it.
-const STATUSES: [Status; 10] = [
-    Status::Ok,
-    Status::BadRequest,
-    Status::NotFound,
-    Status::MethodNotAllowed,
-    Status::RequestTimeout,
-    Status::ContentTooLarge,
-    Status::UriTooLong,
-    Status::HeaderFieldsTooLarge,
-    Status::NotImplemented,
-    Status::Unavailable,
-];
-
-/// Callback outcomes, by class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallbackOutcome {
-    Status(u16),
-    /// No answer: connection error, timeout, refused by the policy.
-    Error,
-    /// Never attempted: the queue was full.
-    Dropped,
-}
-
-const CALLBACK_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "dropped"];
-
-/// One worker's counters. Only that worker writes them.
-#[derive(Debug, Default)]
-pub struct WorkerCounters {
-    requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
-    ids_accepted: AtomicU64,
-    ids_invalid: AtomicU64,
-    ids_overloaded: AtomicU64,
-    connections_open: AtomicU64,
-    connections_refused: AtomicU64,
-    connections_timed_out: [AtomicU64; WAITS.len()],
-}
-
-/// Adds one to a counter that only the calling thread writes: a load and a store,
-/// cheaper than an atomic read-modify-write, and exact because nobody else writes.
-#[inline]
-fn bump(counter: &AtomicU64) {
-    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-}
-
-impl WorkerCounters {
-    /// Counts one answered request; for the accept endpoint, also what became of its id.
-    #[inline]
-    pub fn record(&self, route: Route, status: Status) {
-        bump(&self.requests[route as usize][status as usize]);
-        if route == Route::Accept {
-            match status {
-                Status::Ok => bump(&self.ids_accepted),
-                Status::Unavailable => bump(&self.ids_overloaded),
-                _ => bump(&self.ids_invalid),
-            }
-        }
-    }
-
-    /// A new connection closed at once: the worker holds as many as it may.
-    pub fn connection_refused(&self) {
-        bump(&self.connections_refused);
-    }
-
-    pub fn set_connections_open(&self, n: usize) {
-        self.connections_open.store(n as u64, Ordering::Relaxed);
-    }
-
-    /// A connection closed for missing the deadline of what it was waiting for.
-    pub(crate) fn connection_timed_out(&self, wait: Wait) {
-        bump(&self.connections_timed_out[wait as usize]);
-    }
-}
+use crate::callback::CallbackCounters;
+use crate::server::counters::ServerCounters;
 
 /// Shared state for the operational endpoints.
 #[derive(Debug, Default)]
 pub struct Telemetry {
-    /// Registered once per worker at start, read at scrape.
-    workers: Mutex<Vec<Arc<WorkerCounters>>>,
+    /// The workers' request counters, summed at scrape.
+    server: ServerCounters,
     window_secs: AtomicU64,
     pub windows_closed: AtomicU64,
     /// Windows without ids skipped at once because the clock jumped forward.
@@ -120,7 +33,8 @@ pub struct Telemetry {
     pub channel_depth: AtomicU64,
     /// When the aggregator last went round its loop, in ms since the epoch.
     pub aggregator_heartbeat_ms: AtomicU64,
-    callbacks: [AtomicU64; CALLBACK_CLASSES.len()],
+    /// How callbacks ended, by class.
+    callbacks: CallbackCounters,
     /// Redis mode only; 0 capacity means no Redis.
     pub redis_buffer_capacity: AtomicU64,
     pub redis_buffered_ids: AtomicU64,
@@ -148,46 +62,17 @@ pub fn now_ms() -> u64 {
 const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 impl Telemetry {
-    pub fn new(window_secs: u64) -> Self {
-        let telemetry = Telemetry::default();
+    pub fn new(window_secs: u64, server: ServerCounters, callbacks: CallbackCounters) -> Self {
+        let telemetry = Telemetry {
+            server,
+            callbacks,
+            ..Telemetry::default()
+        };
         telemetry.window_secs.store(window_secs, Ordering::Relaxed);
         telemetry
             .aggregator_heartbeat_ms
             .store(now_ms(), Ordering::Relaxed);
         telemetry
-    }
-
-    /// A new worker's counters, summed into every scrape from now on.
-    pub fn register_worker(&self) -> Arc<WorkerCounters> {
-        let counters = Arc::new(WorkerCounters::default());
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(counters.clone());
-        counters
-    }
-
-    pub fn record_callback(&self, outcome: CallbackOutcome) {
-        self.record_callbacks(outcome, 1);
-    }
-
-    /// Counts `n` callbacks with the same outcome; returns the class's new total.
-    pub fn record_callbacks(&self, outcome: CallbackOutcome, n: u64) -> u64 {
-        self.callback_class(outcome).fetch_add(n, Ordering::Relaxed) + n
-    }
-
-    /// Callbacks counted so far in the class of `outcome`.
-    pub fn callbacks(&self, outcome: CallbackOutcome) -> u64 {
-        self.callback_class(outcome).load(Ordering::Relaxed)
-    }
-
-    fn callback_class(&self, outcome: CallbackOutcome) -> &AtomicU64 {
-        let class = match outcome {
-            CallbackOutcome::Status(code) => usize::from(code / 100).clamp(1, 5) - 1,
-            CallbackOutcome::Error => 5,
-            CallbackOutcome::Dropped => 6,
-        };
-        &self.callbacks[class]
     }
 
     /// `Ok` while the service keeps up; otherwise why not, in a few words.
@@ -216,14 +101,7 @@ impl Telemetry {
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let workers = self
-            .workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let sum = |f: &dyn Fn(&WorkerCounters) -> &AtomicU64| -> u64 {
-            workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
-        };
+        let server = self.server.totals();
 
         family(
             &mut out,
@@ -231,36 +109,30 @@ impl Telemetry {
             "counter",
             "Requests answered, by route and status code.",
         );
-        for (r, (_, route)) in ROUTES.iter().enumerate() {
-            for (s, status) in STATUSES.iter().enumerate() {
-                let n = sum(&|w| &w.requests[r][s]);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "verve_requests_total{{route=\"{route}\",status=\"{}\"}} {n}",
-                        status.code()
-                    );
-                }
-            }
+        for (route, status, n) in &server.requests {
+            let _ = writeln!(
+                out,
+                "verve_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
         let simple: [(&str, &str, &str, u64); 18] = [
             (
                 "verve_ids_accepted_total",
                 "counter",
                 "Ids accepted into a window.",
-                sum(&|w| &w.ids_accepted),
+                server.ids_accepted,
             ),
             (
                 "verve_connections_open",
                 "gauge",
                 "Client connections open.",
-                sum(&|w| &w.connections_open),
+                server.connections_open,
             ),
             (
                 "verve_connections_refused_total",
                 "counter",
                 "Connections closed at once because their worker held VERVE_MAX_CONNECTIONS.",
-                sum(&|w| &w.connections_refused),
+                server.connections_refused,
             ),
             (
                 "verve_windows_closed_total",
@@ -362,12 +234,12 @@ impl Telemetry {
         let _ = writeln!(
             out,
             "verve_ids_rejected_total{{reason=\"invalid\"}} {}",
-            sum(&|w| &w.ids_invalid)
+            server.ids_invalid
         );
         let _ = writeln!(
             out,
             "verve_ids_rejected_total{{reason=\"overloaded\"}} {}",
-            sum(&|w| &w.ids_overloaded)
+            server.ids_overloaded
         );
         family(
             &mut out,
@@ -375,12 +247,8 @@ impl Telemetry {
             "counter",
             "Callbacks, by outcome class.",
         );
-        for (class, counter) in CALLBACK_CLASSES.iter().zip(&self.callbacks) {
-            let _ = writeln!(
-                out,
-                "verve_callbacks_total{{class=\"{class}\"}} {}",
-                load(counter)
-            );
+        for (class, n) in self.callbacks.by_class() {
+            let _ = writeln!(out, "verve_callbacks_total{{class=\"{class}\"}} {n}");
         }
         family(
             &mut out,
@@ -388,8 +256,7 @@ impl Telemetry {
             "counter",
             "Connections closed for missing a deadline, by what they were waiting for.",
         );
-        for (i, (_, waiting_for)) in WAITS.iter().enumerate() {
-            let n = sum(&|w| &w.connections_timed_out[i]);
+        for (waiting_for, n) in &server.connections_timed_out {
             let _ = writeln!(
                 out,
                 "verve_connections_timed_out_total{{waiting_for=\"{waiting_for}\"}} {n}"
@@ -416,17 +283,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scrapes_sum_the_workers() {
-        let telemetry = Telemetry::new(60);
-        let (a, b) = (telemetry.register_worker(), telemetry.register_worker());
+    fn scrapes_render_the_workers_and_callbacks() {
+        use crate::callback::CallbackOutcome;
+        use crate::server::counters::Route;
+        use crate::server::response::Status;
+
+        let (server, callbacks) = (ServerCounters::default(), CallbackCounters::default());
+        let telemetry = Telemetry::new(60, server.clone(), callbacks.clone());
+        let (a, b) = (server.register(), server.register());
         a.record(Route::Accept, Status::Ok);
         b.record(Route::Accept, Status::Ok);
         b.record(Route::Accept, Status::BadRequest);
         a.record(Route::Accept, Status::Unavailable);
         b.record(Route::Other, Status::NotFound);
-        telemetry.record_callback(CallbackOutcome::Status(204));
-        telemetry.record_callback(CallbackOutcome::Status(503));
-        telemetry.record_callback(CallbackOutcome::Dropped);
+        callbacks.record(CallbackOutcome::Status(204));
+        callbacks.record(CallbackOutcome::Status(503));
+        callbacks.record(CallbackOutcome::Dropped);
         let text = telemetry.render();
         for line in [
             "verve_requests_total{route=\"accept\",status=\"200\"} 2",
@@ -436,6 +308,7 @@ mod tests {
             "verve_ids_accepted_total 2",
             "verve_ids_rejected_total{reason=\"invalid\"} 1",
             "verve_ids_rejected_total{reason=\"overloaded\"} 1",
+            "verve_connections_timed_out_total{waiting_for=\"idle\"} 0",
             "verve_callbacks_total{class=\"2xx\"} 1",
             "verve_callbacks_total{class=\"5xx\"} 1",
             "verve_callbacks_total{class=\"dropped\"} 1",
@@ -446,21 +319,8 @@ mod tests {
     }
 
     #[test]
-    fn the_label_tables_follow_declaration_order() {
-        for (i, (route, _)) in ROUTES.iter().enumerate() {
-            assert_eq!(*route as usize, i);
-        }
-        for (i, status) in STATUSES.iter().enumerate() {
-            assert_eq!(*status as usize, i);
-        }
-        for (i, (wait, _)) in WAITS.iter().enumerate() {
-            assert_eq!(*wait as usize, i);
-        }
-    }
-
-    #[test]
     fn health_names_what_is_wrong() {
-        let telemetry = Telemetry::new(60);
+        let telemetry = Telemetry::new(60, ServerCounters::default(), CallbackCounters::default());
         assert_eq!(telemetry.health(), Ok(()));
         telemetry
             .aggregator_heartbeat_ms

@@ -1,131 +1,15 @@
-//! A window's count: what it is ([`CountRecord`]) and where it goes ([`Reporter`]).
-//!
-//! A [`ClosedWindow`] is what the aggregator knows when it closes a window: its set
-//! of ids, how many there are, the endpoints named in it. The dedup store turns it
-//! into a [`CountRecord`] (this instance's own count, or the fleet's from Redis) and
-//! hands the record to the [`Reporter`], on whichever thread the store reports from.
-//!
-//! [`CountRecord`] is the one schema of a count: a count log line, a Kafka record
-//! and a callback body are each its serialization. A record may be revised (the
-//! fleet learned of more ids after publishing); revisions of a window carry the same
-//! `window_start`, a higher `revision` and a count at least as high.
+//! Where a window's count goes: the [`Reporter`] sends each [`CountRecord`] to
+//! the sinks and, in close timing, to the window's endpoints, on whichever thread
+//! the dedup store reports from.
 
-use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use serde::Serialize;
+use std::time::Instant;
 
 use crate::callback::{CallbackJob, Callbacks};
 use crate::metrics::Telemetry;
+use crate::record::CountRecord;
 use crate::sink::CountSink;
-use crate::store::IdSet;
-use crate::window::WindowStart;
-
-/// A window the aggregator has closed.
-pub struct ClosedWindow {
-    pub window: WindowStart,
-    /// Every id this instance received in the window.
-    pub ids: IdSet,
-    /// How many ids `ids` holds, counted as they were inserted.
-    pub unique_requests: u64,
-    /// Endpoints named in the window (at most `VERVE_CALLBACK_MAX_ENDPOINTS`).
-    pub endpoints: Vec<Arc<str>>,
-    /// This process did not run for the whole window: it started or stopped within it.
-    pub partial: bool,
-}
-
-/// The count of one window, as published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct CountRecord {
-    pub window_start: WindowStart,
-    pub window_seconds: u64,
-    /// Distinct ids in the window: this instance's, or the fleet's, as `scope` says.
-    pub unique_requests: u64,
-    pub scope: Scope,
-    /// 1 for the first record of a window, one more for each revision; 0 for a
-    /// running count that is not a published record (immediate callbacks).
-    pub revision: u64,
-    /// Every instance that took part had handed over all its ids when this was
-    /// counted; `false` when the record was published at `VERVE_FLEET_WAIT_MS`
-    /// without some of them (a revision follows if their ids arrive).
-    pub complete: bool,
-    /// The window was not covered whole: by this process in local mode, by any
-    /// instance of the fleet in Redis mode (started or stopped within it).
-    pub partial: bool,
-    /// Instances whose ids the count covers (1 in local mode).
-    pub instances: u64,
-    pub published_at: Timestamp,
-}
-
-impl CountRecord {
-    /// Whether the count is known not to change: complete and not cut short.
-    pub fn is_final(&self) -> bool {
-        self.complete && !self.partial
-    }
-
-    /// The record as one line of JSON.
-    pub fn to_json(&self) -> String {
-        // Strings, integers and booleans only: serializing cannot fail.
-        serde_json::to_string(self).expect("a count record serializes")
-    }
-}
-
-/// Whose ids a count covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// This instance's (the embedded local store).
-    Instance,
-    /// Every instance sharing the Redis store.
-    Global,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Instance => "instance",
-            Scope::Global => "global",
-        }
-    }
-}
-
-/// A moment, written as RFC 3339 in UTC with milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Timestamp(SystemTime);
-
-impl Timestamp {
-    pub fn now() -> Self {
-        Timestamp(SystemTime::now())
-    }
-
-    pub fn from_unix_millis(millis: u64) -> Self {
-        Timestamp(UNIX_EPOCH + Duration::from_millis(millis))
-    }
-
-    pub fn unix_millis(self) -> u64 {
-        self.0
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-
-    pub fn as_system_time(self) -> SystemTime {
-        self.0
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        humantime::format_rfc3339_millis(self.0).fmt(f)
-    }
-}
-
-impl Serialize for Timestamp {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
 
 /// Sends each record to the sinks and, in close timing, to its window's endpoints.
 pub struct Reporter {
@@ -218,6 +102,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::record::{Scope, Timestamp};
+    use crate::window::WindowStart;
 
     /// A sink that remembers what it was given.
     #[derive(Clone, Default)]
@@ -266,24 +152,5 @@ mod tests {
         reporter.report(&record(2), true, &[]);
         assert_eq!(*local.records.lock().unwrap(), vec![1, 2]);
         assert_eq!(*shared.records.lock().unwrap(), vec![2]);
-    }
-
-    #[test]
-    fn the_record_serializes_to_the_documented_schema() {
-        let json = serde_json::to_value(record(3)).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({
-                "window_start": "2026-11-21T10:05:00Z",
-                "window_seconds": 60,
-                "unique_requests": 42,
-                "scope": "global",
-                "revision": 3,
-                "complete": true,
-                "partial": false,
-                "instances": 2,
-                "published_at": "2026-11-21T10:06:00.512Z",
-            })
-        );
     }
 }

@@ -13,20 +13,22 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::ValueEnum;
 
 use crate::admin::AdminListener;
+use crate::admission::Admission;
 use crate::aggregator::Aggregator;
-use crate::callback::{CallbackPolicy, Dispatcher};
+use crate::callback::{CallbackCounters, CallbackPolicy, Dispatcher};
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
+use crate::server::counters::ServerCounters;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, ClientLimits, Driver, Intake, Workers};
 use crate::sink::{
     Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink, RedisStreamSettings,
     RedisStreamSink,
 };
-use crate::store::{Admission, DedupStore, LocalStore, RedisSettings, RedisStore};
+use crate::store::{DedupStore, LocalStore, RedisSettings, RedisStore};
 
 /// Shutdown ends at most this long after `VERVE_SHUTDOWN_DRAIN_MS`: time for the
 /// last windows to reach Redis, Kafka and the endpoints after connections drained.
@@ -75,7 +77,13 @@ impl Verve {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy =
             CallbackPolicy::new(config.callback_allow.clone(), config.callback_deny_private);
-        let telemetry = Arc::new(Telemetry::new(config.window_secs));
+        let server_counters = ServerCounters::default();
+        let callback_counters = CallbackCounters::default();
+        let telemetry = Arc::new(Telemetry::new(
+            config.window_secs,
+            server_counters.clone(),
+            callback_counters.clone(),
+        ));
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
         let in_fleet = config.redis_url.is_some();
@@ -87,7 +95,7 @@ impl Verve {
             None => None,
         };
         let (callbacks, dispatcher) =
-            Dispatcher::start(config, callback_policy.clone(), telemetry.clone())
+            Dispatcher::start(config, callback_policy.clone(), callback_counters)
                 .map_err(StartError::Thread)?;
         let (at_close, immediate) = match config.callback_timing {
             CallbackTiming::Close => (Some(callbacks), None),
@@ -139,7 +147,7 @@ impl Verve {
             driver,
             client_limits,
             &callback_policy,
-            &telemetry,
+            &server_counters,
             &intake,
         )?;
         // From here on only the workers hold senders: when they are gone, the

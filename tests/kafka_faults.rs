@@ -11,7 +11,7 @@ use common::kafka::{all_records, consumer, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use verve::metrics::Telemetry;
-use verve::report::{CountRecord, Scope, Timestamp};
+use verve::record::{CountRecord, Scope, Timestamp};
 use verve::sink::{Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink};
 use verve::window::WindowStart;
 

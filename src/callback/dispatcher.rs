@@ -19,11 +19,12 @@ use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 
-use super::{CallbackJob, CallbackPolicy, Callbacks, Coalescer, Refusal};
+use super::{
+    CallbackCounters, CallbackJob, CallbackOutcome, CallbackPolicy, Callbacks, Coalescer, Refusal,
+};
 use crate::backoff::Backoff;
 use crate::config::{CallbackMethod, CallbackTiming, Config};
-use crate::metrics::{CallbackOutcome, Telemetry};
-use crate::report::CountRecord;
+use crate::record::CountRecord;
 
 /// The first retry waits this long; each further one twice as long as the last,
 /// up to [`MAX_BACKOFF`].
@@ -44,7 +45,7 @@ pub struct Dispatcher {
     threads: Vec<JoinHandle<()>>,
     /// The jobs' queue, to account for what is left of it at shutdown.
     queue: flume::Receiver<CallbackJob>,
-    telemetry: Arc<Telemetry>,
+    counters: CallbackCounters,
 }
 
 /// What every dispatcher thread needs.
@@ -54,7 +55,7 @@ struct Caller {
     method: CallbackMethod,
     retries: u32,
     coalescer: Option<Coalescer>,
-    telemetry: Arc<Telemetry>,
+    counters: CallbackCounters,
 }
 
 impl Dispatcher {
@@ -63,7 +64,7 @@ impl Dispatcher {
     pub fn start(
         config: &Config,
         policy: CallbackPolicy,
-        telemetry: Arc<Telemetry>,
+        counters: CallbackCounters,
     ) -> std::io::Result<(Callbacks, Dispatcher)> {
         let (jobs, queue) = flume::bounded(config.callback_queue as usize);
         let coalescer =
@@ -87,7 +88,7 @@ impl Dispatcher {
             method: config.callback_method,
             retries: config.callback_retries,
             coalescer: coalescer.clone(),
-            telemetry: telemetry.clone(),
+            counters: counters.clone(),
         };
         let mut threads = Vec::new();
         for index in 0..config.callback_concurrency {
@@ -104,9 +105,9 @@ impl Dispatcher {
         let dispatcher = Dispatcher {
             threads,
             queue,
-            telemetry: telemetry.clone(),
+            counters: counters.clone(),
         };
-        Ok((Callbacks::new(jobs, coalescer, telemetry), dispatcher))
+        Ok((Callbacks::new(jobs, coalescer, counters), dispatcher))
     }
 
     /// Waits for the queued and in-flight calls to finish, at most until `deadline`
@@ -123,8 +124,8 @@ impl Dispatcher {
         }
         let left = self.queue.drain().count();
         if left > 0 {
-            self.telemetry
-                .record_callbacks(CallbackOutcome::Dropped, left as u64);
+            self.counters
+                .record_many(CallbackOutcome::Dropped, left as u64);
             tracing::warn!(
                 callbacks = left,
                 "callbacks still queued at shutdown were not made"
@@ -182,7 +183,7 @@ impl Caller {
                     continue;
                 }
             }
-            self.telemetry.record_callback(match outcome {
+            self.counters.record(match outcome {
                 Ok(status) => CallbackOutcome::Status(status),
                 Err(_) => CallbackOutcome::Error,
             });

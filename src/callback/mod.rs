@@ -14,6 +14,7 @@
 //! only the latest waiting count is sent after it. Each window keeps its own
 //! line, so a window's last count is never replaced by the next window's first.
 
+mod counters;
 mod dispatcher;
 
 use std::collections::HashMap;
@@ -22,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use flume::TrySendError;
 
 pub use crate::callback_policy::{CallbackPolicy, Refusal};
+pub use counters::{CallbackCounters, CallbackOutcome};
 pub use dispatcher::Dispatcher;
 
-use crate::metrics::{CallbackOutcome, Telemetry};
-use crate::report::CountRecord;
+use crate::record::CountRecord;
 use crate::window::WindowStart;
 
 /// One call to make: tell `endpoint` about `record`.
@@ -40,19 +41,19 @@ pub struct Callbacks {
     jobs: flume::Sender<CallbackJob>,
     /// Present in immediate mode only.
     coalescer: Option<Coalescer>,
-    telemetry: Arc<Telemetry>,
+    counters: CallbackCounters,
 }
 
 impl Callbacks {
     fn new(
         jobs: flume::Sender<CallbackJob>,
         coalescer: Option<Coalescer>,
-        telemetry: Arc<Telemetry>,
+        counters: CallbackCounters,
     ) -> Self {
         Callbacks {
             jobs,
             coalescer,
-            telemetry,
+            counters,
         }
     }
 
@@ -60,7 +61,11 @@ impl Callbacks {
     pub fn detached(capacity: usize, coalesce: bool) -> (Callbacks, flume::Receiver<CallbackJob>) {
         let (tx, rx) = flume::bounded(capacity);
         (
-            Callbacks::new(tx, coalesce.then(Coalescer::default), Arc::default()),
+            Callbacks::new(
+                tx,
+                coalesce.then(Coalescer::default),
+                CallbackCounters::default(),
+            ),
             rx,
         )
     }
@@ -81,7 +86,7 @@ impl Callbacks {
             if let Some(coalescer) = &self.coalescer {
                 coalescer.forget(&job);
             }
-            let dropped_total = self.telemetry.record_callbacks(CallbackOutcome::Dropped, 1);
+            let dropped_total = self.counters.record_many(CallbackOutcome::Dropped, 1);
             tracing::warn!(
                 endpoint = %job.endpoint,
                 window_start = %job.record.window_start,
@@ -93,7 +98,7 @@ impl Callbacks {
 
     /// Callbacks dropped because the queue was full (or left at shutdown), since start.
     pub fn dropped(&self) -> u64 {
-        self.telemetry.callbacks(CallbackOutcome::Dropped)
+        self.counters.count(CallbackOutcome::Dropped)
     }
 }
 
@@ -161,7 +166,7 @@ impl Coalescer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Scope, Timestamp};
+    use crate::record::{Scope, Timestamp};
 
     fn job(endpoint: &Arc<str>, count: u64) -> CallbackJob {
         job_in(endpoint, 60, count)

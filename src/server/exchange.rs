@@ -10,11 +10,11 @@
 
 use std::ops::ControlFlow;
 
+use super::counters::Route;
 use super::query::parse_accept_query;
 use super::request::{self, FrameEnd, FrameError, Method, Request};
 use super::response::{self, Persistence, Status};
 use super::worker::Worker;
-use crate::metrics::Route;
 use crate::window::WindowStart;
 
 /// The path of the one counting endpoint.
@@ -172,12 +172,12 @@ mod tests {
     use super::*;
     use crate::batch::{Batcher, Handoff};
 
+    use crate::admission::Admission;
     use crate::callback::CallbackPolicy;
-    use crate::metrics::Telemetry;
+    use crate::server::counters::ServerCounters;
     use crate::server::registry::Timeouts;
     use crate::server::request::Limits;
     use crate::server::ClientLimits;
-    use crate::store::Admission;
     use crate::window::WindowLength;
 
     /// Counts allocations made by the current thread, so that tests running on
@@ -224,7 +224,7 @@ mod tests {
                 connections_per_worker: 1,
             },
             Batcher::new(tx, BATCH_IDS, Admission::default(), 0, window),
-            &Telemetry::new(60),
+            &ServerCounters::default(),
         );
         (worker, rx)
     }

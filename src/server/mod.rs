@@ -7,6 +7,7 @@
 
 pub mod affinity;
 mod connection;
+pub mod counters;
 mod error;
 mod exchange;
 pub mod file_limit;
@@ -19,18 +20,18 @@ mod worker;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
+use crate::admission::Admission;
 use crate::batch::Handoff;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
-use crate::metrics::Telemetry;
-use crate::store::Admission;
 use crate::window::WindowStart;
+use counters::ServerCounters;
 use worker::WorkerSettings;
 
 pub use error::ServerError;
@@ -140,7 +141,7 @@ impl Workers {
         driver: Driver,
         client_limits: ClientLimits,
         callback_policy: &CallbackPolicy,
-        telemetry: &Arc<Telemetry>,
+        counters: &ServerCounters,
         intake: &Intake,
     ) -> Result<Workers, ServerError> {
         let count = config.worker_count();
@@ -164,7 +165,7 @@ impl Workers {
                 callback_policy: callback_policy.clone(),
                 client_limits,
                 admission: intake.admission.clone(),
-                telemetry: telemetry.clone(),
+                counters: counters.clone(),
                 batch_ids: config.batch_ids as usize,
                 flush_interval: config.flush_interval(),
                 drain: config.shutdown_drain(),

@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::metrics::WorkerCounters;
+use super::counters::WorkerCounters;
 
 /// How long a client may take, per thing it can keep a connection waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

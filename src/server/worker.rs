@@ -27,13 +27,13 @@ use monoio::time::TimeDriver;
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use super::connection::Connection;
+use super::counters::{ServerCounters, WorkerCounters};
 use super::registry::{AtCapacity, Registration, Registry};
 use super::request::Limits;
 use super::{ClientLimits, Driver, ServerError};
+use crate::admission::Admission;
 use crate::batch::{Batcher, Handoff, Overloaded};
 use crate::callback::CallbackPolicy;
-use crate::metrics::{Telemetry, WorkerCounters};
-use crate::store::Admission;
 use crate::window::{WindowLength, WindowStart};
 
 /// What a worker needs to know, copied into its thread.
@@ -48,7 +48,7 @@ pub(crate) struct WorkerSettings {
     pub callback_policy: CallbackPolicy,
     pub client_limits: ClientLimits,
     pub admission: Admission,
-    pub telemetry: Arc<Telemetry>,
+    pub counters: ServerCounters,
     pub batch_ids: usize,
     pub flush_interval: Duration,
     pub drain: Duration,
@@ -74,9 +74,9 @@ impl Worker {
         callback_policy: CallbackPolicy,
         client_limits: ClientLimits,
         batcher: Batcher,
-        telemetry: &Telemetry,
+        counters: &ServerCounters,
     ) -> Self {
-        let counters = telemetry.register_worker();
+        let counters = counters.register();
         let connections = Registry::new(
             client_limits.timeouts,
             client_limits.connections_per_worker,
@@ -215,7 +215,7 @@ async fn serve(
             settings.index,
             settings.first_window,
         ),
-        &settings.telemetry,
+        &settings.counters,
     ));
     monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
     monoio::spawn(sweep_periodically(worker.clone(), sweep_interval));

@@ -23,7 +23,7 @@ use rdkafka::ClientContext;
 
 use super::{Acknowledged, Acks, CountSink};
 use crate::metrics::Telemetry;
-use crate::report::CountRecord;
+use crate::record::CountRecord;
 
 /// Where and how to publish.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::CountSink;
 pub use crate::config::CountLogFormat;
-use crate::report::CountRecord;
+use crate::record::CountRecord;
 
 /// Appends one `INFO` line per record to a file, e.g.
 /// `2026-11-21T10:06:00.501234Z  INFO window_start=2026-11-21T10:05:00Z window_seconds=60 unique_requests=42 scope=instance revision=1 complete=true partial=false instances=1 published_at=2026-11-21T10:06:00.501Z`.
@@ -134,7 +134,7 @@ impl std::error::Error for OpenError {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Scope, Timestamp};
+    use crate::record::{Scope, Timestamp};
     use crate::window::WindowStart;
 
     fn records() -> [CountRecord; 2] {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::report::CountRecord;
+use crate::record::CountRecord;
 use crate::window::WindowStart;
 
 /// A shared sink took a record for good (Kafka acknowledged it, or Redis appended

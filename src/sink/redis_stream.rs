@@ -26,8 +26,8 @@ use serde_json::Value;
 use super::{Acknowledged, Acks, CountSink};
 use crate::backoff::Backoff;
 use crate::metrics::Telemetry;
+use crate::record::CountRecord;
 use crate::redis_link::{RedisEndpoint, RedisLink};
-use crate::report::CountRecord;
 
 /// Records waiting for the thread. One record per window (and revision): at 60 s
 /// windows this is 17 hours of Redis being away, in about 100 KiB.
@@ -318,7 +318,7 @@ fn fields(record: &CountRecord) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Scope, Timestamp};
+    use crate::record::{Scope, Timestamp};
     use crate::window::WindowStart;
 
     fn record() -> CountRecord {

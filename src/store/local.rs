@@ -3,7 +3,9 @@
 use std::time::Instant;
 
 use super::DedupStore;
-use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
+use crate::record::{CountRecord, Scope, Timestamp};
+use crate::report::Reporter;
+use crate::store::ClosedWindow;
 
 /// Reports each window with the count of its local set, at once.
 pub struct LocalStore {

@@ -12,24 +12,37 @@
 //!
 //! A store may hold back intake through the shared [`Admission`]: while it is
 //! closed, workers answer new ids `503 failed`.
+//!
+//! [`Admission`]: crate::admission::Admission
 
 mod local;
 mod redis;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use local::LocalStore;
 pub use redis::{window_sets, RedisSettings, RedisStore};
 
-use crate::report::ClosedWindow;
 use crate::window::WindowStart;
 
 /// The ids of one window, as this instance saw them: filled by the aggregator,
 /// then handed whole to the store at close (the Redis store keeps it for as long
 /// as it may have to send the window again).
 pub type IdSet = scc::HashSet<i64>;
+
+/// A window the aggregator has closed.
+pub struct ClosedWindow {
+    pub window: WindowStart,
+    /// Every id this instance received in the window.
+    pub ids: IdSet,
+    /// How many ids `ids` holds, counted as they were inserted.
+    pub unique_requests: u64,
+    /// Endpoints named in the window (at most `VERVE_CALLBACK_MAX_ENDPOINTS`).
+    pub endpoints: Vec<Arc<str>>,
+    /// This process did not run for the whole window: it started or stopped within it.
+    pub partial: bool,
+}
 
 /// Where windows are deduplicated and reported. Hooks the local store needs not
 /// are no-ops by default.
@@ -43,27 +56,4 @@ pub trait DedupStore: Send {
     /// Shutdown, after the last `close`: report what is pending, at most until
     /// `deadline`, and return by then whatever is still unreachable.
     fn finish(self: Box<Self>, _deadline: Instant) {}
-}
-
-/// Whether workers may accept new ids; a store closes it when it cannot take more.
-#[derive(Debug, Clone)]
-pub struct Admission(Arc<AtomicBool>);
-
-impl Default for Admission {
-    fn default() -> Self {
-        Admission(Arc::new(AtomicBool::new(true)))
-    }
-}
-
-impl Admission {
-    /// One relaxed load: it only needs to be seen eventually, and the bound it
-    /// protects has room for what is in flight meanwhile.
-    #[inline]
-    pub fn is_open(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    pub fn set_open(&self, open: bool) {
-        self.0.store(open, Ordering::Relaxed);
-    }
 }

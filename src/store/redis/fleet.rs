@@ -74,8 +74,8 @@ use redis::{Cmd, RedisResult, Script, Value};
 use super::slots::ShardTags;
 use crate::config::RedisMode;
 use crate::metrics::now_ms;
+use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
-use crate::report::{CountRecord, Scope, Timestamp};
 use crate::window::WindowStart;
 
 /// Which of `shards` sets an id goes to: a fixed multiplicative hash, the same in

@@ -26,9 +26,11 @@ use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, Wi
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::backoff::Backoff;
 use crate::metrics;
+use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
-use crate::report::{ClosedWindow, CountRecord, Reporter, Scope, Timestamp};
+use crate::report::Reporter;
 use crate::sink::Acknowledged;
+use crate::store::ClosedWindow;
 use crate::window::{WindowLength, WindowStart};
 
 /// Ids sent in one round trip, at most.

@@ -27,11 +27,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Admission, DedupStore, IdSet};
+use super::{ClosedWindow, DedupStore, IdSet};
+use crate::admission::Admission;
 use crate::config::RedisMode;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
-use crate::report::{ClosedWindow, Reporter};
+use crate::report::Reporter;
 use crate::sink::Acknowledged;
 use crate::window::WindowStart;
 pub use fleet::window_sets;

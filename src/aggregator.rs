@@ -286,7 +286,6 @@ impl Aggregator {
     }
 
     /// Ids that arrived after their window was closed, since start.
-    /// Ids that arrived after their window was closed, since start.
     #[cfg(test)]
     fn late_ids(&self) -> u64 {
         self.telemetry.late_ids.load(Ordering::Relaxed)

@@ -61,7 +61,6 @@ fn settle_connection_cap(config: &Config) -> (ConnectionCap, Option<u64>) {
 /// A running service.
 pub struct Verve {
     addr: SocketAddr,
-    driver: Driver,
     workers: Workers,
     /// Serves `/metrics` and `/healthz`, unless turned off.
     admin: Option<AdminListener>,
@@ -191,7 +190,6 @@ impl Verve {
         );
         Ok(Verve {
             addr,
-            driver,
             workers,
             admin,
             aggregator,
@@ -208,11 +206,6 @@ impl Verve {
     /// The address `/metrics` and `/healthz` are served on, if they are.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminListener::local_addr)
-    }
-
-    /// The I/O driver the workers run on.
-    pub fn driver(&self) -> Driver {
-        self.driver
     }
 
     /// Stops accepting, drains connections (for at most `VERVE_SHUTDOWN_DRAIN_MS`),

@@ -97,7 +97,8 @@ impl Callbacks {
     }
 
     /// Callbacks dropped because the queue was full (or left at shutdown), since start.
-    pub fn dropped(&self) -> u64 {
+    #[cfg(test)]
+    fn dropped(&self) -> u64 {
         self.counters.count(CallbackOutcome::Dropped)
     }
 }

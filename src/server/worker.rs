@@ -217,8 +217,18 @@ async fn serve(
         ),
         &settings.counters,
     ));
-    monoio::spawn(flush_periodically(worker.clone(), settings.flush_interval));
-    monoio::spawn(sweep_periodically(worker.clone(), sweep_interval));
+    // Flushing sends partly filled batches and this worker's watermark: a window
+    // closes on the flush tick after its end once every worker has had one, and a
+    // worker that sends nothing still lets windows close. Both go on while
+    // connections drain at shutdown, until the final flush.
+    monoio::spawn(every(
+        worker.clone(),
+        settings.flush_interval,
+        Worker::flush,
+    ));
+    monoio::spawn(every(worker.clone(), sweep_interval, |worker| {
+        worker.connections.sweep(Instant::now())
+    }));
 
     accept_until_shutdown(&listener, &worker, shutdown).await;
     drop(listener);
@@ -263,22 +273,11 @@ async fn serve_connection(stream: TcpStream, registration: Registration, worker:
     }
 }
 
-/// Sends partly filled batches, and this worker's watermark, at least every
-/// `interval`: a window closes on the flush tick after its end once every worker
-/// has had one, and a worker that sends nothing still lets windows close. Keeps
-/// doing so while connections drain at shutdown, until the final flush.
-async fn flush_periodically(worker: Rc<Worker>, interval: Duration) {
+/// Runs `tick` every `interval` until the worker's batcher has sent its last batch.
+async fn every(worker: Rc<Worker>, interval: Duration, tick: fn(&Worker)) {
     while !worker.batcher.borrow().is_finished() {
         monoio::time::sleep(interval).await;
-        worker.flush();
-    }
-}
-
-/// Closes connections past their deadlines, until the worker stops.
-async fn sweep_periodically(worker: Rc<Worker>, interval: Duration) {
-    while !worker.batcher.borrow().is_finished() {
-        monoio::time::sleep(interval).await;
-        worker.connections.sweep(Instant::now());
+        tick(&worker);
     }
 }
 

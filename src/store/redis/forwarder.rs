@@ -55,6 +55,9 @@ pub(super) struct Forwarder {
     connection: Option<RedisLink>,
     /// Redis has answered since start-up.
     ever_connected: bool,
+    /// Since when Redis has been failing, in ms since the epoch (published for
+    /// `/healthz`, which turns unhealthy after a window of it).
+    down_since_ms: Option<u64>,
     fleet: Fleet,
     reporter: Reporter,
     /// Records the shared sinks acknowledged, to note in Redis.
@@ -163,6 +166,7 @@ impl Forwarder {
             length: WindowLength::from_secs(settings.window_secs),
             connection: None,
             ever_connected: false,
+            down_since_ms: None,
             fleet,
             url: settings.url,
             reporter,
@@ -751,12 +755,11 @@ impl Forwarder {
     fn recovered(&mut self) {
         self.backoff = Backoff::new(FIRST_BACKOFF, self.fleet.heartbeat_interval());
         self.resume_at = None;
-        let since = self
-            .shared
-            .telemetry
-            .redis_down_since_ms
-            .swap(0, Ordering::Relaxed);
-        if since != 0 {
+        if let Some(since) = self.down_since_ms.take() {
+            self.shared
+                .telemetry
+                .redis_down_since_ms
+                .store(0, Ordering::Relaxed);
             let down_ms = metrics::now_ms().saturating_sub(since);
             tracing::info!(down_ms, "Redis reachable again");
         }
@@ -767,12 +770,15 @@ impl Forwarder {
         self.resume_at = Some(Instant::now() + self.backoff.next_wait());
         let telemetry = &self.shared.telemetry;
         telemetry.redis_errors.fetch_add(1, Ordering::Relaxed);
-        let since = &telemetry.redis_down_since_ms;
-        if since.load(Ordering::Relaxed) != 0 {
+        if self.down_since_ms.is_some() {
             tracing::debug!(%error, "Redis still failing");
             return;
         }
-        since.store(metrics::now_ms(), Ordering::Relaxed);
+        let since = metrics::now_ms();
+        self.down_since_ms = Some(since);
+        telemetry
+            .redis_down_since_ms
+            .store(since, Ordering::Relaxed);
         let unreachable = error.is_io_error()
             || error.is_timeout()
             || error.is_connection_dropped()

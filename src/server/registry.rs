@@ -18,11 +18,12 @@
 //! on the worker's one thread, so a registered fd is never a closed or reused one.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use slab::Slab;
 
 use super::counters::WorkerCounters;
 
@@ -103,8 +104,7 @@ pub(crate) struct Registry {
     counters: Arc<WorkerCounters>,
     /// The time as of the last sweep: coarse, but free to read.
     clock: Cell<Instant>,
-    next_key: Cell<u64>,
-    open: RefCell<HashMap<u64, Rc<Watch>>>,
+    open: RefCell<Slab<Rc<Watch>>>,
 }
 
 /// Why a connection was not registered.
@@ -119,8 +119,7 @@ impl Registry {
             capacity,
             counters,
             clock: Cell::new(Instant::now()),
-            next_key: Cell::new(0),
-            open: RefCell::new(HashMap::new()),
+            open: RefCell::new(Slab::new()),
         }
     }
 
@@ -138,9 +137,7 @@ impl Registry {
             deadline: Cell::new(Some(self.deadline_for(Wait::Head))),
             expired: Cell::new(false),
         });
-        let key = self.next_key.get();
-        self.next_key.set(key + 1);
-        open.insert(key, watch.clone());
+        let key = open.insert(watch.clone());
         self.counters.set_connections_open(open.len());
         Ok(Registration {
             registry: self.clone(),
@@ -160,7 +157,7 @@ impl Registry {
     /// Closes every connection past its deadline, as of `now`.
     pub(crate) fn sweep(&self, now: Instant) {
         self.clock.set(now);
-        for watch in self.open.borrow().values() {
+        for (_, watch) in self.open.borrow().iter() {
             let due = watch.deadline.get().is_some_and(|deadline| deadline <= now);
             if watch.expired.get() || !due {
                 continue;
@@ -184,7 +181,7 @@ impl Registry {
     /// Ends the read side of every open connection, so idle ones see end-of-stream
     /// at once while requests already received are still answered.
     pub(crate) fn shut_reads(&self) {
-        for watch in self.open.borrow().values() {
+        for (_, watch) in self.open.borrow().iter() {
             // SAFETY: as in `sweep`.
             unsafe { libc::shutdown(watch.fd, libc::SHUT_RD) };
         }
@@ -194,7 +191,8 @@ impl Registry {
 /// A connection's place in the [`Registry`], given up when dropped.
 pub(crate) struct Registration {
     registry: Rc<Registry>,
-    key: u64,
+    /// Held by this registration alone until it drops; the slab then reuses it.
+    key: usize,
     watch: Rc<Watch>,
 }
 
@@ -230,7 +228,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut open = self.registry.open.borrow_mut();
-        open.remove(&self.key);
+        open.remove(self.key);
         self.registry.counters.set_connections_open(open.len());
     }
 }
@@ -271,6 +269,22 @@ mod tests {
         drop(first);
         assert_eq!(registry.len(), 1);
         assert!(registry.register(-1).is_ok());
+    }
+
+    #[test]
+    fn a_reused_key_belongs_to_the_new_registration_alone() {
+        let registry = registry(10);
+        let first = registry.register(-1).unwrap();
+        let second = registry.register(-1).unwrap();
+        let freed = first.key;
+        drop(first);
+        let third = registry.register(-1).unwrap();
+        assert_eq!(third.key, freed);
+        drop(second);
+        assert_eq!(registry.len(), 1);
+        assert!(Rc::ptr_eq(&registry.open.borrow()[freed], &third.watch));
+        drop(third);
+        assert_eq!(registry.len(), 0);
     }
 
     #[test]

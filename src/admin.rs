@@ -168,7 +168,7 @@ fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> io::Result<()> {
         Ok((Endpoint::Metrics, head_only)) => response::write_body(
             &mut out,
             Status::Ok,
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
             &telemetry.render(),
             Persistence::Close,
             head_only,

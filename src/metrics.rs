@@ -1,18 +1,26 @@
 //! What `/metrics` and `/healthz` report (served by [`crate::admin`]).
 //!
 //! Request counters are the server's own ([`ServerCounters`]: per worker, written
-//! only by that worker, summed at scrape). Everything else is a handful of atomics in [`Telemetry`], written once per
-//! batch, window, callback or Redis round, never per request. The text exposition
-//! is written here by hand: the format is a few lines of `name{labels} value`, and
-//! per-worker counters summed at scrape time do not fit a client library's own
-//! counter types without a custom collector that would be longer than this file.
+//! only by that worker, summed at scrape) and callback outcomes the callbacks'
+//! ([`CallbackCounters`]). Everything else is a handful of atomics in
+//! [`Telemetry`], written once per batch, window, callback or Redis round, never
+//! per request. A scrape reads all of it into one snapshot, a `prometheus-client`
+//! collector, which writes the OpenMetrics text: the hot path keeps its plain
+//! per-worker counters, and the format is the Prometheus project's own.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
 use crate::callback::CallbackCounters;
-use crate::server::counters::ServerCounters;
+use crate::server::counters::{ServerCounters, ServerTotals};
 
 /// Shared state for the operational endpoints.
 #[derive(Debug, Default)]
@@ -98,184 +106,118 @@ impl Telemetry {
         Ok(())
     }
 
-    /// The Prometheus text exposition of everything.
+    /// `/metrics`: the OpenMetrics text of everything, read now.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
         let server = self.server.totals();
-
-        family(
-            &mut out,
-            "verve_requests_total",
-            "counter",
-            "Requests answered, by route and status code.",
-        );
-        for (route, status, n) in &server.requests {
-            let _ = writeln!(
-                out,
-                "verve_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
-        }
-        let simple: [(&str, &str, &str, u64); 18] = [
-            (
-                "verve_ids_accepted_total",
-                "counter",
-                "Ids accepted into a window.",
-                server.ids_accepted,
-            ),
-            (
-                "verve_connections_open",
-                "gauge",
-                "Client connections open.",
-                server.connections_open,
-            ),
-            (
-                "verve_connections_refused_total",
-                "counter",
-                "Connections closed at once because their worker held VERVE_MAX_CONNECTIONS.",
-                server.connections_refused,
-            ),
-            (
-                "verve_windows_closed_total",
-                "counter",
-                "Windows closed and reported.",
-                load(&self.windows_closed),
-            ),
-            (
-                "verve_windows_skipped_total",
-                "counter",
-                "Windows without ids skipped, not reported, because the clock jumped forward.",
-                load(&self.windows_skipped),
-            ),
-            (
-                "verve_records_published_total",
-                "counter",
-                "Count records this instance published (in Redis mode, each revision by one instance).",
-                load(&self.records_published),
-            ),
-            (
-                "verve_last_window_unique_requests",
-                "gauge",
-                "Unique ids of the last reported window.",
-                load(&self.last_window_unique),
-            ),
-            (
-                "verve_late_ids_total",
-                "counter",
-                "Ids that arrived after their window closed (not counted; a bug if not 0).",
-                load(&self.late_ids),
-            ),
-            (
-                "verve_channel_depth",
-                "gauge",
-                "Batches waiting for the aggregator.",
-                load(&self.channel_depth),
-            ),
-            (
-                "verve_redis_rounds_total",
-                "counter",
-                "Pipelined rounds Redis took.",
-                load(&self.redis_rounds),
-            ),
-            (
-                "verve_redis_errors_total",
-                "counter",
-                "Failed Redis rounds (retried).",
-                load(&self.redis_errors),
-            ),
-            (
-                "verve_redis_replays_total",
-                "counter",
-                "Windows sent to Redis again because it had lost this instance's ids.",
-                load(&self.redis_replays),
-            ),
-            (
-                "verve_redis_buffered_ids",
-                "gauge",
-                "Ids waiting for Redis.",
-                load(&self.redis_buffered_ids),
-            ),
-            (
-                "verve_redis_buffer_capacity_ids",
-                "gauge",
-                "VERVE_REDIS_BUFFER_IDS (0 without Redis).",
-                load(&self.redis_buffer_capacity),
-            ),
-            (
-                "verve_kafka_delivered_total",
-                "counter",
-                "Records Kafka acknowledged.",
-                load(&self.kafka_delivered),
-            ),
-            (
-                "verve_kafka_failed_total",
-                "counter",
-                "Records given up or refused.",
-                load(&self.kafka_failed),
-            ),
-            (
-                "verve_redis_stream_delivered_total",
-                "counter",
-                "Records appended to the Redis stream.",
-                load(&self.redis_stream_delivered),
-            ),
-            (
-                "verve_redis_stream_failed_total",
-                "counter",
-                "Records dropped (queue full) or given up at shutdown by the Redis stream sink.",
-                load(&self.redis_stream_failed),
-            ),
-        ];
-        family(
-            &mut out,
-            "verve_ids_rejected_total",
-            "counter",
-            "Ids refused, by reason.",
-        );
-        let _ = writeln!(
-            out,
-            "verve_ids_rejected_total{{reason=\"invalid\"}} {}",
-            server.ids_invalid
-        );
-        let _ = writeln!(
-            out,
-            "verve_ids_rejected_total{{reason=\"overloaded\"}} {}",
-            server.ids_overloaded
-        );
-        family(
-            &mut out,
-            "verve_callbacks_total",
-            "counter",
-            "Callbacks, by outcome class.",
-        );
-        for (class, n) in self.callbacks.by_class() {
-            let _ = writeln!(out, "verve_callbacks_total{{class=\"{class}\"}} {n}");
-        }
-        family(
-            &mut out,
-            "verve_connections_timed_out_total",
-            "counter",
-            "Connections closed for missing a deadline, by what they were waiting for.",
-        );
-        for (waiting_for, n) in &server.connections_timed_out {
-            let _ = writeln!(
-                out,
-                "verve_connections_timed_out_total{{waiting_for=\"{waiting_for}\"}} {n}"
-            );
-        }
-        for (name, kind, help, value) in simple {
-            family(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
-        }
+        let scrape = Scrape {
+            callbacks: self.callbacks.by_class().collect(),
+            single: vec![
+                ("verve_ids_accepted", MetricType::Counter, "Ids accepted into a window.", server.ids_accepted),
+                ("verve_connections_open", MetricType::Gauge, "Client connections open.", server.connections_open),
+                ("verve_connections_refused", MetricType::Counter, "Connections closed at once because their worker held VERVE_MAX_CONNECTIONS.", server.connections_refused),
+                ("verve_windows_closed", MetricType::Counter, "Windows closed and reported.", load(&self.windows_closed)),
+                ("verve_windows_skipped", MetricType::Counter, "Windows without ids skipped, not reported, because the clock jumped forward.", load(&self.windows_skipped)),
+                ("verve_records_published", MetricType::Counter, "Count records this instance published (in Redis mode, each revision by one instance).", load(&self.records_published)),
+                ("verve_last_window_unique_requests", MetricType::Gauge, "Unique ids of the last reported window.", load(&self.last_window_unique)),
+                ("verve_late_ids", MetricType::Counter, "Ids that arrived after their window closed (not counted; a bug if not 0).", load(&self.late_ids)),
+                ("verve_channel_depth", MetricType::Gauge, "Batches waiting for the aggregator.", load(&self.channel_depth)),
+                ("verve_redis_rounds", MetricType::Counter, "Pipelined rounds Redis took.", load(&self.redis_rounds)),
+                ("verve_redis_errors", MetricType::Counter, "Failed Redis rounds (retried).", load(&self.redis_errors)),
+                ("verve_redis_replays", MetricType::Counter, "Windows sent to Redis again because it had lost this instance's ids.", load(&self.redis_replays)),
+                ("verve_redis_buffered_ids", MetricType::Gauge, "Ids waiting for Redis.", load(&self.redis_buffered_ids)),
+                ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis_buffer_capacity)),
+                ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka_delivered)),
+                ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka_failed)),
+                ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream_delivered)),
+                ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream_failed)),
+            ],
+            server,
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(scrape));
+        let mut out = String::with_capacity(4096);
+        text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }
 }
 
-fn load(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
+/// What one scrape read: the server's totals, the callbacks' classes, and every
+/// metric without labels (name, type, help, value). Counters are named without
+/// their `_total`, which the encoder adds.
+#[derive(Debug)]
+struct Scrape {
+    server: ServerTotals,
+    callbacks: Vec<(&'static str, u64)>,
+    single: Vec<(&'static str, MetricType, &'static str, u64)>,
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let server = &self.server;
+        let requests = server.requests.iter().map(|(route, status, n)| {
+            let labels = vec![("route", route.to_string()), ("status", status.to_string())];
+            (labels, *n)
+        });
+        counters(
+            &mut encoder,
+            "verve_requests",
+            "Requests answered, by route and status code.",
+            requests,
+        )?;
+        let rejected = [
+            ("invalid", server.ids_invalid),
+            ("overloaded", server.ids_overloaded),
+        ];
+        counters(
+            &mut encoder,
+            "verve_ids_rejected",
+            "Ids refused, by reason.",
+            rejected.map(|(reason, n)| (vec![("reason", reason.to_owned())], n)),
+        )?;
+        counters(
+            &mut encoder,
+            "verve_callbacks",
+            "Callbacks, by outcome class.",
+            self.callbacks
+                .iter()
+                .map(|(class, n)| (vec![("class", class.to_string())], *n)),
+        )?;
+        counters(
+            &mut encoder,
+            "verve_connections_timed_out",
+            "Connections closed for missing a deadline, by what they were waiting for.",
+            server
+                .connections_timed_out
+                .iter()
+                .map(|(waiting_for, n)| (vec![("waiting_for", waiting_for.to_string())], *n)),
+        )?;
+        for &(name, kind, help, value) in &self.single {
+            let family = encoder.encode_descriptor(name, help, None, kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(value).encode(family)?,
+                _ => ConstGauge::new(value).encode(family)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A counter family: one sample per label set.
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, n) in samples {
+        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ fn metrics_count_requests_ids_and_windows() {
     assert_eq!(response.status, 200);
     assert_eq!(
         response.header("content-type"),
-        Some("text/plain; version=0.0.4")
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     let text = response.body;
     assert_eq!(
@@ -62,7 +62,7 @@ fn metrics_count_requests_ids_and_windows() {
     );
     assert!(metric(&text, "verve_windows_closed_total") >= 1);
     assert_eq!(metric(&text, "verve_late_ids_total"), 0);
-    assert!(text.contains("# TYPE verve_requests_total counter"));
+    assert!(text.contains("# TYPE verve_requests counter"));
 }
 
 #[test]
@@ -107,9 +107,7 @@ fn the_operations_listener_answers_one_request_per_connection() {
     client.send(&b"GET /metrics HTTP/1.1\r\n\r\n".repeat(100));
     let response = client.read_response();
     assert_eq!(response.status, 200);
-    assert!(response
-        .body
-        .contains("# TYPE verve_requests_total counter"));
+    assert!(response.body.contains("# TYPE verve_requests counter"));
     assert!(client.is_closed_by_server());
 }
 

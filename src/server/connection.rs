@@ -1,6 +1,6 @@
 //! One client connection: read, frame, answer, in order, until either side closes.
 //!
-//! The connection owns its [`Exchange`] buffers for its whole life and hands them to
+//! The connection owns its [`ConnectionBuffers`] for its whole life and hands them to
 //! the kernel and back on every turn (monoio's owned-buffer I/O), so a request costs
 //! no allocation. Everything that can be answered from one read is answered, in
 //! order, with one write: pipelined requests are batched for free. After an error
@@ -18,7 +18,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::exchange::{Exchange, Next};
+use super::buffers::{ConnectionBuffers, Next};
 use super::registry::{Registration, Wait};
 use super::worker::Worker;
 
@@ -32,7 +32,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 pub(crate) struct Connection {
     stream: TcpStream,
-    exchange: Exchange,
+    buffers: ConnectionBuffers,
     registration: Registration,
 }
 
@@ -40,7 +40,7 @@ impl Connection {
     pub(crate) fn new(stream: TcpStream, registration: Registration) -> Self {
         Connection {
             stream,
-            exchange: Exchange::with_capacity(READ_CHUNK),
+            buffers: ConnectionBuffers::with_capacity(READ_CHUNK),
             registration,
         }
     }
@@ -53,22 +53,19 @@ impl Connection {
         let mut answered = false;
         loop {
             if next == Next::Read {
-                if self.exchange.read_buf.capacity() - self.exchange.read_buf.len() < READ_CHUNK / 4
-                {
+                if self.buffers.read_buf.capacity() - self.buffers.read_buf.len() < READ_CHUNK / 4 {
                     // Only a request longer than one chunk gets here; framing caps it.
-                    self.exchange
-                        .read_buf
-                        .reserve(READ_CHUNK.min(request_bytes));
+                    self.buffers.read_buf.reserve(READ_CHUNK.min(request_bytes));
                 }
-                let buf = std::mem::take(&mut self.exchange.read_buf);
+                let buf = std::mem::take(&mut self.buffers.read_buf);
                 let (len, capacity) = (buf.len(), buf.capacity());
                 let (read, buf) = self.stream.read(buf.slice_mut(len..capacity)).await;
-                self.exchange.read_buf = buf.into_inner();
+                self.buffers.read_buf = buf.into_inner();
                 if read? == 0 {
-                    if self.registration.expired() && !self.exchange.read_buf.is_empty() {
+                    if self.registration.expired() && !self.buffers.read_buf.is_empty() {
                         // Half a request, and its time is up: say so before closing,
                         // within a write deadline like any other answer.
-                        self.exchange.time_out(&worker);
+                        self.buffers.time_out(&worker);
                         self.registration.wait_for(Wait::Write);
                         self.send().await?;
                     }
@@ -80,8 +77,8 @@ impl Connection {
 
             let waited_for = self.registration.waiting_for();
             let window = worker.window_of(SystemTime::now());
-            next = self.exchange.answer(&worker, window);
-            if !self.exchange.write_buf.is_empty() {
+            next = self.buffers.answer_complete_requests(&worker, window);
+            if !self.buffers.write_buf.is_empty() {
                 answered = true;
                 self.registration.wait_for(Wait::Write);
                 self.send().await?;
@@ -102,8 +99,8 @@ impl Connection {
             // begun in this read, whose head timeout starts now (after the answers
             // to the requests before it); or the rest of one begun earlier (or the
             // first of the connection), whose deadline stands.
-            if self.exchange.read_buf.is_empty() {
-                self.exchange.shrink_idle(READ_CHUNK);
+            if self.buffers.read_buf.is_empty() {
+                self.buffers.shrink_idle(READ_CHUNK);
                 self.registration.wait_for(Wait::Idle);
             } else if answered || waited_for == Wait::Idle {
                 self.registration.wait_for(Wait::Head);
@@ -113,10 +110,10 @@ impl Connection {
 
     /// Writes out the responses collected in the write buffer.
     async fn send(&mut self) -> io::Result<()> {
-        let out = std::mem::take(&mut self.exchange.write_buf);
+        let out = std::mem::take(&mut self.buffers.write_buf);
         let (written, mut out) = self.stream.write_all(out).await;
         out.clear();
-        self.exchange.write_buf = out;
+        self.buffers.write_buf = out;
         written.map(drop)
     }
 
@@ -128,7 +125,7 @@ impl Connection {
         let _ = self.stream.shutdown().await;
         let deadline = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
-        let mut buf = std::mem::take(&mut self.exchange.read_buf);
+        let mut buf = std::mem::take(&mut self.buffers.read_buf);
         while discarded < LINGER_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
             buf.clear();

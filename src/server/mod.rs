@@ -6,10 +6,10 @@
 //! stays on the worker that accepted it for its whole life.
 
 pub mod affinity;
+mod buffers;
 mod connection;
 pub mod counters;
 mod error;
-mod exchange;
 pub mod file_limit;
 pub mod query;
 pub mod registry;
@@ -34,8 +34,8 @@ use crate::window::WindowStart;
 use counters::ServerCounters;
 use worker::WorkerSettings;
 
+pub use buffers::ACCEPT_PATH;
 pub use error::ServerError;
-pub use exchange::ACCEPT_PATH;
 
 /// How much a client may ask of the server before it is cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,9 @@
 //! Turning the bytes a connection has read into the bytes it sends back.
 //!
-//! An [`Exchange`] is a connection's buffers: what was read and not yet answered
-//! (always starting at a request boundary), the responses to send, and a scratch
-//! buffer for decoding. [`Exchange::answer`] frames every complete request in the
-//! read buffer, routes it, appends its response, and drops the bytes it used,
+//! [`ConnectionBuffers`] are what was read and not yet answered (always starting at
+//! a request boundary), the responses to send, and a scratch buffer for decoding.
+//! [`ConnectionBuffers::answer_complete_requests`] frames every complete request in
+//! the read buffer, routes it, appends its response, and drops the bytes it used,
 //! pausing once the responses reach [`OUTPUT_LIMIT`] so that they go out first. It
 //! does no I/O, so it can be driven and measured without a socket; after warm-up it
 //! allocates nothing (a test with a counting allocator holds it to that).
@@ -20,7 +20,7 @@ use crate::window::WindowStart;
 /// The path of the one counting endpoint.
 pub const ACCEPT_PATH: &[u8] = b"/api/verve/accept";
 
-pub(crate) struct Exchange {
+pub(crate) struct ConnectionBuffers {
     pub(crate) read_buf: Vec<u8>,
     pub(crate) write_buf: Vec<u8>,
     /// Where an escaped endpoint is decoded.
@@ -49,9 +49,9 @@ pub(crate) enum Next {
     CloseAfterError,
 }
 
-impl Exchange {
+impl ConnectionBuffers {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Exchange {
+        ConnectionBuffers {
             read_buf: Vec::with_capacity(capacity),
             write_buf: Vec::with_capacity(capacity),
             scratch: Vec::new(),
@@ -60,8 +60,12 @@ impl Exchange {
 
     /// Answers every complete request in the read buffer into the write buffer and
     /// drops the answered bytes. Ids count in `window`, the window of the read.
-    pub(crate) fn answer(&mut self, worker: &Worker, window: WindowStart) -> Next {
-        let Exchange {
+    pub(crate) fn answer_complete_requests(
+        &mut self,
+        worker: &Worker,
+        window: WindowStart,
+    ) -> Next {
+        let ConnectionBuffers {
             read_buf,
             write_buf,
             scratch,
@@ -240,24 +244,27 @@ mod tests {
     #[test]
     fn answers_every_complete_request_and_keeps_the_rest() {
         let (worker, _rx) = worker();
-        let mut exchange = Exchange::with_capacity(4096);
+        let mut buffers = ConnectionBuffers::with_capacity(4096);
         let window = worker.window_of(SystemTime::now());
         let mut input = pipelined(3, 1);
         input.extend_from_slice(b"GET /api/verve/acc");
-        exchange.read_buf.extend_from_slice(&input);
-        assert_eq!(exchange.answer(&worker, window), Next::Read);
+        buffers.read_buf.extend_from_slice(&input);
+        assert_eq!(
+            buffers.answer_complete_requests(&worker, window),
+            Next::Read
+        );
         let ok = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
         assert_eq!(
-            String::from_utf8(exchange.write_buf.clone()).unwrap(),
+            String::from_utf8(buffers.write_buf.clone()).unwrap(),
             ok.repeat(3)
         );
-        assert_eq!(exchange.read_buf, b"GET /api/verve/acc");
+        assert_eq!(buffers.read_buf, b"GET /api/verve/acc");
     }
 
     #[test]
     fn output_is_sent_in_turns_of_at_most_the_limit() {
         let (worker, _rx) = worker();
-        let mut exchange = Exchange::with_capacity(4096);
+        let mut buffers = ConnectionBuffers::with_capacity(4096);
         let window = worker.window_of(SystemTime::now());
         let not_found = b"GET / HTTP/1.1\r\n\r\n";
         let response_len = {
@@ -266,15 +273,15 @@ mod tests {
             one.len()
         };
         let requests = 4 * OUTPUT_LIMIT / response_len;
-        exchange.read_buf = not_found.repeat(requests);
+        buffers.read_buf = not_found.repeat(requests);
         let (mut answered, mut turns) = (0, 0);
         loop {
-            let next = exchange.answer(&worker, window);
-            let out = exchange.write_buf.len();
+            let next = buffers.answer_complete_requests(&worker, window);
+            let out = buffers.write_buf.len();
             assert!(out < OUTPUT_LIMIT + response_len, "{out} bytes in one turn");
             assert_eq!(out % response_len, 0);
             answered += out / response_len;
-            exchange.write_buf.clear();
+            buffers.write_buf.clear();
             turns += 1;
             match next {
                 Next::AnswerMore => assert!(out >= OUTPUT_LIMIT),
@@ -287,36 +294,36 @@ mod tests {
             turns,
             requests.div_ceil(OUTPUT_LIMIT.div_ceil(response_len))
         );
-        assert!(exchange.read_buf.is_empty());
+        assert!(buffers.read_buf.is_empty());
     }
 
     #[test]
     fn buffers_that_grew_are_given_back_when_idle() {
-        let mut exchange = Exchange::with_capacity(4096);
-        exchange.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
-        exchange.write_buf.reserve(IDLE_BUFFER_LIMIT);
-        let kept = exchange.write_buf.capacity();
-        exchange.shrink_idle(4096);
-        assert_eq!(exchange.read_buf.capacity(), 4096);
-        assert_eq!(exchange.write_buf.capacity(), kept, "not past the limit");
+        let mut buffers = ConnectionBuffers::with_capacity(4096);
+        buffers.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
+        buffers.write_buf.reserve(IDLE_BUFFER_LIMIT);
+        let kept = buffers.write_buf.capacity();
+        buffers.shrink_idle(4096);
+        assert_eq!(buffers.read_buf.capacity(), 4096);
+        assert_eq!(buffers.write_buf.capacity(), kept, "not past the limit");
         // A buffer holding a request's first bytes is not idle.
-        exchange.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
-        exchange.read_buf.push(b'G');
-        exchange.shrink_idle(4096);
-        assert!(exchange.read_buf.capacity() > IDLE_BUFFER_LIMIT);
+        buffers.read_buf.reserve(IDLE_BUFFER_LIMIT * 4);
+        buffers.read_buf.push(b'G');
+        buffers.shrink_idle(4096);
+        assert!(buffers.read_buf.capacity() > IDLE_BUFFER_LIMIT);
     }
 
     #[test]
     fn a_draining_worker_answers_everything_received_then_closes() {
         let (worker, rx) = worker();
         worker.start_draining();
-        let mut exchange = Exchange::with_capacity(4096);
-        exchange.read_buf.extend_from_slice(&pipelined(3, 1));
+        let mut buffers = ConnectionBuffers::with_capacity(4096);
+        buffers.read_buf.extend_from_slice(&pipelined(3, 1));
         assert_eq!(
-            exchange.answer(&worker, worker.window_of(SystemTime::now())),
+            buffers.answer_complete_requests(&worker, worker.window_of(SystemTime::now())),
             Next::Close
         );
-        let answers = String::from_utf8(exchange.write_buf.clone()).unwrap();
+        let answers = String::from_utf8(buffers.write_buf.clone()).unwrap();
         assert_eq!(answers.matches("200 OK").count(), 3);
         worker.flush();
         let Ok(Handoff::Ids(batch)) = rx.try_recv() else {
@@ -328,7 +335,7 @@ mod tests {
     #[test]
     fn the_request_path_does_not_allocate() {
         let (worker, rx) = worker();
-        let mut exchange = Exchange::with_capacity(64 * 1024);
+        let mut buffers = ConnectionBuffers::with_capacity(64 * 1024);
         let window = worker.window_of(SystemTime::now());
         let rounds = 200;
         let per_round = 64;
@@ -336,9 +343,12 @@ mod tests {
             .map(|r| pipelined(per_round, r * per_round))
             .collect();
         let mut round = |input: &[u8]| {
-            exchange.read_buf.extend_from_slice(input);
-            assert_eq!(exchange.answer(&worker, window), Next::Read);
-            exchange.write_buf.clear();
+            buffers.read_buf.extend_from_slice(input);
+            assert_eq!(
+                buffers.answer_complete_requests(&worker, window),
+                Next::Read
+            );
+            buffers.write_buf.clear();
             while rx.try_recv().is_ok() {}
         };
         // Warm-up, long enough to seal a batch: buffers and the channel's queue

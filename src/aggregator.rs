@@ -27,7 +27,7 @@
 //! started on its boundary, the last is partial if the service stopped within it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,7 +35,6 @@ use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
-use crate::metrics::{self, Telemetry};
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::store::ClosedWindow;
 use crate::store::{DedupStore, IdSet};
@@ -79,6 +78,33 @@ impl OpenWindow {
     }
 }
 
+/// What the aggregator publishes for `/metrics` and `/healthz`; only it writes.
+#[derive(Debug, Default)]
+pub struct AggregatorGauges {
+    pub windows_closed: AtomicU64,
+    /// Windows without ids skipped at once because the clock jumped forward.
+    pub windows_skipped: AtomicU64,
+    pub late_ids: AtomicU64,
+    /// When the oldest open window ended (or will end), in ms since the epoch.
+    pub next_close_due_ms: AtomicU64,
+    /// Batches waiting for the aggregator, as last seen by it.
+    pub channel_depth: AtomicU64,
+    /// When the aggregator last went round its loop, in ms since the epoch.
+    pub heartbeat_ms: AtomicU64,
+}
+
+impl AggregatorGauges {
+    /// The gauges of an aggregator starting now: its heartbeat is fresh, so that
+    /// `/healthz` does not call it stalled before its first round.
+    pub fn starting_now() -> Self {
+        let gauges = AggregatorGauges::default();
+        gauges
+            .heartbeat_ms
+            .store(Timestamp::now().unix_millis(), Ordering::Relaxed);
+        gauges
+    }
+}
+
 pub struct Aggregator {
     length: WindowLength,
     open: BTreeMap<WindowStart, OpenWindow>,
@@ -101,7 +127,7 @@ pub struct Aggregator {
     new_ids: Vec<i64>,
     /// The held-up window last warned about, so that each is warned about once.
     warned_held_up: Option<WindowStart>,
-    telemetry: Arc<Telemetry>,
+    gauges: Arc<AggregatorGauges>,
 }
 
 impl Aggregator {
@@ -126,13 +152,14 @@ impl Aggregator {
             immediate: None,
             new_ids: Vec::new(),
             warned_held_up: None,
-            telemetry: Arc::default(),
+            gauges: Arc::default(),
         }
     }
 
-    /// Reports the aggregator's heartbeat, late ids and queue depth to `telemetry`.
-    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
-        self.telemetry = telemetry;
+    /// Publishes the aggregator's heartbeat, windows, late ids and queue depth in
+    /// `gauges`.
+    pub fn with_gauges(mut self, gauges: Arc<AggregatorGauges>) -> Self {
+        self.gauges = gauges;
         self
     }
 
@@ -173,9 +200,7 @@ impl Aggregator {
             // only once all have: this is a bug, and the ids must not open the
             // window a second time.
             let late_ids = batch.ids.len() as u64;
-            self.telemetry
-                .late_ids
-                .fetch_add(late_ids, Ordering::Relaxed);
+            self.gauges.late_ids.fetch_add(late_ids, Ordering::Relaxed);
             tracing::error!(
                 window_start = %batch.window,
                 ids = batch.ids.len(),
@@ -260,7 +285,7 @@ impl Aggregator {
             "the clock jumped forward (or the process was frozen): windows without ids \
              skipped, not reported one by one"
         );
-        self.telemetry
+        self.gauges
             .windows_skipped
             .fetch_add(skipped, Ordering::Relaxed);
         self.next_close = gap_end;
@@ -288,24 +313,22 @@ impl Aggregator {
     /// Ids that arrived after their window was closed, since start.
     #[cfg(test)]
     fn late_ids(&self) -> u64 {
-        self.telemetry.late_ids.load(Ordering::Relaxed)
+        self.gauges.late_ids.load(Ordering::Relaxed)
     }
 
     /// Publishes the heartbeat and queue depth, and warns once per window when a
     /// worker holds up its close.
     fn beat(&mut self, queued: usize) {
-        let telemetry = &self.telemetry;
-        telemetry
-            .aggregator_heartbeat_ms
-            .store(metrics::now_ms(), Ordering::Relaxed);
-        telemetry
-            .channel_depth
-            .store(queued as u64, Ordering::Relaxed);
+        let gauges = &self.gauges;
+        gauges
+            .heartbeat_ms
+            .store(Timestamp::now().unix_millis(), Ordering::Relaxed);
+        gauges.channel_depth.store(queued as u64, Ordering::Relaxed);
         let due = self.length.end_of(self.next_close);
         let due_ms = due
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        telemetry.next_close_due_ms.store(due_ms, Ordering::Relaxed);
+        gauges.next_close_due_ms.store(due_ms, Ordering::Relaxed);
         let held_up = SystemTime::now()
             .duration_since(due)
             .is_ok_and(|late| late > HELD_UP_AFTER);
@@ -345,9 +368,7 @@ impl Aggregator {
             Some(_) => Vec::new(),
             None => open.endpoints.into_iter().collect(),
         };
-        self.telemetry
-            .windows_closed
-            .fetch_add(1, Ordering::Relaxed);
+        self.gauges.windows_closed.fetch_add(1, Ordering::Relaxed);
         self.store.close(ClosedWindow {
             window,
             ids: open.ids,
@@ -510,7 +531,7 @@ mod tests {
         agg.ingest(batch(86_460, &[2, 3]));
         pass(&mut agg, 86_520);
         assert_eq!(recorded.counts(), vec![(60, 1, true), (86_460, 2, false)]);
-        assert_eq!(agg.telemetry.windows_skipped.load(Ordering::Relaxed), 1_439);
+        assert_eq!(agg.gauges.windows_skipped.load(Ordering::Relaxed), 1_439);
         // An hour of empty windows at once (a stall, not a jump) is still reported
         // one by one.
         pass(&mut agg, 86_520 + 3_600);

@@ -1,16 +1,17 @@
 //! What `/metrics` and `/healthz` report (served by [`crate::admin`]).
 //!
-//! Request counters are the server's own ([`ServerCounters`]: per worker, written
-//! only by that worker, summed at scrape) and callback outcomes the callbacks'
-//! ([`CallbackCounters`]). Everything else is a handful of atomics in
-//! [`Telemetry`], written once per batch, window, callback or Redis round, never
-//! per request. A scrape reads all of it into one snapshot, a `prometheus-client`
-//! collector, which writes the OpenMetrics text: the hot path keeps its plain
-//! per-worker counters, and the format is the Prometheus project's own.
+//! Every part keeps its own counters and is the only one to write them: the
+//! server's per worker ([`ServerCounters`]: a plain load and store, summed at
+//! scrape), the callbacks', the aggregator's, the reporter's, the Redis store's
+//! and the shared sinks', each written once per batch, window, callback or round,
+//! never per request. [`Telemetry`] holds a handle to each; no part imports this
+//! module. A scrape reads all of them into one snapshot, a `prometheus-client`
+//! collector, which writes the OpenMetrics text; `/healthz` judges them.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric};
@@ -19,50 +20,27 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::aggregator::AggregatorGauges;
 use crate::callback::CallbackCounters;
+use crate::record::Timestamp;
+use crate::report::ReportCounters;
 use crate::server::counters::{ServerCounters, ServerTotals};
+use crate::sink::SinkCounters;
+use crate::store::RedisGauges;
 
-/// Shared state for the operational endpoints.
+/// What `/metrics` and `/healthz` read: each part's own counters, as handles
+/// the service hands out at start; every part writes only its own.
 #[derive(Debug, Default)]
 pub struct Telemetry {
-    /// The workers' request counters, summed at scrape.
-    server: ServerCounters,
-    window_secs: AtomicU64,
-    pub windows_closed: AtomicU64,
-    /// Windows without ids skipped at once because the clock jumped forward.
-    pub windows_skipped: AtomicU64,
-    /// Count records this instance published (each revision once, fleet-wide).
-    pub records_published: AtomicU64,
-    pub last_window_unique: AtomicU64,
-    pub late_ids: AtomicU64,
-    /// When the oldest open window ended (or will end), in ms since the epoch.
-    pub next_close_due_ms: AtomicU64,
-    /// Batches waiting for the aggregator, as last seen by it.
-    pub channel_depth: AtomicU64,
-    /// When the aggregator last went round its loop, in ms since the epoch.
-    pub aggregator_heartbeat_ms: AtomicU64,
-    /// How callbacks ended, by class.
-    callbacks: CallbackCounters,
-    /// Redis mode only; 0 capacity means no Redis.
-    pub redis_buffer_capacity: AtomicU64,
-    pub redis_buffered_ids: AtomicU64,
-    pub redis_rounds: AtomicU64,
-    pub redis_errors: AtomicU64,
-    /// Windows sent to Redis again because it had lost this instance's ids.
-    pub redis_replays: AtomicU64,
-    /// Since when Redis has been unreachable, in ms since the epoch; 0 while reachable.
-    pub redis_down_since_ms: AtomicU64,
-    pub kafka_delivered: AtomicU64,
-    pub kafka_failed: AtomicU64,
-    pub redis_stream_delivered: AtomicU64,
-    pub redis_stream_failed: AtomicU64,
-}
-
-/// Milliseconds since the epoch, for heartbeats.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    pub window_secs: u64,
+    pub server: ServerCounters,
+    pub callbacks: CallbackCounters,
+    pub aggregator: Arc<AggregatorGauges>,
+    pub report: Arc<ReportCounters>,
+    /// Redis mode only: without Redis its buffer capacity stays 0.
+    pub redis: Arc<RedisGauges>,
+    pub kafka: Arc<SinkCounters>,
+    pub redis_stream: Arc<SinkCounters>,
 }
 
 /// An aggregator that has not gone round its loop for this long is stalled; a
@@ -70,36 +48,23 @@ pub fn now_ms() -> u64 {
 const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 impl Telemetry {
-    pub fn new(window_secs: u64, server: ServerCounters, callbacks: CallbackCounters) -> Self {
-        let telemetry = Telemetry {
-            server,
-            callbacks,
-            ..Telemetry::default()
-        };
-        telemetry.window_secs.store(window_secs, Ordering::Relaxed);
-        telemetry
-            .aggregator_heartbeat_ms
-            .store(now_ms(), Ordering::Relaxed);
-        telemetry
-    }
-
     /// `Ok` while the service keeps up; otherwise why not, in a few words.
     pub fn health(&self) -> Result<(), &'static str> {
-        let now = now_ms();
-        let heartbeat = self.aggregator_heartbeat_ms.load(Ordering::Relaxed);
+        let now = Timestamp::now().unix_millis();
+        let heartbeat = self.aggregator.heartbeat_ms.load(Ordering::Relaxed);
         if now.saturating_sub(heartbeat) > STALLED_AFTER.as_millis() as u64 {
             return Err("aggregator stalled");
         }
-        let due = self.next_close_due_ms.load(Ordering::Relaxed);
+        let due = self.aggregator.next_close_due_ms.load(Ordering::Relaxed);
         if due > 0 && now.saturating_sub(due) > STALLED_AFTER.as_millis() as u64 {
             return Err("a worker is holding up the close of a window");
         }
-        let capacity = self.redis_buffer_capacity.load(Ordering::Relaxed);
-        if capacity > 0 && self.redis_buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
+        let capacity = self.redis.buffer_capacity.load(Ordering::Relaxed);
+        if capacity > 0 && self.redis.buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
             return Err("dedup buffer over 90%");
         }
-        let down_since = self.redis_down_since_ms.load(Ordering::Relaxed);
-        let window_ms = self.window_secs.load(Ordering::Relaxed) * 1000;
+        let down_since = self.redis.down_since_ms.load(Ordering::Relaxed);
+        let window_ms = self.window_secs * 1000;
         if down_since != 0 && now.saturating_sub(down_since) > window_ms {
             return Err("redis unreachable for longer than a window");
         }
@@ -115,21 +80,21 @@ impl Telemetry {
                 ("verve_ids_accepted", MetricType::Counter, "Ids accepted into a window.", server.ids_accepted),
                 ("verve_connections_open", MetricType::Gauge, "Client connections open.", server.connections_open),
                 ("verve_connections_refused", MetricType::Counter, "Connections closed at once because their worker held VERVE_MAX_CONNECTIONS.", server.connections_refused),
-                ("verve_windows_closed", MetricType::Counter, "Windows closed and reported.", load(&self.windows_closed)),
-                ("verve_windows_skipped", MetricType::Counter, "Windows without ids skipped, not reported, because the clock jumped forward.", load(&self.windows_skipped)),
-                ("verve_records_published", MetricType::Counter, "Count records this instance published (in Redis mode, each revision by one instance).", load(&self.records_published)),
-                ("verve_last_window_unique_requests", MetricType::Gauge, "Unique ids of the last reported window.", load(&self.last_window_unique)),
-                ("verve_late_ids", MetricType::Counter, "Ids that arrived after their window closed (not counted; a bug if not 0).", load(&self.late_ids)),
-                ("verve_channel_depth", MetricType::Gauge, "Batches waiting for the aggregator.", load(&self.channel_depth)),
-                ("verve_redis_rounds", MetricType::Counter, "Pipelined rounds Redis took.", load(&self.redis_rounds)),
-                ("verve_redis_errors", MetricType::Counter, "Failed Redis rounds (retried).", load(&self.redis_errors)),
-                ("verve_redis_replays", MetricType::Counter, "Windows sent to Redis again because it had lost this instance's ids.", load(&self.redis_replays)),
-                ("verve_redis_buffered_ids", MetricType::Gauge, "Ids waiting for Redis.", load(&self.redis_buffered_ids)),
-                ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis_buffer_capacity)),
-                ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka_delivered)),
-                ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka_failed)),
-                ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream_delivered)),
-                ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream_failed)),
+                ("verve_windows_closed", MetricType::Counter, "Windows closed and reported.", load(&self.aggregator.windows_closed)),
+                ("verve_windows_skipped", MetricType::Counter, "Windows without ids skipped, not reported, because the clock jumped forward.", load(&self.aggregator.windows_skipped)),
+                ("verve_records_published", MetricType::Counter, "Count records this instance published (in Redis mode, each revision by one instance).", load(&self.report.records_published)),
+                ("verve_last_window_unique_requests", MetricType::Gauge, "Unique ids of the last reported window.", load(&self.report.last_window_unique)),
+                ("verve_late_ids", MetricType::Counter, "Ids that arrived after their window closed (not counted; a bug if not 0).", load(&self.aggregator.late_ids)),
+                ("verve_channel_depth", MetricType::Gauge, "Batches waiting for the aggregator.", load(&self.aggregator.channel_depth)),
+                ("verve_redis_rounds", MetricType::Counter, "Pipelined rounds Redis took.", load(&self.redis.rounds)),
+                ("verve_redis_errors", MetricType::Counter, "Failed Redis rounds (retried).", load(&self.redis.errors)),
+                ("verve_redis_replays", MetricType::Counter, "Windows sent to Redis again because it had lost this instance's ids.", load(&self.redis.replays)),
+                ("verve_redis_buffered_ids", MetricType::Gauge, "Ids waiting for Redis.", load(&self.redis.buffered_ids)),
+                ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis.buffer_capacity)),
+                ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
+                ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),
+                ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),
+                ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream.failed)),
             ],
             server,
         };
@@ -230,8 +195,8 @@ mod tests {
         use crate::server::counters::Route;
         use crate::server::response::Status;
 
-        let (server, callbacks) = (ServerCounters::default(), CallbackCounters::default());
-        let telemetry = Telemetry::new(60, server.clone(), callbacks.clone());
+        let telemetry = Telemetry::default();
+        let (server, callbacks) = (&telemetry.server, &telemetry.callbacks);
         let (a, b) = (server.register(), server.register());
         a.record(Route::Accept, Status::Ok);
         b.record(Route::Accept, Status::Ok);
@@ -262,16 +227,27 @@ mod tests {
 
     #[test]
     fn health_names_what_is_wrong() {
-        let telemetry = Telemetry::new(60, ServerCounters::default(), CallbackCounters::default());
+        let now_ms = || Timestamp::now().unix_millis();
+        let telemetry = Telemetry {
+            window_secs: 60,
+            ..Telemetry::default()
+        };
+        telemetry
+            .aggregator
+            .heartbeat_ms
+            .store(now_ms(), Ordering::Relaxed);
         assert_eq!(telemetry.health(), Ok(()));
         telemetry
-            .aggregator_heartbeat_ms
+            .aggregator
+            .heartbeat_ms
             .store(now_ms() - 6_000, Ordering::Relaxed);
         assert_eq!(telemetry.health(), Err("aggregator stalled"));
         telemetry
-            .aggregator_heartbeat_ms
+            .aggregator
+            .heartbeat_ms
             .store(now_ms(), Ordering::Relaxed);
         telemetry
+            .aggregator
             .next_close_due_ms
             .store(now_ms() - 6_000, Ordering::Relaxed);
         assert_eq!(
@@ -279,16 +255,19 @@ mod tests {
             Err("a worker is holding up the close of a window")
         );
         telemetry
+            .aggregator
             .next_close_due_ms
             .store(now_ms() + 60_000, Ordering::Relaxed);
         telemetry
-            .redis_buffer_capacity
+            .redis
+            .buffer_capacity
             .store(100, Ordering::Relaxed);
-        telemetry.redis_buffered_ids.store(91, Ordering::Relaxed);
+        telemetry.redis.buffered_ids.store(91, Ordering::Relaxed);
         assert_eq!(telemetry.health(), Err("dedup buffer over 90%"));
-        telemetry.redis_buffered_ids.store(0, Ordering::Relaxed);
+        telemetry.redis.buffered_ids.store(0, Ordering::Relaxed);
         telemetry
-            .redis_down_since_ms
+            .redis
+            .down_since_ms
             .store(now_ms() - 61_000, Ordering::Relaxed);
         assert_eq!(
             telemetry.health(),

@@ -2,18 +2,25 @@
 //! the sinks and, in close timing, to the window's endpoints, on whichever thread
 //! the dedup store reports from.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::callback::{CallbackJob, Callbacks};
-use crate::metrics::Telemetry;
 use crate::record::CountRecord;
 use crate::sink::CountSink;
 
+/// What the reporter publishes for `/metrics`; only it writes.
+#[derive(Debug, Default)]
+pub struct ReportCounters {
+    /// Count records this instance published (each revision once, fleet-wide).
+    pub records_published: AtomicU64,
+    pub last_window_unique: AtomicU64,
+}
+
 /// Sends each record to the sinks and, in close timing, to its window's endpoints.
 pub struct Reporter {
-    telemetry: Arc<Telemetry>,
+    counters: Arc<ReportCounters>,
     sinks: Vec<Box<dyn CountSink>>,
     /// Present in close timing; immediate calls are the aggregator's.
     close_callbacks: Option<Callbacks>,
@@ -23,10 +30,10 @@ impl Reporter {
     pub fn new(
         sinks: Vec<Box<dyn CountSink>>,
         close_callbacks: Option<Callbacks>,
-        telemetry: Arc<Telemetry>,
+        counters: Arc<ReportCounters>,
     ) -> Self {
         Reporter {
-            telemetry,
+            counters,
             sinks,
             close_callbacks,
         }
@@ -60,11 +67,11 @@ impl Reporter {
             }
         }
         if published {
-            self.telemetry
+            self.counters
                 .records_published
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.telemetry
+        self.counters
             .last_window_unique
             .store(record.unique_requests, Ordering::Relaxed);
         self.call_back(record, endpoints);

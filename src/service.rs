@@ -14,14 +14,13 @@ use clap::ValueEnum;
 
 use crate::admin::AdminListener;
 use crate::admission::Admission;
-use crate::aggregator::Aggregator;
-use crate::callback::{CallbackCounters, CallbackPolicy, Dispatcher};
+use crate::aggregator::{Aggregator, AggregatorGauges};
+use crate::callback::{CallbackPolicy, Dispatcher};
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
-use crate::server::counters::ServerCounters;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, ClientLimits, Driver, Intake, Workers};
 use crate::sink::{
@@ -76,13 +75,12 @@ impl Verve {
         let driver = Driver::resolve(config.io_driver)?;
         let callback_policy =
             CallbackPolicy::new(config.callback_allow.clone(), config.callback_deny_private);
-        let server_counters = ServerCounters::default();
-        let callback_counters = CallbackCounters::default();
-        let telemetry = Arc::new(Telemetry::new(
-            config.window_secs,
-            server_counters.clone(),
-            callback_counters.clone(),
-        ));
+        // Each part gets its own counters; /metrics and /healthz read them all.
+        let telemetry = Arc::new(Telemetry {
+            window_secs: config.window_secs,
+            aggregator: Arc::new(AggregatorGauges::starting_now()),
+            ..Telemetry::default()
+        });
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
         let in_fleet = config.redis_url.is_some();
@@ -94,13 +92,13 @@ impl Verve {
             None => None,
         };
         let (callbacks, dispatcher) =
-            Dispatcher::start(config, callback_policy.clone(), callback_counters)
+            Dispatcher::start(config, callback_policy.clone(), telemetry.callbacks.clone())
                 .map_err(StartError::Thread)?;
         let (at_close, immediate) = match config.callback_timing {
             CallbackTiming::Close => (Some(callbacks), None),
             CallbackTiming::Immediate => (None, Some(callbacks)),
         };
-        let reporter = Reporter::new(sinks, at_close, telemetry.clone());
+        let reporter = Reporter::new(sinks, at_close, telemetry.report.clone());
         let admission = Admission::default();
         // Taken before any worker accepts, so no request predates the first window,
         // and before the Redis store registers this instance with its first window.
@@ -126,8 +124,13 @@ impl Verve {
                         + SHUTDOWN_MARGIN,
                 };
                 Box::new(
-                    RedisStore::start(settings, reporter, admission.clone(), telemetry.clone())
-                        .map_err(StartError::Redis)?,
+                    RedisStore::start(
+                        settings,
+                        reporter,
+                        admission.clone(),
+                        telemetry.redis.clone(),
+                    )
+                    .map_err(StartError::Redis)?,
                 )
             }
         };
@@ -146,7 +149,7 @@ impl Verve {
             driver,
             client_limits,
             &callback_policy,
-            &server_counters,
+            &telemetry.server,
             &intake,
         )?;
         // From here on only the workers hold senders: when they are gone, the
@@ -160,7 +163,7 @@ impl Verve {
             store,
         )
         .with_endpoints(config.callback_max_endpoints as usize, immediate)
-        .with_telemetry(telemetry);
+        .with_gauges(telemetry.aggregator.clone());
         let aggregator = match std::thread::Builder::new()
             .name("verve-aggregator".into())
             .spawn(move || aggregator.run(received))
@@ -260,7 +263,7 @@ fn open_sinks(
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
                     extra: config.kafka_config.0.clone(),
                 };
-                let sink = KafkaSink::new(&settings, telemetry.clone(), acks.clone());
+                let sink = KafkaSink::new(&settings, telemetry.kafka.clone(), acks.clone());
                 sinks.push(Box::new(sink.map_err(StartError::Kafka)?));
             }
             SinkKind::RedisStream => {
@@ -273,8 +276,12 @@ fn open_sinks(
                     maxlen: config.redis_stream_maxlen,
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                 };
-                let sink =
-                    RedisStreamSink::start(endpoint, settings, telemetry.clone(), acks.clone());
+                let sink = RedisStreamSink::start(
+                    endpoint,
+                    settings,
+                    telemetry.redis_stream.clone(),
+                    acks.clone(),
+                );
                 sinks.push(Box::new(sink.map_err(StartError::Thread)?));
             }
         }

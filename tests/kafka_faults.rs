@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::kafka::{all_records, consumer, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use verve::metrics::Telemetry;
 use verve::record::{CountRecord, Scope, Timestamp};
+use verve::sink::SinkCounters;
 use verve::sink::{Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink};
 use verve::window::WindowStart;
 
@@ -39,11 +39,11 @@ fn outage() -> Duration {
     )
 }
 
-/// A sink to the mock cluster, its telemetry, and the acknowledgements it reports.
+/// A sink to the mock cluster, its counters, and the acknowledgements it reports.
 fn sink(
     cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-) -> (KafkaSink, Arc<Telemetry>, flume::Receiver<Acknowledged>) {
-    let telemetry = Arc::new(Telemetry::default());
+) -> (KafkaSink, Arc<SinkCounters>, flume::Receiver<Acknowledged>) {
+    let counters = Arc::new(SinkCounters::default());
     let (acks, acknowledged) = flume::unbounded();
     let sink = KafkaSink::new(
         &KafkaSettings {
@@ -53,11 +53,11 @@ fn sink(
             message_timeout: Duration::from_secs(600),
             extra: vec![],
         },
-        telemetry.clone(),
+        counters.clone(),
         Some(Acks::new(acks, 1)),
     )
     .unwrap();
-    (sink, telemetry, acknowledged)
+    (sink, counters, acknowledged)
 }
 
 fn acknowledged(start: u64, revision: u64) -> Acknowledged {
@@ -67,31 +67,31 @@ fn acknowledged(start: u64, revision: u64) -> Acknowledged {
     }
 }
 
-fn delivered(telemetry: &Telemetry) -> u64 {
-    telemetry.kafka_delivered.load(Ordering::Relaxed)
+fn delivered(counters: &SinkCounters) -> u64 {
+    counters.delivered.load(Ordering::Relaxed)
 }
 
 #[test]
 fn a_record_published_during_a_broker_outage_is_delivered_once_after_it() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let (mut sink, telemetry, acks) = sink(&cluster);
+    let (mut sink, counters, acks) = sink(&cluster);
     // Warm up: the producer knows the cluster before the outage starts.
     sink.publish(&report(1_795_255_440, 7));
     sink.flush(Instant::now() + Duration::from_secs(10));
-    assert_eq!(delivered(&telemetry), 1);
+    assert_eq!(delivered(&counters), 1);
 
     cluster.broker_down(1).unwrap();
     sink.publish(&report(1_795_255_500, 42)); // a window closes during the outage
     let outage_ends = Instant::now() + outage();
     while Instant::now() < outage_ends {
-        assert_eq!(delivered(&telemetry), 1, "delivered while down");
+        assert_eq!(delivered(&counters), 1, "delivered while down");
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.broker_up(1).unwrap();
     sink.flush(Instant::now() + Duration::from_secs(30));
-    assert_eq!(delivered(&telemetry), 2);
-    assert_eq!(telemetry.kafka_failed.load(Ordering::Relaxed), 0);
+    assert_eq!(delivered(&counters), 2);
+    assert_eq!(counters.failed.load(Ordering::Relaxed), 0);
     // Each acknowledgement reported once delivered: what the fleet notes in Redis.
     assert_eq!(
         acks.drain().collect::<Vec<_>>(),
@@ -136,7 +136,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
         ],
     );
-    let (mut sink, telemetry, _) = sink(&cluster);
+    let (mut sink, counters, _) = sink(&cluster);
     for (i, start) in [1_795_255_500u64, 1_795_255_560, 1_795_255_620]
         .into_iter()
         .enumerate()
@@ -144,7 +144,7 @@ fn transient_produce_errors_are_retried_without_duplicates() {
         sink.publish(&report(start, i as u64));
     }
     sink.flush(Instant::now() + Duration::from_secs(30));
-    assert_eq!(delivered(&telemetry), 3);
+    assert_eq!(delivered(&counters), 3);
 
     // Every record the partition holds: a duplicate would be a fourth.
     let records = all_records(&cluster.bootstrap_servers(), TOPIC, Duration::from_secs(20));

@@ -21,8 +21,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::{Acknowledged, Acks, CountSink};
-use crate::metrics::Telemetry;
+use super::{Acknowledged, Acks, CountSink, SinkCounters};
 use crate::record::CountRecord;
 
 /// Where and how to publish.
@@ -40,7 +39,7 @@ pub struct KafkaSettings {
 /// Called by librdkafka's polling thread with each record's fate; counts it, and
 /// passes acknowledgements on to whoever follows them (the Redis store).
 struct DeliveryReports {
-    telemetry: Arc<Telemetry>,
+    counters: Arc<SinkCounters>,
     acks: Option<Acks>,
 }
 
@@ -56,9 +55,7 @@ impl ProducerContext for DeliveryReports {
                 if let Some(acks) = &self.acks {
                     acks.acknowledged(*record);
                 }
-                self.telemetry
-                    .kafka_delivered
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     window_start = %record.window,
                     revision = record.revision,
@@ -68,7 +65,7 @@ impl ProducerContext for DeliveryReports {
                 );
             }
             Err((error, _)) => {
-                let failed = self.telemetry.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
+                let failed = self.counters.failed.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!(
                     window_start = %record.window,
                     revision = record.revision,
@@ -84,7 +81,7 @@ impl ProducerContext for DeliveryReports {
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryReports>,
     topic: String,
-    telemetry: Arc<Telemetry>,
+    counters: Arc<SinkCounters>,
 }
 
 impl KafkaSink {
@@ -92,7 +89,7 @@ impl KafkaSink {
     /// acknowledges is sent to `acks`, if given.
     pub fn new(
         settings: &KafkaSettings,
-        telemetry: Arc<Telemetry>,
+        counters: Arc<SinkCounters>,
         acks: Option<Acks>,
     ) -> Result<KafkaSink, String> {
         let mut config = ClientConfig::new();
@@ -110,7 +107,7 @@ impl KafkaSink {
 
         let producer = config
             .create_with_context(DeliveryReports {
-                telemetry: telemetry.clone(),
+                counters: counters.clone(),
                 acks,
             })
             .map_err(|e| {
@@ -119,7 +116,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             topic: settings.topic.clone(),
-            telemetry,
+            counters,
         })
     }
 }
@@ -136,7 +133,7 @@ impl CountSink for KafkaSink {
             .key(&key)
             .payload(&value);
         if let Err((error, _)) = self.producer.send(message) {
-            let failed = self.telemetry.kafka_failed.fetch_add(1, Ordering::Relaxed) + 1;
+            let failed = self.counters.failed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::error!(
                 window_start = %record.window_start,
                 %error,

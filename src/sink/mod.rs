@@ -18,6 +18,7 @@ pub use log::{CountLogFormat, LogSink};
 pub use redis_stream::{RedisStreamSettings, RedisStreamSink};
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -84,6 +85,13 @@ impl Acks {
         // an acknowledgement is then of no use.
         let _ = self.fleet.send(ack);
     }
+}
+
+/// What a shared sink delivered and gave up, for `/metrics`; only the sink writes.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 /// A destination for window counts.

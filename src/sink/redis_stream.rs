@@ -23,9 +23,8 @@ use flume::RecvTimeoutError;
 use redis::{Cmd, RedisResult};
 use serde_json::Value;
 
-use super::{Acknowledged, Acks, CountSink};
+use super::{Acknowledged, Acks, CountSink, SinkCounters};
 use crate::backoff::Backoff;
-use crate::metrics::Telemetry;
 use crate::record::CountRecord;
 use crate::redis_link::{RedisEndpoint, RedisLink};
 
@@ -65,7 +64,7 @@ pub struct RedisStreamSink {
     finish: flume::Sender<Instant>,
     /// Disconnects when the thread ends.
     ended: flume::Receiver<()>,
-    telemetry: Arc<Telemetry>,
+    counters: Arc<SinkCounters>,
 }
 
 impl RedisStreamSink {
@@ -74,7 +73,7 @@ impl RedisStreamSink {
     pub fn start(
         endpoint: RedisEndpoint,
         settings: RedisStreamSettings,
-        telemetry: Arc<Telemetry>,
+        counters: Arc<SinkCounters>,
         acks: Option<Acks>,
     ) -> std::io::Result<RedisStreamSink> {
         let (records, queue) = flume::bounded(QUEUE_RECORDS);
@@ -88,7 +87,7 @@ impl RedisStreamSink {
             finish: deadline,
             deadline: None,
             acks,
-            telemetry: telemetry.clone(),
+            counters: counters.clone(),
             _end: end,
         };
         std::thread::Builder::new()
@@ -99,7 +98,7 @@ impl RedisStreamSink {
             queue,
             finish,
             ended,
-            telemetry,
+            counters,
         })
     }
 }
@@ -111,7 +110,7 @@ impl CountSink for RedisStreamSink {
             return;
         };
         if records.try_send(*record).is_err() {
-            let failed = count_failed(&self.telemetry, 1);
+            let failed = count_failed(&self.counters, 1);
             tracing::warn!(
                 window_start = %record.window_start,
                 revision = record.revision,
@@ -138,7 +137,7 @@ impl CountSink for RedisStreamSink {
         let _ = self.ended.recv_deadline(deadline + ENDING_GRACE);
         let left: Vec<CountRecord> = self.queue.drain().collect();
         if let (Some(first), Some(last)) = (left.first(), left.last()) {
-            let failed = count_failed(&self.telemetry, left.len() as u64);
+            let failed = count_failed(&self.counters, left.len() as u64);
             tracing::error!(
                 records = left.len(),
                 first_window = %first.window_start,
@@ -160,7 +159,7 @@ struct Appender {
     /// The shutdown deadline, once known.
     deadline: Option<Instant>,
     acks: Option<Acks>,
-    telemetry: Arc<Telemetry>,
+    counters: Arc<SinkCounters>,
     /// Dropped with the thread's state, when it ends.
     _end: flume::Sender<()>,
 }
@@ -205,9 +204,7 @@ impl Appender {
                             revision: record.revision,
                         });
                     }
-                    self.telemetry
-                        .redis_stream_delivered
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         window_start = %record.window_start,
                         revision = record.revision,
@@ -262,7 +259,7 @@ impl Appender {
     }
 
     fn give_up(&self, record: &CountRecord, attempts: u32) {
-        let failed = count_failed(&self.telemetry, 1);
+        let failed = count_failed(&self.counters, 1);
         tracing::error!(
             window_start = %record.window_start,
             revision = record.revision,
@@ -274,11 +271,8 @@ impl Appender {
 }
 
 /// Counts `records` as given up; returns the total so far, for the log line.
-fn count_failed(telemetry: &Telemetry, records: u64) -> u64 {
-    telemetry
-        .redis_stream_failed
-        .fetch_add(records, Ordering::Relaxed)
-        + records
+fn count_failed(counters: &SinkCounters, records: u64) -> u64 {
+    counters.failed.fetch_add(records, Ordering::Relaxed) + records
 }
 
 /// The XADD that appends `record`, with the stream trimmed to about `maxlen`.

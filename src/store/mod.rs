@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use local::LocalStore;
-pub use redis::{window_sets, RedisSettings, RedisStore};
+pub use redis::{window_sets, RedisGauges, RedisSettings, RedisStore};
 
 use crate::window::WindowStart;
 

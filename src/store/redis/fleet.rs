@@ -73,10 +73,14 @@ use redis::{Cmd, RedisResult, Script, Value};
 
 use super::slots::ShardTags;
 use crate::config::RedisMode;
-use crate::metrics::now_ms;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
 use crate::window::WindowStart;
+
+/// Milliseconds since the epoch, by this host's clock.
+fn now_ms() -> u64 {
+    Timestamp::now().unix_millis()
+}
 
 /// Which of `shards` sets an id goes to: a fixed multiplicative hash, the same in
 /// every instance and every version (it is part of the layout in Redis).

@@ -25,7 +25,6 @@ use redis::{RedisError, RedisResult};
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::backoff::Backoff;
-use crate::metrics;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
 use crate::report::Reporter;
@@ -308,11 +307,11 @@ impl Forwarder {
     fn taken(&self, ids: usize) {
         let mut queue = self.shared.queue();
         queue.buffered_ids -= ids;
-        let telemetry = &self.shared.telemetry;
-        telemetry
-            .redis_buffered_ids
+        let gauges = &self.shared.gauges;
+        gauges
+            .buffered_ids
             .store(queue.buffered_ids as u64, Ordering::Relaxed);
-        telemetry.redis_rounds.fetch_add(1, Ordering::Relaxed);
+        gauges.rounds.fetch_add(1, Ordering::Relaxed);
         if !self.shared.admission.is_open() && queue.buffered_ids * 10 < self.shared.capacity * 9 {
             self.shared.admission.set_open(true);
             tracing::info!(
@@ -500,7 +499,7 @@ impl Forwarder {
             0 => record.published_at_ms,
             left => left,
         };
-        let waited = Duration::from_millis(metrics::now_ms().saturating_sub(since));
+        let waited = Duration::from_millis(Timestamp::now().unix_millis().saturating_sub(since));
         let orphaned = record.revision > settled.acked
             && !settled.publisher_live
             && waited > self.redeliver_after
@@ -540,10 +539,7 @@ impl Forwarder {
             }
             true
         });
-        self.shared
-            .telemetry
-            .redis_replays
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.gauges.replays.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             window_start = %window,
             ids = lost.iter().map(Vec::len).sum::<usize>(),
@@ -756,11 +752,8 @@ impl Forwarder {
         self.backoff = Backoff::new(FIRST_BACKOFF, self.fleet.heartbeat_interval());
         self.resume_at = None;
         if let Some(since) = self.down_since_ms.take() {
-            self.shared
-                .telemetry
-                .redis_down_since_ms
-                .store(0, Ordering::Relaxed);
-            let down_ms = metrics::now_ms().saturating_sub(since);
+            self.shared.gauges.down_since_ms.store(0, Ordering::Relaxed);
+            let down_ms = Timestamp::now().unix_millis().saturating_sub(since);
             tracing::info!(down_ms, "Redis reachable again");
         }
     }
@@ -768,17 +761,15 @@ impl Forwarder {
     fn failed(&mut self, error: &RedisError) {
         self.connection = None;
         self.resume_at = Some(Instant::now() + self.backoff.next_wait());
-        let telemetry = &self.shared.telemetry;
-        telemetry.redis_errors.fetch_add(1, Ordering::Relaxed);
+        let gauges = &self.shared.gauges;
+        gauges.errors.fetch_add(1, Ordering::Relaxed);
         if self.down_since_ms.is_some() {
             tracing::debug!(%error, "Redis still failing");
             return;
         }
-        let since = metrics::now_ms();
+        let since = Timestamp::now().unix_millis();
         self.down_since_ms = Some(since);
-        telemetry
-            .redis_down_since_ms
-            .store(since, Ordering::Relaxed);
+        gauges.down_since_ms.store(since, Ordering::Relaxed);
         let unreachable = error.is_io_error()
             || error.is_timeout()
             || error.is_connection_dropped()

@@ -22,7 +22,7 @@ mod forwarder;
 mod slots;
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use super::{ClosedWindow, DedupStore, IdSet};
 use crate::admission::Admission;
 use crate::config::RedisMode;
-use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
 use crate::sink::Acknowledged;
@@ -69,6 +68,21 @@ pub struct RedisSettings {
     pub redeliver_after: Duration,
 }
 
+/// What the Redis store publishes for `/metrics` and `/healthz`; only it writes.
+#[derive(Debug, Default)]
+pub struct RedisGauges {
+    /// `VERVE_REDIS_BUFFER_IDS`.
+    pub buffer_capacity: AtomicU64,
+    /// Ids queued for Redis or in the round being sent.
+    pub buffered_ids: AtomicU64,
+    pub rounds: AtomicU64,
+    pub errors: AtomicU64,
+    /// Windows sent to Redis again because it had lost this instance's ids.
+    pub replays: AtomicU64,
+    /// Since when Redis has been unreachable, in ms since the epoch; 0 while reachable.
+    pub down_since_ms: AtomicU64,
+}
+
 pub struct RedisStore {
     shared: Arc<Shared>,
     forwarder: JoinHandle<()>,
@@ -76,7 +90,7 @@ pub struct RedisStore {
 
 /// What the aggregator and the forwarder share.
 struct Shared {
-    telemetry: Arc<Telemetry>,
+    gauges: Arc<RedisGauges>,
     /// Held by the aggregator for a push per batch, by the forwarder to take a round
     /// off the front: both short, neither ever waits on Redis while holding it.
     queue: Mutex<Queue>,
@@ -108,7 +122,7 @@ impl RedisStore {
         settings: RedisSettings,
         reporter: Reporter,
         admission: Admission,
-        telemetry: Arc<Telemetry>,
+        gauges: Arc<RedisGauges>,
     ) -> Result<Self, String> {
         let endpoint = RedisEndpoint::open(
             settings.mode,
@@ -116,11 +130,11 @@ impl RedisStore {
             "VERVE_REDIS_URL",
             settings.timeout,
         )?;
-        telemetry
-            .redis_buffer_capacity
+        gauges
+            .buffer_capacity
             .store(settings.buffer_ids as u64, Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            telemetry,
+            gauges,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             admission,
@@ -152,8 +166,8 @@ impl DedupStore for RedisStore {
         let mut queue = self.shared.queue();
         queue.buffered_ids += ids.len();
         self.shared
-            .telemetry
-            .redis_buffered_ids
+            .gauges
+            .buffered_ids
             .store(queue.buffered_ids as u64, Ordering::Relaxed);
         // Ids already accepted are always queued; only new ones are refused.
         if queue.buffered_ids >= self.shared.capacity && self.shared.admission.is_open() {

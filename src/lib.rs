@@ -9,32 +9,42 @@
 //! every worker has passed a window's end, the aggregator swaps the set out and
 //! hands it to the store, which settles the count (the set's size, or `SCARD` of a Redis set
 //! shared by several instances) and [`report`]s it to every [`sink`] (the count log)
-//! and to the endpoints requests named, through the [`callback`] dispatcher.
-//! [`admin`] serves `/metrics` and `/healthz` on an address of its own.
-//! [`service`] starts and stops all of it; [`config`] is every knob.
+//! and to the endpoints requests named, through the `callback` dispatcher.
+//! `admin` serves `/metrics` and `/healthz` on an address of its own.
+//! [`Verve`] starts and stops all of it; [`config`] is every knob.
 //!
 //! Nothing on a worker blocks on anything but its own client, and nothing between
 //! a worker and the aggregator is unbounded: when the channel is full, new ids are
 //! refused with 503 while the ids already accepted wait their turn.
 
-pub mod admin;
-pub mod admission;
-pub mod aggregator;
-pub mod backoff;
-pub mod batch;
-pub mod callback;
-pub mod callback_policy;
+// What a library user needs: the configuration, the service and its error, the
+// count record and windows, and the two traits with their implementations.
 pub mod config;
-pub mod error;
-pub mod metrics;
 pub mod record;
-pub mod redis_link;
-pub mod report;
-pub mod server;
-pub mod service;
 pub mod sink;
 pub mod store;
 pub mod window;
+
+// Public only for the benches and the integration tests, which drive these parts
+// alone; not part of the library's interface.
+#[doc(hidden)]
+pub mod aggregator;
+#[doc(hidden)]
+pub mod batch;
+#[doc(hidden)]
+pub mod report;
+#[doc(hidden)]
+pub mod server;
+
+mod admin;
+mod admission;
+mod backoff;
+mod callback;
+mod callback_policy;
+mod error;
+mod metrics;
+mod redis_link;
+mod service;
 
 pub use config::Config;
 pub use error::StartError;

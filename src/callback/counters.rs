@@ -31,6 +31,7 @@ impl CallbackCounters {
     }
 
     /// Callbacks counted so far in the class of `outcome`.
+    #[cfg(test)]
     pub fn count(&self, outcome: CallbackOutcome) -> u64 {
         self.class(outcome).load(Ordering::Relaxed)
     }

@@ -10,10 +10,8 @@
 //!   the fleet publishes the window's `SCARD` once every instance has handed over
 //!   its ids (the fleet protocol, in `redis/fleet.rs`).
 //!
-//! A store may hold back intake through the shared [`Admission`]: while it is
+//! A store may hold back intake through the shared `Admission`: while it is
 //! closed, workers answer new ids `503 failed`.
-//!
-//! [`Admission`]: crate::admission::Admission
 
 mod local;
 mod redis;

@@ -77,11 +77,6 @@ use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
 use crate::window::WindowStart;
 
-/// Milliseconds since the epoch, by this host's clock.
-fn now_ms() -> u64 {
-    Timestamp::now().unix_millis()
-}
-
 /// Which of `shards` sets an id goes to: a fixed multiplicative hash, the same in
 /// every instance and every version (it is part of the layout in Redis).
 pub(super) fn shard_of(id: i64, shards: usize) -> usize {
@@ -385,7 +380,11 @@ impl Fleet {
     ) -> Self {
         Fleet {
             keys: Keys::new(prefix, shards, mode),
-            run: format!("{instance}/{}-{}", std::process::id(), now_ms()),
+            run: format!(
+                "{instance}/{}-{}",
+                std::process::id(),
+                Timestamp::now().unix_millis()
+            ),
             first_window,
             window_secs,
             key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
@@ -557,7 +556,7 @@ impl Fleet {
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
             // Distinct each time: the same run may create it again after a loss.
-            .arg(format!("{}@{}", self.run, now_ms()))
+            .arg(format!("{}@{}", self.run, Timestamp::now().unix_millis()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
             .invoke(link.connection())?;
@@ -821,7 +820,7 @@ impl Fleet {
     /// Whether the fleet's wait for `window` is over (by this host's clock).
     pub fn is_wait_over(&self, window: WindowStart) -> bool {
         let end = window.unix_secs() + self.window_secs;
-        now_ms() >= end * 1000 + self.wait.as_millis() as u64
+        Timestamp::now().unix_millis() >= end * 1000 + self.wait.as_millis() as u64
     }
 
     /// Warns when Redis (any master of a cluster) may evict keys: an evicted

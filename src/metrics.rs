@@ -192,17 +192,10 @@ mod tests {
     #[test]
     fn scrapes_render_the_workers_and_callbacks() {
         use crate::callback::CallbackOutcome;
-        use crate::server::counters::Route;
-        use crate::server::response::Status;
 
         let telemetry = Telemetry::default();
         let (server, callbacks) = (&telemetry.server, &telemetry.callbacks);
-        let (a, b) = (server.register(), server.register());
-        a.record(Route::Accept, Status::Ok);
-        b.record(Route::Accept, Status::Ok);
-        b.record(Route::Accept, Status::BadRequest);
-        a.record(Route::Accept, Status::Unavailable);
-        b.record(Route::Other, Status::NotFound);
+        server.record_sample_traffic();
         callbacks.record(CallbackOutcome::Status(204));
         callbacks.record(CallbackOutcome::Status(503));
         callbacks.record(CallbackOutcome::Dropped);

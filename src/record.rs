@@ -48,6 +48,24 @@ impl CountRecord {
     }
 }
 
+#[cfg(test)]
+impl CountRecord {
+    /// A complete global record of a window of 2026-11-21, for tests.
+    pub(crate) fn sample(revision: u64) -> CountRecord {
+        CountRecord {
+            window_start: WindowStart::from_unix_secs(1_795_255_500),
+            window_seconds: 60,
+            unique_requests: 42,
+            scope: Scope::Global,
+            revision,
+            complete: true,
+            partial: false,
+            instances: 2,
+            published_at: Timestamp::from_unix_millis(1_795_255_560_512),
+        }
+    }
+}
+
 /// Whose ids a count covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,23 +125,9 @@ impl Serialize for Timestamp {
 mod tests {
     use super::*;
 
-    fn record(revision: u64) -> CountRecord {
-        CountRecord {
-            window_start: WindowStart::from_unix_secs(1_795_255_500),
-            window_seconds: 60,
-            unique_requests: 42,
-            scope: Scope::Global,
-            revision,
-            complete: true,
-            partial: false,
-            instances: 2,
-            published_at: Timestamp::from_unix_millis(1_795_255_560_512),
-        }
-    }
-
     #[test]
     fn the_record_serializes_to_the_documented_schema() {
-        let json = serde_json::to_value(record(3)).unwrap();
+        let json = serde_json::to_value(CountRecord::sample(3)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({

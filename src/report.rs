@@ -109,8 +109,6 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::record::{Scope, Timestamp};
-    use crate::window::WindowStart;
 
     /// A sink that remembers what it was given.
     #[derive(Clone, Default)]
@@ -129,20 +127,6 @@ mod tests {
         }
     }
 
-    fn record(revision: u64) -> CountRecord {
-        CountRecord {
-            window_start: WindowStart::from_unix_secs(1_795_255_500),
-            window_seconds: 60,
-            unique_requests: 42,
-            scope: Scope::Global,
-            revision,
-            complete: true,
-            partial: false,
-            instances: 2,
-            published_at: Timestamp::from_unix_millis(1_795_255_560_512),
-        }
-    }
-
     #[test]
     fn shared_sinks_only_get_what_this_instance_published() {
         let local = Recorded::default();
@@ -155,8 +139,8 @@ mod tests {
             None,
             Arc::default(),
         );
-        reporter.report(&record(1), false, &[]);
-        reporter.report(&record(2), true, &[]);
+        reporter.report(&CountRecord::sample(1), false, &[]);
+        reporter.report(&CountRecord::sample(2), true, &[]);
         assert_eq!(*local.records.lock().unwrap(), vec![1, 2]);
         assert_eq!(*shared.records.lock().unwrap(), vec![2]);
     }

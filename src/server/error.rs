@@ -8,8 +8,6 @@ use super::Driver;
 
 #[derive(Debug)]
 pub enum ServerError {
-    /// Another process listens on the address.
-    AddressInUse(SocketAddr),
     Bind {
         addr: SocketAddr,
         source: io::Error,
@@ -24,24 +22,16 @@ pub enum ServerError {
     Thread(io::Error),
 }
 
-impl ServerError {
-    /// Classifies a bind failure, singling out the common "port taken" case.
-    pub(crate) fn bind(addr: SocketAddr, source: io::Error) -> Self {
-        match source.kind() {
-            io::ErrorKind::AddrInUse => ServerError::AddressInUse(addr),
-            _ => ServerError::Bind { addr, source },
-        }
-    }
-}
-
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ServerError::AddressInUse(addr) => write!(
-                f,
-                "cannot listen on {addr}: address already in use by another process \
-                 (stop it or set VERVE_ADDR to a free port)"
-            ),
+            ServerError::Bind { addr, source } if source.kind() == io::ErrorKind::AddrInUse => {
+                write!(
+                    f,
+                    "cannot listen on {addr}: address already in use by another process \
+                     (stop it or set VERVE_ADDR to a free port)"
+                )
+            }
             ServerError::Bind { addr, source } => {
                 write!(f, "cannot listen on {addr}: {source} (check VERVE_ADDR)")
             }
@@ -65,7 +55,7 @@ impl std::error::Error for ServerError {
             ServerError::Bind { source, .. }
             | ServerError::Runtime { source, .. }
             | ServerError::Thread(source) => Some(source),
-            ServerError::AddressInUse(_) | ServerError::UringUnavailable => None,
+            ServerError::UringUnavailable => None,
         }
     }
 }

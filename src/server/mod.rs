@@ -113,7 +113,7 @@ pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, ServerError> {
             .as_socket()
             .ok_or_else(|| io::Error::other("bound address is not an IP address"))
     };
-    probe().map_err(|source| ServerError::bind(addr, source))
+    probe().map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// Where workers hand the ids they accept.

@@ -198,7 +198,10 @@ async fn serve(
     let listener = match TcpListener::bind_with_config(settings.addr, &options) {
         Ok(listener) => listener,
         Err(source) => {
-            let _ = ready.send(Err(ServerError::bind(settings.addr, source)));
+            let _ = ready.send(Err(ServerError::Bind {
+                addr: settings.addr,
+                source,
+            }));
             return;
         }
     };

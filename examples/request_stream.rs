@@ -2,11 +2,16 @@
 //! (`loadtest/instructions.py`): the server's work per request can then be compared
 //! between builds and against the baseline without the noise of a shared machine.
 //!
-//!     request_stream <addr> <requests> <depth> [first]
+//!     request_stream <addr> <requests> <depth> [first] [gap_us]
 //!
 //! One connection; requests go out `depth` at a time in one write, and each group's
 //! answers are read before the next is sent, so every read the server makes holds
-//! the same requests on every run. Ids are drawn from a fixed sequence over
+//! the same requests on every run. After each group's answers the client waits
+//! `gap_us` microseconds (default 0), so that the server, having answered, finds
+//! nothing to read and waits for the next group as it does under a steady load
+//! below its capacity: without the gap, whether it waits or finds the next group
+//! already there depends on how fast each side runs, and so does its count (a
+//! wait is a trip through the event loop, some hundreds of instructions). Ids are drawn from a fixed sequence over
 //! 1,000,000 values (numbered from `first`, default 0, so that a warm-up and the
 //! measured stream can differ), so repeats are as in a real stream. Every answer
 //! must be `200 ok`; anything else ends the run with an error.
@@ -14,6 +19,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::ExitCode;
+use std::time::Duration;
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
 
@@ -25,23 +31,25 @@ fn id_of(n: u64) -> u64 {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = match args.as_slice() {
-        [addr, requests, depth, rest @ ..] if rest.len() <= 1 => (|| {
+        [addr, requests, depth, rest @ ..] if rest.len() <= 2 => (|| {
             let first = rest.first().map_or(Ok(0), |f| f.parse::<u64>())?;
+            let gap_us = rest.get(1).map_or(Ok(0), |g| g.parse::<u64>())?;
             Ok::<_, std::num::ParseIntError>((
                 addr.clone(),
                 requests.parse::<u64>()?,
                 depth.parse::<u64>()?.max(1),
                 first,
+                Duration::from_micros(gap_us),
             ))
         })()
         .ok(),
         _ => None,
     };
-    let Some((addr, requests, depth, first)) = parsed else {
-        eprintln!("usage: request_stream <addr> <requests> <depth> [first]");
+    let Some((addr, requests, depth, first, gap)) = parsed else {
+        eprintln!("usage: request_stream <addr> <requests> <depth> [first] [gap_us]");
         return ExitCode::from(2);
     };
-    match run(&addr, requests, depth, first) {
+    match run(&addr, requests, depth, first, gap) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("request_stream: {err}");
@@ -50,7 +58,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(addr: &str, requests: u64, depth: u64, first: u64) -> std::io::Result<()> {
+fn run(addr: &str, requests: u64, depth: u64, first: u64, gap: Duration) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut out = Vec::new();
@@ -76,6 +84,9 @@ fn run(addr: &str, requests: u64, depth: u64, first: u64) -> std::io::Result<()>
             )));
         }
         sent += group;
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
     }
     Ok(())
 }

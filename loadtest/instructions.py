@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per request, verve against the bare baseline, under callgrind.
 
-    loadtest/instructions.py [--requests 100000] [--warmup 20000] [--depths 1,16]
+    loadtest/instructions.py [--requests 100000] [--warmup 20000] [--gap-us 300] [--depths 1,16]
                              [--servers baseline,verve] [--compare BINARY] [--top 15]
                              [--skip-build]
                              [--out loadtest/results/instructions]
@@ -9,7 +9,10 @@
 Wall-clock CPU on a shared VM swings by more than the differences worth chasing;
 an instruction count does not. For each server and pipelining depth, this starts
 the server (one worker) under `valgrind --tool=callgrind`, sends a warm-up stream
-with examples/request_stream.rs (one connection, `depth` requests per write),
+with examples/request_stream.rs (one connection, `depth` requests per write, and
+a pause of --gap-us after each group's answers, so that the server waits for every
+group instead of sometimes finding it already read: which of the two happens
+otherwise depends on how busy the machine is, and changes the count by a third),
 zeroes callgrind's counters, sends the measured stream (other ids, same shape),
 dumps the counters, and divides the instructions the server executed (every
 thread: workers, aggregator, timers) by the requests. Start-up and shutdown are
@@ -38,11 +41,14 @@ from procs import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
+# Server and client on CPUs of their own, as in the wall-clock runs.
+SERVER_CPU, CLIENT_CPU = "0", "1"
 
 
-def stream(port, requests, depth, first):
-    subprocess.run([str(RELEASE / "examples" / "request_stream"), f"127.0.0.1:{port}",
-                    str(requests), str(depth), str(first)], check=True)
+def stream(port, requests, depth, first, gap_us):
+    subprocess.run(["taskset", "-c", CLIENT_CPU, str(RELEASE / "examples" / "request_stream"),
+                    f"127.0.0.1:{port}", str(requests), str(depth), str(first), str(gap_us)],
+                   check=True)
 
 
 def callgrind_control(option, pid):
@@ -65,16 +71,19 @@ def measure(server, depth, args, out):
               "before": args.compare}[server]
     env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
                VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", RUST_LOG="warn",
+               # Batches fill before the flush tick, as under a high load; the
+               # ticks' own work depends on how long the run takes.
+               VERVE_FLUSH_MS="1000",
                VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"))
     pattern = out / f"{server}-d{depth}.%p"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                              str(binary)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, server, limit=60, proc=proc)
-        stream(port, args.warmup, depth, 0)
+        stream(port, args.warmup, depth, 0, args.gap_us)
         callgrind_control("--zero", proc.pid)
-        stream(port, args.requests, depth, args.warmup)
+        stream(port, args.requests, depth, args.warmup, args.gap_us)
         callgrind_control("--dump", proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -164,6 +173,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--warmup", type=int, default=20_000)
+    parser.add_argument("--gap-us", type=int, default=300)
     parser.add_argument("--depths", default="1,16")
     parser.add_argument("--servers", default="baseline,verve")
     parser.add_argument("--compare", type=Path, metavar="BINARY")

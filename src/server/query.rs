@@ -7,7 +7,6 @@
 //! repeated `id` or `endpoint` is refused, because which one was meant is a guess.
 
 use std::fmt;
-use std::num::IntErrorKind;
 
 /// Longest endpoint URL accepted, in bytes after decoding.
 pub const MAX_ENDPOINT_LEN: usize = 2048;
@@ -106,9 +105,13 @@ pub fn parse_accept_query<'a>(
             None => (pair, &pair[pair.len()..]),
         };
         let mut name_buf = [0u8; SMALL];
-        let name = match decode_small(name, &mut name_buf)? {
-            Some(name) => name,
-            None => continue, // longer than any name we know
+        let name = match name {
+            // The names as clients send them: nothing to decode.
+            b"id" | b"endpoint" => name,
+            _ => match decode_small(name, &mut name_buf)? {
+                Some(name) => name,
+                None => continue, // longer than any name we know
+            },
         };
         match name {
             b"id" if id.is_some() => return Err(QueryError::Repeated("id")),
@@ -126,17 +129,48 @@ pub fn parse_accept_query<'a>(
     Ok(AcceptQuery { id, endpoint })
 }
 
-/// Decodes and parses an id value.
+/// Decodes and parses an id value. Ids come unescaped, so the bytes are parsed as
+/// they are and decoded only if that fails and they hold an escape.
 fn parse_id(raw: &[u8]) -> Result<i64, QueryError> {
-    let mut buf = [0u8; SMALL];
-    let digits = decode_small(raw, &mut buf)?.ok_or(QueryError::IdOutOfRange)?;
-    // `from_utf8` cannot fail for a valid integer; anything it refuses is not one.
-    let text = std::str::from_utf8(digits).map_err(|_| QueryError::InvalidId)?;
-    text.parse::<i64>().map_err(|e| match e.kind() {
-        IntErrorKind::Empty => QueryError::EmptyId,
-        IntErrorKind::PosOverflow | IntErrorKind::NegOverflow => QueryError::IdOutOfRange,
-        _ => QueryError::InvalidId,
-    })
+    match parse_decimal(raw) {
+        Err(_) if raw.contains(&b'%') => {
+            let mut buf = [0u8; SMALL];
+            let digits = decode_small(raw, &mut buf)?.ok_or(QueryError::IdOutOfRange)?;
+            parse_decimal(digits)
+        }
+        parsed => parsed,
+    }
+}
+
+/// A decimal `i64` exactly as `str::parse::<i64>` reads one (an optional sign, then
+/// ASCII digits; each digit is checked before the overflow it would cause), straight
+/// from the bytes: every request carries an id, and the UTF-8 check and the generic
+/// parser cost more than the digits do. A property test holds it to `str::parse`.
+fn parse_decimal(text: &[u8]) -> Result<i64, QueryError> {
+    let (negative, digits) = match text {
+        [] => return Err(QueryError::EmptyId),
+        [b'+' | b'-'] => return Err(QueryError::InvalidId),
+        [b'-', digits @ ..] => (true, digits),
+        [b'+', digits @ ..] => (false, digits),
+        digits => (false, digits),
+    };
+    let mut value: i64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return Err(QueryError::InvalidId);
+        }
+        let digit = i64::from(digit);
+        // Negative ids accumulate downwards, so that i64::MIN is reachable.
+        value = value
+            .checked_mul(10)
+            .and_then(|v| match negative {
+                true => v.checked_sub(digit),
+                false => v.checked_add(digit),
+            })
+            .ok_or(QueryError::IdOutOfRange)?;
+    }
+    Ok(value)
 }
 
 /// Decodes `raw` into `buf` when it has escapes; `Ok(None)` when it does not fit.
@@ -456,6 +490,20 @@ mod tests {
         // Escapes shrink when decoded: 2048 decoded bytes written with escapes still fit.
         let escaped = format!("id=1&endpoint=http%3A%2F%2Fh%2F{path}");
         assert_eq!(parse(&escaped).unwrap().1.unwrap().len(), MAX_ENDPOINT_LEN);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ids_parse_exactly_as_str_parse_does(text in "[-+]?[0-9]{0,22}|[-+0-9a ]{0,24}") {
+            let expected = text.parse::<i64>().map_err(|e| match e.kind() {
+                std::num::IntErrorKind::Empty => QueryError::EmptyId,
+                std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                    QueryError::IdOutOfRange
+                }
+                _ => QueryError::InvalidId,
+            });
+            proptest::prop_assert_eq!(parse_decimal(text.as_bytes()), expected);
+        }
     }
 
     #[test]

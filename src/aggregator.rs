@@ -37,7 +37,7 @@ use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::store::ClosedWindow;
-use crate::store::{DedupStore, IdSet};
+use crate::store::{id_set, DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
 
 /// The longest the aggregator waits without a heartbeat.
@@ -70,7 +70,7 @@ struct OpenWindow {
 impl OpenWindow {
     fn with_capacity(capacity: usize) -> Self {
         OpenWindow {
-            ids: IdSet::with_capacity(capacity),
+            ids: id_set(capacity),
             unique: 0,
             endpoints: HashSet::new(),
             endpoints_over_cap: 0,

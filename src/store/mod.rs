@@ -16,8 +16,11 @@
 mod local;
 mod redis;
 
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use foldhash::SharedSeed;
 
 pub use local::LocalStore;
 pub use redis::{window_sets, RedisGauges, RedisSettings, RedisStore};
@@ -27,7 +30,25 @@ use crate::window::WindowStart;
 /// The ids of one window, as this instance saw them: filled by the aggregator,
 /// then handed whole to the store at close (the Redis store keeps it for as long
 /// as it may have to send the window again).
-pub type IdSet = scc::HashSet<i64>;
+pub type IdSet = scc::HashSet<i64, IdHasher>;
+
+/// How [`IdSet`] hashes ids: foldhash, with seeds from the operating system's
+/// randomness (through std's `RandomState`), one shared by the process and one per
+/// set. Clients pick the ids, so the hash must be one they cannot aim collisions
+/// at; SipHash, std's default, resists that even when its output leaks, at several
+/// times the cost. Foldhash resists it while its seeds stay unknown, and here
+/// nothing shows them: a request is answered before its id reaches the set, so no
+/// answer's timing depends on where an id lands, and each window's set hashes
+/// differently. (Foldhash's own default seeds come from addresses and the time.)
+pub type IdHasher = foldhash::fast::SeedableRandomState;
+
+/// An empty [`IdSet`] with room for `capacity` ids and a seed of its own.
+pub fn id_set(capacity: usize) -> IdSet {
+    static PROCESS_SEED: OnceLock<SharedSeed> = OnceLock::new();
+    let random = || std::hash::RandomState::new().hash_one(0u8);
+    let shared = PROCESS_SEED.get_or_init(|| SharedSeed::from_u64(random()));
+    IdSet::with_capacity_and_hasher(capacity, IdHasher::with_seed(random(), shared))
+}
 
 /// A window the aggregator has closed.
 pub struct ClosedWindow {

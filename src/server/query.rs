@@ -94,6 +94,11 @@ pub fn parse_accept_query<'a>(
     query: &'a [u8],
     scratch: &'a mut Vec<u8>,
 ) -> Result<AcceptQuery<'a>, QueryError> {
+    // The usual query, `id=<integer>` alone, needs no walk over its pairs: a `&` or
+    // a second `=` would not parse as an integer.
+    if let Some(Ok(id)) = query.strip_prefix(b"id=").map(parse_decimal) {
+        return Ok(AcceptQuery { id, endpoint: None });
+    }
     let mut id = None;
     let mut endpoint_raw: Option<&[u8]> = None;
     for pair in query.split(|&b| b == b'&') {

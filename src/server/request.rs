@@ -237,7 +237,7 @@ pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, 
     }
 
     let target = target.as_bytes();
-    let (path, query) = match target.iter().position(|&b| b == b'?') {
+    let (path, query) = match memchr::memchr(b'?', target) {
         Some(q) => (&target[..q], &target[q + 1..]),
         None => (target, &target[target.len()..]),
     };

@@ -7,12 +7,13 @@
 //! response the connection closes, since what follows cannot be trusted.
 //!
 //! The connection tells its [`Registration`] what it waits for whenever that
-//! changes, which sets its deadline (head, idle or write timeout); the worker's
-//! sweep ends the wait of a connection past it.
+//! changes, which sets its deadline (head, idle or write timeout, or the end of the
+//! linger after an error); the worker's sweep ends the wait of a connection past
+//! it. The connection arms no timer of its own.
 
 use std::io;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -25,9 +26,8 @@ use super::worker::Worker;
 /// Read buffer growth step; a typical request is well under this.
 const READ_CHUNK: usize = 4096;
 
-/// After an error response, how long and how much unread input is discarded before
-/// closing; see `Connection::linger`.
-const LINGER_TIME: Duration = Duration::from_secs(1);
+/// After an error response, how much unread input is discarded before closing; see
+/// `Connection::linger`.
 const LINGER_BYTES: usize = 64 * 1024;
 
 pub(crate) struct Connection {
@@ -89,8 +89,7 @@ impl Connection {
                 Next::AnswerMore => continue,
                 Next::Close => return Ok(()),
                 Next::CloseAfterError => {
-                    // The linger bounds its own time.
-                    self.registration.unwatch();
+                    self.registration.wait_for(Wait::Linger);
                     self.linger().await;
                     return Ok(());
                 }
@@ -120,17 +119,17 @@ impl Connection {
     /// Closes gracefully after an error response while the client may still be
     /// sending (an oversize request, say): closing a socket with unread input makes
     /// the kernel send a reset, which can destroy the response before the client
-    /// reads it. So: stop writing, then read and discard, within bounds.
+    /// reads it. So: stop writing, then read and discard, within bounds: at most
+    /// [`LINGER_BYTES`], and until the registry's linger deadline, when the sweep
+    /// shuts the read side down and the pending read ends.
     async fn linger(&mut self) {
         let _ = self.stream.shutdown().await;
-        let deadline = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
         let mut buf = std::mem::take(&mut self.buffers.read_buf);
         while discarded < LINGER_BYTES {
-            let left = deadline.saturating_duration_since(Instant::now());
             buf.clear();
-            match monoio::time::timeout(left, self.stream.read(buf)).await {
-                Ok((Ok(n), returned)) if n > 0 => {
+            match self.stream.read(buf).await {
+                (Ok(n), returned) if n > 0 => {
                     discarded += n;
                     buf = returned;
                 }

@@ -75,7 +75,8 @@ impl WorkerCounters {
         self.connections_open.store(n as u64, Ordering::Relaxed);
     }
 
-    /// A connection closed for missing the deadline of what it was waiting for.
+    /// A connection closed for missing the deadline of what it was waiting for: a
+    /// wait in [`WAITS`], which the end of a linger is not.
     pub(crate) fn connection_timed_out(&self, wait: Wait) {
         bump(&self.connections_timed_out[wait as usize]);
     }

@@ -3,7 +3,9 @@
 //! [`Workers::start`] claims the address, then starts one thread per worker, each
 //! with its own monoio runtime and its own SO_REUSEPORT listener on that address:
 //! the kernel spreads incoming connections over the listeners, and a connection
-//! stays on the worker that accepted it for its whole life.
+//! stays on the worker that accepted it for its whole life. One more thread, the
+//! ticker (`ticker.rs`), keeps time for all the workers, whose runtimes have no
+//! timer.
 
 pub mod affinity;
 mod buffers;
@@ -15,6 +17,7 @@ pub mod query;
 pub mod registry;
 pub mod request;
 pub mod response;
+mod ticker;
 mod worker;
 
 use std::fmt;
@@ -32,6 +35,7 @@ use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
 use crate::window::WindowStart;
 use counters::ServerCounters;
+use ticker::Ticker;
 use worker::WorkerSettings;
 
 pub use buffers::ACCEPT_PATH;
@@ -126,11 +130,12 @@ pub(crate) struct Intake {
     pub admission: Admission,
 }
 
-/// The running worker threads.
+/// The running worker threads, and the ticker that keeps their time.
 pub(crate) struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Dropping it tells every worker to stop.
     shutdown: flume::Sender<()>,
+    ticker: Ticker,
 }
 
 impl Workers {
@@ -149,13 +154,19 @@ impl Workers {
             true => affinity::allowed_cpus().unwrap_or_default(),
             false => Vec::new(),
         };
+        // Ticks as often as the more frequent of the flush and the sweep.
+        let period = config
+            .flush_interval()
+            .min(client_limits.timeouts.sweep_interval());
+        let (ticker, ticks) = Ticker::start(period, count).map_err(ServerError::Thread)?;
         let (shutdown, stop) = flume::bounded::<()>(0);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut workers = Workers {
             threads: Vec::with_capacity(count),
             shutdown,
+            ticker,
         };
-        for index in 0..count {
+        for (index, ticks) in ticks.into_iter().enumerate() {
             let settings = WorkerSettings {
                 index,
                 addr,
@@ -174,7 +185,7 @@ impl Workers {
             let (handoffs, stop, ready) = (intake.handoffs.clone(), stop.clone(), ready_tx.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("verve-worker-{index}"))
-                .spawn(move || worker::run(settings, handoffs, stop, ready))
+                .spawn(move || worker::run(settings, handoffs, ticks, stop, ready))
                 .map_err(ServerError::Thread)?;
             workers.threads.push(thread);
         }
@@ -193,7 +204,8 @@ impl Workers {
         Ok(workers)
     }
 
-    /// Stops accepting, lets connections drain, flushes, and waits for every worker.
+    /// Stops accepting, lets connections drain, flushes, and waits for every worker,
+    /// then for the ticker, which the workers needed until their end.
     pub(crate) fn stop(self) {
         drop(self.shutdown);
         for thread in self.threads {
@@ -201,6 +213,7 @@ impl Workers {
                 tracing::error!("a worker thread panicked");
             }
         }
+        self.ticker.stop();
     }
 }
 

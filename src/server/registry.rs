@@ -2,16 +2,22 @@
 //! one is under, and the sweep that enforces the deadlines.
 //!
 //! A connection's task says what it waits for ([`Wait`]) each time that changes;
-//! that is a few `Cell` stores against a clock the sweep refreshes, so the request
-//! path arms no timer and makes no system call for its deadlines. The sweep runs
-//! about ten times per shortest timeout and shuts down the socket of each
-//! connection past its deadline, which wakes the task's pending read (or write) at
-//! once; the task then answers 408 if it holds half a request, and closes. Shutdown
-//! of the service reaches idle keep-alive connections the same way.
+//! that is a few `Cell` stores against a clock the worker moves on each tick, so
+//! the request path arms no timer and makes no system call for its deadlines. The
+//! sweep runs about ten times per shortest timeout and shuts down the socket of
+//! each connection past its deadline, which wakes the task's pending read (or
+//! write) at once; the task then answers 408 if it holds half a request, and
+//! closes. Shutdown of the service reaches idle keep-alive connections the same
+//! way, and the linger after an error response ends the same way at its own
+//! deadline, `LINGER_TIME`, which is no timeout of the client's and is not
+//! counted as one.
 //!
-//! Deadlines are never early: the clock lags by up to one sweep interval, so each
-//! deadline gets one interval more. A connection closes between its timeout and
-//! its timeout plus two intervals (plus however late the worker wakes).
+//! Deadlines are never early: the clock lags by up to one tick, which is no longer
+//! than a sweep interval, so each deadline gets one sweep interval more. The sweep
+//! runs on the first tick at or after it is due, so a connection closes between
+//! its timeout and its timeout plus two sweep intervals and a tick (plus however
+//! late the worker wakes). The linger gets no such slack: it is the server's own
+//! bound, and lasts from about `LINGER_TIME` to a sweep interval more.
 //!
 //! Invariant: only open sockets are registered. A task deregisters (drops its
 //! [`Registration`]) no later than its stream is closed, and everything here runs
@@ -26,6 +32,10 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::counters::WorkerCounters;
+
+/// After an error response, how long a connection reads and discards what the
+/// client still sends before it closes; see `Connection::linger`.
+const LINGER_TIME: Duration = Duration::from_secs(1);
 
 /// How long a client may take, per thing it can keep a connection waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,14 +55,6 @@ impl Timeouts {
         write: Duration::from_secs(10),
     };
 
-    fn of(&self, wait: Wait) -> Duration {
-        match wait {
-            Wait::Head => self.head,
-            Wait::Idle => self.idle,
-            Wait::Write => self.write,
-        }
-    }
-
     /// How often deadlines are checked: a tenth of the shortest timeout, at least
     /// 10 ms (100 sweeps a second at most) and at most a second.
     pub fn sweep_interval(&self) -> Duration {
@@ -67,7 +69,7 @@ impl Default for Timeouts {
     }
 }
 
-/// What a connection is waiting for, which decides its timeout.
+/// What a connection is waiting for, which decides its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
     /// The rest of a request, or the first request of a new connection.
@@ -76,9 +78,13 @@ pub(crate) enum Wait {
     Idle = 1,
     /// The client to read what was written.
     Write = 2,
+    /// Nothing the client owes: after an error response, the connection discards
+    /// input for [`LINGER_TIME`]. Its end is no timeout: not counted, no label.
+    Linger = 3,
 }
 
-/// Every [`Wait`] with its metric label, in declaration order.
+/// Every [`Wait`] a client can time out on, with its metric label, in declaration
+/// order (so `wait as usize` indexes it).
 pub(crate) const WAITS: [(Wait, &str); 3] = [
     (Wait::Head, "head"),
     (Wait::Idle, "idle"),
@@ -89,8 +95,7 @@ pub(crate) const WAITS: [(Wait, &str); 3] = [
 struct Watch {
     fd: RawFd,
     wait: Cell<Wait>,
-    /// `None` while the connection bounds its own time (the linger after an error).
-    deadline: Cell<Option<Instant>>,
+    deadline: Cell<Instant>,
     /// Set by the sweep, cleared when the connection waits for something new.
     expired: Cell<bool>,
 }
@@ -102,7 +107,7 @@ pub(crate) struct Registry {
     slack: Duration,
     capacity: usize,
     counters: Arc<WorkerCounters>,
-    /// The time as of the last sweep: coarse, but free to read.
+    /// The time as of the worker's last tick: coarse, but free to read.
     clock: Cell<Instant>,
     open: RefCell<Slab<Rc<Watch>>>,
 }
@@ -134,7 +139,7 @@ impl Registry {
         let watch = Rc::new(Watch {
             fd,
             wait: Cell::new(Wait::Head),
-            deadline: Cell::new(Some(self.deadline_for(Wait::Head))),
+            deadline: Cell::new(self.deadline_for(Wait::Head)),
             expired: Cell::new(false),
         });
         let key = open.insert(watch.clone());
@@ -147,29 +152,43 @@ impl Registry {
     }
 
     fn deadline_for(&self, wait: Wait) -> Instant {
-        self.clock.get() + self.timeouts.of(wait) + self.slack
+        self.clock.get()
+            + match wait {
+                Wait::Head => self.timeouts.head + self.slack,
+                Wait::Idle => self.timeouts.idle + self.slack,
+                Wait::Write => self.timeouts.write + self.slack,
+                // The server's own bound, owed to nobody: no slack.
+                Wait::Linger => LINGER_TIME,
+            }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.open.borrow().len()
     }
 
-    /// Closes every connection past its deadline, as of `now`.
-    pub(crate) fn sweep(&self, now: Instant) {
+    /// Sets the clock that new deadlines start from and the sweep checks them against.
+    pub(crate) fn set_clock(&self, now: Instant) {
         self.clock.set(now);
+    }
+
+    /// Closes every connection past its deadline, as of the clock.
+    pub(crate) fn sweep(&self) {
+        let now = self.clock.get();
         for (_, watch) in self.open.borrow().iter() {
-            let due = watch.deadline.get().is_some_and(|deadline| deadline <= now);
-            if watch.expired.get() || !due {
+            if watch.expired.get() || watch.deadline.get() > now {
                 continue;
             }
             watch.expired.set(true);
             let wait = watch.wait.get();
-            self.counters.connection_timed_out(wait);
+            if wait != Wait::Linger {
+                self.counters.connection_timed_out(wait);
+            }
             // Shutting down the read side ends a pending read with end-of-stream,
-            // and leaves the write side open for a 408. A stalled write needs the
-            // write side shut too, which fails it.
+            // and leaves the write side open for a 408 (a lingering connection has
+            // shut it already). A stalled write needs the write side shut too,
+            // which fails it.
             let how = match wait {
-                Wait::Head | Wait::Idle => libc::SHUT_RD,
+                Wait::Head | Wait::Idle | Wait::Linger => libc::SHUT_RD,
                 Wait::Write => libc::SHUT_RDWR,
             };
             // SAFETY: registered fds are open sockets (module invariant); shutdown
@@ -201,15 +220,8 @@ impl Registration {
     #[inline]
     pub(crate) fn wait_for(&self, wait: Wait) {
         self.watch.wait.set(wait);
-        self.watch
-            .deadline
-            .set(Some(self.registry.deadline_for(wait)));
+        self.watch.deadline.set(self.registry.deadline_for(wait));
         self.watch.expired.set(false);
-    }
-
-    /// The connection bounds its remaining time itself; the sweep leaves it alone.
-    pub(crate) fn unwatch(&self) {
-        self.watch.deadline.set(None);
     }
 
     /// What the connection was last said to wait for.
@@ -236,6 +248,7 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::counters::ServerCounters;
 
     fn registry(capacity: usize) -> Rc<Registry> {
         Rc::new(Registry::new(
@@ -243,6 +256,11 @@ mod tests {
             capacity,
             Arc::new(WorkerCounters::default()),
         ))
+    }
+
+    fn sweep_at(registry: &Registry, now: Instant) {
+        registry.set_clock(now);
+        registry.sweep();
     }
 
     #[test]
@@ -293,14 +311,14 @@ mod tests {
         let start = registry.clock.get();
         let conn = registry.register(-1).unwrap();
         conn.wait_for(Wait::Idle);
-        registry.sweep(start + Timeouts::DEFAULT.head * 2);
+        sweep_at(&registry, start + Timeouts::DEFAULT.head * 2);
         assert!(!conn.expired(), "idle, so the head timeout does not apply");
-        registry.sweep(start + Timeouts::DEFAULT.idle);
+        sweep_at(&registry, start + Timeouts::DEFAULT.idle);
         assert!(
             !conn.expired(),
             "the clock may lag: one sweep interval of slack"
         );
-        registry.sweep(start + Timeouts::DEFAULT.idle + registry.slack);
+        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
         assert!(conn.expired());
         assert_eq!(conn.waiting_for(), Wait::Idle);
 
@@ -308,16 +326,49 @@ mod tests {
         conn.wait_for(Wait::Write);
         assert!(!conn.expired());
         let later = registry.clock.get() + Timeouts::DEFAULT.write + registry.slack;
-        registry.sweep(later);
+        sweep_at(&registry, later);
         assert!(conn.expired());
     }
 
     #[test]
-    fn an_unwatched_connection_never_expires() {
+    fn new_deadlines_start_from_the_clock_the_ticks_move() {
         let registry = registry(10);
+        let start = registry.clock.get();
         let conn = registry.register(-1).unwrap();
-        conn.unwatch();
-        registry.sweep(registry.clock.get() + Duration::from_secs(86_400));
-        assert!(!conn.expired());
+        registry.set_clock(start + Duration::from_secs(30));
+        conn.wait_for(Wait::Idle);
+        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
+        assert!(!conn.expired(), "the idle timeout started 30 s in");
+        sweep_at(
+            &registry,
+            start + Duration::from_secs(30) + Timeouts::DEFAULT.idle + registry.slack,
+        );
+        assert!(conn.expired());
+    }
+
+    #[test]
+    fn a_lingering_connection_ends_at_its_deadline_without_counting_a_timeout() {
+        let server = ServerCounters::default();
+        let registry = Rc::new(Registry::new(Timeouts::DEFAULT, 10, server.register()));
+        let start = registry.clock.get();
+        let idle = registry.register(-1).unwrap();
+        idle.wait_for(Wait::Idle);
+        let lingering = registry.register(-1).unwrap();
+        lingering.wait_for(Wait::Linger);
+
+        sweep_at(&registry, start + LINGER_TIME - Duration::from_millis(1));
+        assert!(!lingering.expired());
+        sweep_at(&registry, start + LINGER_TIME);
+        assert!(
+            lingering.expired(),
+            "no slack: the linger is the server's bound"
+        );
+        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
+        assert!(idle.expired());
+        assert_eq!(
+            server.totals().connections_timed_out,
+            [("head", 0), ("idle", 1), ("write", 0)],
+            "the idle connection timed out; the lingering one did not"
+        );
     }
 }

@@ -6,13 +6,23 @@
 //! path is a sealed batch of ids, sent to the aggregator over the bounded channel.
 //!
 //! Connections beyond the worker's cap are closed as soon as they are accepted; the
-//! others are registered in its [`Registry`], which a sweep task checks against
-//! their deadlines.
+//! others are registered in its [`Registry`], whose sweep checks them against their
+//! deadlines.
+//!
+//! The runtime has no timer: the worker's main task takes the ticks of the
+//! server's [`ticker`](super::ticker) and, on the ticks that find them due, flushes
+//! the batch (partial batches and the watermark, which close windows) and sweeps
+//! the registry, from start to finish, shutdown included. A failed accept is
+//! retried on the next tick. No other task waits for ticks: a task still waiting
+//! when the runtime ends is never dropped (the channel holds its waker), and it
+//! would keep the channel, and so the ticker, alive; the main task's receiver goes
+//! when the worker ends.
 //!
 //! Shutdown: the accept loop stops, open connections are told to close (their read
 //! side is shut down, so idle keep-alive clients see end-of-stream at once while
 //! buffered requests are still answered), the worker waits for them up to a
-//! deadline, then flushes its batch to the aggregator and returns.
+//! deadline, looking again on each tick, then flushes its batch to the aggregator
+//! and returns.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -23,13 +33,13 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
-use monoio::time::TimeDriver;
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use super::connection::Connection;
 use super::counters::{ServerCounters, WorkerCounters};
 use super::registry::{AtCapacity, Registration, Registry};
 use super::request::Limits;
+use super::ticker::Every;
 use super::{ClientLimits, Driver, ServerError};
 use crate::admission::Admission;
 use crate::batch::{Batcher, Handoff, Overloaded};
@@ -142,13 +152,15 @@ impl Worker {
     }
 }
 
-/// Runs a worker on the current thread until `shutdown` is dropped by its sender.
+/// Runs a worker on the current thread until `shutdown` is dropped by its sender,
+/// on the `ticks` of the server's ticker.
 ///
 /// `ready` receives the outcome of building the runtime and binding the listener,
 /// so start-up can fail with a clear error instead of a thread dying quietly.
 pub(crate) fn run(
     settings: WorkerSettings,
     handoffs: flume::Sender<Handoff>,
+    ticks: flume::Receiver<Instant>,
     shutdown: flume::Receiver<()>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
@@ -167,30 +179,28 @@ pub(crate) fn run(
             return;
         }
     };
+    let serve = serve(settings, handoffs, ticks, shutdown, ready);
     match runtime {
-        FusionRuntime::Uring(mut rt) => rt.block_on(serve(settings, handoffs, shutdown, ready)),
-        FusionRuntime::Legacy(mut rt) => rt.block_on(serve(settings, handoffs, shutdown, ready)),
+        FusionRuntime::Uring(mut rt) => rt.block_on(serve),
+        FusionRuntime::Legacy(mut rt) => rt.block_on(serve),
     }
 }
 
-type WorkerRuntime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+type WorkerRuntime = FusionRuntime<IoUringDriver, LegacyDriver>;
 
+/// A runtime without a timer driver, which would cost every park two clock reads
+/// and a walk of its wheel: the ticker keeps time instead.
 fn build_runtime(driver: Driver) -> io::Result<WorkerRuntime> {
     Ok(match driver {
-        Driver::Uring => RuntimeBuilder::<IoUringDriver>::new()
-            .enable_timer()
-            .build()?
-            .into(),
-        Driver::Epoll => RuntimeBuilder::<LegacyDriver>::new()
-            .enable_timer()
-            .build()?
-            .into(),
+        Driver::Uring => RuntimeBuilder::<IoUringDriver>::new().build()?.into(),
+        Driver::Epoll => RuntimeBuilder::<LegacyDriver>::new().build()?.into(),
     })
 }
 
 async fn serve(
     settings: WorkerSettings,
     handoffs: flume::Sender<Handoff>,
+    ticks: flume::Receiver<Instant>,
     shutdown: flume::Receiver<()>,
     ready: mpsc::Sender<Result<(), ServerError>>,
 ) {
@@ -206,7 +216,11 @@ async fn serve(
         }
     };
     let _ = ready.send(Ok(()));
-    let sweep_interval = settings.client_limits.timeouts.sweep_interval();
+    let mut chores = Chores::new(
+        settings.flush_interval,
+        settings.client_limits.timeouts.sweep_interval(),
+        Instant::now(),
+    );
     let worker = Rc::new(Worker::new(
         settings.window_length,
         settings.callback_policy,
@@ -220,48 +234,84 @@ async fn serve(
         ),
         &settings.counters,
     ));
-    // Flushing sends partly filled batches and this worker's watermark: a window
-    // closes on the flush tick after its end once every worker has had one, and a
-    // worker that sends nothing still lets windows close. Both go on while
-    // connections drain at shutdown, until the final flush.
-    monoio::spawn(every(
-        worker.clone(),
-        settings.flush_interval,
-        Worker::flush,
-    ));
-    monoio::spawn(every(worker.clone(), sweep_interval, |worker| {
-        worker.connections.sweep(Instant::now())
-    }));
 
-    accept_until_shutdown(&listener, &worker, shutdown).await;
+    accept_until_shutdown(&listener, &worker, &ticks, &mut chores, shutdown).await;
     drop(listener);
-    drain(&worker, settings.drain).await;
+    drain(&worker, &ticks, &mut chores, settings.drain).await;
     worker.batcher.borrow_mut().finish();
     tracing::debug!(worker = settings.index, "worker stopped");
+}
+
+/// What a worker does on the ticks that find it due.
+struct Chores {
+    /// Flushing sends partly filled batches and this worker's watermark: a window
+    /// closes on the flush after its end once every worker has had one, and a
+    /// worker that sends nothing still lets windows close. It goes on while
+    /// connections drain at shutdown, until the final flush.
+    flush: Every,
+    /// The registry's sweep, which closes connections past their deadlines.
+    sweep: Every,
+}
+
+impl Chores {
+    fn new(flush_interval: Duration, sweep_interval: Duration, start: Instant) -> Chores {
+        Chores {
+            flush: Every::new(flush_interval, start),
+            sweep: Every::new(sweep_interval, start),
+        }
+    }
+
+    /// Does what is due on the tick due at `tick`.
+    fn on_tick(&mut self, worker: &Worker, tick: Instant) {
+        // Every tick moves the registry's clock, so that it lags by a tick at most
+        // (ticks are at least as frequent as sweeps) wherever the sweeps fall.
+        worker.connections.set_clock(Instant::now());
+        if self.flush.due(tick) {
+            worker.flush();
+        }
+        if self.sweep.due(tick) {
+            worker.connections.sweep();
+        }
+    }
 }
 
 async fn accept_until_shutdown(
     listener: &TcpListener,
     worker: &Rc<Worker>,
+    ticks: &flume::Receiver<Instant>,
+    chores: &mut Chores,
     shutdown: flume::Receiver<()>,
 ) {
-    let stop = shutdown.recv_async();
-    let mut stop = std::pin::pin!(stop);
+    let mut stop = std::pin::pin!(shutdown.recv_async());
+    let mut next_tick = std::pin::pin!(ticks.recv_async());
+    // Kept across ticks: dropping an accept in flight cancels it, and with io_uring
+    // loses a connection it accepted in the meantime.
+    let mut accept = std::pin::pin!(listener.accept());
+    // Set by a failed accept, cleared by the next tick.
+    let mut backing_off = false;
     loop {
         monoio::select! {
             _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => match worker.connections.register(stream.as_raw_fd()) {
-                    Ok(registration) => {
-                        monoio::spawn(serve_connection(stream, registration, worker.clone()));
+            Ok(tick) = &mut next_tick => {
+                next_tick.set(ticks.recv_async());
+                chores.on_tick(worker, tick);
+                backing_off = false;
+            }
+            accepted = &mut accept, if !backing_off => {
+                accept.set(listener.accept());
+                match accepted {
+                    Ok((stream, _peer)) => match worker.connections.register(stream.as_raw_fd()) {
+                        Ok(registration) => {
+                            monoio::spawn(serve_connection(stream, registration, worker.clone()));
+                        }
+                        // Dropping the stream closes it at once: the client sees the end.
+                        Err(AtCapacity) => drop(stream),
+                    },
+                    Err(err) => {
+                        // Usually EMFILE/ENFILE: back off instead of spinning on the error.
+                        tracing::warn!(error = %err, "accept failed");
+                        backing_off = true;
                     }
-                    // Dropping the stream closes it at once: the client sees the end.
-                    Err(AtCapacity) => drop(stream),
-                },
-                Err(err) => {
-                    // Usually EMFILE/ENFILE: back off instead of spinning on the error.
-                    tracing::warn!(error = %err, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
@@ -276,21 +326,23 @@ async fn serve_connection(stream: TcpStream, registration: Registration, worker:
     }
 }
 
-/// Runs `tick` every `interval` until the worker's batcher has sent its last batch.
-async fn every(worker: Rc<Worker>, interval: Duration, tick: fn(&Worker)) {
-    while !worker.batcher.borrow().is_finished() {
-        monoio::time::sleep(interval).await;
-        tick(&worker);
-    }
-}
-
-/// Lets open connections finish, closing idle ones, for at most `limit`.
-async fn drain(worker: &Rc<Worker>, limit: Duration) {
+/// Lets open connections finish, closing idle ones, for at most `limit`, looking
+/// again on each tick (and doing its chores).
+async fn drain(
+    worker: &Worker,
+    ticks: &flume::Receiver<Instant>,
+    chores: &mut Chores,
+    limit: Duration,
+) {
     worker.start_draining();
     worker.connections.shut_reads();
     let deadline = Instant::now() + limit;
     while worker.connections.len() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(5)).await;
+        // Disconnected only if the ticker died: then no tick will come to wait for.
+        let Ok(tick) = ticks.recv_async().await else {
+            break;
+        };
+        chores.on_tick(worker, tick);
     }
     let left = worker.connections.len();
     if left > 0 {

@@ -118,10 +118,14 @@ fn each_size_limit_answers_its_status_at_the_default_and_when_configured() {
 /// Reads a response if the server sends one before closing, `None` if it just closes.
 fn response_or_close(client: &mut Client) -> Option<Response> {
     let mut first = [0u8; 1];
-    match client.reader.get_mut().peek(&mut first) {
-        Ok(0) => None,
-        Ok(_) => Some(client.read_response()),
-        Err(err) => panic!("no answer and no close: {err}"),
+    loop {
+        // A blocking peek, unlike read_exact, hands a signal's EINTR back to us.
+        match client.reader.get_mut().peek(&mut first) {
+            Ok(0) => return None,
+            Ok(_) => return Some(client.read_response()),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => panic!("no answer and no close: {err}"),
+        }
     }
 }
 

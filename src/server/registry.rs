@@ -95,16 +95,20 @@ pub(crate) const WAITS: [(Wait, &str); 3] = [
 struct Watch {
     fd: RawFd,
     wait: Cell<Wait>,
-    deadline: Cell<Instant>,
+    /// When the wait began, by the registry's clock. The sweep adds the wait's
+    /// allowance, so that a connection changing what it waits for (twice a
+    /// request) only copies the clock.
+    since: Cell<Instant>,
     /// Set by the sweep, cleared when the connection waits for something new.
     expired: Cell<bool>,
 }
 
 /// The open connections of one worker.
 pub(crate) struct Registry {
-    timeouts: Timeouts,
-    /// The sweep interval, added to every deadline so that none is early.
-    slack: Duration,
+    /// How long each [`Wait`] may last, indexed by `wait as usize`: its timeout
+    /// plus the sweep interval (the clock lags by up to one, and no deadline may be
+    /// early), or [`LINGER_TIME`] for the linger, the server's own bound.
+    allowed: [Duration; 4],
     capacity: usize,
     counters: Arc<WorkerCounters>,
     /// The time as of the worker's last tick: coarse, but free to read.
@@ -118,9 +122,14 @@ pub(crate) struct AtCapacity;
 
 impl Registry {
     pub(crate) fn new(timeouts: Timeouts, capacity: usize, counters: Arc<WorkerCounters>) -> Self {
+        let slack = timeouts.sweep_interval();
         Registry {
-            timeouts,
-            slack: timeouts.sweep_interval(),
+            allowed: [
+                timeouts.head + slack,
+                timeouts.idle + slack,
+                timeouts.write + slack,
+                LINGER_TIME,
+            ],
             capacity,
             counters,
             clock: Cell::new(Instant::now()),
@@ -139,7 +148,7 @@ impl Registry {
         let watch = Rc::new(Watch {
             fd,
             wait: Cell::new(Wait::Head),
-            deadline: Cell::new(self.deadline_for(Wait::Head)),
+            since: Cell::new(self.clock.get()),
             expired: Cell::new(false),
         });
         let key = open.insert(watch.clone());
@@ -151,15 +160,8 @@ impl Registry {
         })
     }
 
-    fn deadline_for(&self, wait: Wait) -> Instant {
-        self.clock.get()
-            + match wait {
-                Wait::Head => self.timeouts.head + self.slack,
-                Wait::Idle => self.timeouts.idle + self.slack,
-                Wait::Write => self.timeouts.write + self.slack,
-                // The server's own bound, owed to nobody: no slack.
-                Wait::Linger => LINGER_TIME,
-            }
+    fn deadline(&self, watch: &Watch) -> Instant {
+        watch.since.get() + self.allowed[watch.wait.get() as usize]
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -175,7 +177,7 @@ impl Registry {
     pub(crate) fn sweep(&self) {
         let now = self.clock.get();
         for (_, watch) in self.open.borrow().iter() {
-            if watch.expired.get() || watch.deadline.get() > now {
+            if watch.expired.get() || self.deadline(watch) > now {
                 continue;
             }
             watch.expired.set(true);
@@ -220,7 +222,7 @@ impl Registration {
     #[inline]
     pub(crate) fn wait_for(&self, wait: Wait) {
         self.watch.wait.set(wait);
-        self.watch.deadline.set(self.registry.deadline_for(wait));
+        self.watch.since.set(self.registry.clock.get());
         self.watch.expired.set(false);
     }
 
@@ -318,14 +320,18 @@ mod tests {
             !conn.expired(),
             "the clock may lag: one sweep interval of slack"
         );
-        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
+        sweep_at(
+            &registry,
+            start + Timeouts::DEFAULT.idle + Timeouts::DEFAULT.sweep_interval(),
+        );
         assert!(conn.expired());
         assert_eq!(conn.waiting_for(), Wait::Idle);
 
         // Waiting for something new starts a new deadline, enforced again.
         conn.wait_for(Wait::Write);
         assert!(!conn.expired());
-        let later = registry.clock.get() + Timeouts::DEFAULT.write + registry.slack;
+        let later =
+            registry.clock.get() + Timeouts::DEFAULT.write + Timeouts::DEFAULT.sweep_interval();
         sweep_at(&registry, later);
         assert!(conn.expired());
     }
@@ -337,11 +343,17 @@ mod tests {
         let conn = registry.register(-1).unwrap();
         registry.set_clock(start + Duration::from_secs(30));
         conn.wait_for(Wait::Idle);
-        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
+        sweep_at(
+            &registry,
+            start + Timeouts::DEFAULT.idle + Timeouts::DEFAULT.sweep_interval(),
+        );
         assert!(!conn.expired(), "the idle timeout started 30 s in");
         sweep_at(
             &registry,
-            start + Duration::from_secs(30) + Timeouts::DEFAULT.idle + registry.slack,
+            start
+                + Duration::from_secs(30)
+                + Timeouts::DEFAULT.idle
+                + Timeouts::DEFAULT.sweep_interval(),
         );
         assert!(conn.expired());
     }
@@ -363,7 +375,10 @@ mod tests {
             lingering.expired(),
             "no slack: the linger is the server's bound"
         );
-        sweep_at(&registry, start + Timeouts::DEFAULT.idle + registry.slack);
+        sweep_at(
+            &registry,
+            start + Timeouts::DEFAULT.idle + Timeouts::DEFAULT.sweep_interval(),
+        );
         assert!(idle.expired());
         assert_eq!(
             server.totals().connections_timed_out,

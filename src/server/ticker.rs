@@ -64,9 +64,10 @@ fn run(period: Duration, workers: Vec<flume::Sender<Instant>>) {
     }
 }
 
-/// The tick after the one due at `due`, sent at `now`: the next on the grid, or
-/// one period from now if this thread fell behind, so that it does not send the
-/// ticks it missed in a burst.
+/// When something due every `period`, last due at `due` and done at `now`, is due
+/// next: the next time on its grid, or one period from now if it fell behind, so
+/// that what was missed does not come in a burst (the ticker's ticks, a worker's
+/// jobs).
 fn next_due(due: Instant, period: Duration, now: Instant) -> Instant {
     let next = due + period;
     if next > now {
@@ -103,10 +104,7 @@ impl Every {
         if tick < self.due {
             return false;
         }
-        self.due += self.interval;
-        if self.due <= tick {
-            self.due = tick + self.interval;
-        }
+        self.due = next_due(self.due, self.interval, tick);
         true
     }
 }

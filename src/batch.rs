@@ -140,11 +140,6 @@ impl Batcher {
         Ok(())
     }
 
-    /// Whether [`Batcher::finish`] has run.
-    pub fn is_finished(&self) -> bool {
-        self.tx.is_none()
-    }
-
     /// Sends whatever is batched so far and, once all of it is in the channel,
     /// moves the watermark up to `now` (the window of the current time) and tells
     /// the aggregator. Called every flush interval.

@@ -3,7 +3,9 @@
 --   wrk -s loadtest/accept.lua http://127.0.0.1:8080 -- [ids] [endpoint_share] [pipeline] [base] [send_secs]
 --
 -- ids             each thread draws ids uniformly from its own range of this many
---                 (default 1000000); a smaller range means more repeats
+--                 (default 1000000); a smaller range means more repeats; 0 makes
+--                 every id new (each thread counts up from its own start), with
+--                 no table of ids seen, for runs of hundreds of millions
 -- endpoint_share  share of requests (0..1) that carry an endpoint (default 0); the
 --                 endpoint is on loopback, so start verve with
 --                 VERVE_CALLBACK_DENY_PRIVATE=false or those requests get 400
@@ -41,7 +43,8 @@ function init(args)
    ids = tonumber(args[1]) or ids
    endpoint_share = tonumber(args[2]) or endpoint_share
    pipeline = tonumber(args[3]) or pipeline
-   first_id = (tonumber(args[4]) or 0) + index * ids
+   -- With every id new, threads start 10^12 apart.
+   first_id = (tonumber(args[4]) or 0) + index * (ids > 0 and ids or 1000000000000)
    probe = index == 0
    if args[5] then
       stop_at = os.time() + tonumber(args[5])
@@ -49,10 +52,20 @@ function init(args)
    math.randomseed(os.time() * 1000 + index)
 end
 
+local sequence = 0
+
 local function one()
-   local id = first_id + math.random(ids) - 1
+   local id
+   if ids == 0 then
+      id = first_id + sequence
+      sequence = sequence + 1
+   else
+      id = first_id + math.random(ids) - 1
+   end
    if probe then
       id = -1
+   elseif ids == 0 then
+      distinct = distinct + 1
    elseif not seen[id] then
       seen[id] = true
       distinct = distinct + 1

@@ -1,19 +1,19 @@
 //! The aggregator: one thread that owns every open window's set of ids.
 //!
 //! Workers send it [`Handoff`]s: batches of ids, which it inserts into the
-//! `scc::HashSet` of the batch's window, telling the [`DedupStore`] which ids were
-//! new to this instance; and watermarks, each worker's promise that it has handed
+//! [`IdSet`] of the batch's window (itself, or through the owner threads of its
+//! [`Partitions`]), telling the [`DedupStore`] which ids were new to this instance
+//! when the store asks; and watermarks, each worker's promise that it has handed
 //! over every id of the windows before its watermark. A window closes once every
 //! worker's watermark is past it, not after a fixed delay that a held-up worker
-//! could outlast: then its set is removed from the map whole and handed to the
-//! store, which settles and reports the count. There is no moment at which ids can
+//! could outlast: then its set (every part of it) is taken out whole and handed to
+//! the store, which settles and reports the count. There is no moment at which ids can
 //! slip in between counting and clearing, and no id answered `ok` arrives after its
 //! window closed. Windows close strictly in order, so a window that received
 //! nothing is reported with 0.
 //!
-//! Counts are kept as ids go in (an insert that finds the id new adds one), never
-//! read back from a set: `scc::HashSet::len` walks the whole table and may count
-//! twice while a resize is in progress.
+//! Counts are kept as ids go in: an [`IdSet`]'s length is the number of inserts
+//! that found their id new, and a window's count is the sum over its parts.
 //!
 //! The aggregator also remembers, per window, the distinct endpoints requests named
 //! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged):
@@ -35,9 +35,10 @@ use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
+use crate::partition::{BatchTimes, Partitions};
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::store::ClosedWindow;
-use crate::store::{id_set, DedupStore, IdSet};
+use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
 
 /// The longest the aggregator waits without a heartbeat.
@@ -57,25 +58,13 @@ const SKIPPED_AFTER: Duration = Duration::from_secs(3600);
 /// However long the windows, a run of this many or fewer is reported one by one.
 const MAX_EMPTY_WINDOWS_AT_ONCE: u64 = 10;
 
-/// What the aggregator holds for a window until it closes.
+/// What the aggregator holds for a window until it closes, beside its ids (which
+/// the partitions hold).
+#[derive(Default)]
 struct OpenWindow {
-    ids: IdSet,
-    /// How many ids `ids` holds: inserts that found the id new.
-    unique: u64,
     endpoints: HashSet<Arc<str>>,
     /// Endpoint mentions refused because `endpoints` was full.
     endpoints_over_cap: u64,
-}
-
-impl OpenWindow {
-    fn with_capacity(capacity: usize) -> Self {
-        OpenWindow {
-            ids: id_set(capacity),
-            unique: 0,
-            endpoints: HashSet::new(),
-            endpoints_over_cap: 0,
-        }
-    }
 }
 
 /// What the aggregator publishes for `/metrics` and `/healthz`; only it writes.
@@ -89,6 +78,10 @@ pub struct AggregatorGauges {
     pub next_close_due_ms: AtomicU64,
     /// Batches waiting for the aggregator, as last seen by it.
     pub channel_depth: AtomicU64,
+    /// The most batches ever seen waiting.
+    pub channel_depth_peak: AtomicU64,
+    /// How long inserting each batch took (in the aggregator or an owner).
+    pub batch_times: Arc<BatchTimes>,
     /// When the aggregator last went round its loop, in ms since the epoch.
     pub heartbeat_ms: AtomicU64,
 }
@@ -115,6 +108,8 @@ pub struct Aggregator {
     /// The window the service started in, when it started after that window began.
     started_within: Option<WindowStart>,
     store: Box<dyn DedupStore>,
+    /// Where the open windows' ids are inserted.
+    partitions: Partitions,
     /// The size of the last complete window: new sets start at this capacity, since
     /// traffic changes little from one window to the next and growing a set of
     /// millions of ids step by step costs far more than reserving it once.
@@ -123,8 +118,6 @@ pub struct Aggregator {
     max_endpoints: usize,
     /// Immediate timing: callbacks with the count so far, as batches arrive.
     immediate: Option<Callbacks>,
-    /// Ids of the batch being ingested that were new to this instance (reused).
-    new_ids: Vec<i64>,
     /// The held-up window last warned about, so that each is warned about once.
     warned_held_up: Option<WindowStart>,
     gauges: Arc<AggregatorGauges>,
@@ -140,6 +133,8 @@ impl Aggregator {
         store: Box<dyn DedupStore>,
     ) -> Self {
         let first = length.window_of(started_at);
+        let gauges = Arc::<AggregatorGauges>::default();
+        let partitions = Partitions::inline(store.wants_new_ids(), gauges.batch_times.clone());
         Aggregator {
             length,
             open: BTreeMap::new(),
@@ -147,20 +142,29 @@ impl Aggregator {
             watermarks: vec![first; workers],
             started_within: (started_at > first.as_system_time()).then_some(first),
             store,
+            partitions,
             capacity_hint: 0,
             max_endpoints: 0,
             immediate: None,
-            new_ids: Vec::new(),
             warned_held_up: None,
-            gauges: Arc::default(),
+            gauges,
         }
     }
 
-    /// Publishes the aggregator's heartbeat, windows, late ids and queue depth in
-    /// `gauges`.
+    /// Publishes the aggregator's heartbeat, windows, late ids, queue depth and
+    /// batch times in `gauges`. Before any id is ingested.
     pub fn with_gauges(mut self, gauges: Arc<AggregatorGauges>) -> Self {
+        self.partitions.time_into(gauges.batch_times.clone());
         self.gauges = gauges;
         self
+    }
+
+    /// Splits the windows' ids by hash over `parts` owner threads (1: the
+    /// aggregator inserts them itself). Before any id is ingested.
+    pub fn with_partitions(mut self, parts: usize) -> std::io::Result<Self> {
+        let report_new = self.store.wants_new_ids();
+        self.partitions = Partitions::new(parts, report_new, self.gauges.batch_times.clone())?;
+        Ok(self)
     }
 
     /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
@@ -179,7 +183,11 @@ impl Aggregator {
             self.beat(handoffs.len());
             match handoffs.recv_timeout(HEARTBEAT) {
                 Ok(handoff) => self.receive(handoff),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    let store = &mut self.store;
+                    self.partitions
+                        .forward_new_ids(&mut |window, ids| store.add(window, ids));
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
@@ -208,23 +216,13 @@ impl Aggregator {
             );
             return;
         }
-        let window = match self.open.entry(batch.window) {
-            std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
-            std::collections::btree_map::Entry::Vacant(vacant) => vacant.insert(
-                OpenWindow::with_capacity(self.capacity_hint.max(batch.ids.len())),
-            ),
-        };
-        self.new_ids.clear();
-        for id in batch.ids {
-            // Err means the id was already in the set: exactly the repeat to drop.
-            if window.ids.insert_sync(id).is_ok() {
-                self.new_ids.push(id);
-            }
-        }
-        window.unique += self.new_ids.len() as u64;
-        if !self.new_ids.is_empty() {
-            self.store.add(batch.window, &self.new_ids);
-        }
+        let window = self.open.entry(batch.window).or_default();
+        let expected = self.capacity_hint.max(batch.ids.len());
+        let store = &mut self.store;
+        self.partitions
+            .insert(batch.window, &batch.ids, expected, &mut |window, ids| {
+                store.add(window, ids)
+            });
         for endpoint in batch.endpoints {
             let known = window.endpoints.contains(&endpoint);
             if !known && window.endpoints.len() >= self.max_endpoints {
@@ -235,7 +233,7 @@ impl Aggregator {
                 let record = CountRecord {
                     window_start: batch.window,
                     window_seconds: self.length.as_secs(),
-                    unique_requests: window.unique,
+                    unique_requests: self.partitions.count_so_far(batch.window),
                     scope: Scope::Instance,
                     revision: 0,
                     complete: false,
@@ -324,6 +322,11 @@ impl Aggregator {
             .heartbeat_ms
             .store(Timestamp::now().unix_millis(), Ordering::Relaxed);
         gauges.channel_depth.store(queued as u64, Ordering::Relaxed);
+        if queued as u64 > gauges.channel_depth_peak.load(Ordering::Relaxed) {
+            gauges
+                .channel_depth_peak
+                .store(queued as u64, Ordering::Relaxed);
+        }
         let due = self.length.end_of(self.next_close);
         let due_ms = due
             .duration_since(UNIX_EPOCH)
@@ -348,14 +351,16 @@ impl Aggregator {
     fn close_next(&mut self, stopped_within: bool) {
         let window = self.next_close;
         self.next_close = self.length.next(window);
-        // Swap the set out whole: removing it from the map is the close.
-        let open = self
-            .open
-            .remove(&window)
-            .unwrap_or_else(|| OpenWindow::with_capacity(0));
+        // Take the set out whole: removing it from the partitions is the close.
+        let open = self.open.remove(&window).unwrap_or_default();
+        let store = &mut self.store;
+        let ids = self
+            .partitions
+            .close(window, &mut |window, ids| store.add(window, ids));
+        let unique_requests = ids.iter().map(IdSet::len).sum();
         let partial = stopped_within || self.started_within == Some(window);
         if !partial {
-            self.capacity_hint = open.unique as usize;
+            self.capacity_hint = unique_requests as usize;
         }
         if open.endpoints_over_cap > 0 {
             tracing::warn!(
@@ -371,8 +376,8 @@ impl Aggregator {
         self.gauges.windows_closed.fetch_add(1, Ordering::Relaxed);
         self.store.close(ClosedWindow {
             window,
-            ids: open.ids,
-            unique_requests: open.unique,
+            ids,
+            unique_requests,
             endpoints,
             partial,
         });
@@ -671,6 +676,83 @@ mod tests {
         held_up.finish();
         drop((prompt, held_up));
         aggregator.join().unwrap().finish(std::time::Instant::now());
+    }
+
+    /// What a store was told about a window: new ids (`Ok`), or its close with
+    /// the count (`Err`).
+    type Tale = (u64, Result<Vec<i64>, u64>);
+
+    /// What a store was told, in order.
+    #[derive(Clone, Default)]
+    struct Told(Arc<Mutex<Vec<Tale>>>);
+
+    impl DedupStore for Told {
+        fn wants_new_ids(&self) -> bool {
+            true
+        }
+        fn add(&mut self, window: WindowStart, ids: &[i64]) {
+            let told = (window.unix_secs(), Ok(ids.to_vec()));
+            self.0.lock().unwrap().push(told);
+        }
+        fn close(&mut self, closed: ClosedWindow) {
+            let in_parts: u64 = closed.ids.iter().map(IdSet::len).sum();
+            assert_eq!(in_parts, closed.unique_requests);
+            let told = (closed.window.unix_secs(), Err(closed.unique_requests));
+            self.0.lock().unwrap().push(told);
+        }
+    }
+
+    #[test]
+    fn partitions_count_exactly_and_hand_every_new_id_over_before_the_close() {
+        for parts in [1, 3] {
+            let told = Told::default();
+            let store = Box::new(told.clone());
+            let mut agg = Aggregator::new(WindowLength::from_secs(60), 1, at_ms(100_000), store)
+                .with_partitions(parts)
+                .unwrap();
+            // Repeats within and across batches, and the same ids in the next window.
+            let ids: Vec<i64> = (0..20_000).map(|i| (i * 7919) % 6_007 - 3_000).collect();
+            for chunk in ids.chunks(512) {
+                agg.ingest(batch(60, chunk));
+                agg.ingest(batch(120, &chunk[..100.min(chunk.len())]));
+            }
+            pass(&mut agg, 180);
+            let told = told.0.lock().unwrap();
+            for (window, distinct) in [(60, 6_007), (120, ids_in_firsts(&ids))] {
+                let close = told
+                    .iter()
+                    .position(|(w, t)| *w == window && t.is_err())
+                    .expect("closed");
+                assert_eq!(
+                    told[close].1,
+                    Err(distinct),
+                    "{parts} parts, window {window}"
+                );
+                let mut added = HashSet::new();
+                for (w, t) in told.iter() {
+                    if let (true, Ok(ids)) = (*w == window, t) {
+                        assert!(ids.iter().all(|&id| added.insert(id)), "an id added twice");
+                    }
+                }
+                let added_before: usize = told[..close]
+                    .iter()
+                    .filter(|(w, _)| *w == window)
+                    .map(|(_, t)| t.as_ref().map_or(0, Vec::len))
+                    .sum();
+                assert_eq!(
+                    added_before as u64, distinct,
+                    "every new id before the close"
+                );
+            }
+        }
+    }
+
+    /// Distinct ids among the first 100 of each 512-id chunk of `ids`.
+    fn ids_in_firsts(ids: &[i64]) -> u64 {
+        let firsts = ids
+            .chunks(512)
+            .flat_map(|chunk| &chunk[..100.min(chunk.len())]);
+        firsts.collect::<HashSet<_>>().len() as u64
     }
 
     fn with_endpoints(window_secs: u64, ids: &[i64], endpoints: &[&str]) -> Batch {

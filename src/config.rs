@@ -84,6 +84,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub queue_batches: u32,
 
+    /// Threads that insert ids into the windows' sets, ids split among them by hash; 1 inserts in the aggregator's own thread [default: one per four workers].
+    #[arg(long, env = "VERVE_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub partitions: Option<u16>,
+
     /// Pin each worker thread to one CPU of those the process may use.
     #[arg(long, env = "VERVE_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
@@ -409,6 +413,16 @@ impl Config {
         match self.workers {
             Some(n) => usize::from(n),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Partitions of the windows' sets: the configured number, else one per four
+    /// workers (one aggregator core inserts what about four worker cores accept
+    /// 16 deep; unpipelined, far more).
+    pub fn partition_count(&self) -> usize {
+        match self.partitions {
+            Some(n) => usize::from(n),
+            None => self.worker_count().div_ceil(4),
         }
     }
 

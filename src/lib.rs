@@ -4,8 +4,9 @@
 //! monoio runtime and SO_REUSEPORT listener. A worker parses `GET
 //! /api/verve/accept?id=…`, stamps the id with the [`window`] of its arrival, and
 //! appends it to its [`batch`]. Sealed batches cross one bounded flume channel to
-//! the single [`aggregator`] thread, which keeps an `scc::HashSet` of ids per open
-//! window, and tells the dedup [`store`] which ids were new to this instance. Once
+//! the single [`aggregator`] thread, which keeps a set of ids per open window (in
+//! its own thread, or split by hash over the owner threads of its `partition`s),
+//! and tells the dedup [`store`] which ids were new to this instance. Once
 //! every worker has passed a window's end, the aggregator swaps the set out and
 //! hands it to the store, which settles the count (the set's size, or `SCARD` of a Redis set
 //! shared by several instances) and [`report`]s it to every [`sink`] (the count log)
@@ -43,6 +44,7 @@ mod callback;
 mod callback_policy;
 mod error;
 mod metrics;
+mod partition;
 mod redis_link;
 mod service;
 

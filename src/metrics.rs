@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{text, DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -86,6 +86,8 @@ impl Telemetry {
                 ("verve_last_window_unique_requests", MetricType::Gauge, "Unique ids of the last reported window.", load(&self.report.last_window_unique)),
                 ("verve_late_ids", MetricType::Counter, "Ids that arrived after their window closed (not counted; a bug if not 0).", load(&self.aggregator.late_ids)),
                 ("verve_channel_depth", MetricType::Gauge, "Batches waiting for the aggregator.", load(&self.aggregator.channel_depth)),
+                ("verve_channel_depth_peak", MetricType::Gauge, "The most batches ever seen waiting for the aggregator.", load(&self.aggregator.channel_depth_peak)),
+                ("verve_aggregator_batch_longest_microseconds", MetricType::Gauge, "The longest time inserting one batch took, since start.", (self.aggregator.batch_times.longest() * 1e6) as u64),
                 ("verve_redis_rounds", MetricType::Counter, "Pipelined rounds Redis took.", load(&self.redis.rounds)),
                 ("verve_redis_errors", MetricType::Counter, "Failed Redis rounds (retried).", load(&self.redis.errors)),
                 ("verve_redis_replays", MetricType::Counter, "Windows sent to Redis again because it had lost this instance's ids.", load(&self.redis.replays)),
@@ -96,6 +98,7 @@ impl Telemetry {
                 ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),
                 ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream.failed)),
             ],
+            batch_times: self.aggregator.batch_times.snapshot(),
             server,
         };
         let mut registry = Registry::default();
@@ -114,6 +117,8 @@ struct Scrape {
     server: ServerTotals,
     callbacks: Vec<(&'static str, u64)>,
     single: Vec<(&'static str, MetricType, &'static str, u64)>,
+    /// Batch insert times: sum in seconds, count, buckets.
+    batch_times: (f64, u64, Vec<(f64, u64)>),
 }
 
 impl Collector for Scrape {
@@ -156,6 +161,15 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(waiting_for, n)| (vec![("waiting_for", waiting_for.to_string())], *n)),
         )?;
+        let (sum, count, buckets) = &self.batch_times;
+        encoder
+            .encode_descriptor(
+                "verve_aggregator_batch_seconds",
+                "Time to insert one batch of ids into its window's set (in the aggregator, or an owner thread with VERVE_PARTITIONS > 1).",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
         for &(name, kind, help, value) in &self.single {
             let family = encoder.encode_descriptor(name, help, None, kind)?;
             match kind {
@@ -213,6 +227,8 @@ mod tests {
             "verve_callbacks_total{class=\"5xx\"} 1",
             "verve_callbacks_total{class=\"dropped\"} 1",
             "# TYPE verve_channel_depth gauge",
+            "# TYPE verve_aggregator_batch_seconds histogram",
+            "verve_aggregator_batch_seconds_count 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }

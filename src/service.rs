@@ -163,11 +163,13 @@ impl Verve {
             store,
         )
         .with_endpoints(config.callback_max_endpoints as usize, immediate)
-        .with_gauges(telemetry.aggregator.clone());
-        let aggregator = match std::thread::Builder::new()
-            .name("verve-aggregator".into())
-            .spawn(move || aggregator.run(received))
-        {
+        .with_gauges(telemetry.aggregator.clone())
+        .with_partitions(config.partition_count());
+        let aggregator = match aggregator.and_then(|aggregator| {
+            std::thread::Builder::new()
+                .name("verve-aggregator".into())
+                .spawn(move || aggregator.run(received))
+        }) {
             Ok(thread) => thread,
             Err(err) => {
                 workers.stop();

@@ -148,3 +148,46 @@ fn shutdown_with_an_idle_connection_does_not_wait_for_the_drain_deadline() {
         "shutdown waited for the idle client"
     );
 }
+
+#[test]
+fn ids_split_over_partition_owners_count_exactly_across_windows_and_at_shutdown() {
+    let verve = Verve::start(&[("VERVE_WORKERS", "2"), ("VERVE_PARTITIONS", "3")]);
+    // Repeats within a connection, across connections, and across windows.
+    let ranges: Vec<Vec<i64>> = (0..6i64)
+        .map(|c| {
+            (c * 300..c * 300 + 600)
+                .chain(c * 300..c * 300 + 600)
+                .collect()
+        })
+        .collect();
+    let expected = distinct(ranges.iter().flatten().copied());
+    assert_eq!(expected, 2100);
+    let mut windows = Vec::new();
+    for _ in 0..2 {
+        let (window, ()) = within_one_window(|| {
+            thread::scope(|s| {
+                for ids in &ranges {
+                    s.spawn(|| accept_all(&mut Client::connect(verve.addr), ids.iter().copied()));
+                }
+            });
+        });
+        windows.push(window);
+    }
+    for window in windows {
+        let line = verve.wait_for_window(window);
+        assert_eq!((line.unique_requests, line.partial), (expected, false));
+    }
+    // The window open at shutdown is counted over every part too.
+    let mut client = Client::connect(verve.addr);
+    let (last, ()) = within_one_window(|| accept_all(&mut client, [7, 8, 9, 7, i64::MIN, 0]));
+    let (status, lines) = verve.terminate();
+    assert!(status.success(), "{status}");
+    let line = lines
+        .iter()
+        .find(|line| line.window_start == last.to_string());
+    assert_eq!(
+        line.map(|line| (line.unique_requests, line.partial)),
+        Some((5, true)),
+        "{lines:?}"
+    );
+}

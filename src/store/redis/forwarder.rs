@@ -525,20 +525,21 @@ impl Forwarder {
     fn replay(
         &mut self,
         window: WindowStart,
-        ids: &IdSet,
+        ids: &[IdSet],
         short: &[usize],
         rounds: u64,
     ) -> Option<u64> {
         self.fleet.lost_data();
         let (fleet, shards) = (&self.fleet, self.fleet.shards);
         let mut lost = vec![Vec::new(); fleet.sentinels()];
-        ids.iter_sync(|&id| {
-            let shard = shard_of(id, shards);
-            if short.contains(&shard) {
-                lost[fleet.sentinel_of(shard)].push(id);
-            }
-            true
-        });
+        for part in ids {
+            part.for_each(|id| {
+                let shard = shard_of(id, shards);
+                if short.contains(&shard) {
+                    lost[fleet.sentinel_of(shard)].push(id);
+                }
+            });
+        }
         self.shared.gauges.replays.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             window_start = %window,

@@ -162,6 +162,10 @@ impl Shared {
 }
 
 impl DedupStore for RedisStore {
+    fn wants_new_ids(&self) -> bool {
+        true
+    }
+
     fn add(&mut self, window: WindowStart, ids: &[i64]) {
         let mut queue = self.shared.queue();
         queue.buffered_ids += ids.len();

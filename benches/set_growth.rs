@@ -2,9 +2,10 @@
 //! of 512 as the aggregator receives them, reporting the longest single batch and
 //! the memory per id at its worst.
 //!
-//!   cargo bench --bench set_growth -- [--ids N] [--set verve|scc|std]
+//!   cargo bench --bench set_growth -- [--ids N] [--set verve|verve-presized|scc|std]
 //!
-//! `verve` is the window set ([`IdSet`]); `scc` is `scc::HashSet` as it was used
+//! `verve` is the window set ([`IdSet`]), `verve-presized` the same laid out for N
+//! ids from the start (as a window is after one of the same size); `scc` is `scc::HashSet` as it was used
 //! before; `std` is std's `HashSet` (hashbrown) with the same foldhash. Memory is
 //! the process's resident set above what it was before the set existed, sampled
 //! every 64 batches; "worst" is the highest ratio of that to the ids held at any
@@ -166,9 +167,11 @@ fn main() {
     let kind = value("--set").unwrap_or_else(|| "verve".into());
     let growth = match kind.as_str() {
         "verve" => grow(&mut IdSet::new(), n),
+        // The steady state: a window laid out for the size of the one before.
+        "verve-presized" => grow(&mut IdSet::with_capacity(n as usize), n),
         "scc" => grow(&mut scc::HashSet::default(), n),
         "std" => grow(&mut HashSet::default(), n),
-        other => panic!("--set verve|scc|std, not {other}"),
+        other => panic!("--set verve|verve-presized|scc|std, not {other}"),
     };
     assert_eq!(growth.new, growth.ids, "every id counted once");
     println!(

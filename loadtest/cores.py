@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--baseline", type=Path)
     parser.add_argument("--env", action="append", default=[], help="K=V for verve and the baseline")
     args = parser.parse_args()
-    verve, baseline = (args.verve, args.baseline) if args.verve and args.baseline else build()
+    verve, baseline = (args.verve.resolve(), args.baseline.resolve()) if args.verve and args.baseline else build()
 
     rows = []
     for pipeline in [int(p) for p in args.pipeline.split(",")]:

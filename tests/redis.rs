@@ -17,7 +17,8 @@ use verve::window::WindowLength;
 fn two_instances_count_each_id_once_and_publish_one_record() {
     let redis = RedisServer::start();
     let a = fleet_member(&redis.url(), "a", &[]);
-    let b = fleet_member(&redis.url(), "b", &[]);
+    // b splits its sets over partition owners; a fleet may mix the two.
+    let b = fleet_member(&redis.url(), "b", &[("VERVE_PARTITIONS", "3")]);
     let only_a: Vec<i64> = (0..300).collect();
     let only_b: Vec<i64> = (200..500).collect();
     let both: Vec<i64> = (1000..1100).collect();
@@ -126,7 +127,8 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
 #[test]
 fn a_redis_restart_mid_window_loses_nothing() {
     let mut redis = RedisServer::start();
-    let verve = fleet_member(&redis.url(), "solo", &[]);
+    // Partitioned, so the replay reads the window's ids from every part.
+    let verve = fleet_member(&redis.url(), "solo", &[("VERVE_PARTITIONS", "2")]);
     let closed = |v: &Verve| metric(&v.scrape(), "verve_windows_closed_total");
     let (window, closed_before) = within_one_window(|| {
         let mut client = Client::connect(verve.addr);

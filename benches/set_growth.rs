@@ -2,17 +2,21 @@
 //! of 512 as the aggregator receives them, reporting the longest single batch and
 //! the memory per id at its worst.
 //!
-//!   cargo bench --bench set_growth -- [--ids N] [--set verve|verve-presized|scc|std]
+//!   cargo bench --bench set_growth -- [--ids N] [--set verve|verve-presized|scc|std|std-presized]
 //!
 //! `verve` is the window set ([`IdSet`]), `verve-presized` the same laid out for N
-//! ids from the start (as a window is after one of the same size); `scc` is `scc::HashSet` as it was used
-//! before; `std` is std's `HashSet` (hashbrown) with the same foldhash. Memory is
-//! the process's resident set above what it was before the set existed, sampled
-//! every 64 batches; "worst" is the highest ratio of that to the ids held at any
-//! sample from a million ids on (below that, the allocator's own pages dominate),
-//! and for `verve` also the set's own count of bytes allocated. Figures and method:
-//! docs/performance.md. Run by `cargo test --all-targets` (no `--bench`), it grows
-//! a verve set to a million ids and checks the count, as a smoke test.
+//! ids from the start (as a window is after one of the same size); `scc` is
+//! `scc::HashSet` as it was used before; `std` is std's `HashSet` (hashbrown) with
+//! the same foldhash, and `std-presized` the same with room for N ids from the
+//! start. Memory is the process's resident set above what it was before the set
+//! existed, sampled every 64 batches; "worst" is the highest ratio of that to the
+//! ids held at any sample from a million ids on (below that, the allocator's own
+//! pages dominate), and for `verve` also the set's own count of bytes allocated.
+//! Times are the thread's CPU time (this machine is shared; wall time would count
+//! the time other processes held the core), with the wall time of the longest
+//! batch beside. Figures and method: docs/performance.md. Run by `cargo test
+//! --all-targets` (no `--bench`), it grows a verve set to a million ids and checks
+//! the count, as a smoke test.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -82,6 +86,7 @@ struct Growth {
     ids: u64,
     new: u64,
     took: Duration,
+    took_cpu: Duration,
     /// CPU time of the thread: what the insert cost, without the time another
     /// process held the core (this machine is shared).
     longest: Duration,
@@ -103,7 +108,7 @@ fn grow(set: &mut dyn Grown, n: u64) -> Growth {
     let (mut new, mut longest, mut longest_at) = (0, Duration::ZERO, 0);
     let (mut longest_wall, mut over_1ms) = (Duration::ZERO, 0);
     let (mut worst_rss, mut worst_allocated) = (0f64, None::<f64>);
-    let started = Instant::now();
+    let (started, started_cpu) = (Instant::now(), thread_cpu());
     let mut next = 0u64;
     let mut batches = 0u64;
     while next < n {
@@ -131,12 +136,13 @@ fn grow(set: &mut dyn Grown, n: u64) -> Growth {
             }
         }
     }
-    let took = started.elapsed();
+    let (took, took_cpu) = (started.elapsed(), thread_cpu() - started_cpu);
     let final_rss = resident_bytes().saturating_sub(base) as f64 / new.max(1) as f64;
     Growth {
         ids: n,
         new,
         took,
+        took_cpu,
         longest,
         longest_at,
         longest_wall,
@@ -171,15 +177,19 @@ fn main() {
         "verve-presized" => grow(&mut IdSet::with_capacity(n as usize), n),
         "scc" => grow(&mut scc::HashSet::default(), n),
         "std" => grow(&mut HashSet::default(), n),
-        other => panic!("--set verve|verve-presized|scc|std, not {other}"),
+        "std-presized" => grow(
+            &mut HashSet::with_capacity_and_hasher(n as usize, Default::default()),
+            n,
+        ),
+        other => panic!("--set verve|verve-presized|scc|std|std-presized, not {other}"),
     };
     assert_eq!(growth.new, growth.ids, "every id counted once");
     println!(
-        "set={kind} ids={} seconds={:.2} ns_per_id={:.1} longest_batch_cpu_ms={:.3} at_ids={} \
+        "set={kind} ids={} seconds={:.2} cpu_ns_per_id={:.1} longest_batch_cpu_ms={:.3} at_ids={} \
          longest_batch_wall_ms={:.3} batches_over_1ms_cpu={} worst_rss_bytes_per_id={:.2} final_rss_bytes_per_id={:.2} worst_allocated_bytes_per_id={}",
         growth.ids,
         growth.took.as_secs_f64(),
-        growth.took.as_nanos() as f64 / growth.ids as f64,
+        growth.took_cpu.as_nanos() as f64 / growth.ids as f64,
         growth.longest.as_secs_f64() * 1e3,
         growth.longest_at,
         growth.longest_wall.as_secs_f64() * 1e3,

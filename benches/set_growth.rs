@@ -2,7 +2,10 @@
 //! of 512 as the aggregator receives them, reporting the longest single batch and
 //! the memory per id at its worst.
 //!
-//!   cargo bench --bench set_growth -- [--ids N] [--set verve|verve-presized|scc|std|std-presized]
+//!   cargo bench --bench set_growth -- [--ids N] [--set verve|verve-presized|scc|std|std-presized] [--thp]
+//!
+//! Transparent huge pages are off for the process, as the verve binary has them,
+//! unless `--thp` is given.
 //!
 //! `verve` is the window set ([`IdSet`]), `verve-presized` the same laid out for N
 //! ids from the start (as a window is after one of the same size); `scc` is
@@ -161,6 +164,11 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if !args.iter().any(|a| a == "--thp") {
+        // As the verve binary does (src/main.rs); --thp keeps the system's setting.
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     if !args.iter().any(|a| a == "--bench") {
         let mut set = IdSet::new();
         let growth = grow(&mut set, 1_000_000);

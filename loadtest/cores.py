@@ -95,6 +95,11 @@ def run(args, name, binary, workers, pipeline):
     return result
 
 
+def shown(value):
+    """A metric an older build does not export is shown as a dash."""
+    return "-" if value is None else f"{value:,}"
+
+
 def build():
     subprocess.run(["cargo", "build", "--release", "--bin", "verve", "--example", "baseline"],
                    cwd=ROOT, check=True)
@@ -126,7 +131,7 @@ def main():
             row = (f"| {pipeline} | {workers} | {bare['rate']:,.0f} | {ours['rate']:,.0f} | "
                    f"{ours['ok'] / (args.duration - 2):,.0f} | {ours['ok'] / (args.duration - 2) / bare['rate']:.2f} | "
                    f"{ours['failed']:,} | {bare['cpu_ns']:,.0f} | {ours['cpu_ns']:,.0f} | "
-                   f"{ours['bytes_per_id']:.1f} | {ours['queue_peak']} | {ours['longest_us']:,} | "
+                   f"{ours['bytes_per_id']:.1f} | {shown(ours['queue_peak'])} | {shown(ours['longest_us'])} | "
                    f"{ours['counted']:,} | {exact} |")
             print(row, flush=True)
             rows.append(row)

@@ -169,7 +169,13 @@ impl Table {
     /// Adds `id`, known not to be in the table (moving ids to a new table).
     #[inline]
     fn place(&mut self, id: i64, h: u64) {
-        let mut at = self.home(h);
+        self.place_from(id, self.home(h));
+    }
+
+    /// [`Table::place`] with the home bucket already worked out.
+    #[inline]
+    fn place_from(&mut self, id: i64, home: usize) {
+        let mut at = home;
         loop {
             let bucket = &mut self.buckets[at];
             let free = bucket.mask_of(FREE);
@@ -179,6 +185,26 @@ impl Table {
                 return;
             }
             at = self.next(at);
+        }
+    }
+
+    /// Adds every id of `old`, a table this one replaces and has room for at
+    /// [`MAX_LOAD`] (so it cannot fill up on the way), a prefetched chunk at a
+    /// time: a table just allocated is not in the cache.
+    fn refill(&mut self, old: &Table, hasher: &IdHasher) {
+        let mut chunk = [(0i64, 0usize); PREFETCH_CHUNK];
+        let mut ids = old.ids().peekable();
+        while ids.peek().is_some() {
+            let mut taken = 0;
+            for (slot, id) in chunk.iter_mut().zip(&mut ids) {
+                let home = self.home(hasher.hash_one(id));
+                prefetch(&self.buckets[home]);
+                *slot = (id, home);
+                taken += 1;
+            }
+            for &(id, home) in &chunk[..taken] {
+                self.place_from(id, home);
+            }
         }
     }
 
@@ -354,11 +380,11 @@ impl IdSet {
         prefetch(&table.buckets[table.home(h)]);
     }
 
-    /// Moves every id of `old` into the table the directory names for it, with a
-    /// chunk's buckets prefetched first: a table just allocated is not in the
-    /// cache, and moving ids one miss after another was most of a growth's cost.
-    /// Going through the directory keeps each id in its right table even when a
-    /// table filled by the move grows or splits in turn.
+    /// Moves every id of a split table's `old` self into the table the directory
+    /// names for it, with a chunk's buckets prefetched first (tables just
+    /// allocated are not in the cache). Going through the directory for each id
+    /// keeps it in its right table even when one filled by the move grows or
+    /// splits in turn (an uneven split).
     fn move_ids(&mut self, old: &Table) {
         let mut chunk = [(0i64, 0u64); PREFETCH_CHUNK];
         let mut ids = old.ids().peekable();
@@ -392,7 +418,7 @@ impl IdSet {
         }
         let grown = Table::with_buckets(buckets, table.prefix, table.depth);
         let old = std::mem::replace(&mut self.tables[at], grown);
-        self.move_ids(&old);
+        self.tables[at].refill(&old, &self.hasher);
     }
 
     /// Splits table `at` by the next bit of its ids' hashes into itself and a new

@@ -179,9 +179,13 @@ impl Aggregator {
     /// pass them, then closes what is left (see [`Aggregator::finish`]) and returns
     /// the store, for the caller to let it finish reporting.
     pub fn run(mut self, handoffs: Receiver<Handoff>) -> Box<dyn DedupStore> {
+        // Owners report new ids on a channel of their own: when the workers go
+        // quiet, look at it this often, so that new ids reach a Redis store soon
+        // after they were inserted rather than at the next heartbeat.
+        let wait = self.partitions.new_ids_pending_poll().unwrap_or(HEARTBEAT);
         loop {
             self.beat(handoffs.len());
-            match handoffs.recv_timeout(HEARTBEAT) {
+            match handoffs.recv_timeout(wait) {
                 Ok(handoff) => self.receive(handoff),
                 Err(RecvTimeoutError::Timeout) => {
                     let store = &mut self.store;

@@ -29,6 +29,10 @@ use crate::window::WindowStart;
 /// Messages queued for one owner before the aggregator waits for it.
 const OWNER_QUEUE: usize = 64;
 
+/// How long new ids reported by owners may wait for the aggregator when no batch
+/// wakes it: a worker's flush interval, by default.
+const NEW_IDS_POLL: Duration = Duration::from_millis(10);
+
 /// What the aggregator does with the ids new to this instance, when its store
 /// wants them (Redis mode): called in the order the ids were inserted per window.
 pub type NewIds<'a> = &'a mut dyn FnMut(WindowStart, &[i64]);
@@ -130,6 +134,13 @@ impl Partitions {
             Kind::Inline { windows, .. } => vec![windows.remove(&window).unwrap_or_default()],
             Kind::Owners(owners) => owners.close(window, new),
         }
+    }
+
+    /// How often the caller should look for new ids owners reported
+    /// ([`Partitions::forward_new_ids`]) while nothing else wakes it: only with
+    /// owners, and only when new ids are wanted.
+    pub fn new_ids_pending_poll(&self) -> Option<Duration> {
+        (matches!(self.kind, Kind::Owners(_)) && self.report_new).then_some(NEW_IDS_POLL)
     }
 
     /// Hands over the new ids owners have reported so far, without waiting.

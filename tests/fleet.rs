@@ -20,7 +20,7 @@ use common::{
     accept_all, eventually, fleet_member, metric, signal, wait_with_deadline, window_length,
     within_one_window, Client, WindowLine, FLEET_WAIT_MS,
 };
-use verve::window::WindowStart;
+use verve::window::{WindowLength, WindowStart};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -489,4 +489,153 @@ fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
         "{}",
         b.stderr_text()
     );
+}
+
+/// Issue 23, item 1: every run that covered a window is killed (`kill -9`, no
+/// leave, no orphan noted at shutdown), and the instance restarts under the same
+/// name after the window ended. The window's ids sit in Redis; the restarted run
+/// adopts the window once its wait is over and publishes the exact count.
+#[test]
+fn a_window_whose_every_instance_was_killed_is_published_by_the_next_run() {
+    let redis = RedisServer::start();
+    let length = WindowLength::from_secs(3);
+    let env = [("VERVE_WINDOW_SECS", "3")];
+    let mut a = fleet_member(&redis.url(), "a", &env);
+    let window = common::start_of_next_window(length);
+    accept_all(&mut Client::connect(a.addr), 0..200);
+    eventually(
+        Duration::from_secs(2),
+        || "every id in Redis".into(),
+        || (redis.scard(window, 1) == 200).then_some(()),
+    );
+    a.kill();
+    assert_eq!(
+        length.window_of(SystemTime::now()),
+        window,
+        "killed after the window ended: it would have published it"
+    );
+    // Restarted after the window ended: the new run has no ids for it.
+    assert_eq!(common::start_of_next_window(length), length.next(window));
+    let restarted = fleet_member(&redis.url(), "a", &env);
+    let line = restarted.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.revision, line.complete),
+        (200, 1, false),
+        "{line:?}\n{}",
+        restarted.stderr_text()
+    );
+}
+
+/// Sleeps until `ahead` before the next boundary of windows of `length` (the one
+/// after, if that is too close), and returns the window that starts there.
+fn just_before_next_window(length: WindowLength, ahead: Duration) -> WindowStart {
+    let now = SystemTime::now();
+    let mut boundary = length.end_of(length.window_of(now));
+    if boundary.duration_since(now).unwrap_or_default() < ahead + Duration::from_millis(50) {
+        boundary += Duration::from_secs(length.as_secs());
+    }
+    // Waiting for the clock to reach that point is the condition itself.
+    thread::sleep(boundary.duration_since(now).unwrap_or_default() - ahead);
+    length.window_of(boundary)
+}
+
+/// Every key verve wrote to `redis` carries a time to live.
+fn assert_every_key_expires(redis: &RedisServer) {
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("verve:*")
+        .query(&mut connection)
+        .unwrap();
+    assert!(!keys.is_empty());
+    let without: Vec<(String, i64)> = keys
+        .into_iter()
+        .map(|key| {
+            let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
+            (key, ttl)
+        })
+        .filter(|(_, ttl)| *ttl <= 0)
+        .collect();
+    assert_eq!(without, [], "keys without a time to live");
+}
+
+/// Issue 23, item 2: b's link to Redis is held from just before a window begins
+/// until after the fleet's wait for it, so b's heartbeat lapses during the
+/// window before b could send anything for it, while b answers `ok`. The record
+/// must not say complete without b: `complete=false` at the wait, then
+/// `complete=true` with the exact count once b's ids arrive, and no complete
+/// record is short.
+#[test]
+fn a_run_whose_heartbeat_lapsed_during_a_window_keeps_its_record_incomplete() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(300));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    accept_all(&mut Client::connect(b.addr), 50..150);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false),
+        "published as complete without b: {first:?}"
+    );
+    link.release();
+    let last = a.wait_for_record(window, "the complete record", |l| l.complete);
+    assert_eq!((last.unique_requests, last.instances), (150, 2), "{last:?}");
+    for instance in [&a, &b] {
+        let complete: Vec<WindowLine> = instance
+            .windows()
+            .into_iter()
+            .filter(|l| l.window_start == window.to_string() && l.complete)
+            .collect();
+        assert!(
+            complete.iter().all(|l| l.unique_requests == 150),
+            "{complete:?}"
+        );
+    }
+    assert_every_key_expires(&redis);
+}
+
+/// Issue 23, item 6: Redis loses a window's keys mid-window (`FLUSHALL`), the
+/// next rounds write them again, and the only instance is killed before it
+/// settles the window: nothing it wrote lives forever.
+#[test]
+fn keys_written_again_after_redis_lost_them_still_expire() {
+    let redis = RedisServer::start();
+    let env = [("VERVE_WINDOW_SECS", "3600")];
+    let mut a = fleet_member(&redis.url(), "a", &env);
+    let window = WindowLength::from_secs(3600).window_of(SystemTime::now());
+    let mut client = Client::connect(a.addr);
+    accept_all(&mut client, 0..100);
+    let in_redis = |n: u64| {
+        eventually(
+            Duration::from_secs(5),
+            || format!("{n} ids in Redis"),
+            || (redis.scard(window, 1) == n).then_some(()),
+        )
+    };
+    in_redis(100);
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .unwrap();
+    accept_all(&mut client, 100..150);
+    in_redis(50);
+    // A heartbeat after the loss wrote the registry again.
+    eventually(
+        Duration::from_secs(5),
+        || "the registry written again".into(),
+        || {
+            let epoch: bool = redis::cmd("EXISTS")
+                .arg("verve:{fleet}:epoch")
+                .query(&mut redis.connection())
+                .unwrap();
+            epoch.then_some(())
+        },
+    );
+    a.kill();
+    assert_every_key_expires(&redis);
 }

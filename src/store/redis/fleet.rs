@@ -71,6 +71,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, RedisResult, Script, Value};
 
+use super::rules::{self, Registered};
 use super::slots::ShardTags;
 use crate::config::RedisMode;
 use crate::record::{CountRecord, Scope, Timestamp};
@@ -243,8 +244,11 @@ pub(super) enum Force {
 pub(super) struct Survey {
     /// The fleet's epoch.
     pub epoch: String,
-    /// The live runs, with each one's first window.
-    pub live: Vec<(String, WindowStart)>,
+    /// The runs in the registry, live or lapsed, with each one's first window
+    /// and heartbeat expiry.
+    pub registry: Vec<Registered>,
+    /// Redis's clock when it read the registry, in ms since the epoch.
+    pub now_ms: u64,
     /// The window's count: the sum of its shards' sizes (they are disjoint).
     pub count: u64,
     /// Per sentinel: the ids Redis counts as delivered by this run.
@@ -427,39 +431,35 @@ impl Fleet {
     /// counted by the shard's own sentinel); on a single server, one transaction
     /// of plain `SADD`s and one `count.lua` for the window's one sentinel (the
     /// same effect, without passing every id through Lua). The window's first
-    /// round also sets this run's `sending` mark. `delivered` is what this run
-    /// already delivered to each shard of the window: a shard it has not written
-    /// to yet gets its time to live with these ids.
+    /// round also sets this run's `sending` mark. Every round gives the keys it
+    /// writes their time to live again: Redis may have lost them since the last
+    /// (a restart, `FLUSHALL`), and a key a round creates must never live forever,
+    /// even if every run that wrote it dies before it settles the window.
     pub fn round(
         &mut self,
         window: WindowStart,
         ids: &[i64],
         round: u64,
         count: Count,
-        delivered: &[u64],
     ) -> RoundCommands {
         let mode = match count {
             Count::Add => "add",
             Count::Set => "set",
         };
-        let ttl_if = |first: bool| if first { self.key_ttl_secs } else { 0 };
+        let ttl = self.key_ttl_secs;
         let mut commands = Vec::new();
         let mut shards = Vec::new();
         for (shard, ids) in self.split(ids).iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
-            let ttl = ttl_if(delivered.get(shard).copied().unwrap_or(0) == 0);
             let set = self.keys.set(window, shard);
             if self.atomic {
                 let mut add = redis::cmd("SADD");
                 add.arg(&set).arg(&ids[..]);
-                commands.push(add);
-                if ttl != 0 {
-                    let mut expire = redis::cmd("EXPIRE");
-                    expire.arg(&set).arg(ttl);
-                    commands.push(expire);
-                }
+                let mut expire = redis::cmd("EXPIRE");
+                expire.arg(&set).arg(ttl);
+                commands.extend([add, expire]);
             } else {
                 let [delivered, rounds] = self.keys.sentinel(window, shard);
                 let mut call = evalsha(&self.round, &[set, delivered, rounds]);
@@ -474,7 +474,6 @@ impl Fleet {
         }
         if self.atomic && !shards.is_empty() {
             let ids: u64 = shards.iter().map(|(_, ids)| ids).sum();
-            let ttl = ttl_if(delivered.iter().all(|&ids| ids == 0));
             // Sent whole: a script not loaded yet would fail inside the transaction.
             let mut call = redis::cmd("EVAL");
             call.arg(self.count)
@@ -497,15 +496,29 @@ impl Fleet {
         }
     }
 
-    /// Commands setting this run's mark for `window` to `sending`: it has ids for
-    /// the window that are not all in.
-    pub fn sending(&self, window: WindowStart) -> [Cmd; 2] {
+    /// Commands setting this run's mark for `window` to `sending` (it has ids for
+    /// the window that are not all in), and noting the window among the fleet's
+    /// unfinished ones (`P:{fleet}:orphans`), so that a live run adopts it once
+    /// its wait is over even if every run that sent ids to it was killed;
+    /// whoever settles it complete, or adopts it, takes it off the list.
+    pub fn sending(&self, window: WindowStart) -> [Cmd; 4] {
         let marks = self.keys.window(window, ":marks");
         let mut mark = redis::cmd("HSET");
         mark.arg(&marks).arg(&self.run).arg("sending");
         let mut expire = redis::cmd("EXPIRE");
         expire.arg(&marks).arg(self.key_ttl_secs);
-        [mark, expire]
+        let unfinished = self.keys.fleet("orphans");
+        let mut note = redis::cmd("SADD");
+        note.arg(&unfinished).arg(window.unix_secs());
+        let mut keep = redis::cmd("EXPIRE");
+        keep.arg(&unfinished).arg(self.registry_ttl_secs());
+        [mark, expire, note, keep]
+    }
+
+    /// How long the registry's keys live after the last heartbeat that renewed
+    /// them: longer than any window key, and than a run that left is remembered.
+    pub fn registry_ttl_secs(&self) -> u64 {
+        self.key_ttl_secs.max(LEFT_REMEMBERED.as_secs())
     }
 
     /// `ids` by shard; with one shard, as they are.
@@ -544,7 +557,7 @@ impl Fleet {
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
-        let (epoch, live, orphans, shards): (String, Vec<String>, Vec<u64>, usize) = self
+        let answer: HeartbeatAnswer = self
             .heartbeat
             .key(self.keys.fleet("instances"))
             .key(self.keys.fleet("joined"))
@@ -559,7 +572,10 @@ impl Fleet {
             .arg(format!("{}@{}", self.run, Timestamp::now().unix_millis()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
+            .arg(self.key_ttl_secs * 1000)
+            .arg(self.registry_ttl_secs())
             .invoke(link.connection())?;
+        let (epoch, live, orphans, shards) = answer;
         if shards != self.shards {
             let refusal = format!(
                 "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
@@ -633,7 +649,7 @@ impl Fleet {
         for name in ["instances", "joined", "left", "orphans"] {
             call.key(self.keys.fleet(name));
         }
-        call.arg(&self.run);
+        call.arg(&self.run).arg(self.registry_ttl_secs());
         for window in unfinished {
             call.arg(window.unix_secs());
         }
@@ -664,13 +680,19 @@ impl Fleet {
         }
         let mut answers = self.pipeline(link, commands, false)?.into_iter();
         let roster = answers.next().unwrap_or(Value::Nil);
-        let (epoch, live): (String, Vec<(String, u64)>) = redis::from_redis_value(roster)?;
+        let (epoch, registry, now_ms): (String, Vec<(String, u64, u64)>, u64) =
+            redis::from_redis_value(roster)?;
         let mut survey = Survey {
             epoch,
-            live: live
+            registry: registry
                 .into_iter()
-                .map(|(run, first)| (run, WindowStart::from_unix_secs(first)))
+                .map(|(run, first, expires_ms)| Registered {
+                    run,
+                    first: WindowStart::from_unix_secs(first),
+                    expires_ms,
+                })
                 .collect(),
+            now_ms,
             count: 0,
             counted: Vec::with_capacity(self.keys.sentinels()),
             delivered_by: BTreeSet::new(),
@@ -728,12 +750,8 @@ impl Fleet {
         };
         awaited.extend(view.members.iter().cloned());
         awaited.extend(survey.delivered_by.iter().cloned());
-        let may_have_ids: Vec<&str> = survey
-            .live
-            .iter()
-            .filter(|(_, first)| *first <= window)
-            .map(|(run, _)| run.as_str())
-            .collect();
+        let (may_have_ids, lapsed) = rules::awaited(&survey.registry, window, survey.now_ms);
+        awaited.extend(lapsed.into_iter().map(str::to_owned));
         let mut call = self.settle.prepare_invoke();
         call.key(self.keys.window(window, ":marks"))
             .key(self.keys.window(window, ":record"))
@@ -789,9 +807,12 @@ impl Fleet {
             published_at_ms: at,
             by,
         });
-        let publisher_live = record
-            .as_ref()
-            .is_some_and(|r| survey.live.iter().any(|(run, _)| *run == r.by));
+        let publisher_live = record.as_ref().is_some_and(|r| {
+            survey
+                .registry
+                .iter()
+                .any(|run| run.run == r.by && run.is_live(survey.now_ms))
+        });
         // When a publisher that is gone left matters only for a record the shared
         // sinks have not acknowledged: asked for then alone.
         let publisher_left_ms = match &record {
@@ -862,6 +883,10 @@ fn evalsha(script: &Script, keys: &[String]) -> Cmd {
     call.arg(script.get_hash()).arg(keys.len()).arg(keys);
     call
 }
+
+/// `heartbeat.lua`'s answer: the epoch, the live runs, the unfinished windows,
+/// the fleet's shards.
+type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, usize);
 
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);

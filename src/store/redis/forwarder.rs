@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{RedisError, RedisResult};
 
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
+use super::rules;
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::backoff::Backoff;
 use crate::record::{CountRecord, Scope, Timestamp};
@@ -278,10 +279,7 @@ impl Forwarder {
             if *round == 0 {
                 *round = delivery.map_or(0, |d| d.rounds) + 1;
             }
-            let delivered = delivery.map_or(&[][..], |d| &d.ids);
-            let this = self
-                .fleet
-                .round(*window, ids, *round, Count::Add, delivered);
+            let this = self.fleet.round(*window, ids, *round, Count::Add);
             commands.extend(this.commands);
             atomic = this.atomic;
             shards.push(this.shards);
@@ -550,9 +548,8 @@ impl Forwarder {
         self.call(|link, fleet| fleet.pipeline(link, sending, false))?;
         let mut round = rounds;
         for ids in lost.iter().filter(|ids| !ids.is_empty()) {
-            // Redis may have lost the shards' keys: the replay's first round to
-            // each gives them their time to live again.
-            let mut replayed = Delivery::default();
+            // Redis may have lost the shards' keys: every round gives them their
+            // time to live again.
             for (i, chunk) in ids.chunks(ROUND_IDS).enumerate() {
                 // A long replay must not let this run's heartbeat lapse.
                 if self.next_heartbeat <= Instant::now() {
@@ -563,9 +560,8 @@ impl Forwarder {
                     0 => Count::Set,
                     _ => Count::Add,
                 };
-                let this = self.fleet.round(window, chunk, round, count, &replayed.ids);
+                let this = self.fleet.round(window, chunk, round, count);
                 self.call(|link, fleet| fleet.pipeline(link, this.commands, this.atomic))?;
-                replayed.add(&this.shards, shards);
             }
         }
         Some(round)
@@ -583,7 +579,7 @@ impl Forwarder {
             let ours = self.tracked.contains_key(&window)
                 || self.delivered.contains_key(&window)
                 || self.finished.contains(&window);
-            if !ours && self.fleet.is_wait_over(window) {
+            if rules::adopts(ours, self.fleet.is_wait_over(window)) {
                 self.adopt(window);
             }
         }

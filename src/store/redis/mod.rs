@@ -19,6 +19,7 @@
 
 mod fleet;
 mod forwarder;
+mod rules;
 mod slots;
 
 use std::collections::VecDeque;

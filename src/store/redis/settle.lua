@@ -59,6 +59,8 @@ local function store(record)
   redis.call('HSET', KEYS[2], 'revision', record[1], 'unique_requests', record[2],
     'complete', record[3], 'partial', record[4], 'instances', record[5],
     'published_at', record[6], 'acked', record[7], 'by', record.by)
+  -- It may have just been created (a run adopting a window without a record).
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
 
 local record = stored()

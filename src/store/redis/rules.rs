@@ -1,0 +1,117 @@
+//! The fleet protocol's decisions, as plain functions of what Redis answered,
+//! what this run holds and the time: no Redis, no clock, so that each rule is a
+//! unit test. The forwarder and `fleet` are the shell that asks Redis, runs the
+//! Lua scripts (the atomic steps) and applies what these return.
+
+use crate::window::WindowStart;
+
+/// A run in the registry, as `roster.lua` read it: live, or lapsed (its
+/// heartbeat expired) but kept for as long as a window it was live in may still
+/// be settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Registered {
+    pub run: String,
+    /// The window the run started in: it has no ids for earlier ones.
+    pub first: WindowStart,
+    /// When its heartbeat expires (or expired), ms since the epoch, by Redis's clock.
+    pub expires_ms: u64,
+}
+
+impl Registered {
+    /// Whether the run's heartbeat is current at `now_ms` (Redis's clock).
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.expires_ms >= now_ms
+    }
+
+    /// Whether the run may hold ids for `window`, and so must be done with it
+    /// before its record may say `complete=true`: it joined by the window's end
+    /// (its first window is not later) and was live when the window began or at
+    /// some time after, whether or not its heartbeat lapsed since. A lapse after
+    /// a long stall is exactly when its ids are missing. A run that left is not
+    /// in the registry at all.
+    pub fn may_have_ids(&self, window: WindowStart, now_ms: u64) -> bool {
+        self.first <= window
+            && (self.is_live(now_ms) || self.expires_ms > window.unix_secs() * 1000)
+    }
+}
+
+/// Who `settle.lua` waits for on `window`, from the registry: the live runs that
+/// may have ids for it (they also stop a leaving run from publishing alone), and
+/// the lapsed ones that may (they only make the record `complete=false`).
+pub(super) fn awaited(
+    registry: &[Registered],
+    window: WindowStart,
+    now_ms: u64,
+) -> (Vec<&str>, Vec<&str>) {
+    let (live, lapsed): (Vec<&Registered>, Vec<&Registered>) = registry
+        .iter()
+        .filter(|r| r.may_have_ids(window, now_ms))
+        .partition(|r| r.is_live(now_ms));
+    (names(live), names(lapsed))
+}
+
+fn names(runs: Vec<&Registered>) -> Vec<&str> {
+    runs.into_iter().map(|r| r.run.as_str()).collect()
+}
+
+/// Whether this run adopts a window listed among the fleet's unfinished ones at a
+/// heartbeat: one it has no part in (it neither follows nor sends to it, nor saw
+/// it finished), once the fleet's wait for it is over. The list holds every
+/// window some run sent ids to until it is settled complete or adopted, so a
+/// window whose every run was killed is still published.
+pub(super) fn adopts(ours: bool, wait_over: bool) -> bool {
+    !ours && wait_over
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: WindowStart = WindowStart::from_unix_secs(600);
+    const W_MS: u64 = 600_000;
+
+    fn run(name: &str, first: u64, expires_ms: u64) -> Registered {
+        Registered {
+            run: name.into(),
+            first: WindowStart::from_unix_secs(first),
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn a_live_run_that_joined_by_the_window_is_awaited() {
+        let registry = [run("a", 540, W_MS + 70_000)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec![]));
+    }
+
+    #[test]
+    fn a_run_that_joined_after_the_window_is_not_awaited() {
+        let registry = [run("late", 660, W_MS + 70_000)];
+        assert_eq!(
+            awaited(&registry, W, W_MS + 65_000),
+            (Vec::<&str>::new(), vec![])
+        );
+    }
+
+    #[test]
+    fn a_run_whose_heartbeat_lapsed_during_the_window_is_still_awaited() {
+        // Its link stalled just before the window began: its last heartbeat
+        // expired 3 s into the window, and its ids for it are on the way.
+        let registry = [run("a", 540, W_MS + 65_000), run("b", 540, W_MS + 3_000)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec!["b"]));
+    }
+
+    #[test]
+    fn a_run_whose_heartbeat_lapsed_before_the_window_began_is_not_awaited() {
+        // Killed a window earlier: later windows are complete without it.
+        let registry = [run("a", 540, W_MS + 65_000), run("dead", 540, W_MS)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec![]));
+    }
+
+    #[test]
+    fn a_window_is_adopted_only_by_a_run_without_part_in_it_once_its_wait_is_over() {
+        assert!(adopts(false, true));
+        assert!(!adopts(false, false));
+        assert!(!adopts(true, true));
+    }
+}

@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, RedisResult, Script, Value};
 
-use super::rules::{self, Registered};
+use super::rules::{self, Layout, Registered};
 use super::slots::ShardTags;
 use crate::config::RedisMode;
 use crate::record::{CountRecord, Scope, Timestamp};
@@ -357,9 +357,11 @@ pub(super) struct Fleet {
     roster: Script,
     /// The live runs, as of the last heartbeat.
     live: Vec<String>,
-    /// Why this run must not deliver to the fleet (its shards differ), as of the
-    /// last heartbeat.
+    /// Why this run must not deliver to the fleet (its shards or window length
+    /// differ), as of the last heartbeat.
     pub refusal: Option<String>,
+    /// How far Redis's clock was ahead of this host's at the last heartbeat, ms.
+    pub clock_offset_ms: Option<i64>,
     /// This run has left the fleet: it no longer registers.
     left: bool,
     /// When each run was last seen live, for as long as a loss could need it.
@@ -405,6 +407,7 @@ impl Fleet {
             roster: Script::new(include_str!("roster.lua")),
             live: Vec::new(),
             refusal: None,
+            clock_offset_ms: None,
             left: false,
             seen: BTreeMap::new(),
             epoch: None,
@@ -557,6 +560,7 @@ impl Fleet {
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
+        let sent_us = unix_micros();
         let answer: HeartbeatAnswer = self
             .heartbeat
             .key(self.keys.fleet("instances"))
@@ -565,6 +569,7 @@ impl Fleet {
             .key(self.keys.fleet("epoch"))
             .key(self.keys.fleet("orphans"))
             .key(self.keys.fleet("shards"))
+            .key(self.keys.fleet("window_secs"))
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
@@ -574,15 +579,20 @@ impl Fleet {
             .arg(self.shards)
             .arg(self.key_ttl_secs * 1000)
             .arg(self.registry_ttl_secs())
+            .arg(self.window_secs)
             .invoke(link.connection())?;
-        let (epoch, live, orphans, shards) = answer;
-        if shards != self.shards {
-            let refusal = format!(
-                "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
-                 (prefix {}): every instance must split windows the same way, or ids would \
-                 be counted twice; set it to {shards}",
-                self.shards, self.keys.prefix
-            );
+        let (epoch, live, orphans, shards, window_secs, redis_us) = answer;
+        let received_us = unix_micros();
+        self.clock_offset_ms = Some(rules::clock_offset_ms(sent_us, received_us, redis_us));
+        let here = Layout {
+            shards: self.shards,
+            window_secs: self.window_secs,
+        };
+        let fleet = Layout {
+            shards,
+            window_secs,
+        };
+        if let Some(refusal) = rules::refusal(here, fleet, &self.keys.prefix) {
             if self.refusal.is_none() {
                 tracing::error!("{refusal}; this instance delivers nothing until it is fixed");
             }
@@ -884,9 +894,16 @@ fn evalsha(script: &Script, keys: &[String]) -> Cmd {
     call
 }
 
+/// This host's clock, in us since the epoch.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// `heartbeat.lua`'s answer: the epoch, the live runs, the unfinished windows,
-/// the fleet's shards.
-type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, usize);
+/// the fleet's shards and window length, and Redis's clock (us).
+type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, usize, u64, u64);
 
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);

@@ -25,6 +25,7 @@ use redis::{RedisError, RedisResult};
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
 use super::rules;
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
+use crate::admission::Closed;
 use crate::backoff::Backoff;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
@@ -86,6 +87,10 @@ pub(super) struct Forwarder {
     registered: Option<mpsc::Sender<Result<(), String>>>,
     /// Start-up heard that the fleet refused this run: the thread ends.
     refused_at_start: bool,
+    /// `VERVE_MAX_CLOCK_SKEW_MS`.
+    max_clock_skew: Duration,
+    /// The last heartbeat found this host's clock off Redis's by more than that.
+    clock_skewed: bool,
 }
 
 /// What a run delivered to a window: ids per shard (a shard got its time to live
@@ -183,6 +188,8 @@ impl Forwarder {
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
             refused_at_start: false,
+            max_clock_skew: settings.max_clock_skew,
+            clock_skewed: false,
         }
     }
 
@@ -310,7 +317,10 @@ impl Forwarder {
             .buffered_ids
             .store(queue.buffered_ids as u64, Ordering::Relaxed);
         gauges.rounds.fetch_add(1, Ordering::Relaxed);
-        if !self.shared.admission.is_open() && queue.buffered_ids * 10 < self.shared.capacity * 9 {
+        let admission = &self.shared.admission;
+        if admission.is_closed_for(Closed::BufferFull)
+            && queue.buffered_ids * 10 < self.shared.capacity * 9
+        {
             self.shared.admission.set_open(true);
             tracing::info!(
                 buffered_ids = queue.buffered_ids,
@@ -590,6 +600,21 @@ impl Forwarder {
     /// or `None` if Redis failed.
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
         let orphans = self.call(|link, fleet| fleet.heartbeat(link));
+        if let Some(offset) = self.fleet.clock_offset_ms {
+            self.clock_offset(offset);
+        }
+        // `ok` only once the fleet took this run in, and never while it refuses it
+        // (before start-up hears of it: the first request may follow at once).
+        let in_fleet = match (&orphans, &self.fleet.refusal) {
+            (_, Some(_)) => Some(false),
+            (Some(_), None) => Some(true),
+            (None, None) => None,
+        };
+        if let Some(in_fleet) = in_fleet {
+            self.shared.admission.set(Closed::NotInFleet, !in_fleet);
+            let gauge = &self.shared.gauges.in_fleet;
+            gauge.store(u64::from(in_fleet), Ordering::Relaxed);
+        }
         if let Some(registered) = self.registered.take() {
             let outcome = match &self.fleet.refusal {
                 Some(refusal) => Err(refusal.clone()),
@@ -603,6 +628,27 @@ impl Forwarder {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
         }
         orphans
+    }
+
+    /// Publishes how far Redis's clock is from this host's, and says so when it
+    /// goes past `VERVE_MAX_CLOCK_SKEW_MS` (and when it is back within).
+    fn clock_offset(&mut self, offset_ms: i64) {
+        self.shared
+            .gauges
+            .clock_offset_ms
+            .store(offset_ms, Ordering::Relaxed);
+        let skewed = offset_ms.unsigned_abs() > self.max_clock_skew.as_millis() as u64;
+        if skewed && !self.clock_skewed {
+            tracing::warn!(
+                offset_ms,
+                "this host's clock is off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS: windows are \
+                 cut by this host's clock, so its ids may count in other windows than the fleet's; \
+                 check NTP"
+            );
+        } else if !skewed && self.clock_skewed {
+            tracing::info!(offset_ms, "this host's clock is back in step with Redis's");
+        }
+        self.clock_skewed = skewed;
     }
 
     /// Settles a window a stopped run left unfinished, taking no part in it:

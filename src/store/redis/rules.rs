@@ -63,6 +63,48 @@ pub(super) fn adopts(ours: bool, wait_over: bool) -> bool {
     !ours && wait_over
 }
 
+/// What a run must share with the fleet to write to its sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    /// `VERVE_REDIS_SHARDS`: sets per window.
+    pub shards: usize,
+    /// `VERVE_WINDOW_SECS`.
+    pub window_secs: u64,
+}
+
+/// Why a run laid out as `here` must not deliver to a fleet laid out as `fleet`
+/// (under `prefix`), if it must not: one line, naming the setting to change.
+/// Another split would count some ids twice; another window length would put
+/// ids of one window into another's set.
+pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<String> {
+    if here.shards != fleet.shards {
+        return Some(format!(
+            "VERVE_REDIS_SHARDS is {} here but {} in the fleet sharing this Redis \
+             (prefix {prefix}): every instance must split windows the same way, or ids would \
+             be counted twice; set it to {}",
+            here.shards, fleet.shards, fleet.shards
+        ));
+    }
+    if here.window_secs != fleet.window_secs {
+        return Some(format!(
+            "VERVE_WINDOW_SECS is {} here but {} in the fleet sharing this Redis \
+             (prefix {prefix}): every instance must count the same windows, or one window's \
+             set would take in another's ids; set it to {} (or use another VERVE_REDIS_PREFIX)",
+            here.window_secs, fleet.window_secs, fleet.window_secs
+        ));
+    }
+    None
+}
+
+/// How far Redis's clock (`redis_us`, read by a heartbeat) is ahead of this
+/// host's, in ms: against the middle of the call, sent at `sent_us` and answered
+/// at `received_us` by this host's clock (both us since the epoch). Negative:
+/// this host is ahead.
+pub(super) fn clock_offset_ms(sent_us: u64, received_us: u64, redis_us: u64) -> i64 {
+    let middle = sent_us / 2 + received_us / 2;
+    (redis_us as i64 - middle as i64) / 1000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +155,66 @@ mod tests {
         assert!(adopts(false, true));
         assert!(!adopts(false, false));
         assert!(!adopts(true, true));
+    }
+
+    #[test]
+    fn a_run_with_the_fleets_layout_is_not_refused() {
+        let layout = Layout {
+            shards: 16,
+            window_secs: 60,
+        };
+        assert_eq!(refusal(layout, layout, "verve"), None);
+    }
+
+    #[test]
+    fn a_run_with_another_window_length_is_refused_with_one_line() {
+        let here = Layout {
+            shards: 1,
+            window_secs: 6,
+        };
+        let fleet = Layout {
+            window_secs: 3,
+            ..here
+        };
+        assert_eq!(
+            refusal(here, fleet, "verve").as_deref(),
+            Some(
+                "VERVE_WINDOW_SECS is 6 here but 3 in the fleet sharing this Redis (prefix verve): \
+                 every instance must count the same windows, or one window's set would take in \
+                 another's ids; set it to 3 (or use another VERVE_REDIS_PREFIX)"
+            )
+        );
+    }
+
+    #[test]
+    fn another_shard_count_is_named_first() {
+        let here = Layout {
+            shards: 4,
+            window_secs: 6,
+        };
+        let fleet = Layout {
+            shards: 16,
+            window_secs: 3,
+        };
+        let line = refusal(here, fleet, "p").unwrap();
+        assert!(
+            line.starts_with("VERVE_REDIS_SHARDS is 4 here but 16"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_clock_offset_is_taken_against_the_middle_of_the_call() {
+        let sent = 1_000_000_000;
+        // Redis read its clock 2.5 s ahead of the call's middle (sent + 10 ms).
+        assert_eq!(
+            clock_offset_ms(sent, sent + 20_000, sent + 2_510_000),
+            2_500
+        );
+        assert_eq!(
+            clock_offset_ms(sent, sent + 20_000, sent - 1_990_000),
+            -2_000
+        );
+        assert_eq!(clock_offset_ms(sent, sent + 20_000, sent + 10_000), 0);
     }
 }

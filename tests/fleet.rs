@@ -443,8 +443,22 @@ fn a_window_left_unfinished_is_settled_by_an_instance_that_starts_later() {
 /// instance following the window sends it, once the publisher had its time.
 #[test]
 fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
+    a_record_kafka_never_took_from_its_publisher_is_sent_by_another("orphaned", true);
+}
+
+/// Issue 23, item 5: the publisher lives on but cannot reach Kafka: another
+/// instance following the window sends the record once the bound is over, rather
+/// than only when the publisher is gone.
+#[test]
+fn a_record_whose_live_publisher_cannot_reach_kafka_is_sent_by_another() {
+    a_record_kafka_never_took_from_its_publisher_is_sent_by_another("unreached", false);
+}
+
+/// a publishes a record that its Kafka (a port that never answers) never takes;
+/// `kill`: a is then killed. b's Kafka works: the topic gets the record from b.
+fn a_record_kafka_never_took_from_its_publisher_is_sent_by_another(topic: &str, kill: bool) {
     let tansu = Tansu::start();
-    let sinks = kafka(&tansu, "orphaned");
+    let sinks = kafka(&tansu, topic);
     let redis = RedisServer::start();
     let link = Proxy::start(redis.port);
     // a's Kafka never answers: its records are never acknowledged.
@@ -474,12 +488,14 @@ fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
     link.release();
     let line = a.wait_for_window(window);
     assert_eq!((line.unique_requests, line.complete), (120, true));
-    a.kill();
+    if kill {
+        a.kill();
+    }
     let records = eventually(
         LIMIT,
         || format!("{window} on the topic"),
         || {
-            let records = records_of(&tansu, "orphaned", window);
+            let records = records_of(&tansu, topic, window);
             (!records.is_empty()).then_some(records)
         },
     );

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{RedisError, RedisResult};
 
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
-use super::rules;
+use super::rules::{self, Unacknowledged};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::admission::Closed;
 use crate::backoff::Backoff;
@@ -501,24 +501,27 @@ impl Forwarder {
             view.known = Some(record.clone());
             self.reporter.report(&count, published, endpoints);
         }
-        // The publisher had its time: since it left, or (if it died) since it
+        // The publisher had its time: since it left, or (live, or dead) since it
         // published.
         let since = match settled.publisher_left_ms {
             0 => record.published_at_ms,
             left => left,
         };
         let waited = Duration::from_millis(Timestamp::now().unix_millis().saturating_sub(since));
-        let orphaned = record.revision > settled.acked
-            && !settled.publisher_live
-            && waited > self.redeliver_after
-            && record.by != self.fleet.run
-            && record.revision > tracked.redelivered;
-        if orphaned && self.reporter.has_shared_sinks() {
+        let unacknowledged = Unacknowledged {
+            revision: record.revision,
+            acked: settled.acked,
+            mine: record.by == self.fleet.run,
+            resent: tracked.redelivered,
+            waited,
+        };
+        if unacknowledged.resends(self.redeliver_after) && self.reporter.has_shared_sinks() {
             tracked.redelivered = record.revision;
             tracing::warn!(
                 window_start = %window,
                 revision = record.revision,
-                "the instance that published this record stopped before the shared sinks acknowledged it; sending it on"
+                publisher_live = settled.publisher_live,
+                "the shared sinks have not acknowledged this record in time (its publisher stopped, or cannot reach them); sending it on"
             );
             self.reporter.redeliver(&count);
         }

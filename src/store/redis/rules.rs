@@ -3,6 +3,8 @@
 //! unit test. The forwarder and `fleet` are the shell that asks Redis, runs the
 //! Lua scripts (the atomic steps) and applies what these return.
 
+use std::time::Duration;
+
 use crate::window::WindowStart;
 
 /// A run in the registry, as `roster.lua` read it: live, or lapsed (its
@@ -103,6 +105,36 @@ pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<Strin
 pub(super) fn clock_offset_ms(sent_us: u64, received_us: u64, redis_us: u64) -> i64 {
     let middle = sent_us / 2 + received_us / 2;
     (redis_us as i64 - middle as i64) / 1000
+}
+
+/// A record the shared sinks (Kafka, the Redis stream) may not have taken yet,
+/// as a run following its window sees it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unacknowledged {
+    pub revision: u64,
+    /// The highest revision the shared sinks acknowledged.
+    pub acked: u64,
+    /// This run published it.
+    pub mine: bool,
+    /// The highest revision this run already sent on itself.
+    pub resent: u64,
+    /// How long its publisher has had to deliver it: since it published, or
+    /// since it left (a run that left had its whole shutdown for it).
+    pub waited: Duration,
+}
+
+impl Unacknowledged {
+    /// Whether this run sends the record to the shared sinks itself: they have
+    /// not acknowledged it `bound` after its publisher had it, whether the
+    /// publisher is still live (it may be cut off from Kafka) or not; never a
+    /// record of its own, and once per revision. The topic may then hold the
+    /// revision twice, with the same content.
+    pub fn resends(&self, bound: Duration) -> bool {
+        self.revision > self.acked
+            && !self.mine
+            && self.revision > self.resent
+            && self.waited > bound
+    }
 }
 
 #[cfg(test)]
@@ -216,5 +248,46 @@ mod tests {
             -2_000
         );
         assert_eq!(clock_offset_ms(sent, sent + 20_000, sent + 10_000), 0);
+    }
+
+    fn unacknowledged() -> Unacknowledged {
+        Unacknowledged {
+            revision: 2,
+            acked: 1,
+            mine: false,
+            resent: 0,
+            waited: Duration::from_secs(9),
+        }
+    }
+
+    #[test]
+    fn a_record_not_acknowledged_in_time_is_sent_on_by_a_follower() {
+        let bound = Duration::from_secs(8);
+        assert!(unacknowledged().resends(bound));
+        let early = Unacknowledged {
+            waited: Duration::from_secs(7),
+            ..unacknowledged()
+        };
+        assert!(!early.resends(bound));
+        let acked = Unacknowledged {
+            acked: 2,
+            ..unacknowledged()
+        };
+        assert!(!acked.resends(bound));
+    }
+
+    #[test]
+    fn a_run_never_resends_its_own_record_nor_one_revision_twice() {
+        let bound = Duration::from_secs(8);
+        let mine = Unacknowledged {
+            mine: true,
+            ..unacknowledged()
+        };
+        assert!(!mine.resends(bound));
+        let resent = Unacknowledged {
+            resent: 2,
+            ..unacknowledged()
+        };
+        assert!(!resent.resends(bound));
     }
 }

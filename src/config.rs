@@ -174,6 +174,11 @@ pub struct Config {
     #[arg(long, env = "VERVE_INSTANCE")]
     pub instance: Option<String>,
 
+    /// Test hook, not a setting (hidden from --help): how long a window's keys in Redis live, in seconds, instead of five windows (at least five minutes, four fleet waits), so that tests of what happens after they expire take seconds.
+    #[arg(long, env = "VERVE_TEST_KEY_TTL_SECS", hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub test_key_ttl_secs: Option<u64>,
+
     /// Kafka bootstrap servers (host:port,…), for VERVE_SINKS=kafka.
     #[arg(long, env = "VERVE_KAFKA_BROKERS", default_value = "")]
     pub kafka_brokers: String,

@@ -117,6 +117,7 @@ impl Verve {
                     instance: config.instance_name(),
                     window_secs: config.window_secs,
                     fleet_wait: config.fleet_wait(),
+                    key_ttl_secs: config.test_key_ttl_secs,
                     max_clock_skew: Duration::from_millis(config.max_clock_skew_ms),
                     first_window,
                     shards: config.redis_shards(),

@@ -718,3 +718,68 @@ fn the_offset_from_redis_clock_is_exported_and_healthy_on_one_host() {
     let health = a.admin_get("/healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok"));
 }
+
+/// Issue 23, item 4 (its first half): b's link is held from just before a window
+/// until the window's keys expired (their lifetime shortened by a test hook), so
+/// b comes back with ids for a window whose sets are gone. The record outlives
+/// the sets: b never publishes revision 1 again with other content; its count,
+/// higher than the record's, comes as revision 2, `complete=false`, and every
+/// revision names one count in both count logs.
+#[test]
+fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let env = [("VERVE_TEST_KEY_TTL_SECS", "5")];
+    let a = fleet_member(&redis.url(), "a", &env);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &env);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(300));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    accept_all(&mut Client::connect(b.addr), 50..200);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false)
+    );
+    // a stops following the window, and its sets expire.
+    let set = verve::store::window_sets("verve", window, 1).remove(0);
+    eventually(
+        Duration::from_secs(30),
+        || format!("{set} expired"),
+        || {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&set)
+                .query(&mut redis.connection())
+                .unwrap();
+            (!exists).then_some(())
+        },
+    );
+    link.release();
+    let late = b.wait_for_record(window, "b's revision", |l| l.unique_requests == 150);
+    assert_eq!(
+        (late.revision, late.complete),
+        (2, false),
+        "{late:?}\na: {:?}\nb: {:?}\n{}",
+        a.windows(),
+        b.windows(),
+        b.stderr_text()
+    );
+    let mut by_revision = std::collections::BTreeMap::new();
+    for line in a.windows().into_iter().chain(b.windows()) {
+        if line.window_start == window.to_string() {
+            let count = *by_revision
+                .entry(line.revision)
+                .or_insert(line.unique_requests);
+            assert_eq!(
+                count, line.unique_requests,
+                "revision {} twice",
+                line.revision
+            );
+        }
+    }
+    let counts: Vec<u64> = by_revision.values().copied().collect();
+    assert_eq!(counts, [100, 150], "{by_revision:?}");
+}

@@ -73,6 +73,7 @@ use redis::{Cmd, RedisResult, Script, Value};
 
 use super::rules::{self, Layout, Registered};
 use super::slots::ShardTags;
+use super::RedisSettings;
 use crate::config::RedisMode;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
@@ -339,6 +340,10 @@ pub(super) struct Fleet {
     window_secs: u64,
     /// Window keys live this long, in seconds.
     key_ttl_secs: u64,
+    /// A run whose heartbeat expired stays in the registry this long, in ms, to
+    /// be waited for on the windows it was live in: the default key TTL, longer
+    /// than any run follows a window (not shortened by the test hook).
+    lapsed_kept_ms: u64,
     /// `VERVE_REDIS_SHARDS`: sets per window.
     pub shards: usize,
     /// One server: a round may be a transaction over all its keys.
@@ -375,25 +380,23 @@ pub(super) struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(
-        prefix: &str,
-        instance: &str,
-        first_window: WindowStart,
-        window_secs: u64,
-        wait: Duration,
-        shards: usize,
-        mode: RedisMode,
-    ) -> Self {
+    pub fn new(settings: &RedisSettings) -> Self {
+        let (window_secs, wait) = (settings.window_secs, settings.fleet_wait);
+        let (shards, mode, instance) = (settings.shards, settings.mode, &settings.instance);
+        // Five windows, at least five minutes and four fleet waits: longer than
+        // any run follows a window.
+        let default_ttl = (window_secs * 5).max(300).max(4 * wait.as_secs());
         Fleet {
-            keys: Keys::new(prefix, shards, mode),
+            keys: Keys::new(&settings.prefix, shards, mode),
             run: format!(
                 "{instance}/{}-{}",
                 std::process::id(),
                 Timestamp::now().unix_millis()
             ),
-            first_window,
+            first_window: settings.first_window,
             window_secs,
-            key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
+            key_ttl_secs: settings.key_ttl_secs.unwrap_or(default_ttl),
+            lapsed_kept_ms: default_ttl * 1000,
             shards,
             atomic: mode == RedisMode::Single,
             count: include_str!("count.lua"),
@@ -577,7 +580,7 @@ impl Fleet {
             .arg(format!("{}@{}", self.run, Timestamp::now().unix_millis()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
-            .arg(self.key_ttl_secs * 1000)
+            .arg(self.lapsed_kept_ms)
             .arg(self.registry_ttl_secs())
             .arg(self.window_secs)
             .invoke(link.connection())?;
@@ -777,6 +780,7 @@ impl Fleet {
                 Force::IfAlone => "alone",
             })
             .arg(self.key_ttl_secs)
+            .arg(self.registry_ttl_secs())
             .arg(view.generation.map_or(String::new(), |g| g.to_string()))
             .arg(survey.count);
         match &view.known {

@@ -154,15 +154,7 @@ impl Forwarder {
         reporter: Reporter,
         registered: mpsc::Sender<Result<(), String>>,
     ) -> Self {
-        let fleet = Fleet::new(
-            &settings.prefix,
-            &settings.instance,
-            settings.first_window,
-            settings.window_secs,
-            settings.fleet_wait,
-            settings.shards,
-            settings.mode,
-        );
+        let fleet = Fleet::new(&settings);
         let heartbeat_interval = fleet.heartbeat_interval();
         Forwarder {
             shared,

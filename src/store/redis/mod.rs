@@ -57,6 +57,9 @@ pub struct RedisSettings {
     /// before the count is published anyway; also how long an instance that stops
     /// sending heartbeats still counts as live.
     pub fleet_wait: Duration,
+    /// How long window keys live, if not the default (five windows, at least five
+    /// minutes and four fleet waits): a test hook.
+    pub key_ttl_secs: Option<u64>,
     /// `VERVE_MAX_CLOCK_SKEW_MS`: past this difference from Redis's clock, warn.
     pub max_clock_skew: Duration,
     /// The window this process started in.

@@ -24,27 +24,38 @@
 //! - `P:{W}:record`: the latest published record (revision, count, complete,
 //!   partial, instances, published_at), the run that published it, the highest
 //!   revision the shared sinks acknowledged, and the window's generation (raised
-//!   by every mark that makes a run done).
-//! - `P:{fleet}:instances`, `…:joined`, `…:left`: the live runs (a sorted set
-//!   scored by heartbeat expiry, by Redis's clock), each one's first window, and
-//!   the runs that left lately, with when.
-//! - `P:{fleet}:epoch`: created by the first heartbeat, without expiry; only Redis
-//!   losing its data makes it change.
-//! - `P:{fleet}:orphans`: windows left unfinished by runs that stopped.
-//! - `P:{fleet}:shards`: the number of shards, set by the first heartbeat; a run
-//!   with another number refuses to deliver (it would count some ids twice).
+//!   by every mark that makes a run done). It outlives the window's other keys
+//!   (it lives as long as the registry's), so that a run back after they expired
+//!   never publishes a revision number already used.
+//! - `P:{fleet}:instances`, `…:joined`, `…:left`: the runs (a sorted set scored
+//!   by heartbeat expiry, by Redis's clock: live ones, and lapsed ones for as long
+//!   as window keys live by default), each one's first window, and the runs that
+//!   left lately, with when.
+//! - `P:{fleet}:epoch`: created by the first heartbeat, renewed by every one;
+//!   only Redis losing its data (or the whole fleet gone for an hour) makes it
+//!   change.
+//! - `P:{fleet}:orphans`: unfinished windows, noted by every run's first round to
+//!   a window and by runs that stopped; a live run adopts one once its wait is
+//!   over, so a window whose every run was killed is still published.
+//! - `P:{fleet}:shards`, `P:{fleet}:window_secs`: set by the first heartbeat; a
+//!   run with another value of either is refused (it would count some ids twice,
+//!   or in another window's set).
 //!
-//! Every window key expires a while after the window: five windows, at least five
-//! minutes, and at least four fleet waits. On a cluster no script touches two
-//! slots.
+//! Every window key expires a while after its last write (each write renews it):
+//! five windows, at least five minutes, and at least four fleet waits; the
+//! registry's keys and the records an hour after the last heartbeat. On a
+//! cluster no script touches two slots. The decisions (who is awaited, who
+//! adopts, who is refused, who resends) are plain functions in `rules`.
 //!
 //! A run registers (its first heartbeat) before it accepts an id, when Redis is
-//! reachable. A run done with a window settles it, and checks it again every poll
-//! interval until the fleet is done with it. A settle is a survey (`roster.lua`
-//! on the registry: the epoch and the live runs; `tally.lua` on every shard: its
-//! size, and what this run delivered to it), then `settle.lua` on the window's
-//! slot, which marks the run done and, if every live run that started before the
-//! window ended and every run that delivered ids to it is done, publishes the
+//! reachable; until the fleet took it in, new ids get 503. A run done with a
+//! window settles it, and checks it again every poll interval until the fleet is
+//! done with it. A settle is a survey (`roster.lua` on the registry: the epoch,
+//! every run with its heartbeat expiry, Redis's clock; `tally.lua` on every
+//! shard: its size, and what this run delivered to it), then `settle.lua` on the
+//! window's slot, which marks the run done and, if every run that started before
+//! the window ended and was live when it began (lapsed since or not), and every
+//! run that delivered ids to it, is done, publishes the
 //! window: the surveyed count, and a revision one higher than the last, taken
 //! together. The count was read on other slots: the window's generation (see
 //! `settle.lua`) tells the script whether some run became done after the shards
@@ -53,8 +64,8 @@
 //! there with `complete=false`. Whenever the count grows after that (a run that
 //! was cut off delivers its ids), the next settle publishes a revision. The script
 //! publishes for exactly one caller per revision, so each revision reaches the
-//! shared sinks once; if that caller dies before they acknowledge it, another run
-//! following the window sends it.
+//! shared sinks once; if they do not acknowledge it in time (its publisher died,
+//! or cannot reach them), another run following the window sends it.
 //!
 //! If Redis loses ids (a restart, from a snapshot or empty, `FLUSHALL`, a failover
 //! to a replica that lagged), it loses or rolls back the deliveries counted beside

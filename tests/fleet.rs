@@ -701,9 +701,7 @@ fn an_instance_with_another_window_length_is_refused_at_start() {
 
 /// Issue 23, item 7: each heartbeat compares this host's clock with Redis's
 /// `TIME` and exports the offset. On one host the clocks agree: the offset is
-/// within a few ms and the instance is healthy. (A clock off by seconds could
-/// not be staged here: libfaketime does not load into redis-server 7; the
-/// verdict past `VERVE_MAX_CLOCK_SKEW_MS` is a unit test of `metrics`.)
+/// within a few ms and the instance is healthy.
 #[test]
 fn the_offset_from_redis_clock_is_exported_and_healthy_on_one_host() {
     let redis = RedisServer::start();
@@ -782,4 +780,76 @@ fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
     }
     let counts: Vec<u64> = by_revision.values().copied().collect();
     assert_eq!(counts, [100, 150], "{by_revision:?}");
+}
+
+/// libfaketime, which moves the wall clock of a process it is preloaded into
+/// (scripts/test.sh installs it with the faketime package).
+fn libfaketime() -> std::path::PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists());
+    found.expect("libfaketime (apt-get install faketime; scripts/test.sh does)")
+}
+
+/// Instance `name` of the fleet on `redis_url`, whose wall clock is offset by
+/// what `offset` holds (`+0`, `+5s`, `+2h`, as libfaketime reads it, re-read
+/// every second, so that a test can move it while the instance runs); its
+/// monotonic clock is left alone.
+fn fleet_member_with_clock(
+    redis_url: &str,
+    name: &str,
+    offset: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> common::Verve {
+    let wait = FLEET_WAIT_MS.to_string();
+    let mut env = vec![
+        ("VERVE_REDIS_URL", redis_url),
+        ("VERVE_INSTANCE", name),
+        ("VERVE_FLEET_WAIT_MS", wait.as_str()),
+        ("VERVE_REDIS_TIMEOUT_MS", "300"),
+    ];
+    env.extend_from_slice(extra);
+    let mut command = common::command(&env);
+    command
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", offset)
+        .env("FAKETIME_CACHE_DURATION", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let verve = common::Verve::spawn(command);
+    eventually(
+        Duration::from_secs(10),
+        || format!("{name} in the fleet:\n{}", verve.stderr_text()),
+        || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
+    );
+    verve
+}
+
+/// Issue 23, item 7: an instance whose clock is 5 s ahead of Redis's says so:
+/// the offset in /metrics, one warning, and /healthz fails.
+#[test]
+fn a_clock_ahead_of_redis_is_exported_warned_and_unhealthy() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+5s\n").unwrap();
+    let mut a = fleet_member_with_clock(&redis.url(), "ahead", &offset, &[]);
+    let line = a.wait_for_stderr("this host's clock is off Redis's", Duration::from_secs(5));
+    assert!(line.contains("offset_ms=-"), "{line}");
+    let text = a.scrape();
+    let exported = text
+        .lines()
+        .find_map(|l| l.strip_prefix("verve_clock_offset_ms "))
+        .unwrap();
+    let offset_ms: i64 = exported.parse().unwrap();
+    assert!((-5_100..=-4_900).contains(&offset_ms), "{offset_ms}");
+    let health = a.admin_get("/healthz");
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (
+            503,
+            "clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS"
+        )
+    );
 }

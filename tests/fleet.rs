@@ -853,3 +853,43 @@ fn a_clock_ahead_of_redis_is_exported_warned_and_unhealthy() {
         )
     );
 }
+
+/// Issue 23, item 7: b's clock jumps two hours forward. b skips the windows
+/// without ids in between (one warning, as before), and the fleet must not wait
+/// for b on them: a's next window is complete without b.
+#[test]
+fn an_instance_whose_clock_jumped_forward_is_not_waited_for_on_the_windows_it_skipped() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let mut b = fleet_member_with_clock(&redis.url(), "b", &offset, &[]);
+    std::fs::write(&offset, "+2h\n").unwrap();
+    b.wait_for_stderr("the clock jumped forward", Duration::from_secs(10));
+    // b's first window in the registry is now past the jump.
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let later = later
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    eventually(
+        Duration::from_secs(10),
+        || format!("b's first window past the jump:\n{}", b.stderr_text()),
+        || {
+            let joined: Vec<(String, u64)> = redis::cmd("HGETALL")
+                .arg("verve:{fleet}:joined")
+                .query(&mut redis.connection())
+                .unwrap();
+            let first = joined.iter().find(|(run, _)| run.starts_with("b/"));
+            first.is_some_and(|(_, first)| *first > later).then_some(())
+        },
+    );
+    let (window, ()) = within_one_window(|| accept_all(&mut Client::connect(a.addr), 0..50));
+    let line = a.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.instances),
+        (50, true, 1),
+        "{line:?}"
+    );
+}

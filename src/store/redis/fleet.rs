@@ -654,6 +654,13 @@ impl Fleet {
         self.uncertain_until = Some(Instant::now() + self.wait);
     }
 
+    /// This run has no ids for windows before `window` that it has not closed
+    /// (the clock jumped forward): registered from the next heartbeat on, so
+    /// that the fleet does not wait for it on them.
+    pub fn starts_at(&mut self, window: WindowStart) {
+        self.first_window = self.first_window.max(window);
+    }
+
     /// Whether a loss of Redis's data was noticed less than a heartbeat lifetime ago.
     pub fn is_uncertain(&mut self) -> bool {
         if self

@@ -87,8 +87,9 @@ pub(super) struct Forwarder {
     registered: Option<mpsc::Sender<Result<(), String>>>,
     /// Start-up heard that the fleet refused this run: the thread ends.
     refused_at_start: bool,
-    /// The latest window closed, to notice windows the aggregator skipped.
-    last_closed: Option<WindowStart>,
+    /// The window to close next (this run's first, then the one after the last
+    /// closed), to notice windows the aggregator skipped.
+    next_close: WindowStart,
     /// `VERVE_MAX_CLOCK_SKEW_MS`.
     max_clock_skew: Duration,
     /// The last heartbeat found this host's clock off Redis's by more than that.
@@ -182,7 +183,7 @@ impl Forwarder {
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
             refused_at_start: false,
-            last_closed: None,
+            next_close: settings.first_window,
             max_clock_skew: settings.max_clock_skew,
             clock_skewed: false,
         }
@@ -328,14 +329,11 @@ impl Forwarder {
     /// now) and starts following the window.
     fn close(&mut self, closed: ClosedWindow) {
         let window = closed.window;
-        let skipped = self
-            .last_closed
-            .and_then(|last| rules::first_window_after_skip(last, window, self.length));
-        if let Some(first) = skipped {
+        if let Some(first) = rules::first_window_after_skip(self.next_close, window) {
             self.fleet.starts_at(first);
             self.next_heartbeat = Instant::now();
         }
-        self.last_closed = Some(self.last_closed.map_or(window, |last| last.max(window)));
+        self.next_close = self.next_close.max(self.length.next(window));
         let coverage = match closed.partial {
             true => Coverage::Partial,
             false => Coverage::Full,

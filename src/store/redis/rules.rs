@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::window::{WindowLength, WindowStart};
+use crate::window::WindowStart;
 
 /// A run in the registry, as `roster.lua` read it: live, or lapsed (its
 /// heartbeat expired) but kept for as long as a window it was live in may still
@@ -137,19 +137,19 @@ impl Unacknowledged {
     }
 }
 
-/// The window to register as this run's first, if closing `closed` after
-/// `last_closed` shows that windows were skipped in between: after a forward
-/// jump of the clock (or a long freeze), the aggregator skips the windows without
-/// ids rather than close them one by one. Windows close in order, so this run has
-/// no ids for any window between the two, and is done with those it closed: from
-/// `closed` on, the fleet need not wait for it on earlier windows. It would
-/// otherwise wait, up to the fleet wait, on every window the jump skipped.
+/// The window to register as this run's first, if closing `closed` when
+/// `expected` was the next to close (the run's first window, or the one after the
+/// last it closed) shows that windows were skipped: after a forward jump of the
+/// clock (or a long freeze), the aggregator skips the windows without ids rather
+/// than close them one by one. Windows close in order, so this run has no ids
+/// for any window it skipped, and is done with those it closed: from `closed` on,
+/// the fleet need not wait for it on earlier windows. It would otherwise wait, up
+/// to the fleet wait, on every window the jump skipped.
 pub(super) fn first_window_after_skip(
-    last_closed: WindowStart,
+    expected: WindowStart,
     closed: WindowStart,
-    length: WindowLength,
 ) -> Option<WindowStart> {
-    (closed > length.next(last_closed)).then_some(closed)
+    (closed > expected).then_some(closed)
 }
 
 #[cfg(test)]
@@ -308,10 +308,11 @@ mod tests {
 
     #[test]
     fn windows_skipped_by_a_jump_move_the_first_window_on() {
-        let length = WindowLength::from_secs(60);
         let w = |minute: u64| WindowStart::from_unix_secs(600 + minute * 60);
-        assert_eq!(first_window_after_skip(w(0), w(1), length), None);
-        assert_eq!(first_window_after_skip(w(0), w(120), length), Some(w(120)));
-        assert_eq!(first_window_after_skip(w(0), w(2), length), Some(w(2)));
+        assert_eq!(first_window_after_skip(w(1), w(1)), None);
+        assert_eq!(first_window_after_skip(w(1), w(120)), Some(w(120)));
+        assert_eq!(first_window_after_skip(w(1), w(2)), Some(w(2)));
+        // A window closed again (a retry) is no skip.
+        assert_eq!(first_window_after_skip(w(2), w(1)), None);
     }
 }

@@ -656,6 +656,17 @@ fn keys_written_again_after_redis_lost_them_still_expire() {
     assert_every_key_expires(&redis);
 }
 
+/// A process killed when the test ends, passed or not (one that was never
+/// refused would otherwise outlive a failed test).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Issue 23, item 3: an instance whose windows are not the fleet's (a rolling
 /// change of `VERVE_WINDOW_SECS`) is refused at start-up with one line, as one
 /// with another shard count is, and is not registered: its ids would otherwise
@@ -664,16 +675,19 @@ fn keys_written_again_after_redis_lost_them_still_expire() {
 fn an_instance_with_another_window_length_is_refused_at_start() {
     let redis = RedisServer::start();
     let a = fleet_member(&redis.url(), "a", &[]);
-    let mut other = common::command(&[
-        ("VERVE_REDIS_URL", redis.url().as_str()),
-        ("VERVE_WINDOW_SECS", "4"),
-    ])
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let status = wait_with_deadline(&mut other, LIMIT);
+    let mut other = KilledOnDrop(
+        common::command(&[
+            ("VERVE_REDIS_URL", redis.url().as_str()),
+            ("VERVE_WINDOW_SECS", "4"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let status = wait_with_deadline(&mut other.0, LIMIT);
     let mut stderr = String::new();
     other
+        .0
         .stderr
         .take()
         .unwrap()

@@ -164,6 +164,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub fleet_wait_ms: u64,
 
+    /// Redis mode: the largest difference between this host's clock and Redis's (read at each heartbeat) that is healthy, in milliseconds; past it a warning is logged and /healthz fails (windows are cut by this host's clock).
+    #[arg(long, env = "VERVE_MAX_CLOCK_SKEW_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub max_clock_skew_ms: u64,
+
     /// Redis sets each window's ids are split over, by a hash of the id, so that Redis Cluster can spread a window over its masters; every instance sharing Redis must use the same number [default: 1 in single mode, 48 in cluster mode].
     #[arg(long, env = "VERVE_REDIS_SHARDS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -172,6 +177,11 @@ pub struct Config {
     /// This instance's name in the fleet, unique among the instances sharing Redis [default: host name and process id].
     #[arg(long, env = "VERVE_INSTANCE")]
     pub instance: Option<String>,
+
+    /// Test hook, not a setting (hidden from --help): how long a window's keys in Redis live, in seconds, instead of five windows (at least five minutes, four fleet waits), so that tests of what happens after they expire take seconds.
+    #[arg(long, env = "VERVE_TEST_KEY_TTL_SECS", hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub test_key_ttl_secs: Option<u64>,
 
     /// Kafka bootstrap servers (host:port,…), for VERVE_SINKS=kafka.
     #[arg(long, env = "VERVE_KAFKA_BROKERS", default_value = "")]

@@ -33,6 +33,9 @@ use crate::store::RedisGauges;
 #[derive(Debug, Default)]
 pub struct Telemetry {
     pub window_secs: u64,
+    /// `VERVE_MAX_CLOCK_SKEW_MS`: in Redis mode, a larger offset from Redis's
+    /// clock is unhealthy.
+    pub max_clock_skew_ms: u64,
     pub server: ServerCounters,
     pub callbacks: CallbackCounters,
     pub aggregator: Arc<AggregatorGauges>,
@@ -68,6 +71,10 @@ impl Telemetry {
         if down_since != 0 && now.saturating_sub(down_since) > window_ms {
             return Err("redis unreachable for longer than a window");
         }
+        let offset = self.redis.clock_offset_ms.load(Ordering::Relaxed);
+        if capacity > 0 && offset.unsigned_abs() > self.max_clock_skew_ms {
+            return Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS");
+        }
         Ok(())
     }
 
@@ -93,12 +100,14 @@ impl Telemetry {
                 ("verve_redis_replays", MetricType::Counter, "Windows sent to Redis again because it had lost this instance's ids.", load(&self.redis.replays)),
                 ("verve_redis_buffered_ids", MetricType::Gauge, "Ids waiting for Redis.", load(&self.redis.buffered_ids)),
                 ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis.buffer_capacity)),
+                ("verve_redis_in_fleet", MetricType::Gauge, "1 once the fleet took this instance in (ids get 503 before, and while the fleet refuses it); 0 without Redis.", load(&self.redis.in_fleet)),
                 ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
                 ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),
                 ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),
                 ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream.failed)),
             ],
             batch_times: self.aggregator.batch_times.snapshot(),
+            clock_offset_ms: self.redis.clock_offset_ms.load(Ordering::Relaxed),
             server,
         };
         let mut registry = Registry::default();
@@ -119,6 +128,8 @@ struct Scrape {
     single: Vec<(&'static str, MetricType, &'static str, u64)>,
     /// Batch insert times: sum in seconds, count, buckets.
     batch_times: (f64, u64, Vec<(f64, u64)>),
+    /// Signed, unlike the rest.
+    clock_offset_ms: i64,
 }
 
 impl Collector for Scrape {
@@ -177,6 +188,13 @@ impl Collector for Scrape {
                 _ => ConstGauge::new(value).encode(family)?,
             }
         }
+        let family = encoder.encode_descriptor(
+            "verve_clock_offset_ms",
+            "How far Redis's clock was ahead of this host's at the last heartbeat, in ms (negative: behind; 0 without Redis).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.clock_offset_ms).encode(family)?;
         Ok(())
     }
 }
@@ -239,12 +257,19 @@ mod tests {
         let now_ms = || Timestamp::now().unix_millis();
         let telemetry = Telemetry {
             window_secs: 60,
+            max_clock_skew_ms: 1_000,
             ..Telemetry::default()
         };
         telemetry
             .aggregator
             .heartbeat_ms
             .store(now_ms(), Ordering::Relaxed);
+        assert_eq!(telemetry.health(), Ok(()));
+        // Without Redis there is no clock to compare with.
+        telemetry
+            .redis
+            .clock_offset_ms
+            .store(-5_000, Ordering::Relaxed);
         assert_eq!(telemetry.health(), Ok(()));
         telemetry
             .aggregator
@@ -282,5 +307,22 @@ mod tests {
             telemetry.health(),
             Err("redis unreachable for longer than a window")
         );
+        telemetry.redis.down_since_ms.store(0, Ordering::Relaxed);
+        assert_eq!(
+            telemetry.health(),
+            Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS")
+        );
+        for offset in [-1_000, 1_000, 0] {
+            telemetry
+                .redis
+                .clock_offset_ms
+                .store(offset, Ordering::Relaxed);
+            assert_eq!(telemetry.health(), Ok(()), "{offset}");
+        }
+        telemetry
+            .redis
+            .clock_offset_ms
+            .store(1_001, Ordering::Relaxed);
+        assert!(telemetry.health().is_err());
     }
 }

@@ -78,6 +78,7 @@ impl Verve {
         // Each part gets its own counters; /metrics and /healthz read them all.
         let telemetry = Arc::new(Telemetry {
             window_secs: config.window_secs,
+            max_clock_skew_ms: config.max_clock_skew_ms,
             aggregator: Arc::new(AggregatorGauges::starting_now()),
             ..Telemetry::default()
         });
@@ -116,6 +117,8 @@ impl Verve {
                     instance: config.instance_name(),
                     window_secs: config.window_secs,
                     fleet_wait: config.fleet_wait(),
+                    key_ttl_secs: config.test_key_ttl_secs,
+                    max_clock_skew: Duration::from_millis(config.max_clock_skew_ms),
                     first_window,
                     shards: config.redis_shards(),
                     acks: Some(acknowledged),

@@ -20,7 +20,7 @@ use common::{
     accept_all, eventually, fleet_member, metric, signal, wait_with_deadline, window_length,
     within_one_window, Client, WindowLine, FLEET_WAIT_MS,
 };
-use verve::window::WindowStart;
+use verve::window::{WindowLength, WindowStart};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -443,8 +443,22 @@ fn a_window_left_unfinished_is_settled_by_an_instance_that_starts_later() {
 /// instance following the window sends it, once the publisher had its time.
 #[test]
 fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
+    a_record_kafka_never_took_from_its_publisher_is_sent_by_another("orphaned", true);
+}
+
+/// Issue 23, item 5: the publisher lives on but cannot reach Kafka: another
+/// instance following the window sends the record once the bound is over, rather
+/// than only when the publisher is gone.
+#[test]
+fn a_record_whose_live_publisher_cannot_reach_kafka_is_sent_by_another() {
+    a_record_kafka_never_took_from_its_publisher_is_sent_by_another("unreached", false);
+}
+
+/// a publishes a record that its Kafka (a port that never answers) never takes;
+/// `kill`: a is then killed. b's Kafka works: the topic gets the record from b.
+fn a_record_kafka_never_took_from_its_publisher_is_sent_by_another(topic: &str, kill: bool) {
     let tansu = Tansu::start();
-    let sinks = kafka(&tansu, "orphaned");
+    let sinks = kafka(&tansu, topic);
     let redis = RedisServer::start();
     let link = Proxy::start(redis.port);
     // a's Kafka never answers: its records are never acknowledged.
@@ -474,12 +488,14 @@ fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
     link.release();
     let line = a.wait_for_window(window);
     assert_eq!((line.unique_requests, line.complete), (120, true));
-    a.kill();
+    if kill {
+        a.kill();
+    }
     let records = eventually(
         LIMIT,
         || format!("{window} on the topic"),
         || {
-            let records = records_of(&tansu, "orphaned", window);
+            let records = records_of(&tansu, topic, window);
             (!records.is_empty()).then_some(records)
         },
     );
@@ -488,5 +504,406 @@ fn a_record_whose_publisher_died_before_kafka_took_it_is_sent_by_another() {
         b.stderr_text().contains("sending it on"),
         "{}",
         b.stderr_text()
+    );
+}
+
+/// Issue 23, item 1: every run that covered a window is killed (`kill -9`, no
+/// leave, no orphan noted at shutdown), and the instance restarts under the same
+/// name after the window ended. The window's ids sit in Redis; the restarted run
+/// adopts the window once its wait is over and publishes the exact count.
+#[test]
+fn a_window_whose_every_instance_was_killed_is_published_by_the_next_run() {
+    let redis = RedisServer::start();
+    let length = WindowLength::from_secs(3);
+    let env = [("VERVE_WINDOW_SECS", "3")];
+    let mut a = fleet_member(&redis.url(), "a", &env);
+    let window = common::start_of_next_window(length);
+    accept_all(&mut Client::connect(a.addr), 0..200);
+    eventually(
+        Duration::from_secs(2),
+        || "every id in Redis".into(),
+        || (redis.scard(window, 1) == 200).then_some(()),
+    );
+    a.kill();
+    assert_eq!(
+        length.window_of(SystemTime::now()),
+        window,
+        "killed after the window ended: it would have published it"
+    );
+    // Restarted after the window ended: the new run has no ids for it.
+    assert_eq!(common::start_of_next_window(length), length.next(window));
+    let restarted = fleet_member(&redis.url(), "a", &env);
+    let line = restarted.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.revision, line.complete),
+        (200, 1, false),
+        "{line:?}\n{}",
+        restarted.stderr_text()
+    );
+}
+
+/// Sleeps until `ahead` before the next boundary of windows of `length` (the one
+/// after, if that is too close), and returns the window that starts there.
+fn just_before_next_window(length: WindowLength, ahead: Duration) -> WindowStart {
+    let now = SystemTime::now();
+    let mut boundary = length.end_of(length.window_of(now));
+    if boundary.duration_since(now).unwrap_or_default() < ahead + Duration::from_millis(50) {
+        boundary += Duration::from_secs(length.as_secs());
+    }
+    // Waiting for the clock to reach that point is the condition itself.
+    thread::sleep(boundary.duration_since(now).unwrap_or_default() - ahead);
+    length.window_of(boundary)
+}
+
+/// Every key verve wrote to `redis` carries a time to live.
+fn assert_every_key_expires(redis: &RedisServer) {
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("verve:*")
+        .query(&mut connection)
+        .unwrap();
+    assert!(!keys.is_empty());
+    let without: Vec<(String, i64)> = keys
+        .into_iter()
+        .map(|key| {
+            let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
+            (key, ttl)
+        })
+        .filter(|(_, ttl)| *ttl <= 0)
+        .collect();
+    assert_eq!(without, [], "keys without a time to live");
+}
+
+/// Issue 23, item 2: b's link to Redis is held from just before a window begins
+/// until after the fleet's wait for it, so b's heartbeat lapses during the
+/// window before b could send anything for it, while b answers `ok`. The record
+/// must not say complete without b: `complete=false` at the wait, then
+/// `complete=true` with the exact count once b's ids arrive, and no complete
+/// record is short.
+#[test]
+fn a_run_whose_heartbeat_lapsed_during_a_window_keeps_its_record_incomplete() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(300));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    accept_all(&mut Client::connect(b.addr), 50..150);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false),
+        "published as complete without b: {first:?}"
+    );
+    link.release();
+    let last = a.wait_for_record(window, "the complete record", |l| l.complete);
+    assert_eq!((last.unique_requests, last.instances), (150, 2), "{last:?}");
+    for instance in [&a, &b] {
+        let complete: Vec<WindowLine> = instance
+            .windows()
+            .into_iter()
+            .filter(|l| l.window_start == window.to_string() && l.complete)
+            .collect();
+        assert!(
+            complete.iter().all(|l| l.unique_requests == 150),
+            "{complete:?}"
+        );
+    }
+    assert_every_key_expires(&redis);
+}
+
+/// Issue 23, item 6: Redis loses a window's keys mid-window (`FLUSHALL`), the
+/// next rounds write them again, and the only instance is killed before it
+/// settles the window: nothing it wrote lives forever.
+#[test]
+fn keys_written_again_after_redis_lost_them_still_expire() {
+    let redis = RedisServer::start();
+    let env = [("VERVE_WINDOW_SECS", "3600")];
+    let mut a = fleet_member(&redis.url(), "a", &env);
+    let window = WindowLength::from_secs(3600).window_of(SystemTime::now());
+    let mut client = Client::connect(a.addr);
+    accept_all(&mut client, 0..100);
+    let in_redis = |n: u64| {
+        eventually(
+            Duration::from_secs(5),
+            || format!("{n} ids in Redis"),
+            || (redis.scard(window, 1) == n).then_some(()),
+        )
+    };
+    in_redis(100);
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .unwrap();
+    accept_all(&mut client, 100..150);
+    in_redis(50);
+    // A heartbeat after the loss wrote the registry again.
+    eventually(
+        Duration::from_secs(5),
+        || "the registry written again".into(),
+        || {
+            let epoch: bool = redis::cmd("EXISTS")
+                .arg("verve:{fleet}:epoch")
+                .query(&mut redis.connection())
+                .unwrap();
+            epoch.then_some(())
+        },
+    );
+    a.kill();
+    assert_every_key_expires(&redis);
+}
+
+/// A process killed when the test ends, passed or not (one that was never
+/// refused would otherwise outlive a failed test).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 23, item 3: an instance whose windows are not the fleet's (a rolling
+/// change of `VERVE_WINDOW_SECS`) is refused at start-up with one line, as one
+/// with another shard count is, and is not registered: its ids would otherwise
+/// go into sets of windows the fleet cuts differently.
+#[test]
+fn an_instance_with_another_window_length_is_refused_at_start() {
+    let redis = RedisServer::start();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let mut other = KilledOnDrop(
+        common::command(&[
+            ("VERVE_REDIS_URL", redis.url().as_str()),
+            ("VERVE_WINDOW_SECS", "4"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let status = wait_with_deadline(&mut other.0, LIMIT);
+    let mut stderr = String::new();
+    other
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            "verve: VERVE_WINDOW_SECS is 4 here but 2 in the fleet sharing this Redis \
+             (prefix verve): every instance must count the same windows, or one window's \
+             set would take in another's ids; set it to 2 (or use another VERVE_REDIS_PREFIX)"
+        )
+    );
+    let live: Vec<String> = redis::cmd("ZRANGE")
+        .arg("verve:{fleet}:instances")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert!(live[0].starts_with("a/"), "{live:?}");
+    drop(a);
+}
+
+/// Issue 23, item 7: each heartbeat compares this host's clock with Redis's
+/// `TIME` and exports the offset. On one host the clocks agree: the offset is
+/// within a few ms and the instance is healthy.
+#[test]
+fn the_offset_from_redis_clock_is_exported_and_healthy_on_one_host() {
+    let redis = RedisServer::start();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let text = a.scrape();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("verve_clock_offset_ms "))
+        .unwrap();
+    let offset: i64 = line["verve_clock_offset_ms ".len()..].parse().unwrap();
+    assert!(offset.abs() <= 50, "{line}");
+    let health = a.admin_get("/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+}
+
+/// Issue 23, item 4 (its first half): b's link is held from just before a window
+/// until the window's keys expired (their lifetime shortened by a test hook), so
+/// b comes back with ids for a window whose sets are gone. The record outlives
+/// the sets: b never publishes revision 1 again with other content; its count,
+/// higher than the record's, comes as revision 2, `complete=false`, and every
+/// revision names one count in both count logs.
+#[test]
+fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let env = [("VERVE_TEST_KEY_TTL_SECS", "5")];
+    let a = fleet_member(&redis.url(), "a", &env);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &env);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(300));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    accept_all(&mut Client::connect(b.addr), 50..200);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false)
+    );
+    // a stops following the window, and its sets expire.
+    let set = verve::store::window_sets("verve", window, 1).remove(0);
+    eventually(
+        Duration::from_secs(30),
+        || format!("{set} expired"),
+        || {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&set)
+                .query(&mut redis.connection())
+                .unwrap();
+            (!exists).then_some(())
+        },
+    );
+    link.release();
+    let late = b.wait_for_record(window, "b's revision", |l| l.unique_requests == 150);
+    assert_eq!(
+        (late.revision, late.complete),
+        (2, false),
+        "{late:?}\na: {:?}\nb: {:?}\n{}",
+        a.windows(),
+        b.windows(),
+        b.stderr_text()
+    );
+    let mut by_revision = std::collections::BTreeMap::new();
+    for line in a.windows().into_iter().chain(b.windows()) {
+        if line.window_start == window.to_string() {
+            let count = *by_revision
+                .entry(line.revision)
+                .or_insert(line.unique_requests);
+            assert_eq!(
+                count, line.unique_requests,
+                "revision {} twice",
+                line.revision
+            );
+        }
+    }
+    let counts: Vec<u64> = by_revision.values().copied().collect();
+    assert_eq!(counts, [100, 150], "{by_revision:?}");
+}
+
+/// libfaketime, which moves the wall clock of a process it is preloaded into
+/// (scripts/test.sh installs it with the faketime package).
+fn libfaketime() -> std::path::PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists());
+    found.expect("libfaketime (apt-get install faketime; scripts/test.sh does)")
+}
+
+/// Instance `name` of the fleet on `redis_url`, whose wall clock is offset by
+/// what `offset` holds (`+0`, `+5s`, `+2h`, as libfaketime reads it, re-read
+/// every second, so that a test can move it while the instance runs); its
+/// monotonic clock is left alone.
+fn fleet_member_with_clock(
+    redis_url: &str,
+    name: &str,
+    offset: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> common::Verve {
+    let wait = FLEET_WAIT_MS.to_string();
+    let mut env = vec![
+        ("VERVE_REDIS_URL", redis_url),
+        ("VERVE_INSTANCE", name),
+        ("VERVE_FLEET_WAIT_MS", wait.as_str()),
+        ("VERVE_REDIS_TIMEOUT_MS", "300"),
+    ];
+    env.extend_from_slice(extra);
+    let mut command = common::command(&env);
+    command
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", offset)
+        .env("FAKETIME_CACHE_DURATION", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let verve = common::Verve::spawn(command);
+    eventually(
+        Duration::from_secs(10),
+        || format!("{name} in the fleet:\n{}", verve.stderr_text()),
+        || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
+    );
+    verve
+}
+
+/// Issue 23, item 7: an instance whose clock is 5 s ahead of Redis's says so:
+/// the offset in /metrics, one warning, and /healthz fails.
+#[test]
+fn a_clock_ahead_of_redis_is_exported_warned_and_unhealthy() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+5s\n").unwrap();
+    let mut a = fleet_member_with_clock(&redis.url(), "ahead", &offset, &[]);
+    let line = a.wait_for_stderr("this host's clock is off Redis's", Duration::from_secs(5));
+    assert!(line.contains("offset_ms=-"), "{line}");
+    let text = a.scrape();
+    let exported = text
+        .lines()
+        .find_map(|l| l.strip_prefix("verve_clock_offset_ms "))
+        .unwrap();
+    let offset_ms: i64 = exported.parse().unwrap();
+    assert!((-5_100..=-4_900).contains(&offset_ms), "{offset_ms}");
+    let health = a.admin_get("/healthz");
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (
+            503,
+            "clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS"
+        )
+    );
+}
+
+/// Issue 23, item 7: b's clock jumps two hours forward. b skips the windows
+/// without ids in between (one warning, as before), and the fleet must not wait
+/// for b on them: a's next window is complete without b.
+#[test]
+fn an_instance_whose_clock_jumped_forward_is_not_waited_for_on_the_windows_it_skipped() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let mut b = fleet_member_with_clock(&redis.url(), "b", &offset, &[]);
+    std::fs::write(&offset, "+2h\n").unwrap();
+    b.wait_for_stderr("the clock jumped forward", Duration::from_secs(10));
+    // b's first window in the registry is now past the jump.
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let later = later
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    eventually(
+        Duration::from_secs(10),
+        || format!("b's first window past the jump:\n{}", b.stderr_text()),
+        || {
+            let joined: Vec<(String, u64)> = redis::cmd("HGETALL")
+                .arg("verve:{fleet}:joined")
+                .query(&mut redis.connection())
+                .unwrap();
+            let first = joined.iter().find(|(run, _)| run.starts_with("b/"));
+            first.is_some_and(|(_, first)| *first > later).then_some(())
+        },
+    );
+    let (window, ()) = within_one_window(|| accept_all(&mut Client::connect(a.addr), 0..50));
+    let line = a.wait_for_window(window);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.instances),
+        (50, true, 1),
+        "{line:?}"
     );
 }

@@ -4,8 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis_server::free_port;
-use common::{accept_all, eventually, metric, within_one_window, Client, Verve};
+use common::proxy::Proxy;
+use common::redis_server::{free_port, RedisServer};
+use common::{accept_all, eventually, metric, until_accepted, within_one_window, Client, Verve};
 
 /// Polls /healthz until it answers 503, and returns that answer.
 fn unhealthy(verve: &Verve, limit: Duration) -> common::Response {
@@ -121,13 +122,27 @@ fn the_operations_listener_can_be_turned_off() {
 
 #[test]
 fn healthz_reports_redis_trouble() {
-    let url = format!("redis://127.0.0.1:{}/0", free_port());
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let url = format!("redis://127.0.0.1:{}/0", link.port);
     let verve = Verve::start(&[
         ("VERVE_REDIS_URL", url.as_str()),
         ("VERVE_REDIS_BUFFER_IDS", "20"),
         ("VERVE_REDIS_TIMEOUT_MS", "100"),
     ]);
     let mut client = Client::connect(verve.addr);
+    // No `ok` before the fleet took the instance in; then Redis stops answering.
+    until_accepted(&mut client, 0);
+    eventually(
+        Duration::from_secs(5),
+        || "the first id in Redis".into(),
+        || {
+            let text = verve.scrape();
+            let taken = metric(&text, "verve_redis_rounds_total") >= 1;
+            (taken && metric(&text, "verve_redis_buffered_ids") == 0).then_some(())
+        },
+    );
+    link.hold();
     // Unreachable, but not yet for a whole window.
     assert_eq!(verve.admin_get("/healthz").status, 200);
     accept_all(&mut client, 1..=20);

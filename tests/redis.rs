@@ -7,7 +7,8 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::redis_server::{free_port, RedisServer};
+use common::proxy::Proxy;
+use common::redis_server::RedisServer;
 use common::{
     accept_all, distinct, eventually, fleet_member, metric, within_one_window, Client, Verve,
 };
@@ -172,23 +173,66 @@ fn a_redis_restart_mid_window_loses_nothing() {
     assert!(metric(&verve.scrape(), "verve_redis_replays_total") >= 1);
 }
 
+/// Issue 23, item 3: a run that has not heard from the fleet cannot know that it
+/// may deliver (its shards and window length may not be the fleet's), so it
+/// answers no `ok` until a heartbeat is answered: 503 until then, `ok` after.
 #[test]
-fn redis_never_reachable_keeps_answering_and_refuses_once_the_buffer_is_full() {
-    let url = format!("redis://127.0.0.1:{}/0", free_port());
-    let mut verve = fleet_member(
-        &url,
+fn redis_unreachable_at_start_refuses_ids_until_the_fleet_answers() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    link.hold();
+    let mut verve = common::fleet_member_starting(
+        &format!("redis://127.0.0.1:{}/0", link.port),
+        "patient",
+        &[],
+    );
+    assert_eq!(metric(&verve.scrape(), "verve_redis_in_fleet"), 0);
+    verve.wait_for_stderr("Redis unreachable at start-up", Duration::from_secs(5));
+    let mut client = Client::connect(verve.addr);
+    let response = client.get("/api/verve/accept?id=1");
+    assert_eq!((response.status, response.body.as_str()), (503, "failed"));
+    // Still serving: a bad request is still told so.
+    assert_eq!(client.get("/api/verve/accept?id=x").status, 400);
+    link.release();
+    eventually(
+        Duration::from_secs(10),
+        || "an ok once the fleet answered".into(),
+        || (client.get("/api/verve/accept?id=2").status == 200).then_some(()),
+    );
+    assert_eq!(metric(&verve.scrape(), "verve_redis_in_fleet"), 1);
+    let live: Vec<String> = redis::cmd("ZRANGE")
+        .arg("verve:{fleet}:instances")
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+}
+
+#[test]
+fn redis_lost_after_start_keeps_answering_and_refuses_once_the_buffer_is_full() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let verve = fleet_member(
+        &format!("redis://127.0.0.1:{}/0", link.port),
         "lonely",
         &[
             ("VERVE_REDIS_BUFFER_IDS", "50"),
             ("VERVE_REDIS_TIMEOUT_MS", "100"),
         ],
     );
-    verve.wait_for_stderr("Redis unreachable at start-up", Duration::from_secs(5));
     let mut client = Client::connect(verve.addr);
-    accept_all(&mut client, 1..=50);
+    // Registered with the fleet: ids are accepted.
+    eventually(
+        Duration::from_secs(5),
+        || "the first ok".into(),
+        || (client.get("/api/verve/accept?id=0").status == 200).then_some(()),
+    );
+    link.hold();
+    accept_all(&mut client, 1..=49);
     // The buffer fills as the aggregator takes the batches in; then new ids are refused.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut id = 51;
+    let mut id = 50;
     loop {
         let response = client.get(&format!("/api/verve/accept?id={id}"));
         if response.status == 503 {

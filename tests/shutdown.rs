@@ -6,8 +6,10 @@ mod common;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::receiver::{Answer, Receiver};
-use common::{accept_all, accept_all_with, fleet_member, Client, Verve};
+use common::redis_server::RedisServer;
+use common::{accept_all, accept_all_with, fleet_member, until_accepted, Client, Verve};
 
 const DRAIN_MS: u64 = 1000;
 
@@ -34,8 +36,12 @@ fn stop(verve: Verve) -> Duration {
 
 #[test]
 fn redis_and_kafka_that_never_answer_do_not_hold_up_shutdown() {
-    let (redis, kafka) = (black_hole(), black_hole());
-    let url = format!("redis://127.0.0.1:{}/0", port(&redis));
+    // Redis answers until the instance is in the fleet (it answers no `ok`
+    // before), then never again: the link holds every byte.
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let kafka = black_hole();
+    let url = format!("redis://127.0.0.1:{}/0", link.port);
     let brokers = format!("127.0.0.1:{}", port(&kafka));
     let drain = DRAIN_MS.to_string();
     let verve = fleet_member(
@@ -49,7 +55,11 @@ fn redis_and_kafka_that_never_answer_do_not_hold_up_shutdown() {
             ("VERVE_WINDOW_SECS", "3600"),
         ],
     );
-    accept_all(&mut Client::connect(verve.addr), 1..=100);
+    let mut client = Client::connect(verve.addr);
+    until_accepted(&mut client, 0);
+    link.hold();
+    accept_all(&mut client, 1..=100);
+    drop(client);
     let took = stop(verve);
     assert!(took < BOUND, "shutdown took {took:?}");
 }

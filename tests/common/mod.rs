@@ -231,8 +231,20 @@ impl Drop for Verve {
 }
 
 /// Instance `name` of a fleet sharing the Redis at `redis_url`, with the test
-/// defaults for Redis mode (a short fleet wait and Redis timeout), plus `extra`.
+/// defaults for Redis mode (a short fleet wait and Redis timeout), plus `extra`,
+/// once the fleet took it in (it answers 503 until then).
 pub fn fleet_member(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
+    let verve = fleet_member_starting(redis_url, name, extra);
+    eventually(
+        Duration::from_secs(10),
+        || format!("{name} in the fleet:\n{}", verve.stderr_text()),
+        || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
+    );
+    verve
+}
+
+/// [`fleet_member`] as soon as it listens, in the fleet or not.
+pub fn fleet_member_starting(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
     let wait = FLEET_WAIT_MS.to_string();
     let mut env = vec![
         ("VERVE_REDIS_URL", redis_url),
@@ -509,4 +521,14 @@ pub fn accept_all_with(client: &mut Client, endpoint: &str, ids: impl IntoIterat
             "id {id}"
         );
     }
+}
+
+/// Sends `id` on `client` until it is answered `ok`: an instance in Redis mode
+/// answers 503 until the fleet took it in (its first heartbeat answered).
+pub fn until_accepted(client: &mut Client, id: i64) {
+    eventually(
+        Duration::from_secs(10),
+        || format!("id {id} accepted"),
+        || (client.get(&format!("/api/verve/accept?id={id}")).status == 200).then_some(()),
+    );
 }

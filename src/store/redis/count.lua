@@ -9,8 +9,8 @@
 -- KEYS[1] the window's deliveries (run -> ids); KEYS[2] its rounds (run -> last round)
 -- ARGV[1] the run; ARGV[2] the round's number
 -- ARGV[3] 'set' to start the count again (a replay's first round), else 'add'
--- ARGV[4] the round's ids; ARGV[5] the keys' time to live (s), 0 to leave it as it
---         is (set by the run's first round to the window)
+-- ARGV[4] the round's ids; ARGV[5] the keys' time to live (s), given again by
+--         every round (Redis may have lost the keys since the last one)
 
 local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > last then
@@ -21,8 +21,6 @@ if tonumber(ARGV[2]) > last then
   end
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 end
-if ARGV[5] ~= '0' then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 0

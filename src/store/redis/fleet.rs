@@ -24,27 +24,38 @@
 //! - `P:{W}:record`: the latest published record (revision, count, complete,
 //!   partial, instances, published_at), the run that published it, the highest
 //!   revision the shared sinks acknowledged, and the window's generation (raised
-//!   by every mark that makes a run done).
-//! - `P:{fleet}:instances`, `…:joined`, `…:left`: the live runs (a sorted set
-//!   scored by heartbeat expiry, by Redis's clock), each one's first window, and
-//!   the runs that left lately, with when.
-//! - `P:{fleet}:epoch`: created by the first heartbeat, without expiry; only Redis
-//!   losing its data makes it change.
-//! - `P:{fleet}:orphans`: windows left unfinished by runs that stopped.
-//! - `P:{fleet}:shards`: the number of shards, set by the first heartbeat; a run
-//!   with another number refuses to deliver (it would count some ids twice).
+//!   by every mark that makes a run done). It outlives the window's other keys
+//!   (it lives as long as the registry's), so that a run back after they expired
+//!   never publishes a revision number already used.
+//! - `P:{fleet}:instances`, `…:joined`, `…:left`: the runs (a sorted set scored
+//!   by heartbeat expiry, by Redis's clock: live ones, and lapsed ones for as long
+//!   as window keys live by default), each one's first window, and the runs that
+//!   left lately, with when.
+//! - `P:{fleet}:epoch`: created by the first heartbeat, renewed by every one;
+//!   only Redis losing its data (or the whole fleet gone for an hour) makes it
+//!   change.
+//! - `P:{fleet}:orphans`: unfinished windows, noted by every run's first round to
+//!   a window and by runs that stopped; a live run adopts one once its wait is
+//!   over, so a window whose every run was killed is still published.
+//! - `P:{fleet}:shards`, `P:{fleet}:window_secs`: set by the first heartbeat; a
+//!   run with another value of either is refused (it would count some ids twice,
+//!   or in another window's set).
 //!
-//! Every window key expires a while after the window: five windows, at least five
-//! minutes, and at least four fleet waits. On a cluster no script touches two
-//! slots.
+//! Every window key expires a while after its last write (each write renews it):
+//! five windows, at least five minutes, and at least four fleet waits; the
+//! registry's keys and the records an hour after the last heartbeat. On a
+//! cluster no script touches two slots. The decisions (who is awaited, who
+//! adopts, who is refused, who resends) are plain functions in `rules`.
 //!
 //! A run registers (its first heartbeat) before it accepts an id, when Redis is
-//! reachable. A run done with a window settles it, and checks it again every poll
-//! interval until the fleet is done with it. A settle is a survey (`roster.lua`
-//! on the registry: the epoch and the live runs; `tally.lua` on every shard: its
-//! size, and what this run delivered to it), then `settle.lua` on the window's
-//! slot, which marks the run done and, if every live run that started before the
-//! window ended and every run that delivered ids to it is done, publishes the
+//! reachable; until the fleet took it in, new ids get 503. A run done with a
+//! window settles it, and checks it again every poll interval until the fleet is
+//! done with it. A settle is a survey (`roster.lua` on the registry: the epoch,
+//! every run with its heartbeat expiry, Redis's clock; `tally.lua` on every
+//! shard: its size, and what this run delivered to it), then `settle.lua` on the
+//! window's slot, which marks the run done and, if every run that started before
+//! the window ended and was live when it began (lapsed since or not), and every
+//! run that delivered ids to it, is done, publishes the
 //! window: the surveyed count, and a revision one higher than the last, taken
 //! together. The count was read on other slots: the window's generation (see
 //! `settle.lua`) tells the script whether some run became done after the shards
@@ -53,8 +64,8 @@
 //! there with `complete=false`. Whenever the count grows after that (a run that
 //! was cut off delivers its ids), the next settle publishes a revision. The script
 //! publishes for exactly one caller per revision, so each revision reaches the
-//! shared sinks once; if that caller dies before they acknowledge it, another run
-//! following the window sends it.
+//! shared sinks once; if they do not acknowledge it in time (its publisher died,
+//! or cannot reach them), another run following the window sends it.
 //!
 //! If Redis loses ids (a restart, from a snapshot or empty, `FLUSHALL`, a failover
 //! to a replica that lagged), it loses or rolls back the deliveries counted beside
@@ -71,7 +82,9 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, RedisResult, Script, Value};
 
+use super::rules::{self, Layout, Registered};
 use super::slots::ShardTags;
+use super::RedisSettings;
 use crate::config::RedisMode;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
@@ -243,8 +256,11 @@ pub(super) enum Force {
 pub(super) struct Survey {
     /// The fleet's epoch.
     pub epoch: String,
-    /// The live runs, with each one's first window.
-    pub live: Vec<(String, WindowStart)>,
+    /// The runs in the registry, live or lapsed, with each one's first window
+    /// and heartbeat expiry.
+    pub registry: Vec<Registered>,
+    /// Redis's clock when it read the registry, in ms since the epoch.
+    pub now_ms: u64,
     /// The window's count: the sum of its shards' sizes (they are disjoint).
     pub count: u64,
     /// Per sentinel: the ids Redis counts as delivered by this run.
@@ -335,6 +351,10 @@ pub(super) struct Fleet {
     window_secs: u64,
     /// Window keys live this long, in seconds.
     key_ttl_secs: u64,
+    /// A run whose heartbeat expired stays in the registry this long, in ms, to
+    /// be waited for on the windows it was live in: the default key TTL, longer
+    /// than any run follows a window (not shortened by the test hook).
+    lapsed_kept_ms: u64,
     /// `VERVE_REDIS_SHARDS`: sets per window.
     pub shards: usize,
     /// One server: a round may be a transaction over all its keys.
@@ -353,9 +373,11 @@ pub(super) struct Fleet {
     roster: Script,
     /// The live runs, as of the last heartbeat.
     live: Vec<String>,
-    /// Why this run must not deliver to the fleet (its shards differ), as of the
-    /// last heartbeat.
+    /// Why this run must not deliver to the fleet (its shards or window length
+    /// differ), as of the last heartbeat.
     pub refusal: Option<String>,
+    /// How far Redis's clock was ahead of this host's at the last heartbeat, ms.
+    pub clock_offset_ms: Option<i64>,
     /// This run has left the fleet: it no longer registers.
     left: bool,
     /// When each run was last seen live, for as long as a loss could need it.
@@ -369,25 +391,23 @@ pub(super) struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(
-        prefix: &str,
-        instance: &str,
-        first_window: WindowStart,
-        window_secs: u64,
-        wait: Duration,
-        shards: usize,
-        mode: RedisMode,
-    ) -> Self {
+    pub fn new(settings: &RedisSettings) -> Self {
+        let (window_secs, wait) = (settings.window_secs, settings.fleet_wait);
+        let (shards, mode, instance) = (settings.shards, settings.mode, &settings.instance);
+        // Five windows, at least five minutes and four fleet waits: longer than
+        // any run follows a window.
+        let default_ttl = (window_secs * 5).max(300).max(4 * wait.as_secs());
         Fleet {
-            keys: Keys::new(prefix, shards, mode),
+            keys: Keys::new(&settings.prefix, shards, mode),
             run: format!(
                 "{instance}/{}-{}",
                 std::process::id(),
                 Timestamp::now().unix_millis()
             ),
-            first_window,
+            first_window: settings.first_window,
             window_secs,
-            key_ttl_secs: (window_secs * 5).max(300).max(4 * wait.as_secs()),
+            key_ttl_secs: settings.key_ttl_secs.unwrap_or(default_ttl),
+            lapsed_kept_ms: default_ttl * 1000,
             shards,
             atomic: mode == RedisMode::Single,
             count: include_str!("count.lua"),
@@ -401,6 +421,7 @@ impl Fleet {
             roster: Script::new(include_str!("roster.lua")),
             live: Vec::new(),
             refusal: None,
+            clock_offset_ms: None,
             left: false,
             seen: BTreeMap::new(),
             epoch: None,
@@ -427,39 +448,35 @@ impl Fleet {
     /// counted by the shard's own sentinel); on a single server, one transaction
     /// of plain `SADD`s and one `count.lua` for the window's one sentinel (the
     /// same effect, without passing every id through Lua). The window's first
-    /// round also sets this run's `sending` mark. `delivered` is what this run
-    /// already delivered to each shard of the window: a shard it has not written
-    /// to yet gets its time to live with these ids.
+    /// round also sets this run's `sending` mark. Every round gives the keys it
+    /// writes their time to live again: Redis may have lost them since the last
+    /// (a restart, `FLUSHALL`), and a key a round creates must never live forever,
+    /// even if every run that wrote it dies before it settles the window.
     pub fn round(
         &mut self,
         window: WindowStart,
         ids: &[i64],
         round: u64,
         count: Count,
-        delivered: &[u64],
     ) -> RoundCommands {
         let mode = match count {
             Count::Add => "add",
             Count::Set => "set",
         };
-        let ttl_if = |first: bool| if first { self.key_ttl_secs } else { 0 };
+        let ttl = self.key_ttl_secs;
         let mut commands = Vec::new();
         let mut shards = Vec::new();
         for (shard, ids) in self.split(ids).iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
-            let ttl = ttl_if(delivered.get(shard).copied().unwrap_or(0) == 0);
             let set = self.keys.set(window, shard);
             if self.atomic {
                 let mut add = redis::cmd("SADD");
                 add.arg(&set).arg(&ids[..]);
-                commands.push(add);
-                if ttl != 0 {
-                    let mut expire = redis::cmd("EXPIRE");
-                    expire.arg(&set).arg(ttl);
-                    commands.push(expire);
-                }
+                let mut expire = redis::cmd("EXPIRE");
+                expire.arg(&set).arg(ttl);
+                commands.extend([add, expire]);
             } else {
                 let [delivered, rounds] = self.keys.sentinel(window, shard);
                 let mut call = evalsha(&self.round, &[set, delivered, rounds]);
@@ -474,7 +491,6 @@ impl Fleet {
         }
         if self.atomic && !shards.is_empty() {
             let ids: u64 = shards.iter().map(|(_, ids)| ids).sum();
-            let ttl = ttl_if(delivered.iter().all(|&ids| ids == 0));
             // Sent whole: a script not loaded yet would fail inside the transaction.
             let mut call = redis::cmd("EVAL");
             call.arg(self.count)
@@ -497,15 +513,29 @@ impl Fleet {
         }
     }
 
-    /// Commands setting this run's mark for `window` to `sending`: it has ids for
-    /// the window that are not all in.
-    pub fn sending(&self, window: WindowStart) -> [Cmd; 2] {
+    /// Commands setting this run's mark for `window` to `sending` (it has ids for
+    /// the window that are not all in), and noting the window among the fleet's
+    /// unfinished ones (`P:{fleet}:orphans`), so that a live run adopts it once
+    /// its wait is over even if every run that sent ids to it was killed;
+    /// whoever settles it complete, or adopts it, takes it off the list.
+    pub fn sending(&self, window: WindowStart) -> [Cmd; 4] {
         let marks = self.keys.window(window, ":marks");
         let mut mark = redis::cmd("HSET");
         mark.arg(&marks).arg(&self.run).arg("sending");
         let mut expire = redis::cmd("EXPIRE");
         expire.arg(&marks).arg(self.key_ttl_secs);
-        [mark, expire]
+        let unfinished = self.keys.fleet("orphans");
+        let mut note = redis::cmd("SADD");
+        note.arg(&unfinished).arg(window.unix_secs());
+        let mut keep = redis::cmd("EXPIRE");
+        keep.arg(&unfinished).arg(self.registry_ttl_secs());
+        [mark, expire, note, keep]
+    }
+
+    /// How long the registry's keys live after the last heartbeat that renewed
+    /// them: longer than any window key, and than a run that left is remembered.
+    pub fn registry_ttl_secs(&self) -> u64 {
+        self.key_ttl_secs.max(LEFT_REMEMBERED.as_secs())
     }
 
     /// `ids` by shard; with one shard, as they are.
@@ -544,7 +574,8 @@ impl Fleet {
             self.learn_epoch(epoch.unwrap_or_default());
             return Ok(Vec::new());
         }
-        let (epoch, live, orphans, shards): (String, Vec<String>, Vec<u64>, usize) = self
+        let sent_us = unix_micros();
+        let answer: HeartbeatAnswer = self
             .heartbeat
             .key(self.keys.fleet("instances"))
             .key(self.keys.fleet("joined"))
@@ -552,6 +583,7 @@ impl Fleet {
             .key(self.keys.fleet("epoch"))
             .key(self.keys.fleet("orphans"))
             .key(self.keys.fleet("shards"))
+            .key(self.keys.fleet("window_secs"))
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
@@ -559,14 +591,22 @@ impl Fleet {
             .arg(format!("{}@{}", self.run, Timestamp::now().unix_millis()))
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
+            .arg(self.lapsed_kept_ms)
+            .arg(self.registry_ttl_secs())
+            .arg(self.window_secs)
             .invoke(link.connection())?;
-        if shards != self.shards {
-            let refusal = format!(
-                "VERVE_REDIS_SHARDS is {} here but {shards} in the fleet sharing this Redis \
-                 (prefix {}): every instance must split windows the same way, or ids would \
-                 be counted twice; set it to {shards}",
-                self.shards, self.keys.prefix
-            );
+        let (epoch, live, orphans, shards, window_secs, redis_us) = answer;
+        let received_us = unix_micros();
+        self.clock_offset_ms = Some(rules::clock_offset_ms(sent_us, received_us, redis_us));
+        let here = Layout {
+            shards: self.shards,
+            window_secs: self.window_secs,
+        };
+        let fleet = Layout {
+            shards,
+            window_secs,
+        };
+        if let Some(refusal) = rules::refusal(here, fleet, &self.keys.prefix) {
             if self.refusal.is_none() {
                 tracing::error!("{refusal}; this instance delivers nothing until it is fixed");
             }
@@ -614,6 +654,13 @@ impl Fleet {
         self.uncertain_until = Some(Instant::now() + self.wait);
     }
 
+    /// This run has no ids for windows before `window` that it has not closed
+    /// (the clock jumped forward): registered from the next heartbeat on, so
+    /// that the fleet does not wait for it on them.
+    pub fn starts_at(&mut self, window: WindowStart) {
+        self.first_window = self.first_window.max(window);
+    }
+
     /// Whether a loss of Redis's data was noticed less than a heartbeat lifetime ago.
     pub fn is_uncertain(&mut self) -> bool {
         if self
@@ -633,7 +680,7 @@ impl Fleet {
         for name in ["instances", "joined", "left", "orphans"] {
             call.key(self.keys.fleet(name));
         }
-        call.arg(&self.run);
+        call.arg(&self.run).arg(self.registry_ttl_secs());
         for window in unfinished {
             call.arg(window.unix_secs());
         }
@@ -664,13 +711,19 @@ impl Fleet {
         }
         let mut answers = self.pipeline(link, commands, false)?.into_iter();
         let roster = answers.next().unwrap_or(Value::Nil);
-        let (epoch, live): (String, Vec<(String, u64)>) = redis::from_redis_value(roster)?;
+        let (epoch, registry, now_ms): (String, Vec<(String, u64, u64)>, u64) =
+            redis::from_redis_value(roster)?;
         let mut survey = Survey {
             epoch,
-            live: live
+            registry: registry
                 .into_iter()
-                .map(|(run, first)| (run, WindowStart::from_unix_secs(first)))
+                .map(|(run, first, expires_ms)| Registered {
+                    run,
+                    first: WindowStart::from_unix_secs(first),
+                    expires_ms,
+                })
                 .collect(),
+            now_ms,
             count: 0,
             counted: Vec::with_capacity(self.keys.sentinels()),
             delivered_by: BTreeSet::new(),
@@ -728,12 +781,8 @@ impl Fleet {
         };
         awaited.extend(view.members.iter().cloned());
         awaited.extend(survey.delivered_by.iter().cloned());
-        let may_have_ids: Vec<&str> = survey
-            .live
-            .iter()
-            .filter(|(_, first)| *first <= window)
-            .map(|(run, _)| run.as_str())
-            .collect();
+        let (may_have_ids, lapsed) = rules::awaited(&survey.registry, window, survey.now_ms);
+        awaited.extend(lapsed.into_iter().map(str::to_owned));
         let mut call = self.settle.prepare_invoke();
         call.key(self.keys.window(window, ":marks"))
             .key(self.keys.window(window, ":record"))
@@ -749,6 +798,7 @@ impl Fleet {
                 Force::IfAlone => "alone",
             })
             .arg(self.key_ttl_secs)
+            .arg(self.registry_ttl_secs())
             .arg(view.generation.map_or(String::new(), |g| g.to_string()))
             .arg(survey.count);
         match &view.known {
@@ -789,9 +839,12 @@ impl Fleet {
             published_at_ms: at,
             by,
         });
-        let publisher_live = record
-            .as_ref()
-            .is_some_and(|r| survey.live.iter().any(|(run, _)| *run == r.by));
+        let publisher_live = record.as_ref().is_some_and(|r| {
+            survey
+                .registry
+                .iter()
+                .any(|run| run.run == r.by && run.is_live(survey.now_ms))
+        });
         // When a publisher that is gone left matters only for a record the shared
         // sinks have not acknowledged: asked for then alone.
         let publisher_left_ms = match &record {
@@ -862,6 +915,17 @@ fn evalsha(script: &Script, keys: &[String]) -> Cmd {
     call.arg(script.get_hash()).arg(keys.len()).arg(keys);
     call
 }
+
+/// This host's clock, in us since the epoch.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// `heartbeat.lua`'s answer: the epoch, the live runs, the unfinished windows,
+/// the fleet's shards and window length, and Redis's clock (us).
+type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, usize, u64, u64);
 
 /// `settle.lua`'s answer, in two parts (redis-rs reads tuples of at most 12).
 type SettledHead = (String, u64, u64, u8, u8, u64, u64);

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{RedisError, RedisResult};
 
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
+use super::rules::{self, Unacknowledged};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
+use crate::admission::Closed;
 use crate::backoff::Backoff;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
@@ -85,6 +87,13 @@ pub(super) struct Forwarder {
     registered: Option<mpsc::Sender<Result<(), String>>>,
     /// Start-up heard that the fleet refused this run: the thread ends.
     refused_at_start: bool,
+    /// The window to close next (this run's first, then the one after the last
+    /// closed), to notice windows the aggregator skipped.
+    next_close: WindowStart,
+    /// `VERVE_MAX_CLOCK_SKEW_MS`.
+    max_clock_skew: Duration,
+    /// The last heartbeat found this host's clock off Redis's by more than that.
+    clock_skewed: bool,
 }
 
 /// What a run delivered to a window: ids per shard (a shard got its time to live
@@ -148,15 +157,7 @@ impl Forwarder {
         reporter: Reporter,
         registered: mpsc::Sender<Result<(), String>>,
     ) -> Self {
-        let fleet = Fleet::new(
-            &settings.prefix,
-            &settings.instance,
-            settings.first_window,
-            settings.window_secs,
-            settings.fleet_wait,
-            settings.shards,
-            settings.mode,
-        );
+        let fleet = Fleet::new(&settings);
         let heartbeat_interval = fleet.heartbeat_interval();
         Forwarder {
             shared,
@@ -182,6 +183,9 @@ impl Forwarder {
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
             refused_at_start: false,
+            next_close: settings.first_window,
+            max_clock_skew: settings.max_clock_skew,
+            clock_skewed: false,
         }
     }
 
@@ -278,10 +282,7 @@ impl Forwarder {
             if *round == 0 {
                 *round = delivery.map_or(0, |d| d.rounds) + 1;
             }
-            let delivered = delivery.map_or(&[][..], |d| &d.ids);
-            let this = self
-                .fleet
-                .round(*window, ids, *round, Count::Add, delivered);
+            let this = self.fleet.round(*window, ids, *round, Count::Add);
             commands.extend(this.commands);
             atomic = this.atomic;
             shards.push(this.shards);
@@ -312,7 +313,10 @@ impl Forwarder {
             .buffered_ids
             .store(queue.buffered_ids as u64, Ordering::Relaxed);
         gauges.rounds.fetch_add(1, Ordering::Relaxed);
-        if !self.shared.admission.is_open() && queue.buffered_ids * 10 < self.shared.capacity * 9 {
+        let admission = &self.shared.admission;
+        if admission.is_closed_for(Closed::BufferFull)
+            && queue.buffered_ids * 10 < self.shared.capacity * 9
+        {
             self.shared.admission.set_open(true);
             tracing::info!(
                 buffered_ids = queue.buffered_ids,
@@ -325,6 +329,11 @@ impl Forwarder {
     /// now) and starts following the window.
     fn close(&mut self, closed: ClosedWindow) {
         let window = closed.window;
+        if let Some(first) = rules::first_window_after_skip(self.next_close, window) {
+            self.fleet.starts_at(first);
+            self.next_heartbeat = Instant::now();
+        }
+        self.next_close = self.next_close.max(self.length.next(window));
         let coverage = match closed.partial {
             true => Coverage::Partial,
             false => Coverage::Full,
@@ -493,24 +502,27 @@ impl Forwarder {
             view.known = Some(record.clone());
             self.reporter.report(&count, published, endpoints);
         }
-        // The publisher had its time: since it left, or (if it died) since it
+        // The publisher had its time: since it left, or (live, or dead) since it
         // published.
         let since = match settled.publisher_left_ms {
             0 => record.published_at_ms,
             left => left,
         };
         let waited = Duration::from_millis(Timestamp::now().unix_millis().saturating_sub(since));
-        let orphaned = record.revision > settled.acked
-            && !settled.publisher_live
-            && waited > self.redeliver_after
-            && record.by != self.fleet.run
-            && record.revision > tracked.redelivered;
-        if orphaned && self.reporter.has_shared_sinks() {
+        let unacknowledged = Unacknowledged {
+            revision: record.revision,
+            acked: settled.acked,
+            mine: record.by == self.fleet.run,
+            resent: tracked.redelivered,
+            waited,
+        };
+        if unacknowledged.resends(self.redeliver_after) && self.reporter.has_shared_sinks() {
             tracked.redelivered = record.revision;
             tracing::warn!(
                 window_start = %window,
                 revision = record.revision,
-                "the instance that published this record stopped before the shared sinks acknowledged it; sending it on"
+                publisher_live = settled.publisher_live,
+                "the shared sinks have not acknowledged this record in time (its publisher stopped, or cannot reach them); sending it on"
             );
             self.reporter.redeliver(&count);
         }
@@ -551,9 +563,8 @@ impl Forwarder {
         self.call(|link, fleet| fleet.pipeline(link, sending, false))?;
         let mut round = rounds;
         for ids in lost.iter().filter(|ids| !ids.is_empty()) {
-            // Redis may have lost the shards' keys: the replay's first round to
-            // each gives them their time to live again.
-            let mut replayed = Delivery::default();
+            // Redis may have lost the shards' keys: every round gives them their
+            // time to live again.
             for (i, chunk) in ids.chunks(ROUND_IDS).enumerate() {
                 // A long replay must not let this run's heartbeat lapse.
                 if self.next_heartbeat <= Instant::now() {
@@ -564,9 +575,8 @@ impl Forwarder {
                     0 => Count::Set,
                     _ => Count::Add,
                 };
-                let this = self.fleet.round(window, chunk, round, count, &replayed.ids);
+                let this = self.fleet.round(window, chunk, round, count);
                 self.call(|link, fleet| fleet.pipeline(link, this.commands, this.atomic))?;
-                replayed.add(&this.shards, shards);
             }
         }
         Some(round)
@@ -584,7 +594,7 @@ impl Forwarder {
             let ours = self.tracked.contains_key(&window)
                 || self.delivered.contains_key(&window)
                 || self.finished.contains(&window);
-            if !ours && self.fleet.is_wait_over(window) {
+            if rules::adopts(ours, self.fleet.is_wait_over(window)) {
                 self.adopt(window);
             }
         }
@@ -595,6 +605,21 @@ impl Forwarder {
     /// or `None` if Redis failed.
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
         let orphans = self.call(|link, fleet| fleet.heartbeat(link));
+        if let Some(offset) = self.fleet.clock_offset_ms {
+            self.clock_offset(offset);
+        }
+        // `ok` only once the fleet took this run in, and never while it refuses it
+        // (before start-up hears of it: the first request may follow at once).
+        let in_fleet = match (&orphans, &self.fleet.refusal) {
+            (_, Some(_)) => Some(false),
+            (Some(_), None) => Some(true),
+            (None, None) => None,
+        };
+        if let Some(in_fleet) = in_fleet {
+            self.shared.admission.set(Closed::NotInFleet, !in_fleet);
+            let gauge = &self.shared.gauges.in_fleet;
+            gauge.store(u64::from(in_fleet), Ordering::Relaxed);
+        }
         if let Some(registered) = self.registered.take() {
             let outcome = match &self.fleet.refusal {
                 Some(refusal) => Err(refusal.clone()),
@@ -608,6 +633,27 @@ impl Forwarder {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
         }
         orphans
+    }
+
+    /// Publishes how far Redis's clock is from this host's, and says so when it
+    /// goes past `VERVE_MAX_CLOCK_SKEW_MS` (and when it is back within).
+    fn clock_offset(&mut self, offset_ms: i64) {
+        self.shared
+            .gauges
+            .clock_offset_ms
+            .store(offset_ms, Ordering::Relaxed);
+        let skewed = offset_ms.unsigned_abs() > self.max_clock_skew.as_millis() as u64;
+        if skewed && !self.clock_skewed {
+            tracing::warn!(
+                offset_ms,
+                "this host's clock is off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS: windows are \
+                 cut by this host's clock, so its ids may count in other windows than the fleet's; \
+                 check NTP"
+            );
+        } else if !skewed && self.clock_skewed {
+            tracing::info!(offset_ms, "this host's clock is back in step with Redis's");
+        }
+        self.clock_skewed = skewed;
     }
 
     /// Settles a window a stopped run left unfinished, taking no part in it:

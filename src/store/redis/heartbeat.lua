@@ -1,33 +1,47 @@
 -- Tells the fleet a process is alive, by Redis's clock (so that hosts' clocks need
--- not agree to the second for liveness), and forgets processes whose heartbeat
--- expired. A process is a member of the fleet by its run: a restart is a new one.
+-- not agree to the second for liveness). A process is a member of the fleet by
+-- its run: a restart is a new one. A run whose heartbeat expired stays in the
+-- registry, lapsed, for as long as a window it was live in may be settled (it
+-- may have ids for those windows: their records must not say complete without
+-- it), then is forgotten. Every registry key gets its time to live again.
 --
--- KEYS[1] the live runs: sorted set scored by heartbeat expiry (ms)
--- KEYS[2] each live run's first window (unix seconds)
+-- KEYS[1] the runs: sorted set scored by heartbeat expiry (ms)
+-- KEYS[2] each run's first window (unix seconds)
 -- KEYS[3] runs that left, and when (ms)
 -- KEYS[4] the fleet's epoch
--- KEYS[5] windows left to the fleet by runs that stopped
+-- KEYS[5] unfinished windows: noted by every run's first round to one, and by
+--         runs that stopped
 -- KEYS[6] the number of shards the fleet splits windows over
+-- KEYS[7] the fleet's window length (s)
 -- ARGV[1] this run; ARGV[2] the heartbeat's lifetime (ms); ARGV[3] its first window
 -- ARGV[4] an epoch, if there is none yet; ARGV[5] how long to remember a run that left (ms)
 -- ARGV[6] this run's number of shards, if the fleet has none yet
+-- ARGV[7] how long a lapsed run stays in the registry (ms)
+-- ARGV[8] the registry keys' time to live (s)
+-- ARGV[9] this run's window length (s), if the fleet has none yet
 --
--- Returns {epoch, live runs, windows left to the fleet, the fleet's number of shards};
--- a run whose number of shards is not the fleet's is not registered (it must not
--- be waited for), and gets only the fleet's number back.
+-- Returns {epoch, live runs, unfinished windows, the fleet's number of shards,
+-- the fleet's window length, Redis's clock (us)}; a run whose number of shards
+-- or window length is not the fleet's is not registered (it must not be waited
+-- for, and its ids would land in the fleet's sets under another layout), and
+-- gets only the fleet's values and the clock back.
 
 redis.replicate_commands()
-redis.call('SET', KEYS[6], ARGV[6], 'NX')
-local shards = redis.call('GET', KEYS[6])
-if shards ~= ARGV[6] then
-  return {'', {}, {}, shards}
-end
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+local micros = clock[1] * 1000000 + clock[2]
+redis.call('SET', KEYS[6], ARGV[6], 'NX')
+redis.call('SET', KEYS[7], ARGV[9], 'NX')
+local shards = redis.call('GET', KEYS[6])
+local window_secs = redis.call('GET', KEYS[7])
+if shards ~= ARGV[6] or window_secs ~= ARGV[9] then
+  return {'', {}, {}, shards, window_secs, micros}
+end
+local forget = now - tonumber(ARGV[7])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', forget)) do
   redis.call('HDEL', KEYS[2], gone)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', forget)
 local left = redis.call('HGETALL', KEYS[3])
 for i = 1, #left, 2 do
   if tonumber(left[i + 1]) < now - tonumber(ARGV[5]) then
@@ -37,9 +51,14 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SET', KEYS[4], ARGV[4], 'NX')
+for i = 1, 7 do
+  redis.call('EXPIRE', KEYS[i], ARGV[8])
+end
 return {
   redis.call('GET', KEYS[4]),
   redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
   redis.call('SMEMBERS', KEYS[5]),
   shards,
+  window_secs,
+  micros,
 }

@@ -19,16 +19,17 @@
 
 mod fleet;
 mod forwarder;
+mod rules;
 mod slots;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{ClosedWindow, DedupStore, IdSet};
-use crate::admission::Admission;
+use crate::admission::{Admission, Closed};
 use crate::config::RedisMode;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
@@ -56,6 +57,11 @@ pub struct RedisSettings {
     /// before the count is published anyway; also how long an instance that stops
     /// sending heartbeats still counts as live.
     pub fleet_wait: Duration,
+    /// How long window keys live, if not the default (five windows, at least five
+    /// minutes and four fleet waits): a test hook.
+    pub key_ttl_secs: Option<u64>,
+    /// `VERVE_MAX_CLOCK_SKEW_MS`: past this difference from Redis's clock, warn.
+    pub max_clock_skew: Duration,
     /// The window this process started in.
     pub first_window: WindowStart,
     /// Sets each window's ids are split over; the same in every instance.
@@ -81,6 +87,12 @@ pub struct RedisGauges {
     pub replays: AtomicU64,
     /// Since when Redis has been unreachable, in ms since the epoch; 0 while reachable.
     pub down_since_ms: AtomicU64,
+    /// How far Redis's clock was ahead of this host's at the last heartbeat, in ms
+    /// (negative: behind).
+    pub clock_offset_ms: AtomicI64,
+    /// 1 once the fleet took this run in (a heartbeat answered, its layout the
+    /// fleet's); 0 before, and while the fleet refuses it: new ids get 503.
+    pub in_fleet: AtomicU64,
 }
 
 pub struct RedisStore {
@@ -117,7 +129,10 @@ impl RedisStore {
     /// Checks the URL, starts the forwarder and waits for its first heartbeat, so
     /// that an instance that can reach Redis is known to the fleet before it
     /// accepts an id. Redis need not be reachable: the wait ends with the
-    /// heartbeat's first attempt, whatever its outcome.
+    /// heartbeat's first attempt, whatever its outcome; but until a heartbeat is
+    /// answered and the fleet accepts this run (its shards and window length are
+    /// the fleet's), new ids get 503: an `ok` then would be a promise the run may
+    /// not be allowed to keep.
     pub fn start(
         settings: RedisSettings,
         reporter: Reporter,
@@ -133,6 +148,7 @@ impl RedisStore {
         gauges
             .buffer_capacity
             .store(settings.buffer_ids as u64, Ordering::Relaxed);
+        admission.set(Closed::NotInFleet, true);
         let shared = Arc::new(Shared {
             gauges,
             queue: Mutex::new(Queue::default()),
@@ -174,7 +190,10 @@ impl DedupStore for RedisStore {
             .buffered_ids
             .store(queue.buffered_ids as u64, Ordering::Relaxed);
         // Ids already accepted are always queued; only new ones are refused.
-        if queue.buffered_ids >= self.shared.capacity && self.shared.admission.is_open() {
+        let admission = &self.shared.admission;
+        if queue.buffered_ids >= self.shared.capacity
+            && !admission.is_closed_for(Closed::BufferFull)
+        {
             self.shared.admission.set_open(false);
             tracing::warn!(
                 buffered_ids = queue.buffered_ids,

@@ -8,8 +8,8 @@
 -- KEYS[3] its rounds (run -> last round)
 -- ARGV[1] the run; ARGV[2] the round's number
 -- ARGV[3] 'set' to start the count again (a replay's first round), else 'add'
--- ARGV[4] the keys' time to live (s), 0 to leave it as it is (set by the run's
---         first round to the shard)
+-- ARGV[4] the keys' time to live (s), given again by every round (Redis may have
+--         lost the keys since the last one)
 -- ARGV[5..] the ids
 
 local last = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
@@ -26,9 +26,7 @@ if tonumber(ARGV[2]) > last then
   end
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 end
-if ARGV[4] ~= '0' then
-  for i = 1, 3 do
-    redis.call('EXPIRE', KEYS[i], ARGV[4])
-  end
+for i = 1, 3 do
+  redis.call('EXPIRE', KEYS[i], ARGV[4])
 end
 return 0

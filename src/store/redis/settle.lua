@@ -19,14 +19,17 @@
 -- ARGV[3] '0'; '1' to publish even if some run is not done; 'alone' to do so only
 --         if no other live run may still publish the window (leaving)
 -- ARGV[4] the keys' time to live (s)
--- ARGV[5] the generation the caller saw before reading the shards ('' for none)
--- ARGV[6] the window's count: the sum of its shards' sizes
--- ARGV[7..14] the latest record this run knows (revision, unique_requests,
+-- ARGV[5] the record's time to live (s): longer than the window's other keys, so
+--         that a run coming back after they expired finds the record and never
+--         publishes a revision number already used, nor a lower count
+-- ARGV[6] the generation the caller saw before reading the shards ('' for none)
+-- ARGV[7] the window's count: the sum of its shards' sizes
+-- ARGV[8..15] the latest record this run knows (revision, unique_requests,
 --         complete, partial, instances, published_at, acked, by; revision 0 for none)
--- ARGV[15] how many live runs follow, L
--- ARGV[16..15+L] the live runs that started before the window ended (they could
+-- ARGV[16] how many live runs follow, L
+-- ARGV[17..16+L] the live runs that started before the window ended (they could
 --         have ids for it)
--- ARGV[16+L..] more runs to wait for: any that delivered to the window or that
+-- ARGV[17+L..] more runs to wait for: any that delivered to the window or that
 --         this run saw take part, and any it saw live shortly before Redis lost its
 --         data (in case their marks or heartbeats went with it)
 --
@@ -40,7 +43,7 @@
 -- 'pending' or 'gone' (left to the fleet, and its keys expired since).
 
 redis.replicate_commands()
-local me, mark, force, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local me, mark, force, ttl, record_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local function answer(outcome, generation, release)
   return {{outcome, 0, 0, 0, 0, 0, 0}, {'', generation, 0, {}, 0, release}}
 end
@@ -59,6 +62,8 @@ local function store(record)
   redis.call('HSET', KEYS[2], 'revision', record[1], 'unique_requests', record[2],
     'complete', record[3], 'partial', record[4], 'instances', record[5],
     'published_at', record[6], 'acked', record[7], 'by', record.by)
+  -- It may have just been created (a run adopting a window without a record).
+  redis.call('EXPIRE', KEYS[2], record_ttl)
 end
 
 local record = stored()
@@ -71,16 +76,16 @@ if mark ~= '' and redis.call('HGET', KEYS[1], me) ~= mark then
   generation = redis.call('HINCRBY', KEYS[2], 'generation', 1)
 end
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-if ARGV[5] ~= tostring(generation) then
+redis.call('EXPIRE', KEYS[2], record_ttl)
+if ARGV[6] ~= tostring(generation) then
   return answer('again', generation, 0)
 end
 
-if tonumber(ARGV[7]) > record[1] then
+if tonumber(ARGV[8]) > record[1] then
   -- The record went with Redis's data: put back the latest this run knows, so
   -- that the next revision is higher than any a consumer has seen from it.
-  record = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]),
-    tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), by = ARGV[14]}
+  record = {tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]),
+    tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), by = ARGV[15]}
   store(record)
 end
 
@@ -102,8 +107,8 @@ local function pending(run)
 end
 
 local waiting, others_pending = false, false
-local live = tonumber(ARGV[15])
-for i = 16, 15 + live do
+local live = tonumber(ARGV[16])
+for i = 17, 16 + live do
   if pending(ARGV[i]) then
     waiting = true
     if ARGV[i] ~= me then
@@ -111,7 +116,7 @@ for i = 16, 15 + live do
     end
   end
 end
-for i = 16 + live, #ARGV do
+for i = 17 + live, #ARGV do
   if pending(ARGV[i]) then
     waiting = true
   end
@@ -122,7 +127,7 @@ for _, state_of in pairs(state) do
   end
 end
 
-local count = tonumber(ARGV[6])
+local count = tonumber(ARGV[7])
 local complete = 0
 if not waiting then
   complete = 1

@@ -1,0 +1,318 @@
+//! The fleet protocol's decisions, as plain functions of what Redis answered,
+//! what this run holds and the time: no Redis, no clock, so that each rule is a
+//! unit test. The forwarder and `fleet` are the shell that asks Redis, runs the
+//! Lua scripts (the atomic steps) and applies what these return.
+
+use std::time::Duration;
+
+use crate::window::WindowStart;
+
+/// A run in the registry, as `roster.lua` read it: live, or lapsed (its
+/// heartbeat expired) but kept for as long as a window it was live in may still
+/// be settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Registered {
+    pub run: String,
+    /// The window the run started in: it has no ids for earlier ones.
+    pub first: WindowStart,
+    /// When its heartbeat expires (or expired), ms since the epoch, by Redis's clock.
+    pub expires_ms: u64,
+}
+
+impl Registered {
+    /// Whether the run's heartbeat is current at `now_ms` (Redis's clock).
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.expires_ms >= now_ms
+    }
+
+    /// Whether the run may hold ids for `window`, and so must be done with it
+    /// before its record may say `complete=true`: it joined by the window's end
+    /// (its first window is not later) and was live when the window began or at
+    /// some time after, whether or not its heartbeat lapsed since. A lapse after
+    /// a long stall is exactly when its ids are missing. A run that left is not
+    /// in the registry at all.
+    pub fn may_have_ids(&self, window: WindowStart, now_ms: u64) -> bool {
+        self.first <= window
+            && (self.is_live(now_ms) || self.expires_ms > window.unix_secs() * 1000)
+    }
+}
+
+/// Who `settle.lua` waits for on `window`, from the registry: the live runs that
+/// may have ids for it (they also stop a leaving run from publishing alone), and
+/// the lapsed ones that may (they only make the record `complete=false`).
+pub(super) fn awaited(
+    registry: &[Registered],
+    window: WindowStart,
+    now_ms: u64,
+) -> (Vec<&str>, Vec<&str>) {
+    let (live, lapsed): (Vec<&Registered>, Vec<&Registered>) = registry
+        .iter()
+        .filter(|r| r.may_have_ids(window, now_ms))
+        .partition(|r| r.is_live(now_ms));
+    (names(live), names(lapsed))
+}
+
+fn names(runs: Vec<&Registered>) -> Vec<&str> {
+    runs.into_iter().map(|r| r.run.as_str()).collect()
+}
+
+/// Whether this run adopts a window listed among the fleet's unfinished ones at a
+/// heartbeat: one it has no part in (it neither follows nor sends to it, nor saw
+/// it finished), once the fleet's wait for it is over. The list holds every
+/// window some run sent ids to until it is settled complete or adopted, so a
+/// window whose every run was killed is still published.
+pub(super) fn adopts(ours: bool, wait_over: bool) -> bool {
+    !ours && wait_over
+}
+
+/// What a run must share with the fleet to write to its sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    /// `VERVE_REDIS_SHARDS`: sets per window.
+    pub shards: usize,
+    /// `VERVE_WINDOW_SECS`.
+    pub window_secs: u64,
+}
+
+/// Why a run laid out as `here` must not deliver to a fleet laid out as `fleet`
+/// (under `prefix`), if it must not: one line, naming the setting to change.
+/// Another split would count some ids twice; another window length would put
+/// ids of one window into another's set.
+pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<String> {
+    if here.shards != fleet.shards {
+        return Some(format!(
+            "VERVE_REDIS_SHARDS is {} here but {} in the fleet sharing this Redis \
+             (prefix {prefix}): every instance must split windows the same way, or ids would \
+             be counted twice; set it to {}",
+            here.shards, fleet.shards, fleet.shards
+        ));
+    }
+    if here.window_secs != fleet.window_secs {
+        return Some(format!(
+            "VERVE_WINDOW_SECS is {} here but {} in the fleet sharing this Redis \
+             (prefix {prefix}): every instance must count the same windows, or one window's \
+             set would take in another's ids; set it to {} (or use another VERVE_REDIS_PREFIX)",
+            here.window_secs, fleet.window_secs, fleet.window_secs
+        ));
+    }
+    None
+}
+
+/// How far Redis's clock (`redis_us`, read by a heartbeat) is ahead of this
+/// host's, in ms: against the middle of the call, sent at `sent_us` and answered
+/// at `received_us` by this host's clock (both us since the epoch). Negative:
+/// this host is ahead.
+pub(super) fn clock_offset_ms(sent_us: u64, received_us: u64, redis_us: u64) -> i64 {
+    let middle = sent_us / 2 + received_us / 2;
+    (redis_us as i64 - middle as i64) / 1000
+}
+
+/// A record the shared sinks (Kafka, the Redis stream) may not have taken yet,
+/// as a run following its window sees it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unacknowledged {
+    pub revision: u64,
+    /// The highest revision the shared sinks acknowledged.
+    pub acked: u64,
+    /// This run published it.
+    pub mine: bool,
+    /// The highest revision this run already sent on itself.
+    pub resent: u64,
+    /// How long its publisher has had to deliver it: since it published, or
+    /// since it left (a run that left had its whole shutdown for it).
+    pub waited: Duration,
+}
+
+impl Unacknowledged {
+    /// Whether this run sends the record to the shared sinks itself: they have
+    /// not acknowledged it `bound` after its publisher had it, whether the
+    /// publisher is still live (it may be cut off from Kafka) or not; never a
+    /// record of its own, and once per revision. The topic may then hold the
+    /// revision twice, with the same content.
+    pub fn resends(&self, bound: Duration) -> bool {
+        self.revision > self.acked
+            && !self.mine
+            && self.revision > self.resent
+            && self.waited > bound
+    }
+}
+
+/// The window to register as this run's first, if closing `closed` when
+/// `expected` was the next to close (the run's first window, or the one after the
+/// last it closed) shows that windows were skipped: after a forward jump of the
+/// clock (or a long freeze), the aggregator skips the windows without ids rather
+/// than close them one by one. Windows close in order, so this run has no ids
+/// for any window it skipped, and is done with those it closed: from `closed` on,
+/// the fleet need not wait for it on earlier windows. It would otherwise wait, up
+/// to the fleet wait, on every window the jump skipped.
+pub(super) fn first_window_after_skip(
+    expected: WindowStart,
+    closed: WindowStart,
+) -> Option<WindowStart> {
+    (closed > expected).then_some(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: WindowStart = WindowStart::from_unix_secs(600);
+    const W_MS: u64 = 600_000;
+
+    fn run(name: &str, first: u64, expires_ms: u64) -> Registered {
+        Registered {
+            run: name.into(),
+            first: WindowStart::from_unix_secs(first),
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn a_live_run_that_joined_by_the_window_is_awaited() {
+        let registry = [run("a", 540, W_MS + 70_000)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec![]));
+    }
+
+    #[test]
+    fn a_run_that_joined_after_the_window_is_not_awaited() {
+        let registry = [run("late", 660, W_MS + 70_000)];
+        assert_eq!(
+            awaited(&registry, W, W_MS + 65_000),
+            (Vec::<&str>::new(), vec![])
+        );
+    }
+
+    #[test]
+    fn a_run_whose_heartbeat_lapsed_during_the_window_is_still_awaited() {
+        // Its link stalled just before the window began: its last heartbeat
+        // expired 3 s into the window, and its ids for it are on the way.
+        let registry = [run("a", 540, W_MS + 65_000), run("b", 540, W_MS + 3_000)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec!["b"]));
+    }
+
+    #[test]
+    fn a_run_whose_heartbeat_lapsed_before_the_window_began_is_not_awaited() {
+        // Killed a window earlier: later windows are complete without it.
+        let registry = [run("a", 540, W_MS + 65_000), run("dead", 540, W_MS)];
+        assert_eq!(awaited(&registry, W, W_MS + 65_000), (vec!["a"], vec![]));
+    }
+
+    #[test]
+    fn a_window_is_adopted_only_by_a_run_without_part_in_it_once_its_wait_is_over() {
+        assert!(adopts(false, true));
+        assert!(!adopts(false, false));
+        assert!(!adopts(true, true));
+    }
+
+    #[test]
+    fn a_run_with_the_fleets_layout_is_not_refused() {
+        let layout = Layout {
+            shards: 16,
+            window_secs: 60,
+        };
+        assert_eq!(refusal(layout, layout, "verve"), None);
+    }
+
+    #[test]
+    fn a_run_with_another_window_length_is_refused_with_one_line() {
+        let here = Layout {
+            shards: 1,
+            window_secs: 6,
+        };
+        let fleet = Layout {
+            window_secs: 3,
+            ..here
+        };
+        assert_eq!(
+            refusal(here, fleet, "verve").as_deref(),
+            Some(
+                "VERVE_WINDOW_SECS is 6 here but 3 in the fleet sharing this Redis (prefix verve): \
+                 every instance must count the same windows, or one window's set would take in \
+                 another's ids; set it to 3 (or use another VERVE_REDIS_PREFIX)"
+            )
+        );
+    }
+
+    #[test]
+    fn another_shard_count_is_named_first() {
+        let here = Layout {
+            shards: 4,
+            window_secs: 6,
+        };
+        let fleet = Layout {
+            shards: 16,
+            window_secs: 3,
+        };
+        let line = refusal(here, fleet, "p").unwrap();
+        assert!(
+            line.starts_with("VERVE_REDIS_SHARDS is 4 here but 16"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_clock_offset_is_taken_against_the_middle_of_the_call() {
+        let sent = 1_000_000_000;
+        // Redis read its clock 2.5 s ahead of the call's middle (sent + 10 ms).
+        assert_eq!(
+            clock_offset_ms(sent, sent + 20_000, sent + 2_510_000),
+            2_500
+        );
+        assert_eq!(
+            clock_offset_ms(sent, sent + 20_000, sent - 1_990_000),
+            -2_000
+        );
+        assert_eq!(clock_offset_ms(sent, sent + 20_000, sent + 10_000), 0);
+    }
+
+    fn unacknowledged() -> Unacknowledged {
+        Unacknowledged {
+            revision: 2,
+            acked: 1,
+            mine: false,
+            resent: 0,
+            waited: Duration::from_secs(9),
+        }
+    }
+
+    #[test]
+    fn a_record_not_acknowledged_in_time_is_sent_on_by_a_follower() {
+        let bound = Duration::from_secs(8);
+        assert!(unacknowledged().resends(bound));
+        let early = Unacknowledged {
+            waited: Duration::from_secs(7),
+            ..unacknowledged()
+        };
+        assert!(!early.resends(bound));
+        let acked = Unacknowledged {
+            acked: 2,
+            ..unacknowledged()
+        };
+        assert!(!acked.resends(bound));
+    }
+
+    #[test]
+    fn a_run_never_resends_its_own_record_nor_one_revision_twice() {
+        let bound = Duration::from_secs(8);
+        let mine = Unacknowledged {
+            mine: true,
+            ..unacknowledged()
+        };
+        assert!(!mine.resends(bound));
+        let resent = Unacknowledged {
+            resent: 2,
+            ..unacknowledged()
+        };
+        assert!(!resent.resends(bound));
+    }
+
+    #[test]
+    fn windows_skipped_by_a_jump_move_the_first_window_on() {
+        let w = |minute: u64| WindowStart::from_unix_secs(600 + minute * 60);
+        assert_eq!(first_window_after_skip(w(1), w(1)), None);
+        assert_eq!(first_window_after_skip(w(1), w(120)), Some(w(120)));
+        assert_eq!(first_window_after_skip(w(1), w(2)), Some(w(2)));
+        // A window closed again (a retry) is no skip.
+        assert_eq!(first_window_after_skip(w(2), w(1)), None);
+    }
+}

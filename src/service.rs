@@ -87,7 +87,8 @@ impl Verve {
         let in_fleet = config.redis_url.is_some();
         let sinks = open_sinks(config, &telemetry, in_fleet.then_some(&acks))?;
         drop(acks);
-        let addr = claim_address(config.addr)?;
+        let claimed = claim_address(config.addr)?;
+        let addr = claimed.addr;
         let admin = match config.admin_addr.0 {
             Some(admin_addr) => Some(AdminListener::start(admin_addr, telemetry.clone())?),
             None => None,
@@ -155,6 +156,8 @@ impl Verve {
             &telemetry.server,
             &intake,
         )?;
+        // The workers listen on the address now; it needs no holding any more.
+        drop(claimed);
         // From here on only the workers hold senders: when they are gone, the
         // aggregator knows every batch has arrived.
         drop(intake);

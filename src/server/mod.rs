@@ -100,12 +100,25 @@ impl fmt::Display for Driver {
     }
 }
 
-/// Makes sure no other process listens on `addr`, and resolves port 0 to a real port.
+/// The address the workers will listen on, held for them from the check until
+/// they have bound it themselves (drop it then).
+pub struct ClaimedAddress {
+    pub addr: SocketAddr,
+    /// Bound with SO_REUSEPORT and never listening: the workers' SO_REUSEPORT
+    /// binds share the port with it, no connection is ever routed to it, and
+    /// nothing else can take the port meanwhile. Start-up talks to Redis and
+    /// Kafka between the check and the workers' binds, which can take seconds,
+    /// and a port the kernel chose (port 0) would be anyone's in that time.
+    _hold: Socket,
+}
+
+/// Makes sure no other process listens on `addr`, resolves port 0 to a real
+/// port, and holds the port until the workers bind it.
 ///
 /// SO_REUSEPORT would let a second process bind the same port and silently take
 /// half the connections. A socket bound *without* SO_REUSEPORT conflicts with any
 /// listener on the port, so binding one (and closing it again) is the check.
-pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+pub fn claim_address(addr: SocketAddr) -> Result<ClaimedAddress, ServerError> {
     let probe = || -> io::Result<SocketAddr> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         // Lets a restart bind while old connections linger in TIME_WAIT; still
@@ -117,7 +130,22 @@ pub fn claim_address(addr: SocketAddr) -> Result<SocketAddr, ServerError> {
             .as_socket()
             .ok_or_else(|| io::Error::other("bound address is not an IP address"))
     };
-    probe().map_err(|source| ServerError::Bind { addr, source })
+    let claimed = probe().map_err(|source| ServerError::Bind { addr, source })?;
+    let hold = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(claimed), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&claimed.into())?;
+        Ok(socket)
+    };
+    let hold = hold().map_err(|source| ServerError::Bind {
+        addr: claimed,
+        source,
+    })?;
+    Ok(ClaimedAddress {
+        addr: claimed,
+        _hold: hold,
+    })
 }
 
 /// Where workers hand the ids they accept.

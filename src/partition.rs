@@ -146,9 +146,7 @@ impl Partitions {
     /// Hands over the new ids owners have reported so far, without waiting.
     pub fn forward_new_ids(&mut self, new: NewIds) {
         if let Kind::Owners(owners) = &mut self.kind {
-            while let Ok(reply) = owners.replies.try_recv() {
-                owners.handle(reply, new);
-            }
+            owners.forward_new_ids(new);
         }
     }
 }
@@ -236,6 +234,11 @@ impl Owners {
                 panic!("partition owner {part} is gone");
             }
         }
+        self.forward_new_ids(new);
+    }
+
+    /// Hands over the new ids owners have reported so far, without waiting.
+    fn forward_new_ids(&mut self, new: NewIds) {
         while let Ok(reply) = self.replies.try_recv() {
             self.handle(reply, new);
         }

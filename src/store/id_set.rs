@@ -166,6 +166,22 @@ impl Table {
         }
     }
 
+    /// Whether `id` (not [`FREE`]) with hash `h` is in the table: it would lie
+    /// before the first bucket with a free slot.
+    fn contains(&self, id: i64, h: u64) -> bool {
+        let mut at = self.home(h);
+        loop {
+            let bucket = &self.buckets[at];
+            if bucket.mask_of(id) != 0 {
+                return true;
+            }
+            if bucket.mask_of(FREE) != 0 {
+                return false;
+            }
+            at = self.next(at);
+        }
+    }
+
     /// Adds `id`, known not to be in the table (moving ids to a new table).
     #[inline]
     fn place(&mut self, id: i64, h: u64) {
@@ -314,19 +330,7 @@ impl IdSet {
             return self.holds_zero;
         }
         let h = self.hasher.hash_one(id);
-        let table = &self.tables[self.directory[self.entry(h)] as usize];
-        let mut at = table.home(h);
-        loop {
-            for &slot in &table.buckets[at].0 {
-                if slot == id {
-                    return true;
-                }
-                if slot == FREE {
-                    return false;
-                }
-            }
-            at = (at + 1) % table.buckets.len();
-        }
+        self.tables[self.directory[self.entry(h)] as usize].contains(id, h)
     }
 
     /// Calls `f` with every id, in no particular order.

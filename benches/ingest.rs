@@ -10,6 +10,8 @@
 //! `cargo test --all-targets` (no `--bench`), it sends 200,000 ids from two
 //! producers through one and through three partitions, as a smoke test.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +22,8 @@ use verve::report::Reporter;
 use verve::sink::CountSink;
 use verve::store::LocalStore;
 use verve::window::WindowLength;
+
+use common::{new_id, Args};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -69,10 +73,7 @@ fn ingest(ids: u64, producers: usize, partitions: usize) -> Duration {
                 let mut next = first;
                 while next < last {
                     let end = (next + BATCH as u64).min(last);
-                    // Odd multiplier and xor: a bijection on u64, so every id is new.
-                    let batch = (next..end)
-                        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555) as i64)
-                        .collect();
+                    let batch = (next..end).map(new_id).collect();
                     next = end;
                     let batch = Batch {
                         window,
@@ -111,23 +112,19 @@ fn list(value: Option<String>, default: &[usize]) -> Vec<usize> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    if !args.iter().any(|a| a == "--bench") {
+    let args = Args::from_env();
+    if !args.benching() {
         for partitions in [1, 3] {
             ingest(200_000, 2, partitions);
         }
         println!("ingest smoke test: 200,000 ids counted through 1 and 3 partitions");
         return;
     }
-    let ids: u64 = value("--ids").map_or(50_000_000, |v| v.parse().expect("--ids N"));
-    let producers = list(value("--producers"), &[1, 2, 4, 8, 16]);
-    let partitions = list(value("--partitions"), &[1, 2, 4, 8]);
+    let ids: u64 = args
+        .value("--ids")
+        .map_or(50_000_000, |v| v.parse().expect("--ids N"));
+    let producers = list(args.value("--producers"), &[1, 2, 4, 8, 16]);
+    let partitions = list(args.value("--partitions"), &[1, 2, 4, 8]);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("ingest: {ids} new ids per run, one window, {cpus} CPUs");
     for &p in &producers {

@@ -21,10 +21,14 @@
 //! --all-targets` (no `--bench`), it grows a verve set to a million ids and checks
 //! the count, as a smoke test.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use verve::store::IdSet;
+
+use common::{new_id, Args};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -117,8 +121,7 @@ fn grow(set: &mut dyn Grown, n: u64) -> Growth {
     while next < n {
         batch.clear();
         while batch.len() < BATCH && next < n {
-            // Odd multiplier and xor: a bijection on u64, so every id is new.
-            batch.push((next.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555) as i64);
+            batch.push(new_id(next));
             next += 1;
         }
         let (t, cpu) = (Instant::now(), thread_cpu());
@@ -157,19 +160,13 @@ fn grow(set: &mut dyn Grown, n: u64) -> Growth {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    if !args.iter().any(|a| a == "--thp") {
+    let args = Args::from_env();
+    if !args.has("--thp") {
         // As the verve binary does (src/main.rs); --thp keeps the system's setting.
         // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory.
         unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
-    if !args.iter().any(|a| a == "--bench") {
+    if !args.benching() {
         let mut set = IdSet::new();
         let growth = grow(&mut set, 1_000_000);
         assert_eq!(growth.new, 1_000_000);
@@ -177,8 +174,10 @@ fn main() {
         println!("set_growth smoke test: 1,000,000 ids counted");
         return;
     }
-    let n: u64 = value("--ids").map_or(250_000_000, |v| v.parse().expect("--ids N"));
-    let kind = value("--set").unwrap_or_else(|| "verve".into());
+    let n: u64 = args
+        .value("--ids")
+        .map_or(250_000_000, |v| v.parse().expect("--ids N"));
+    let kind = args.value("--set").unwrap_or_else(|| "verve".into());
     let growth = match kind.as_str() {
         "verve" => grow(&mut IdSet::new(), n),
         // The steady state: a window laid out for the size of the one before.

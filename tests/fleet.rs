@@ -702,12 +702,7 @@ fn an_instance_with_another_window_length_is_refused_at_start() {
              set would take in another's ids; set it to 2 (or use another VERVE_REDIS_PREFIX)"
         )
     );
-    let live: Vec<String> = redis::cmd("ZRANGE")
-        .arg("verve:{fleet}:instances")
-        .arg(0)
-        .arg(-1)
-        .query(&mut redis.connection())
-        .unwrap();
+    let live = redis.registered_runs();
     assert_eq!(live.len(), 1, "{live:?}");
     assert!(live[0].starts_with("a/"), "{live:?}");
     drop(a);
@@ -818,26 +813,13 @@ fn fleet_member_with_clock(
     extra: &[(&str, &str)],
 ) -> common::Verve {
     let wait = FLEET_WAIT_MS.to_string();
-    let mut env = vec![
-        ("VERVE_REDIS_URL", redis_url),
-        ("VERVE_INSTANCE", name),
-        ("VERVE_FLEET_WAIT_MS", wait.as_str()),
-        ("VERVE_REDIS_TIMEOUT_MS", "300"),
-    ];
-    env.extend_from_slice(extra);
-    let mut command = common::command(&env);
+    let mut command = common::command(&common::fleet_env(redis_url, name, &wait, extra));
     command
         .env("LD_PRELOAD", libfaketime())
         .env("FAKETIME_TIMESTAMP_FILE", offset)
         .env("FAKETIME_CACHE_DURATION", "1")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    let verve = common::Verve::spawn(command);
-    eventually(
-        Duration::from_secs(10),
-        || format!("{name} in the fleet:\n{}", verve.stderr_text()),
-        || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
-    );
-    verve
+    common::in_fleet(common::Verve::spawn(command), name)
 }
 
 /// Issue 23, item 7: an instance whose clock is 5 s ahead of Redis's says so:

@@ -113,12 +113,7 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
         )
     );
     // Nor is it registered: the fleet does not wait for it.
-    let live: Vec<String> = redis::cmd("ZRANGE")
-        .arg("verve:{fleet}:instances")
-        .arg(0)
-        .arg(-1)
-        .query(&mut connection)
-        .unwrap();
+    let live = redis.registered_runs();
     assert_eq!(live.len(), 2, "{live:?}");
     assert!(live
         .iter()
@@ -200,12 +195,7 @@ fn redis_unreachable_at_start_refuses_ids_until_the_fleet_answers() {
         || (client.get("/api/verve/accept?id=2").status == 200).then_some(()),
     );
     assert_eq!(metric(&verve.scrape(), "verve_redis_in_fleet"), 1);
-    let live: Vec<String> = redis::cmd("ZRANGE")
-        .arg("verve:{fleet}:instances")
-        .arg(0)
-        .arg(-1)
-        .query(&mut redis.connection())
-        .unwrap();
+    let live = redis.registered_runs();
     assert_eq!(live.len(), 1, "{live:?}");
 }
 

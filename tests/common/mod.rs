@@ -234,26 +234,42 @@ impl Drop for Verve {
 /// defaults for Redis mode (a short fleet wait and Redis timeout), plus `extra`,
 /// once the fleet took it in (it answers 503 until then).
 pub fn fleet_member(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
-    let verve = fleet_member_starting(redis_url, name, extra);
+    in_fleet(fleet_member_starting(redis_url, name, extra), name)
+}
+
+/// [`fleet_member`] as soon as it listens, in the fleet or not.
+pub fn fleet_member_starting(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
+    let wait = FLEET_WAIT_MS.to_string();
+    Verve::start(&fleet_env(redis_url, name, &wait, extra))
+}
+
+/// The environment of instance `name` of a fleet on `redis_url`: the test
+/// defaults for Redis mode (`wait`, [`FLEET_WAIT_MS`] as text, and a short Redis
+/// timeout), plus `extra`.
+pub fn fleet_env<'a>(
+    redis_url: &'a str,
+    name: &'a str,
+    wait: &'a str,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("VERVE_REDIS_URL", redis_url),
+        ("VERVE_INSTANCE", name),
+        ("VERVE_FLEET_WAIT_MS", wait),
+        ("VERVE_REDIS_TIMEOUT_MS", "300"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+/// `verve` (instance `name`), once the fleet took it in.
+pub fn in_fleet(verve: Verve, name: &str) -> Verve {
     eventually(
         Duration::from_secs(10),
         || format!("{name} in the fleet:\n{}", verve.stderr_text()),
         || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
     );
     verve
-}
-
-/// [`fleet_member`] as soon as it listens, in the fleet or not.
-pub fn fleet_member_starting(redis_url: &str, name: &str, extra: &[(&str, &str)]) -> Verve {
-    let wait = FLEET_WAIT_MS.to_string();
-    let mut env = vec![
-        ("VERVE_REDIS_URL", redis_url),
-        ("VERVE_INSTANCE", name),
-        ("VERVE_FLEET_WAIT_MS", wait.as_str()),
-        ("VERVE_REDIS_TIMEOUT_MS", "300"),
-    ];
-    env.extend_from_slice(extra);
-    Verve::start(&env)
 }
 
 /// Two fleet members `a` and `b` sharing `redis_url` (with `extra`), sent ids 0..200

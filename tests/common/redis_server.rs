@@ -67,6 +67,17 @@ impl RedisServer {
         self.client().get_connection().unwrap()
     }
 
+    /// The runs registered in the fleet (`<instance>/<pid>-<start>`), as the
+    /// fleet protocol's registry holds them.
+    pub fn registered_runs(&self) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg("verve:{fleet}:instances")
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.connection())
+            .unwrap()
+    }
+
     /// `instance`'s mark for `window` in the fleet protocol: `sending`, `full`,
     /// `partial`, or none. Marks belong to runs, `<instance>/<pid>-<start>`; an
     /// instance of the tests runs once.

@@ -129,12 +129,17 @@ fn a_redis_restart_mid_window_loses_nothing() {
     let (window, closed_before) = within_one_window(|| {
         let mut client = Client::connect(verve.addr);
         accept_all(&mut client, 1..=100);
-        // Let the first ids reach Redis, then lose them with it.
+        // Let the first ids reach Redis, and the instance hear that they did (a
+        // round Redis ran but never answered is sent again whole, which is not
+        // the loss this test is about), then lose them with it.
         let window = common::window_length().window_of(std::time::SystemTime::now());
         eventually(
             Duration::from_secs(1),
-            || "the first ids in Redis".into(),
-            || (redis.scard(window, 1) == 100).then_some(()),
+            || "the first ids in Redis, acknowledged".into(),
+            || {
+                let acknowledged = metric(&verve.scrape(), "verve_redis_buffered_ids") == 0;
+                (redis.scard(window, 1) == 100 && acknowledged).then_some(())
+            },
         );
         redis.kill();
         accept_all(&mut client, 101..=200);

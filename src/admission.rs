@@ -1,7 +1,8 @@
 //! Whether workers may accept new ids: a flag the dedup store closes when it
 //! cannot take more (its Redis buffer is full), or may not yet deliver what it
-//! takes (the fleet has not accepted this run), and opens again once that is
-//! over. Workers read it per request, so it is one relaxed load.
+//! takes (the fleet has not accepted this run, or may have stopped waiting for
+//! it), and opens again once that is over. Workers read it per request, so it
+//! is one relaxed load.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,10 @@ pub enum Closed {
     /// The fleet has not accepted this run yet (no heartbeat answered), or refused
     /// it: an `ok` now would be a promise it may not keep.
     NotInFleet = 2,
+    /// No heartbeat was answered for so long that the fleet may no longer wait
+    /// for this run (its lease lapsed): an `ok` now could land in a window the
+    /// fleet publishes complete without it.
+    Lapsed = 4,
 }
 
 impl Admission {

@@ -159,7 +159,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub redis_timeout_ms: u64,
 
-    /// How long after a window ends the fleet waits for every instance before publishing anyway (complete=false), in milliseconds; also how long a silent instance still counts as live.
+    /// How long after a window ends the fleet waits for every instance before publishing anyway (complete=false), in milliseconds; also how long a silent instance still counts as live, and (less min(VERVE_MAX_CLOCK_SKEW_MS, a quarter of it)) how long an instance cut off from Redis answers ok.
     #[arg(long, env = "VERVE_FLEET_WAIT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub fleet_wait_ms: u64,

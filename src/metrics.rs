@@ -71,6 +71,11 @@ impl Telemetry {
         if down_since != 0 && now.saturating_sub(down_since) > window_ms {
             return Err("redis unreachable for longer than a window");
         }
+        if self.redis.lease_lapsed.load(Ordering::Relaxed) == 1
+            && self.redis.in_fleet.load(Ordering::Relaxed) == 1
+        {
+            return Err("no heartbeat answered within the lease: refusing ids");
+        }
         let offset = self.redis.clock_offset_ms.load(Ordering::Relaxed);
         if capacity > 0 && offset.unsigned_abs() > self.max_clock_skew_ms {
             return Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS");
@@ -101,6 +106,7 @@ impl Telemetry {
                 ("verve_redis_buffered_ids", MetricType::Gauge, "Ids waiting for Redis.", load(&self.redis.buffered_ids)),
                 ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis.buffer_capacity)),
                 ("verve_redis_in_fleet", MetricType::Gauge, "1 once the fleet took this instance in (ids get 503 before, and while the fleet refuses it); 0 without Redis.", load(&self.redis.in_fleet)),
+                ("verve_redis_lease_lapsed", MetricType::Gauge, "1 while no heartbeat was answered within this instance's lease (most of VERVE_FLEET_WAIT_MS): new ids get 503, as the fleet may no longer wait for it.", load(&self.redis.lease_lapsed)),
                 ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
                 ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),
                 ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),
@@ -324,5 +330,14 @@ mod tests {
             .clock_offset_ms
             .store(1_001, Ordering::Relaxed);
         assert!(telemetry.health().is_err());
+        telemetry.redis.clock_offset_ms.store(0, Ordering::Relaxed);
+        // A lease over before the fleet took the run in is start-up, not trouble.
+        telemetry.redis.lease_lapsed.store(1, Ordering::Relaxed);
+        assert_eq!(telemetry.health(), Ok(()));
+        telemetry.redis.in_fleet.store(1, Ordering::Relaxed);
+        assert_eq!(
+            telemetry.health(),
+            Err("no heartbeat answered within the lease: refusing ids")
+        );
     }
 }

@@ -587,11 +587,12 @@ fn a_run_whose_heartbeat_lapsed_during_a_window_keeps_its_record_incomplete() {
     let a = fleet_member(&redis.url(), "a", &[]);
     let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
     let length = window_length();
-    let window = just_before_next_window(length, Duration::from_millis(300));
+    let window = just_before_next_window(length, Duration::from_millis(100));
     link.hold();
     assert_eq!(common::start_of_next_window(length), window);
-    accept_all(&mut Client::connect(a.addr), 0..100);
+    // b first: it answers `ok` only within its lease.
     accept_all(&mut Client::connect(b.addr), 50..150);
+    accept_all(&mut Client::connect(a.addr), 0..100);
     assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
     let first = a.wait_for_record(window, "a record", |_| true);
     assert_eq!(
@@ -614,6 +615,69 @@ fn a_run_whose_heartbeat_lapsed_during_a_window_keeps_its_record_incomplete() {
         );
     }
     assert_every_key_expires(&redis);
+}
+
+/// Issue 23, item 2, its last case: b's link to Redis is held long enough for
+/// its heartbeat to expire before a window begins. The fleet then publishes that
+/// window `complete=true` without b, which is exact only if b answered no `ok`
+/// in it: b's lease lapsed before its heartbeat did, so it answers 503 until
+/// Redis hears from it again.
+#[test]
+fn a_run_cut_off_past_its_lease_refuses_ids_so_a_complete_record_is_never_short() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let mut to_b = Client::connect(b.addr);
+    link.hold();
+    eventually(
+        Duration::from_secs(10),
+        || "b refusing ids once its lease lapsed".into(),
+        || (to_b.get("/api/verve/accept?id=7").status == 503).then_some(()),
+    );
+    let b_run = eventually(
+        Duration::from_secs(10),
+        || "b's heartbeat expired in Redis".into(),
+        || {
+            let mut connection = redis.connection();
+            let (now, _): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
+            let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg("verve:{fleet}:instances")
+                .arg(now * 1000)
+                .arg("+inf")
+                .query(&mut connection)
+                .unwrap();
+            let runs = redis.registered_runs();
+            let b_run = runs.into_iter().find(|run| run.starts_with("b/"))?;
+            (!live.contains(&b_run)).then_some(b_run)
+        },
+    );
+    let (window, statuses) = within_one_window(|| {
+        accept_all(&mut Client::connect(a.addr), 0..100);
+        (50..150)
+            .map(|id| to_b.get(&format!("/api/verve/accept?id={id}")).status)
+            .collect::<HashSet<u16>>()
+    });
+    assert_eq!(statuses, HashSet::from([503]), "b answered while lapsed");
+    let health = b.admin_get("/healthz");
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (503, "no heartbeat answered within the lease: refusing ids")
+    );
+    let line = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (line.unique_requests, line.revision, line.complete),
+        (100, 1, true),
+        "{line:?}"
+    );
+    link.release();
+    eventually(
+        Duration::from_secs(10),
+        || format!("{b_run} accepting ids again"),
+        || (to_b.get("/api/verve/accept?id=100").status == 200).then_some(()),
+    );
+    let warned = "no heartbeat answered by Redis within this instance's lease";
+    assert!(b.stderr_text().contains(warned), "{}", b.stderr_text());
 }
 
 /// Issue 23, item 6: Redis loses a window's keys mid-window (`FLUSHALL`), the
@@ -740,11 +804,12 @@ fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
     let a = fleet_member(&redis.url(), "a", &env);
     let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &env);
     let length = window_length();
-    let window = just_before_next_window(length, Duration::from_millis(300));
+    let window = just_before_next_window(length, Duration::from_millis(100));
     link.hold();
     assert_eq!(common::start_of_next_window(length), window);
-    accept_all(&mut Client::connect(a.addr), 0..100);
+    // b first: it answers `ok` only within its lease.
     accept_all(&mut Client::connect(b.addr), 50..200);
+    accept_all(&mut Client::connect(a.addr), 0..100);
     assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
     let first = a.wait_for_record(window, "a record", |_| true);
     assert_eq!(
@@ -789,6 +854,48 @@ fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
     }
     let counts: Vec<u64> = by_revision.values().copied().collect();
     assert_eq!(counts, [100, 150], "{by_revision:?}");
+}
+
+/// Issue 23, item 4: a publishes a window's first revision and is killed, then
+/// Redis loses everything (`FLUSHALL`) before b, cut off meanwhile, ever saw that
+/// record. b cannot put it back, and publishes its own count; numbered in the
+/// fleet's new epoch, above every revision of the old one, so that no number
+/// names two records. a's ids that only a had are gone with it, and b, which
+/// saw a live before the loss and never again, does not call the record complete.
+#[test]
+fn a_revision_is_never_reused_after_redis_lost_the_record() {
+    let mut redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let mut a = fleet_member(&redis.url(), "a", &[]);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(100));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    // b first: it answers `ok` only within its lease.
+    accept_all(&mut Client::connect(b.addr), 50..200);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false)
+    );
+    a.kill();
+    flush(&mut redis);
+    link.release();
+    let late = b.wait_for_record(window, "b's record", |_| true);
+    assert_eq!(
+        (late.unique_requests, late.revision, late.complete),
+        (150, (1 << 32) + 1, false),
+        "{late:?}\n{}",
+        b.stderr_text()
+    );
+    let epoch: String = redis::cmd("GET")
+        .arg("verve:{fleet}:epoch")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(epoch.starts_with("1:b/"), "{epoch}");
 }
 
 /// libfaketime, which moves the wall clock of a process it is preloaded into

@@ -31,9 +31,11 @@
 //!   by heartbeat expiry, by Redis's clock: live ones, and lapsed ones for as long
 //!   as window keys live by default), each one's first window, and the runs that
 //!   left lately, with when.
-//! - `P:{fleet}:epoch`: created by the first heartbeat, renewed by every one;
-//!   only Redis losing its data (or the whole fleet gone for an hour) makes it
-//!   change.
+//! - `P:{fleet}:epoch`: `<number>:<tag>`, created by the first heartbeat,
+//!   renewed by every one; only Redis losing its data (or the whole fleet gone
+//!   for an hour) makes it change, and a run that knew the old one numbers the
+//!   new one past it. Revisions of epoch E start at E × 2^32 + 1, so none
+//!   published after a loss repeats one published before.
 //! - `P:{fleet}:orphans`: unfinished windows, noted by every run's first round to
 //!   a window and by runs that stopped; a live run adopts one once its wait is
 //!   over, so a window whose every run was killed is still published.
@@ -78,17 +80,17 @@
 //! the runs that knew its record had time to put it back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use redis::{Cmd, RedisResult, Script, Value};
 
-use super::rules::{self, Layout, Registered};
+use super::rules::{self, Layout, Registered, Remembered};
 use super::slots::ShardTags;
 use super::RedisSettings;
 use crate::config::RedisMode;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::RedisLink;
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 
 /// Which of `shards` sets an id goes to: a fixed multiplicative hash, the same in
 /// every instance and every version (it is part of the layout in Redis).
@@ -384,10 +386,13 @@ pub(super) struct Fleet {
     seen: BTreeMap<String, Instant>,
     /// The fleet's epoch at the last heartbeat.
     epoch: Option<String>,
-    /// Runs seen live before Redis lost its data, waited for as if still live
-    /// until `uncertain_until`.
-    remembered: Vec<String>,
+    /// Runs seen live before Redis lost its data: waited for as if still live
+    /// until `uncertain_until`, and on the windows that began before the loss
+    /// until they register again ([`rules::lost_with_data`]), for as long as
+    /// such a window may be settled (`remembered_until`).
+    remembered: Vec<Remembered>,
     uncertain_until: Option<Instant>,
+    remembered_until: Option<Instant>,
 }
 
 impl Fleet {
@@ -427,6 +432,7 @@ impl Fleet {
             epoch: None,
             remembered: Vec::new(),
             uncertain_until: None,
+            remembered_until: None,
         }
     }
 
@@ -587,13 +593,17 @@ impl Fleet {
             .arg(&self.run)
             .arg(self.wait.as_millis() as u64)
             .arg(self.first_window.unix_secs())
-            // Distinct each time: the same run may create it again after a loss.
-            .arg(format!("{}@{}", self.run, Timestamp::now().unix_millis()))
+            .arg(self.epoch.as_deref().unwrap_or_default())
             .arg(LEFT_REMEMBERED.as_millis() as u64)
             .arg(self.shards)
             .arg(self.lapsed_kept_ms)
             .arg(self.registry_ttl_secs())
             .arg(self.window_secs)
+            // Tagged distinctly each time: the same run may set it again after a loss.
+            .arg(rules::next_epoch(
+                self.epoch.as_deref(),
+                &format!("{}@{}", self.run, Timestamp::now().unix_millis()),
+            ))
             .invoke(link.connection())?;
         let (epoch, live, orphans, shards, window_secs, redis_us) = answer;
         let received_us = unix_micros();
@@ -646,12 +656,21 @@ impl Fleet {
 
     /// Redis lost its data: for a heartbeat lifetime, every instance seen live
     /// lately (even one whose heartbeat had just expired: it may be cut off, with
-    /// ids on the way) is waited for, whatever the registry says.
+    /// ids on the way) is waited for, whatever the registry says; and on the
+    /// windows that began before now, until it registers again.
     pub fn lost_data(&mut self) {
-        self.remembered.extend(self.seen.keys().cloned());
-        self.remembered.sort();
-        self.remembered.dedup();
-        self.uncertain_until = Some(Instant::now() + self.wait);
+        let noticed_in = WindowLength::from_secs(self.window_secs).window_of(SystemTime::now());
+        for run in self.seen.keys() {
+            if !self.remembered.iter().any(|r| r.run == *run) {
+                self.remembered.push(Remembered {
+                    run: run.clone(),
+                    noticed_in,
+                });
+            }
+        }
+        let now = Instant::now();
+        self.uncertain_until = Some(now + self.wait);
+        self.remembered_until = Some(now + Duration::from_millis(self.lapsed_kept_ms));
     }
 
     /// This run has no ids for windows before `window` that it has not closed
@@ -668,6 +687,12 @@ impl Fleet {
             .is_some_and(|until| Instant::now() >= until)
         {
             self.uncertain_until = None;
+        }
+        if self
+            .remembered_until
+            .is_some_and(|until| Instant::now() >= until)
+        {
+            self.remembered_until = None;
             self.remembered.clear();
         }
         self.uncertain_until.is_some()
@@ -775,9 +800,12 @@ impl Fleet {
         survey: &Survey,
         force: Force,
     ) -> RedisResult<Settled> {
-        let mut awaited = match self.is_uncertain() {
-            true => self.remembered.clone(),
-            false => Vec::new(),
+        let mut awaited: Vec<String> = match self.is_uncertain() {
+            true => self.remembered.iter().map(|r| r.run.clone()).collect(),
+            false => rules::lost_with_data(&self.remembered, &survey.registry, window)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         };
         awaited.extend(view.members.iter().cloned());
         awaited.extend(survey.delivered_by.iter().cloned());
@@ -813,7 +841,8 @@ impl Fleet {
                 .arg(&known.by),
             None => call.arg(&[0u64; 7][..]).arg(""),
         };
-        call.arg(may_have_ids.len())
+        call.arg(rules::first_revision(rules::epoch_number(&survey.epoch)))
+            .arg(may_have_ids.len())
             .arg(&may_have_ids)
             .arg(&awaited);
         let (head, tail): (SettledHead, SettledTail) = call.invoke(link.connection())?;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{RedisError, RedisResult};
 
 use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
+use super::lease::Renewal;
 use super::rules::{self, Unacknowledged};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::admission::Closed;
@@ -85,6 +86,8 @@ pub(super) struct Forwarder {
     /// Told once the first heartbeat has been tried (start-up waits for it), and
     /// whether the fleet refused this run.
     registered: Option<mpsc::Sender<Result<(), String>>>,
+    /// Renewed by every heartbeat Redis answers while the fleet takes this run in.
+    lease: Renewal,
     /// Start-up heard that the fleet refused this run: the thread ends.
     refused_at_start: bool,
     /// The window to close next (this run's first, then the one after the last
@@ -156,6 +159,7 @@ impl Forwarder {
         settings: RedisSettings,
         reporter: Reporter,
         registered: mpsc::Sender<Result<(), String>>,
+        lease: Renewal,
     ) -> Self {
         let fleet = Fleet::new(&settings);
         let heartbeat_interval = fleet.heartbeat_interval();
@@ -182,6 +186,7 @@ impl Forwarder {
             resume_at: None,
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
             registered: Some(registered),
+            lease,
             refused_at_start: false,
             next_close: settings.first_window,
             max_clock_skew: settings.max_clock_skew,
@@ -604,6 +609,7 @@ impl Forwarder {
     /// Tells the fleet this run is alive; returns the windows left to the fleet,
     /// or `None` if Redis failed.
     fn beat(&mut self) -> Option<Vec<WindowStart>> {
+        let sent = Instant::now();
         let orphans = self.call(|link, fleet| fleet.heartbeat(link));
         if let Some(offset) = self.fleet.clock_offset_ms {
             self.clock_offset(offset);
@@ -631,6 +637,7 @@ impl Forwarder {
         }
         if orphans.is_some() {
             self.next_heartbeat = Instant::now() + self.fleet.heartbeat_interval();
+            self.lease.renew(sent);
         }
         orphans
     }

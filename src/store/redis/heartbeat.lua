@@ -14,11 +14,13 @@
 -- KEYS[6] the number of shards the fleet splits windows over
 -- KEYS[7] the fleet's window length (s)
 -- ARGV[1] this run; ARGV[2] the heartbeat's lifetime (ms); ARGV[3] its first window
--- ARGV[4] an epoch, if there is none yet; ARGV[5] how long to remember a run that left (ms)
+-- ARGV[4] the epoch this run knows ('' for none); ARGV[5] how long to remember a run that left (ms)
 -- ARGV[6] this run's number of shards, if the fleet has none yet
 -- ARGV[7] how long a lapsed run stays in the registry (ms)
 -- ARGV[8] the registry keys' time to live (s)
 -- ARGV[9] this run's window length (s), if the fleet has none yet
+-- ARGV[10] the epoch to set if there is none, or if this run knows a later one
+--          than Redis holds: numbered one past the one it knows (0 for none)
 --
 -- Returns {epoch, live runs, unfinished windows, the fleet's number of shards,
 -- the fleet's window length, Redis's clock (us)}; a run whose number of shards
@@ -50,7 +52,18 @@ for i = 1, #left, 2 do
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('SET', KEYS[4], ARGV[4], 'NX')
+-- An epoch is `<number>:<tag>`. Redis lost its data if the key is gone, or holds
+-- another epoch than this run knows, numbered no higher (a run that knew none set
+-- it since): the next is numbered past every one this run saw, so revisions
+-- published from now on (numbered from the epoch) are above all earlier ones.
+local function number(epoch)
+  return tonumber(string.match(epoch, '^(%d+):')) or 0
+end
+local epoch = redis.call('GET', KEYS[4])
+if not epoch
+  or (ARGV[4] ~= '' and epoch ~= ARGV[4] and number(epoch) <= number(ARGV[4])) then
+  redis.call('SET', KEYS[4], ARGV[10])
+end
 for i = 1, 7 do
   redis.call('EXPIRE', KEYS[i], ARGV[8])
 end

@@ -19,6 +19,7 @@
 
 mod fleet;
 mod forwarder;
+mod lease;
 mod rules;
 mod slots;
 
@@ -37,6 +38,7 @@ use crate::sink::Acknowledged;
 use crate::window::WindowStart;
 pub use fleet::window_sets;
 use forwarder::Forwarder;
+use lease::Lease;
 
 /// How to reach Redis, what to call things there, and how long the fleet waits.
 #[derive(Debug, Clone)]
@@ -93,11 +95,16 @@ pub struct RedisGauges {
     /// 1 once the fleet took this run in (a heartbeat answered, its layout the
     /// fleet's); 0 before, and while the fleet refuses it: new ids get 503.
     pub in_fleet: AtomicU64,
+    /// 1 while this run's lease is over (no heartbeat answered for most of the
+    /// fleet's wait, [`lease`]): new ids get 503.
+    pub lease_lapsed: AtomicU64,
 }
 
 pub struct RedisStore {
     shared: Arc<Shared>,
     forwarder: JoinHandle<()>,
+    /// Closes admission while the fleet may no longer wait for this run.
+    _lease: Lease,
 }
 
 /// What the aggregator and the forwarder share.
@@ -159,7 +166,17 @@ impl RedisStore {
         // Connecting, reading the eviction policy, the heartbeat: a timeout each.
         let first_attempt = 3 * settings.timeout + Duration::from_millis(100);
         let (registered, attempted) = std::sync::mpsc::channel();
-        let forwarder = Forwarder::new(shared.clone(), endpoint, settings, reporter, registered);
+        let term = rules::lease_term(settings.fleet_wait, settings.max_clock_skew);
+        let (lease, renewal) = Lease::start(shared.admission.clone(), shared.gauges.clone(), term)
+            .map_err(|e| format!("cannot start the lease thread: {e}"))?;
+        let forwarder = Forwarder::new(
+            shared.clone(),
+            endpoint,
+            settings,
+            reporter,
+            registered,
+            renewal,
+        );
         let forwarder = std::thread::Builder::new()
             .name("verve-redis".into())
             .spawn(move || forwarder.run())
@@ -167,7 +184,11 @@ impl RedisStore {
         if let Ok(Err(refusal)) = attempted.recv_timeout(first_attempt) {
             return Err(refusal);
         }
-        Ok(RedisStore { shared, forwarder })
+        Ok(RedisStore {
+            shared,
+            forwarder,
+            _lease: lease,
+        })
     }
 }
 

@@ -56,6 +56,35 @@ fn names(runs: Vec<&Registered>) -> Vec<&str> {
     runs.into_iter().map(|r| r.run.as_str()).collect()
 }
 
+/// A run this run saw live shortly before it noticed that Redis lost its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Remembered {
+    pub run: String,
+    /// The window in which the loss was noticed: it and every earlier one began
+    /// before the loss was over.
+    pub noticed_in: WindowStart,
+}
+
+/// The runs seen live before a loss of Redis's data that a settle of `window`
+/// waits for beyond the registry, once the first heartbeat lifetime after the
+/// loss is over: those remembered from a loss noticed in `window` or later (the
+/// window began before it, so they may have had ids for it that Redis lost) that
+/// have not registered again since. A run that did is in the registry, sends
+/// its ids again and marks itself done, and is waited for like any run; one
+/// killed around the loss never does, and the window is published
+/// `complete=false`: the ids only it had are gone.
+pub(super) fn lost_with_data<'a>(
+    remembered: &'a [Remembered],
+    registry: &[Registered],
+    window: WindowStart,
+) -> Vec<&'a str> {
+    remembered
+        .iter()
+        .filter(|r| window <= r.noticed_in && !registry.iter().any(|known| known.run == r.run))
+        .map(|r| r.run.as_str())
+        .collect()
+}
+
 /// Whether this run adopts a window listed among the fleet's unfinished ones at a
 /// heartbeat: one it has no part in (it neither follows nor sends to it, nor saw
 /// it finished), once the fleet's wait for it is over. The list holds every
@@ -105,6 +134,44 @@ pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<Strin
 pub(super) fn clock_offset_ms(sent_us: u64, received_us: u64, redis_us: u64) -> i64 {
     let middle = sent_us / 2 + received_us / 2;
     (redis_us as i64 - middle as i64) / 1000
+}
+
+/// The number of the fleet's epoch `epoch` (`<number>:<tag>`, as
+/// `heartbeat.lua` keeps it); 0 for an epoch without one (written by a version
+/// before epochs were numbered).
+pub(super) fn epoch_number(epoch: &str) -> u64 {
+    epoch
+        .split_once(':')
+        .and_then(|(number, _)| number.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The epoch a heartbeat sets if Redis holds none, or an earlier one than this
+/// run `knows`: numbered one past it (0 if this run knows none), tagged `tag`
+/// (distinct each time, so that every run tells one setting from another).
+pub(super) fn next_epoch(knows: Option<&str>, tag: &str) -> String {
+    let number = knows.map_or(0, |epoch| epoch_number(epoch) + 1);
+    format!("{number}:{tag}")
+}
+
+/// The lowest revision a settle may publish in epoch `epoch`: revisions of epoch
+/// E are numbered from E × 2^32 + 1, so that a record published after Redis lost
+/// its data is numbered above any published before, even one that no live run
+/// remembered to put back. While nothing was lost (epoch 0) revisions are 1, 2,
+/// 3, … as they always were. Exact in Lua's doubles below epoch 2^21.
+pub(super) fn first_revision(epoch: u64) -> u64 {
+    (epoch << 32) + 1
+}
+
+/// How long after sending a heartbeat that Redis answered this run may answer
+/// `ok` ([`super::lease`]). Redis expires the heartbeat `wait` after it ran it,
+/// which is after the send; the windows it is compared with are cut by this
+/// host's clock, which may be ahead of Redis's. So the term is the wait less a
+/// margin for that offset: `max_skew` (past it the instance is unhealthy anyway),
+/// but at most a quarter of the wait, so that a healthy run (a heartbeat every
+/// quarter wait at most) keeps its lease through one late heartbeat.
+pub(super) fn lease_term(wait: Duration, max_skew: Duration) -> Duration {
+    wait - max_skew.min(wait / 4)
 }
 
 /// A record the shared sinks (Kafka, the Redis stream) may not have taken yet,
@@ -165,6 +232,61 @@ mod tests {
             first: WindowStart::from_unix_secs(first),
             expires_ms,
         }
+    }
+
+    #[test]
+    fn a_run_lost_with_redis_data_holds_back_only_windows_before_the_loss_until_it_is_back() {
+        let remembered = [
+            Remembered {
+                run: "killed".into(),
+                noticed_in: W,
+            },
+            Remembered {
+                run: "back".into(),
+                noticed_in: W,
+            },
+        ];
+        let registry = [run("back", 0, W_MS + 10_000)];
+        let before = WindowStart::from_unix_secs(540);
+        let after = WindowStart::from_unix_secs(660);
+        assert_eq!(lost_with_data(&remembered, &registry, before), ["killed"]);
+        assert_eq!(lost_with_data(&remembered, &registry, W), ["killed"]);
+        assert!(lost_with_data(&remembered, &registry, after).is_empty());
+        assert!(lost_with_data(&remembered, &[], after).is_empty());
+    }
+
+    #[test]
+    fn epochs_are_numbered_one_past_the_one_a_run_knows() {
+        assert_eq!(next_epoch(None, "a/1-2@3"), "0:a/1-2@3");
+        assert_eq!(next_epoch(Some("0:a/1-2@3"), "b@4"), "1:b@4");
+        assert_eq!(next_epoch(Some("41:x"), "b@4"), "42:b@4");
+        // An epoch of a version before they were numbered counts as 0.
+        assert_eq!(epoch_number("a/1-2@3"), 0);
+        assert_eq!(next_epoch(Some("a/1-2@3"), "b@4"), "1:b@4");
+    }
+
+    #[test]
+    fn revisions_of_a_later_epoch_are_above_every_earlier_one() {
+        assert_eq!(first_revision(0), 1);
+        assert_eq!(first_revision(1), 4_294_967_297);
+        // However many revisions an epoch had, the next epoch's first is above.
+        assert!(first_revision(1) > first_revision(0) + u64::from(u32::MAX) - 1);
+        let last_exact_epoch = (1 << 21) - 1;
+        assert!(
+            first_revision(last_exact_epoch) + u64::from(u32::MAX) <= 1 << 53,
+            "exact in Lua's numbers"
+        );
+    }
+
+    #[test]
+    fn a_lease_ends_before_the_heartbeat_by_the_tolerated_offset() {
+        let second = Duration::from_secs(1);
+        assert_eq!(lease_term(5 * second, second), 4 * second);
+        assert_eq!(
+            lease_term(5 * second, second / 10),
+            Duration::from_millis(4_900)
+        );
+        assert_eq!(lease_term(2 * second, second), Duration::from_millis(1_500));
     }
 
     #[test]

@@ -26,10 +26,13 @@
 -- ARGV[7] the window's count: the sum of its shards' sizes
 -- ARGV[8..15] the latest record this run knows (revision, unique_requests,
 --         complete, partial, instances, published_at, acked, by; revision 0 for none)
--- ARGV[16] how many live runs follow, L
--- ARGV[17..16+L] the live runs that started before the window ended (they could
+-- ARGV[16] the lowest revision this call may publish: the first of the fleet's
+--         epoch, so that a revision published after Redis lost its data is above
+--         every one published before, even one no run put back
+-- ARGV[17] how many live runs follow, L
+-- ARGV[18..17+L] the live runs that started before the window ended (they could
 --         have ids for it)
--- ARGV[17+L..] more runs to wait for: any that delivered to the window or that
+-- ARGV[18+L..] more runs to wait for: any that delivered to the window or that
 --         this run saw take part, and any it saw live shortly before Redis lost its
 --         data (in case their marks or heartbeats went with it)
 --
@@ -107,8 +110,8 @@ local function pending(run)
 end
 
 local waiting, others_pending = false, false
-local live = tonumber(ARGV[16])
-for i = 17, 16 + live do
+local live = tonumber(ARGV[17])
+for i = 18, 17 + live do
   if pending(ARGV[i]) then
     waiting = true
     if ARGV[i] ~= me then
@@ -116,7 +119,7 @@ for i = 17, 16 + live do
     end
   end
 end
-for i = 17 + live, #ARGV do
+for i = 18 + live, #ARGV do
   if pending(ARGV[i]) then
     waiting = true
   end
@@ -145,7 +148,8 @@ if grown and (complete == 1 or forced) then
   end
   local clock = redis.call('TIME')
   local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-  record = {record[1] + 1, count, complete, partial, done, now, record[7], by = me}
+  local revision = math.max(record[1] + 1, tonumber(ARGV[16]))
+  record = {revision, count, complete, partial, done, now, record[7], by = me}
   store(record)
   outcome = 'published'
 elseif record[1] == 0 then

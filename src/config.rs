@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::callback_policy::AllowList;
 use crate::window::WindowLength;
@@ -33,6 +34,11 @@ pub struct Config {
     /// Address of the operations listener (/metrics, /healthz); 0.0.0.0:9464 exposes it to other hosts, empty turns it off.
     #[arg(long, env = "VERVE_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
     pub admin_addr: AdminAddr,
+
+    /// `admin_addr` is the default, not chosen by the user: if it is taken
+    /// (another instance on this host), a free port is used instead.
+    #[arg(skip)]
+    pub admin_addr_is_default: bool,
 
     /// Worker threads, each with its own runtime and listener [default: available cores].
     #[arg(long, env = "VERVE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -362,10 +368,14 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let config = Config::try_parse_from(args).map_err(|err| match err.kind() {
+        let fail = |err: clap::Error| match err.kind() {
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => err.exit(),
             _ => ConfigError(one_line(&err)),
-        })?;
+        };
+        let matches = Config::command().try_get_matches_from(args).map_err(fail)?;
+        let mut config = Config::from_arg_matches(&matches).map_err(fail)?;
+        config.admin_addr_is_default =
+            matches.value_source("admin_addr") == Some(ValueSource::DefaultValue);
         config.validate()?;
         Ok(config)
     }

@@ -5,6 +5,7 @@
 //! has been counted and every window reported, or at its deadline: the drain time
 //! plus a fixed margin, whatever Redis, Kafka and the callback endpoints are doing.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::ValueEnum;
 
-use crate::admin::AdminListener;
+use crate::admin::{AdminError, AdminListener};
 use crate::admission::Admission;
 use crate::aggregator::{Aggregator, AggregatorGauges};
 use crate::callback::{CallbackPolicy, Dispatcher};
@@ -90,7 +91,11 @@ impl Verve {
         let claimed = claim_address(config.addr)?;
         let addr = claimed.addr;
         let admin = match config.admin_addr.0 {
-            Some(admin_addr) => Some(AdminListener::start(admin_addr, telemetry.clone())?),
+            Some(admin_addr) => Some(start_admin(
+                admin_addr,
+                config.admin_addr_is_default,
+                &telemetry,
+            )?),
             None => None,
         };
         let (callbacks, dispatcher) =
@@ -234,6 +239,32 @@ impl Verve {
         }
         self.dispatcher.finish(deadline);
         drop(self.admin);
+    }
+}
+
+/// The operations listener on `addr`. If `addr` is the default, not chosen, and
+/// already taken (a second instance on this host, the usual first try of a fleet),
+/// a free port of the same interface instead, said in a warning: the service must
+/// not fail to start over a listener nobody asked for by name.
+fn start_admin(
+    addr: SocketAddr,
+    is_default: bool,
+    telemetry: &Arc<Telemetry>,
+) -> Result<AdminListener, AdminError> {
+    match AdminListener::start(addr, telemetry.clone()) {
+        Err(AdminError::Bind { source, .. })
+            if is_default && source.kind() == io::ErrorKind::AddrInUse =>
+        {
+            let free = SocketAddr::new(addr.ip(), 0);
+            let listener = AdminListener::start(free, telemetry.clone())?;
+            tracing::warn!(
+                taken = %addr,
+                admin = %listener.local_addr(),
+                "the default address for /metrics and /healthz is taken (another instance on this host?): listening on a free port instead; set VERVE_ADMIN_ADDR to choose one"
+            );
+            Ok(listener)
+        }
+        started => started,
     }
 }
 

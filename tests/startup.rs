@@ -65,6 +65,27 @@ fn an_operations_port_in_use_is_refused() {
     );
 }
 
+/// Issue 25: a second instance on one host with the defaults. The default
+/// operations address being taken must not stop the service: it listens on a
+/// free port of the same interface and says which.
+#[test]
+fn a_taken_default_operations_port_moves_to_a_free_one() {
+    // Held by this test, or by anything else on this host: taken either way.
+    let _holder = std::net::TcpListener::bind("127.0.0.1:9464");
+    let mut cmd = command(&[]);
+    cmd.env_remove("VERVE_ADMIN_ADDR");
+    let mut verve = Verve::spawn(cmd);
+    let admin = verve.admin.expect("an operations listener");
+    assert_eq!(admin.ip().to_string(), "127.0.0.1");
+    assert_ne!(admin.port(), 9464);
+    assert_eq!(verve.admin_get("/healthz").status, 200);
+    let warning = verve.wait_for_stderr("/metrics and /healthz is taken", Duration::from_secs(5));
+    assert!(
+        warning.contains("taken=127.0.0.1:9464") && warning.contains(&format!("admin={admin}")),
+        "{warning}"
+    );
+}
+
 /// Starts verve with the open-file limit (soft and hard) at `limit`, as `ulimit -n`
 /// would, and returns its start-up line and whether it warned.
 fn start_with_file_limit(limit: u64, env: &[(&str, &str)]) -> (String, bool) {

@@ -8,13 +8,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# Debug info is for profiling on a build host; symbols stay for backtraces.
 RUN cargo build --release --locked --bin verve \
-    # Debug info is for profiling on a build host; symbols stay for backtraces.
     && strip --strip-debug target/release/verve
 
 FROM debian:bookworm-slim
+# The logs directory is verve's in the image, so that a volume mounted on it (or
+# on /var/lib/verve) starts writable.
 RUN useradd --system --uid 10001 --home-dir /var/lib/verve --create-home verve \
-    # Owned by verve, so that a volume mounted on either starts writable.
     && install -d -o verve -g verve /var/lib/verve/logs
 COPY --from=build /src/target/release/verve /usr/local/bin/verve
 USER verve

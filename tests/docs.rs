@@ -70,3 +70,49 @@ fn configuration_docs_match_help() {
         }
     }
 }
+
+/// Every row of docs/operations.md's table of what the fleet guarantees names
+/// at least one test, and every test it names exists: the table is only worth
+/// what proves it.
+#[test]
+fn every_fleet_guarantee_names_a_test_that_exists() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/operations.md")).unwrap();
+    let section = docs
+        .split("### What the fleet guarantees")
+        .nth(1)
+        .expect("the guarantee table");
+    let rows: Vec<&str> = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| Situation"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(rows.len() >= 10, "parsed too few rows: {rows:?}");
+    let mut tests = String::new();
+    for entry in std::fs::read_dir(format!("{root}/tests")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            tests += &std::fs::read_to_string(path).unwrap();
+        }
+    }
+    for row in rows {
+        let named: Vec<&str> = row
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|word| {
+                word.matches('_').count() >= 3
+                    && !word.starts_with("verve_")
+                    && word.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+            .collect();
+        assert!(!named.is_empty(), "a row without a test: {row}");
+        for test in named {
+            assert!(
+                tests.contains(&format!("fn {test}(")),
+                "{test} is named in the guarantee table but is not a test"
+            );
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The HTTP front: listeners, worker threads, connections, request parsing, responses.
 //!
-//! [`Workers::start`] claims the address, then starts one thread per worker, each
+//! `Workers::start` claims the address, then starts one thread per worker, each
 //! with its own monoio runtime and its own SO_REUSEPORT listener on that address:
 //! the kernel spreads incoming connections over the listeners, and a connection
 //! stays on the worker that accepted it for its whole life. One more thread, the

@@ -1,7 +1,7 @@
 //! The open connections of one worker: the cap on their number, the deadline each
 //! one is under, and the sweep that enforces the deadlines.
 //!
-//! A connection's task says what it waits for ([`Wait`]) each time that changes;
+//! A connection's task says what it waits for (`Wait`) each time that changes;
 //! that is a few `Cell` stores against a clock the worker moves on each tick, so
 //! the request path arms no timer and makes no system call for its deadlines. The
 //! sweep runs about ten times per shortest timeout and shuts down the socket of
@@ -20,7 +20,7 @@
 //! bound, and lasts from about `LINGER_TIME` to a sweep interval more.
 //!
 //! Invariant: only open sockets are registered. A task deregisters (drops its
-//! [`Registration`]) no later than its stream is closed, and everything here runs
+//! `Registration`) no later than its stream is closed, and everything here runs
 //! on the worker's one thread, so a registered fd is never a closed or reused one.
 
 use std::cell::{Cell, RefCell};

@@ -96,7 +96,7 @@ pub struct RedisGauges {
     /// fleet's); 0 before, and while the fleet refuses it: new ids get 503.
     pub in_fleet: AtomicU64,
     /// 1 while this run's lease is over (no heartbeat answered for most of the
-    /// fleet's wait, [`lease`]): new ids get 503.
+    /// fleet's wait, see `lease.rs`): new ids get 503.
     pub lease_lapsed: AtomicU64,
 }
 

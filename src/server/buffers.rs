@@ -3,22 +3,18 @@
 //! [`ConnectionBuffers`] are what was read and not yet answered (always starting at
 //! a request boundary), the responses to send, and a scratch buffer for decoding.
 //! [`ConnectionBuffers::answer_complete_requests`] frames every complete request in
-//! the read buffer, routes it, appends its response, and drops the bytes it used,
+//! the read buffer, has `handler` answer it, and drops the bytes it used,
 //! pausing once the responses reach [`OUTPUT_LIMIT`] so that they go out first. It
 //! does no I/O, so it can be driven and measured without a socket; after warm-up it
 //! allocates nothing (a test with a counting allocator holds it to that).
 
 use std::ops::ControlFlow;
 
-use super::counters::Route;
-use super::query::parse_accept_query;
-use super::request::{self, FrameEnd, FrameError, Method, Request};
-use super::response::{self, Persistence, Status};
-use super::worker::Worker;
+use super::context::RequestContext;
+use super::handler;
+use super::request::{self, FrameEnd};
+use super::response::Status;
 use crate::window::WindowStart;
-
-/// The path of the one counting endpoint.
-pub const ACCEPT_PATH: &[u8] = b"/api/verve/accept";
 
 pub(crate) struct ConnectionBuffers {
     pub(crate) read_buf: Vec<u8>,
@@ -62,7 +58,7 @@ impl ConnectionBuffers {
     /// drops the answered bytes. Ids count in `window`, the window of the read.
     pub(crate) fn answer_complete_requests(
         &mut self,
-        worker: &Worker,
+        context: &RequestContext,
         window: WindowStart,
     ) -> Next {
         let ConnectionBuffers {
@@ -70,20 +66,8 @@ impl ConnectionBuffers {
             write_buf,
             scratch,
         } = self;
-        let framed = request::frame_requests(read_buf, worker.limits(), |req| {
-            let persistence = match (req.keep_alive, req.http10) {
-                (false, _) => Persistence::Close,
-                (true, false) => Persistence::KeepAlive,
-                (true, true) => Persistence::KeepAliveHttp10,
-            };
-            let head_only = req.method == Method::Head;
-            // Only the API: `/metrics` and `/healthz` have a listener of their own.
-            let (route, status) = match req.path {
-                ACCEPT_PATH => (Route::Accept, accept(&req, worker, window, scratch)),
-                _ => (Route::Other, Status::NotFound),
-            };
-            response::write(write_buf, status, persistence, head_only);
-            worker.counters().record(route, status);
+        let framed = request::frame_requests(read_buf, context.limits(), |req| {
+            handler::answer(&req, context, window, scratch, write_buf);
             match write_buf.len() < OUTPUT_LIMIT {
                 true => ControlFlow::Continue(()),
                 false => ControlFlow::Break(()),
@@ -95,12 +79,12 @@ impl ConnectionBuffers {
             FrameEnd::Paused => Next::AnswerMore,
             FrameEnd::Error(err) => {
                 tracing::debug!(error = %err, "closing connection");
-                refuse(write_buf, worker, refusal_status(err));
+                handler::refuse(write_buf, context, handler::refusal_status(err));
                 Next::CloseAfterError
             }
             // Shutting down: everything received is answered above; then the
             // connection closes instead of waiting for more.
-            FrameEnd::NeedMore if worker.is_draining() => Next::Close,
+            FrameEnd::NeedMore if context.is_draining() => Next::Close,
             FrameEnd::NeedMore => Next::Read,
         }
     }
@@ -116,54 +100,8 @@ impl ConnectionBuffers {
     }
 
     /// Answers a request the client took too long to send, before the connection closes.
-    pub(crate) fn time_out(&mut self, worker: &Worker) {
-        refuse(&mut self.write_buf, worker, Status::RequestTimeout);
-    }
-}
-
-/// Answers `status` to input that is not a request to route, announcing the close.
-fn refuse(out: &mut Vec<u8>, worker: &Worker, status: Status) {
-    response::write(out, status, Persistence::Close, false);
-    worker.counters().record(Route::Other, status);
-}
-
-/// The answer to a request that cannot be framed.
-fn refusal_status(err: FrameError) -> Status {
-    match err {
-        FrameError::Malformed => Status::BadRequest,
-        FrameError::RequestLineTooLong => Status::UriTooLong,
-        FrameError::HeadTooLarge | FrameError::TooManyHeaders => Status::HeaderFieldsTooLarge,
-        FrameError::BodyTooLarge => Status::ContentTooLarge,
-        FrameError::UnsupportedBody => Status::NotImplemented,
-    }
-}
-
-/// Answers the accept endpoint, accepting the id when it is valid.
-fn accept(
-    req: &Request<'_>,
-    worker: &Worker,
-    window: WindowStart,
-    scratch: &mut Vec<u8>,
-) -> Status {
-    if req.method != Method::Get {
-        return Status::MethodNotAllowed;
-    }
-    let query = match parse_accept_query(req.query, scratch) {
-        Ok(query) => query,
-        Err(err) => {
-            tracing::debug!(error = %err, "refused accept request");
-            return Status::BadRequest;
-        }
-    };
-    if let Some(endpoint) = query.endpoint {
-        if let Err(refusal) = worker.callback_policy().check_host(endpoint.host) {
-            tracing::debug!(endpoint = endpoint.url, %refusal, "refused endpoint");
-            return Status::BadRequest;
-        }
-    }
-    match worker.accept(window, query.id, query.endpoint.map(|e| e.url)) {
-        Ok(()) => Status::Ok,
-        Err(_) => Status::Unavailable,
+    pub(crate) fn time_out(&mut self, context: &RequestContext) {
+        handler::refuse(&mut self.write_buf, context, Status::RequestTimeout);
     }
 }
 
@@ -171,6 +109,7 @@ fn accept(
 mod tests {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
+    use std::sync::Arc;
     use std::time::SystemTime;
 
     use super::*;
@@ -178,10 +117,8 @@ mod tests {
 
     use crate::admission::Admission;
     use crate::callback::CallbackPolicy;
-    use crate::server::counters::ServerCounters;
-    use crate::server::registry::Timeouts;
     use crate::server::request::Limits;
-    use crate::server::ClientLimits;
+    use crate::server::response::{self, Persistence};
     use crate::window::WindowLength;
 
     /// Counts allocations made by the current thread, so that tests running on
@@ -216,19 +153,15 @@ mod tests {
 
     const BATCH_IDS: usize = 512;
 
-    fn worker() -> (Worker, flume::Receiver<Handoff>) {
+    fn worker() -> (RequestContext, flume::Receiver<Handoff>) {
         let (tx, rx) = flume::bounded(1024);
         let window = WindowLength::from_secs(60).window_of(SystemTime::now());
-        let worker = Worker::new(
+        let worker = RequestContext::new(
             WindowLength::from_secs(60),
             CallbackPolicy::default(),
-            ClientLimits {
-                request: Limits::DEFAULT,
-                timeouts: Timeouts::DEFAULT,
-                connections_per_worker: 1,
-            },
+            Limits::DEFAULT,
             Batcher::new(tx, BATCH_IDS, Admission::default(), 0, window),
-            &ServerCounters::default(),
+            Arc::default(),
         );
         (worker, rx)
     }

@@ -20,8 +20,8 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::buffers::{ConnectionBuffers, Next};
+use super::context::RequestContext;
 use super::registry::{Registration, Wait};
-use super::worker::Worker;
 
 /// Read buffer growth step; a typical request is well under this.
 const READ_CHUNK: usize = 4096;
@@ -46,8 +46,8 @@ impl Connection {
     }
 
     /// Serves requests until the client closes, asks to close, errs, or times out.
-    pub(crate) async fn run(mut self, worker: Rc<Worker>) -> io::Result<()> {
-        let request_bytes = worker.limits().request_bytes();
+    pub(crate) async fn run(mut self, context: Rc<RequestContext>) -> io::Result<()> {
+        let request_bytes = context.limits().request_bytes();
         let mut next = Next::Read;
         // Whether anything was answered since the last read (over paused turns).
         let mut answered = false;
@@ -65,7 +65,7 @@ impl Connection {
                     if self.registration.expired() && !self.buffers.read_buf.is_empty() {
                         // Half a request, and its time is up: say so before closing,
                         // within a write deadline like any other answer.
-                        self.buffers.time_out(&worker);
+                        self.buffers.time_out(&context);
                         self.registration.wait_for(Wait::Write);
                         self.send().await?;
                     }
@@ -76,8 +76,8 @@ impl Connection {
             }
 
             let waited_for = self.registration.waiting_for();
-            let window = worker.window_of(SystemTime::now());
-            next = self.buffers.answer_complete_requests(&worker, window);
+            let window = context.window_of(SystemTime::now());
+            next = self.buffers.answer_complete_requests(&context, window);
             if !self.buffers.write_buf.is_empty() {
                 answered = true;
                 self.registration.wait_for(Wait::Write);

@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::registry::{Wait, WAITS};
+use super::counter::bump;
+use super::registry::{ConnectionCounters, WAITS};
 use super::response::Status;
 
 /// Which part of the API a request was for.
@@ -40,16 +41,8 @@ pub struct WorkerCounters {
     ids_accepted: AtomicU64,
     ids_invalid: AtomicU64,
     ids_overloaded: AtomicU64,
-    connections_open: AtomicU64,
-    connections_refused: AtomicU64,
-    connections_timed_out: [AtomicU64; WAITS.len()],
-}
-
-/// Adds one to a counter that only the calling thread writes: a load and a store,
-/// cheaper than an atomic read-modify-write, and exact because nobody else writes.
-#[inline]
-fn bump(counter: &AtomicU64) {
-    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    /// The worker's registry of connections keeps these.
+    pub(crate) connections: Arc<ConnectionCounters>,
 }
 
 impl WorkerCounters {
@@ -64,21 +57,6 @@ impl WorkerCounters {
                 _ => bump(&self.ids_invalid),
             }
         }
-    }
-
-    /// A new connection closed at once: the worker holds as many as it may.
-    pub fn connection_refused(&self) {
-        bump(&self.connections_refused);
-    }
-
-    pub fn set_connections_open(&self, n: usize) {
-        self.connections_open.store(n as u64, Ordering::Relaxed);
-    }
-
-    /// A connection closed for missing the deadline of what it was waiting for: a
-    /// wait in [`WAITS`], which the end of a linger is not.
-    pub(crate) fn connection_timed_out(&self, wait: Wait) {
-        bump(&self.connections_timed_out[wait as usize]);
     }
 }
 
@@ -127,12 +105,12 @@ impl ServerCounters {
             ids_accepted: sum(&|w| &w.ids_accepted),
             ids_invalid: sum(&|w| &w.ids_invalid),
             ids_overloaded: sum(&|w| &w.ids_overloaded),
-            connections_open: sum(&|w| &w.connections_open),
-            connections_refused: sum(&|w| &w.connections_refused),
+            connections_open: sum(&|w| &w.connections.open),
+            connections_refused: sum(&|w| &w.connections.refused),
             connections_timed_out: WAITS
                 .iter()
                 .enumerate()
-                .map(|(i, (_, waiting_for))| (*waiting_for, sum(&|w| &w.connections_timed_out[i])))
+                .map(|(i, (_, waiting_for))| (*waiting_for, sum(&|w| &w.connections.timed_out[i])))
                 .collect(),
         }
     }
@@ -158,12 +136,13 @@ impl ServerCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::registry::Wait;
 
     #[test]
     fn totals_sum_the_workers() {
         let server = ServerCounters::default();
         server.record_sample_traffic();
-        server.register().connection_timed_out(Wait::Idle);
+        server.register().connections.timed_out(Wait::Idle);
         let totals = server.totals();
         assert_eq!(
             totals.requests,

@@ -10,9 +10,12 @@
 pub mod affinity;
 mod buffers;
 mod connection;
+mod context;
+mod counter;
 pub mod counters;
 mod error;
 pub mod file_limit;
+mod handler;
 pub mod query;
 pub mod registry;
 pub mod request;
@@ -38,8 +41,8 @@ use counters::ServerCounters;
 use ticker::Ticker;
 use worker::WorkerSettings;
 
-pub use buffers::ACCEPT_PATH;
 pub use error::ServerError;
+pub use handler::ACCEPT_PATH;
 
 /// How much a client may ask of the server before it is cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

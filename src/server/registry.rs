@@ -26,12 +26,13 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::counters::WorkerCounters;
+use super::counter::bump;
 
 /// After an error response, how long a connection reads and discards what the
 /// client still sends before it closes; see `Connection::linger`.
@@ -103,6 +104,27 @@ struct Watch {
     expired: Cell<bool>,
 }
 
+/// What a worker's registry counts, for `/metrics`: only the worker writes them.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectionCounters {
+    pub(crate) open: AtomicU64,
+    /// New connections closed at once: the worker held as many as it may.
+    pub(crate) refused: AtomicU64,
+    /// Connections closed for missing the deadline of what they waited for, by
+    /// [`WAITS`] (the end of a linger is not one).
+    pub(crate) timed_out: [AtomicU64; WAITS.len()],
+}
+
+impl ConnectionCounters {
+    fn set_open(&self, n: usize) {
+        self.open.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn timed_out(&self, wait: Wait) {
+        bump(&self.timed_out[wait as usize]);
+    }
+}
+
 /// The open connections of one worker.
 pub(crate) struct Registry {
     /// How long each [`Wait`] may last, indexed by `wait as usize`: its timeout
@@ -110,7 +132,7 @@ pub(crate) struct Registry {
     /// early), or [`LINGER_TIME`] for the linger, the server's own bound.
     allowed: [Duration; 4],
     capacity: usize,
-    counters: Arc<WorkerCounters>,
+    counters: Arc<ConnectionCounters>,
     /// The time as of the worker's last tick: coarse, but free to read.
     clock: Cell<Instant>,
     open: RefCell<Slab<Rc<Watch>>>,
@@ -121,7 +143,11 @@ pub(crate) struct Registry {
 pub(crate) struct AtCapacity;
 
 impl Registry {
-    pub(crate) fn new(timeouts: Timeouts, capacity: usize, counters: Arc<WorkerCounters>) -> Self {
+    pub(crate) fn new(
+        timeouts: Timeouts,
+        capacity: usize,
+        counters: Arc<ConnectionCounters>,
+    ) -> Self {
         let slack = timeouts.sweep_interval();
         Registry {
             allowed: [
@@ -142,7 +168,7 @@ impl Registry {
     pub(crate) fn register(self: &Rc<Self>, fd: RawFd) -> Result<Registration, AtCapacity> {
         let mut open = self.open.borrow_mut();
         if open.len() >= self.capacity {
-            self.counters.connection_refused();
+            bump(&self.counters.refused);
             return Err(AtCapacity);
         }
         let watch = Rc::new(Watch {
@@ -152,7 +178,7 @@ impl Registry {
             expired: Cell::new(false),
         });
         let key = open.insert(watch.clone());
-        self.counters.set_connections_open(open.len());
+        self.counters.set_open(open.len());
         Ok(Registration {
             registry: self.clone(),
             key,
@@ -183,7 +209,7 @@ impl Registry {
             watch.expired.set(true);
             let wait = watch.wait.get();
             if wait != Wait::Linger {
-                self.counters.connection_timed_out(wait);
+                self.counters.timed_out(wait);
             }
             // Shutting down the read side ends a pending read with end-of-stream,
             // and leaves the write side open for a 408 (a lingering connection has
@@ -243,21 +269,16 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut open = self.registry.open.borrow_mut();
         open.remove(self.key);
-        self.registry.counters.set_connections_open(open.len());
+        self.registry.counters.set_open(open.len());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::counters::ServerCounters;
 
     fn registry(capacity: usize) -> Rc<Registry> {
-        Rc::new(Registry::new(
-            Timeouts::DEFAULT,
-            capacity,
-            Arc::new(WorkerCounters::default()),
-        ))
+        Rc::new(Registry::new(Timeouts::DEFAULT, capacity, Arc::default()))
     }
 
     fn sweep_at(registry: &Registry, now: Instant) {
@@ -360,8 +381,8 @@ mod tests {
 
     #[test]
     fn a_lingering_connection_ends_at_its_deadline_without_counting_a_timeout() {
-        let server = ServerCounters::default();
-        let registry = Rc::new(Registry::new(Timeouts::DEFAULT, 10, server.register()));
+        let counters = Arc::new(ConnectionCounters::default());
+        let registry = Rc::new(Registry::new(Timeouts::DEFAULT, 10, counters.clone()));
         let start = registry.clock.get();
         let idle = registry.register(-1).unwrap();
         idle.wait_for(Wait::Idle);
@@ -380,10 +401,14 @@ mod tests {
             start + Timeouts::DEFAULT.idle + Timeouts::DEFAULT.sweep_interval(),
         );
         assert!(idle.expired());
+        let timed_out = counters
+            .timed_out
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed));
         assert_eq!(
-            server.totals().connections_timed_out,
-            [("head", 0), ("idle", 1), ("write", 0)],
-            "the idle connection timed out; the lingering one did not"
+            timed_out,
+            [0, 1, 0],
+            "the idle connection timed out (head, idle, write); the lingering one did not"
         );
     }
 }

@@ -24,25 +24,24 @@
 //! deadline, looking again on each tick, then flushes its batch to the aggregator
 //! and returns.
 
-use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use super::connection::Connection;
-use super::counters::{ServerCounters, WorkerCounters};
+use super::context::RequestContext;
+use super::counters::ServerCounters;
 use super::registry::{AtCapacity, Registration, Registry};
-use super::request::Limits;
 use super::ticker::Every;
 use super::{ClientLimits, Driver, ServerError};
 use crate::admission::Admission;
-use crate::batch::{Batcher, Handoff, Overloaded};
+use crate::batch::{Batcher, Handoff};
 use crate::callback::CallbackPolicy;
 use crate::window::{WindowLength, WindowStart};
 
@@ -66,90 +65,11 @@ pub(crate) struct WorkerSettings {
     pub cpu: Option<usize>,
 }
 
-/// State shared by the tasks of one worker thread.
-pub(crate) struct Worker {
-    window_length: WindowLength,
-    /// This worker's request counters, summed into `/metrics`.
-    counters: Arc<WorkerCounters>,
-    callback_policy: CallbackPolicy,
-    limits: Limits,
-    batcher: RefCell<Batcher>,
+/// A worker's loop state: what its connections share to answer requests, and
+/// the registry its accept loop and sweep keep.
+struct Worker {
+    context: Rc<RequestContext>,
     connections: Rc<Registry>,
-    draining: Cell<bool>,
-}
-
-impl Worker {
-    pub(crate) fn new(
-        window_length: WindowLength,
-        callback_policy: CallbackPolicy,
-        client_limits: ClientLimits,
-        batcher: Batcher,
-        counters: &ServerCounters,
-    ) -> Self {
-        let counters = counters.register();
-        let connections = Registry::new(
-            client_limits.timeouts,
-            client_limits.connections_per_worker,
-            counters.clone(),
-        );
-        Worker {
-            window_length,
-            counters,
-            callback_policy,
-            limits: client_limits.request,
-            batcher: RefCell::new(batcher),
-            connections: Rc::new(connections),
-            draining: Cell::new(false),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn window_of(&self, t: SystemTime) -> WindowStart {
-        self.window_length.window_of(t)
-    }
-
-    /// Accepts an id (and its request's endpoint) into its window's batch, or
-    /// refuses it under overload.
-    #[inline]
-    pub(crate) fn accept(
-        &self,
-        window: WindowStart,
-        id: i64,
-        endpoint: Option<&str>,
-    ) -> Result<(), Overloaded> {
-        self.batcher.borrow_mut().push(window, id, endpoint)
-    }
-
-    pub(crate) fn counters(&self) -> &WorkerCounters {
-        &self.counters
-    }
-
-    /// How large a request may be.
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// The operator's rules for callback targets.
-    pub(crate) fn callback_policy(&self) -> &CallbackPolicy {
-        &self.callback_policy
-    }
-
-    /// Whether the worker is shutting down, so connections close once what they
-    /// have received is answered.
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.get()
-    }
-
-    /// Sends the batch in progress, if there is one, and passes the windows before
-    /// the current one (see [`Batcher::flush`]).
-    pub(crate) fn flush(&self) {
-        let now = self.window_of(SystemTime::now());
-        self.batcher.borrow_mut().flush(now);
-    }
-
-    pub(crate) fn start_draining(&self) {
-        self.draining.set(true);
-    }
 }
 
 /// Runs a worker on the current thread until `shutdown` is dropped by its sender,
@@ -221,24 +141,33 @@ async fn serve(
         settings.client_limits.timeouts.sweep_interval(),
         Instant::now(),
     );
-    let worker = Rc::new(Worker::new(
-        settings.window_length,
-        settings.callback_policy,
-        settings.client_limits,
-        Batcher::new(
-            handoffs,
-            settings.batch_ids,
-            settings.admission,
-            settings.index,
-            settings.first_window,
-        ),
-        &settings.counters,
-    ));
+    let counters = settings.counters.register();
+    let limits = settings.client_limits;
+    let worker = Worker {
+        context: Rc::new(RequestContext::new(
+            settings.window_length,
+            settings.callback_policy,
+            limits.request,
+            Batcher::new(
+                handoffs,
+                settings.batch_ids,
+                settings.admission,
+                settings.index,
+                settings.first_window,
+            ),
+            counters.clone(),
+        )),
+        connections: Rc::new(Registry::new(
+            limits.timeouts,
+            limits.connections_per_worker,
+            counters.connections.clone(),
+        )),
+    };
 
     accept_until_shutdown(&listener, &worker, &ticks, &mut chores, shutdown).await;
     drop(listener);
     drain(&worker, &ticks, &mut chores, settings.drain).await;
-    worker.batcher.borrow_mut().finish();
+    worker.context.finish();
     tracing::debug!(worker = settings.index, "worker stopped");
 }
 
@@ -267,7 +196,7 @@ impl Chores {
         // (ticks are at least as frequent as sweeps) wherever the sweeps fall.
         worker.connections.set_clock(Instant::now());
         if self.flush.due(tick) {
-            worker.flush();
+            worker.context.flush();
         }
         if self.sweep.due(tick) {
             worker.connections.sweep();
@@ -277,7 +206,7 @@ impl Chores {
 
 async fn accept_until_shutdown(
     listener: &TcpListener,
-    worker: &Rc<Worker>,
+    worker: &Worker,
     ticks: &flume::Receiver<Instant>,
     chores: &mut Chores,
     shutdown: flume::Receiver<()>,
@@ -302,7 +231,8 @@ async fn accept_until_shutdown(
                 match accepted {
                     Ok((stream, _peer)) => match worker.connections.register(stream.as_raw_fd()) {
                         Ok(registration) => {
-                            monoio::spawn(serve_connection(stream, registration, worker.clone()));
+                            let context = worker.context.clone();
+                            monoio::spawn(serve_connection(stream, registration, context));
                         }
                         // Dropping the stream closes it at once: the client sees the end.
                         Err(AtCapacity) => drop(stream),
@@ -318,10 +248,14 @@ async fn accept_until_shutdown(
     }
 }
 
-async fn serve_connection(stream: TcpStream, registration: Registration, worker: Rc<Worker>) {
+async fn serve_connection(
+    stream: TcpStream,
+    registration: Registration,
+    context: Rc<RequestContext>,
+) {
     // Responses go out in one write per read; Nagle would only add latency.
     let _ = stream.set_nodelay(true);
-    if let Err(err) = Connection::new(stream, registration).run(worker).await {
+    if let Err(err) = Connection::new(stream, registration).run(context).await {
         tracing::debug!(error = %err, "connection ended with an error");
     }
 }
@@ -334,7 +268,7 @@ async fn drain(
     chores: &mut Chores,
     limit: Duration,
 ) {
-    worker.start_draining();
+    worker.context.start_draining();
     worker.connections.shut_reads();
     let deadline = Instant::now() + limit;
     while worker.connections.len() > 0 && Instant::now() < deadline {

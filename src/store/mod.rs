@@ -8,7 +8,7 @@
 //! - [`RedisStore`] (`VERVE_REDIS_URL`): new ids go to one Redis set per window with
 //!   `SADD`, from a thread of its own, so several instances count each id once;
 //!   the fleet publishes the window's `SCARD` once every instance has handed over
-//!   its ids (the fleet protocol, in `redis/fleet.rs`).
+//!   its ids (the fleet protocol, in `redis/fleet.rs` and its parts).
 //!
 //! A store may hold back intake through the shared `Admission`: while it is
 //! closed, workers answer new ids `503 failed`.

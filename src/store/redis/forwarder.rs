@@ -22,9 +22,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{RedisError, RedisResult};
 
-use super::fleet::{shard_of, Count, Coverage, Fleet, Force, Outcome, Settled, WindowView};
+use super::delivery::Count;
+use super::fleet::Fleet;
+use super::keys::shard_of;
 use super::lease::Renewal;
 use super::rules::{self, Unacknowledged};
+use super::settle::{Coverage, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::admission::Closed;
 use crate::backoff::Backoff;

@@ -17,10 +17,14 @@
 //! instance settles the window, and every id of that set is sent again from the local set,
 //! which the store keeps until the fleet's record is complete: the counts stay exact.
 
+mod delivery;
 mod fleet;
 mod forwarder;
+mod keys;
 mod lease;
+mod membership;
 mod rules;
+mod settle;
 mod slots;
 
 use std::collections::VecDeque;
@@ -36,8 +40,8 @@ use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
 use crate::sink::Acknowledged;
 use crate::window::WindowStart;
-pub use fleet::window_sets;
 use forwarder::Forwarder;
+pub use keys::window_sets;
 use lease::Lease;
 
 /// How to reach Redis, what to call things there, and how long the fleet waits.

@@ -94,6 +94,47 @@ pub(super) fn adopts(ours: bool, wait_over: bool) -> bool {
     !ours && wait_over
 }
 
+/// Whether the fleet's wait for `window` (`window_secs` long) is over at `now_ms`
+/// (ms since the epoch): `wait` (`VERVE_FLEET_WAIT_MS`) after its end. From then
+/// on a settle publishes whatever is there, and an unfinished window may be
+/// adopted.
+pub(super) fn is_wait_over(
+    window: WindowStart,
+    window_secs: u64,
+    wait: Duration,
+    now_ms: u64,
+) -> bool {
+    let end = window.unix_secs() + window_secs;
+    now_ms >= end * 1000 + wait.as_millis() as u64
+}
+
+/// The shards of a window to send again because Redis lost some of this run's
+/// ids: those whose sentinel counts fewer of them (`counted`, per sentinel, as a
+/// survey read it; one missing counts none) than this run delivered to the
+/// shards it counts (`delivered`, per shard). Each of the `shards` shards is
+/// counted by sentinel `sentinel_of(shard)`, one of `sentinels`: its own on a
+/// cluster (a failover rolls back one master's shards), one for all on a single
+/// server (it loses or keeps them together, so all are sent again).
+pub(super) fn short_shards(
+    delivered: &[u64],
+    counted: &[u64],
+    shards: usize,
+    sentinels: usize,
+    sentinel_of: impl Fn(usize) -> usize,
+) -> Vec<usize> {
+    let mut sent = vec![0; sentinels];
+    for (shard, &ids) in delivered.iter().enumerate() {
+        sent[sentinel_of(shard)] += ids;
+    }
+    let counted = |sentinel: usize| counted.get(sentinel).copied().unwrap_or(0);
+    (0..shards)
+        .filter(|&shard| {
+            let sentinel = sentinel_of(shard);
+            counted(sentinel) < sent[sentinel]
+        })
+        .collect()
+}
+
 /// What a run must share with the fleet to write to its sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Layout {
@@ -324,6 +365,35 @@ mod tests {
         assert!(adopts(false, true));
         assert!(!adopts(false, false));
         assert!(!adopts(true, true));
+    }
+
+    #[test]
+    fn the_wait_is_over_the_fleet_wait_after_the_windows_end() {
+        // W is 60 s long: it ends at 660 s, and the wait is 5 s.
+        let wait = Duration::from_secs(5);
+        assert!(!is_wait_over(W, 60, wait, 664_999));
+        assert!(is_wait_over(W, 60, wait, 665_000));
+        assert!(is_wait_over(W, 60, Duration::ZERO, 660_000));
+    }
+
+    #[test]
+    fn only_shards_whose_sentinel_counts_short_are_sent_again() {
+        // A cluster: each shard its own sentinel; Redis lost some of shard 2's.
+        let own = |shard: usize| shard;
+        assert_eq!(short_shards(&[3, 0, 2, 0], &[3, 0, 1, 0], 4, 4, own), [2]);
+        assert!(short_shards(&[3, 0, 2, 0], &[3, 0, 2, 0], 4, 4, own).is_empty());
+        // A sentinel the survey did not read counts none.
+        assert_eq!(short_shards(&[3, 0, 2, 1], &[3, 0, 2], 4, 4, own), [3]);
+        // Nothing delivered: nothing to send again.
+        assert!(short_shards(&[], &[0, 0, 0, 0], 4, 4, own).is_empty());
+    }
+
+    #[test]
+    fn on_one_server_a_short_sentinel_sends_every_shard_again() {
+        let one = |_: usize| 0;
+        assert!(short_shards(&[3, 0, 2, 0], &[5], 4, 1, one).is_empty());
+        assert_eq!(short_shards(&[3, 0, 2, 0], &[4], 4, 1, one), [0, 1, 2, 3]);
+        assert_eq!(short_shards(&[7], &[0], 1, 1, one), [0]);
     }
 
     #[test]

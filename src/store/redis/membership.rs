@@ -45,8 +45,6 @@ pub(super) struct Membership {
     /// be waited for on the windows it was live in: the default key TTL, longer
     /// than any run follows a window (not shortened by the test hook).
     lapsed_kept_ms: u64,
-    /// The live runs, as of the last heartbeat.
-    live: Vec<String>,
     /// This run has left the fleet: it no longer registers.
     left: bool,
     /// When each run was last seen live, for as long as a loss could need it.
@@ -67,7 +65,6 @@ impl Membership {
         Membership {
             first_window,
             lapsed_kept_ms,
-            live: Vec::new(),
             left: false,
             seen: BTreeMap::new(),
             epoch: None,
@@ -143,14 +140,13 @@ impl Fleet {
         self.refusal = None;
         self.learn_epoch(epoch);
         let now = Instant::now();
-        for run in &live {
-            self.membership.seen.insert(run.clone(), now);
+        for run in live {
+            self.membership.seen.insert(run, now);
         }
         let horizon = self.wait * SEEN_FOR_WAITS;
         self.membership
             .seen
             .retain(|_, at| now.duration_since(*at) < horizon);
-        self.membership.live = live;
         Ok(orphans
             .into_iter()
             .map(WindowStart::from_unix_secs)

@@ -25,8 +25,8 @@ use crate::report::Reporter;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, ClientLimits, Driver, Intake, Workers};
 use crate::sink::{
-    Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink, RedisStreamSettings,
-    RedisStreamSink,
+    redis_stream, Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink,
+    RedisStreamSettings,
 };
 use crate::store::{DedupStore, LocalStore, RedisSettings, RedisStore};
 
@@ -315,7 +315,7 @@ fn open_sinks(
                     maxlen: config.redis_stream_maxlen,
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                 };
-                let sink = RedisStreamSink::start(
+                let sink = redis_stream::start(
                     endpoint,
                     settings,
                     telemetry.redis_stream.clone(),

@@ -3,19 +3,22 @@
 //! The [`Reporter`](crate::report::Reporter) hands every [`CountRecord`] to each of
 //! its [`CountSink`]s in turn and does not know which kinds it has. A sink must not
 //! block for long: it runs on the thread that settles counts (the aggregator, or the
-//! Redis forwarder), once per record. The sinks that talk to a network (Kafka, a
-//! Redis stream) queue the record for a thread of their own.
+//! Redis forwarder), once per record. The sinks that talk to a network queue the
+//! record for a thread: librdkafka's own for Kafka, and a [`QueuedSink`]'s for the
+//! others (a Redis stream), which only say how to deliver one record.
 //!
 //! In Redis mode the shared sinks report what they took for good through [`Acks`],
 //! which tells the fleet a record is acknowledged once every shared sink took it.
 
 pub mod kafka;
 pub mod log;
+pub mod queued;
 pub mod redis_stream;
 
 pub use kafka::{KafkaSettings, KafkaSink};
 pub use log::{CountLogFormat, LogSink};
-pub use redis_stream::{RedisStreamSettings, RedisStreamSink};
+pub use queued::QueuedSink;
+pub use redis_stream::RedisStreamSettings;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;

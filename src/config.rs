@@ -15,7 +15,8 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-use crate::callback_policy::AllowList;
+use crate::callback::{AllowList, DispatcherSettings};
+pub use crate::callback::{CallbackMethod, CallbackTiming};
 use crate::window::WindowLength;
 
 /// The most header fields `VERVE_MAX_HEADERS` may allow: the size of the
@@ -338,24 +339,6 @@ pub enum CountLogFormat {
     Json,
 }
 
-/// How an endpoint is told the count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CallbackMethod {
-    /// POST with a JSON body.
-    Post,
-    /// GET with `count=N` added to the endpoint's query.
-    Get,
-}
-
-/// When an endpoint is told the count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CallbackTiming {
-    /// Once per endpoint and window, with the final count, when the window closes.
-    Close,
-    /// On each request with the endpoint, with the count so far; coalesced per endpoint.
-    Immediate,
-}
-
 impl Config {
     /// Reads flags and environment. `--help` and `--version` print and exit here.
     pub fn load() -> Result<Config, ConfigError> {
@@ -406,6 +389,19 @@ impl Config {
             self.redis_stream_url()?;
         }
         Ok(())
+    }
+
+    /// How the callback dispatcher calls endpoints.
+    pub fn dispatcher_settings(&self) -> DispatcherSettings {
+        DispatcherSettings {
+            queue: self.callback_queue as usize,
+            timing: self.callback_timing,
+            method: self.callback_method,
+            connect_timeout: Duration::from_millis(self.callback_connect_timeout_ms),
+            timeout: Duration::from_millis(self.callback_timeout_ms),
+            retries: self.callback_retries,
+            concurrency: usize::from(self.callback_concurrency),
+        }
     }
 
     /// The Redis of the stream sink, with the variable it came from:

@@ -41,7 +41,6 @@ mod admin;
 mod admission;
 mod backoff;
 mod callback;
-mod callback_policy;
 mod error;
 mod metrics;
 mod partition;

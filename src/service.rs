@@ -98,9 +98,12 @@ impl Verve {
             )?),
             None => None,
         };
-        let (callbacks, dispatcher) =
-            Dispatcher::start(config, callback_policy.clone(), telemetry.callbacks.clone())
-                .map_err(StartError::Thread)?;
+        let (callbacks, dispatcher) = Dispatcher::start(
+            &config.dispatcher_settings(),
+            callback_policy.clone(),
+            telemetry.callbacks.clone(),
+        )
+        .map_err(StartError::Thread)?;
         let (at_close, immediate) = match config.callback_timing {
             CallbackTiming::Close => (Some(callbacks), None),
             CallbackTiming::Immediate => (None, Some(callbacks)),

@@ -22,8 +22,8 @@ use ureq::Agent;
 use super::{
     CallbackCounters, CallbackJob, CallbackOutcome, CallbackPolicy, Callbacks, Coalescer, Refusal,
 };
+use super::{CallbackMethod, CallbackTiming};
 use crate::backoff::Backoff;
-use crate::config::{CallbackMethod, CallbackTiming, Config};
 use crate::record::CountRecord;
 
 /// The first retry waits this long; each further one twice as long as the last,
@@ -58,22 +58,35 @@ struct Caller {
     counters: CallbackCounters,
 }
 
+/// How the dispatcher calls endpoints (`VERVE_CALLBACK_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatcherSettings {
+    /// Calls that may wait for a thread; more are dropped and counted.
+    pub queue: usize,
+    pub timing: CallbackTiming,
+    pub method: CallbackMethod,
+    pub connect_timeout: Duration,
+    /// The whole call's limit, connecting included.
+    pub timeout: Duration,
+    /// Retries of a call that failed or got a 5xx.
+    pub retries: u32,
+    /// Threads making calls.
+    pub concurrency: usize,
+}
+
 impl Dispatcher {
     /// Starts the threads; the returned [`Callbacks`] feeds them. The threads end
     /// once `Callbacks` is dropped and the queue is empty.
     pub fn start(
-        config: &Config,
+        settings: &DispatcherSettings,
         policy: CallbackPolicy,
         counters: CallbackCounters,
     ) -> std::io::Result<(Callbacks, Dispatcher)> {
-        let (jobs, queue) = flume::bounded(config.callback_queue as usize);
-        let coalescer =
-            (config.callback_timing == CallbackTiming::Immediate).then(Coalescer::default);
+        let (jobs, queue) = flume::bounded(settings.queue);
+        let coalescer = (settings.timing == CallbackTiming::Immediate).then(Coalescer::default);
         let agent_config = Agent::config_builder()
-            .timeout_connect(Some(Duration::from_millis(
-                config.callback_connect_timeout_ms,
-            )))
-            .timeout_global(Some(Duration::from_millis(config.callback_timeout_ms)))
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_global(Some(settings.timeout))
             .http_status_as_error(false)
             .max_redirects(0)
             .proxy(None)
@@ -85,13 +98,13 @@ impl Dispatcher {
         };
         let caller = Caller {
             agent: Agent::with_parts(agent_config, DefaultConnector::default(), resolver),
-            method: config.callback_method,
-            retries: config.callback_retries,
+            method: settings.method,
+            retries: settings.retries,
             coalescer: coalescer.clone(),
             counters: counters.clone(),
         };
         let mut threads = Vec::new();
-        for index in 0..config.callback_concurrency {
+        for index in 0..settings.concurrency {
             let (queue, caller) = (queue.clone(), caller.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("verve-callback-{index}"))

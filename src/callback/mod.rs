@@ -16,18 +16,38 @@
 
 mod counters;
 mod dispatcher;
+mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use clap::ValueEnum;
 use flume::TrySendError;
 
-pub use crate::callback_policy::{CallbackPolicy, Refusal};
 pub use counters::{CallbackCounters, CallbackOutcome};
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{Dispatcher, DispatcherSettings};
+pub use policy::{AllowList, CallbackPolicy, Refusal};
 
 use crate::record::CountRecord;
 use crate::window::WindowStart;
+
+/// How an endpoint is told the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CallbackMethod {
+    /// POST with a JSON body.
+    Post,
+    /// GET with `count=N` added to the endpoint's query.
+    Get,
+}
+
+/// When an endpoint is told the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CallbackTiming {
+    /// Once per endpoint and window, with the final count, when the window closes.
+    Close,
+    /// On each request with the endpoint, with the count so far; coalesced per endpoint.
+    Immediate,
+}
 
 /// One call to make: tell `endpoint` about `record`.
 #[derive(Debug, Clone, PartialEq, Eq)]

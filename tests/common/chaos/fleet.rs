@@ -146,19 +146,24 @@ impl Fleet {
         assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
     }
 
-    /// Stops every running instance with SIGTERM, at once, and waits for them.
-    pub fn stop(&mut self) {
+    /// Stops every running instance with SIGTERM, at once, and waits for them;
+    /// returns what went wrong (an exit status other than success).
+    pub fn stop(&mut self) -> Vec<String> {
         for (verve, _) in &mut self.members {
             if let Some(verve) = verve {
                 signal(verve.child(), libc::SIGTERM);
             }
         }
-        for (verve, _) in &mut self.members {
+        let mut problems = Vec::new();
+        for (i, (verve, run)) in self.members.iter_mut().enumerate() {
             if let Some(verve) = verve {
                 let status = wait_with_deadline(verve.child(), Duration::from_secs(30));
-                assert!(status.success(), "{status}:\n{}", verve.stderr_text());
+                if !status.success() {
+                    problems.push(format!("{}#{run} stopped with {status}", name(i)));
+                }
             }
         }
+        problems
     }
 
     /// Every run, killed or not, by name (`b#1`: b's second run).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use verve::window::{WindowLength, WindowStart};
 
 use crate::common::kafka::all_records;
-use crate::common::{eventually, parse_count_line, start_of_next_window};
+use crate::common::{parse_count_line, start_of_next_window};
 
 use super::checker::{check, Content, Published};
 use super::clients::Clients;
@@ -79,7 +79,7 @@ pub fn run(seed: u64, secs: u64) -> Report {
     let log = clients.stop();
     let truth = Truth::of(&log, &kills, length);
     let settled = settle(&fleet, &truth);
-    fleet.stop();
+    let stopped = fleet.stop();
     let mut records: Vec<Published> = all_records(&fleet.tansu.brokers(), TOPIC, SETTLE)
         .into_iter()
         .map(|r| published("topic".into(), r.key, &r.value))
@@ -87,7 +87,8 @@ pub fn run(seed: u64, secs: u64) -> Report {
     for (run, verve) in fleet.runs() {
         records.extend(count_log(&run, verve));
     }
-    let verdict = check(&truth, &records);
+    let mut verdict = check(&truth, &records);
+    verdict.failures.extend(stopped);
     let report = Report {
         seed,
         secs,
@@ -129,7 +130,10 @@ impl Chaos<'_> {
         sleep_until(self.origin + start);
         if fault.kind.loses_data() {
             if let Some(kill) = self.kills.last() {
-                self.wait_for_records_up_to(self.length.window_of(kill.at));
+                let window = self.length.window_of(kill.at);
+                if !self.wait_for_records_up_to(window) {
+                    self.note(format!("no record of {window} or the window before it"));
+                }
             }
         }
         let began = self.since(SystemTime::now());
@@ -204,25 +208,27 @@ impl Chaos<'_> {
         undelivered
     }
 
-    /// Waits until the topic has a record of `window` and of the one before it:
-    /// a killed run's ids are in the fleet's record, not only in Redis.
-    fn wait_for_records_up_to(&self, window: WindowStart) {
+    /// Waits until the topic has a record of `window` and of the one before it
+    /// (a killed run's ids are in the fleet's record, not only in Redis), for
+    /// [`SETTLE`] at most; returns whether they came.
+    fn wait_for_records_up_to(&self, window: WindowStart) -> bool {
         let secs = self.length.as_secs();
         let keys = [
             WindowStart::from_unix_secs(window.unix_secs() - secs).to_string(),
             window.to_string(),
         ];
         let brokers = self.fleet.tansu.brokers();
-        eventually(
-            SETTLE,
-            || format!("records of {keys:?} on the topic"),
-            || {
-                let records = all_records(&brokers, TOPIC, SETTLE);
-                keys.iter()
-                    .all(|key| records.iter().any(|r| &r.key == key))
-                    .then_some(())
-            },
-        );
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let records = all_records(&brokers, TOPIC, SETTLE);
+            if keys.iter().all(|key| records.iter().any(|r| &r.key == key)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn since(&self, t: SystemTime) -> f64 {

@@ -29,7 +29,7 @@ case $seeds in
   *) list=$(seq 1 "$seeds") ;;
 esac
 
-cargo test --test chaos --no-run 2>/dev/null
+cargo test -q --test chaos --no-run
 out=${CARGO_TARGET_DIR:-target}/chaos
 mkdir -p "$out"
 

@@ -12,8 +12,14 @@
 //!
 //! Revisions are compared as numbers, in order: they need not start at 1 or
 //! follow one another (a fleet epoch may sit in their high bits).
+//!
+//! A short `complete=true` record is told apart by cause: whether a run was cut
+//! off from Redis (link held, it or Redis paused) across the window's start with
+//! its heartbeat already lapsed (the case docs/operations.md still lists as
+//! open), or not.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use verve::window::WindowStart;
 
@@ -38,6 +44,17 @@ pub struct Content {
     pub scope: String,
 }
 
+/// A run cut off from Redis (its link held, the process or Redis paused) whose
+/// heartbeat lapsed meanwhile, until its heartbeat was renewed.
+#[derive(Debug, Clone)]
+pub struct Cutoff {
+    pub name: String,
+    pub from: SystemTime,
+    /// When its heartbeat expired, by Redis's clock.
+    pub lapsed: SystemTime,
+    pub to: SystemTime,
+}
+
 /// Ids a window's last record is short of, within what kills allow.
 #[derive(Debug, Clone)]
 pub struct Loss {
@@ -56,7 +73,12 @@ pub struct Verdict {
     pub topic: BTreeMap<WindowStart, Vec<(u64, u64, bool)>>,
 }
 
-pub fn check(truth: &Truth, records: &[Published]) -> Verdict {
+pub fn check(
+    truth: &Truth,
+    records: &[Published],
+    cutoffs: &[Cutoff],
+    origin: SystemTime,
+) -> Verdict {
     let mut verdict = Verdict::default();
     let mut by_window: BTreeMap<&str, Vec<&Published>> = BTreeMap::new();
     for record in records {
@@ -90,7 +112,11 @@ pub fn check(truth: &Truth, records: &[Published]) -> Verdict {
                 fail(&mut verdict, format!("counts above the truth: {record:?}"));
             }
             if c.complete && c.count < floor {
-                fail(&mut verdict, format!("complete=true, short: {record:?}"));
+                let cause = window.map_or_else(String::new, |w| cause(w, cutoffs, origin));
+                fail(
+                    &mut verdict,
+                    format!("complete=true, short: {record:?}{cause}"),
+                );
             }
             match revisions.get(&record.revision) {
                 Some(seen) if seen.content != record.content => fail(
@@ -154,4 +180,32 @@ pub fn check(truth: &Truth, records: &[Published]) -> Verdict {
         }
     }
     verdict
+}
+
+/// Why a `complete=true` record of `window` may be short: a run cut off across
+/// its start, with its heartbeat lapsed before it began.
+fn cause(window: WindowStart, cutoffs: &[Cutoff], origin: SystemTime) -> String {
+    let start = window.as_system_time();
+    let since = |t: SystemTime| t.duration_since(origin).unwrap_or_default().as_secs_f64();
+    let found: Vec<String> = cutoffs
+        .iter()
+        .filter(|c| c.lapsed <= start && c.to > start)
+        .map(|c| {
+            format!(
+                "{} cut off from +{:.3}s to +{:.3}s, its heartbeat lapsed at +{:.3}s",
+                c.name,
+                since(c.from),
+                since(c.to),
+                since(c.lapsed)
+            )
+        })
+        .collect();
+    if found.is_empty() {
+        " (no run's heartbeat had lapsed before the window began: not the open case)".into()
+    } else {
+        format!(
+            " (the case docs/operations.md lists as open: {}, before the window began)",
+            found.join("; ")
+        )
+    }
 }

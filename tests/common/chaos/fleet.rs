@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::proxy::Proxy;
 use crate::common::redis_server::RedisServer;
@@ -86,6 +86,11 @@ impl Fleet {
         self.members[i].0 = Some(verve);
     }
 
+    /// The name of instance `i`'s current run (`b#1`).
+    pub fn run_name(&self, i: usize) -> String {
+        format!("{}#{}", name(i), self.members[i].1)
+    }
+
     fn member(&mut self, i: usize) -> &mut Verve {
         self.members[i].0.as_mut().expect("instance running")
     }
@@ -120,6 +125,25 @@ impl Fleet {
     /// Starts instance `i` again, under the same name.
     pub fn restart(&mut self, i: usize) {
         self.launch(i);
+    }
+
+    /// When instance `i`'s current run's heartbeat expires, by Redis's clock, as
+    /// the fleet's registry holds it (none if it is not there).
+    pub fn heartbeat_expiry(&self, i: usize) -> Option<SystemTime> {
+        let runs: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg("verve:{fleet}:instances")
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut self.redis.connection())
+            .unwrap();
+        let prefix = format!("{}/", name(i));
+        let latest = runs
+            .into_iter()
+            .filter(|(run, _)| run.starts_with(&prefix))
+            .map(|(_, expiry)| expiry as u64)
+            .max()?;
+        Some(UNIX_EPOCH + Duration::from_millis(latest))
     }
 
     pub fn restart_redis(&mut self) {

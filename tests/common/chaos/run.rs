@@ -5,7 +5,9 @@
 //! [`Spacing`] allows with the times that really happened (a fault held back
 //! moves by whole windows, so a stall planned across a boundary still crosses
 //! one). Before Redis loses data, the windows of the last kill must be on the
-//! topic.
+//! topic. When a run is cut off from Redis (its link held, it or Redis paused),
+//! the run notes when its heartbeat lapsed and was renewed, by Redis's clock,
+//! which tells a short `complete=true` record's cause.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,7 +16,7 @@ use verve::window::{WindowLength, WindowStart};
 use crate::common::kafka::all_records;
 use crate::common::{parse_count_line, start_of_next_window};
 
-use super::checker::{check, Content, Published};
+use super::checker::{check, Content, Cutoff, Published};
 use super::clients::Clients;
 use super::fleet::{Fleet, TOPIC};
 use super::report::Report;
@@ -70,11 +72,12 @@ pub fn run(seed: u64, secs: u64) -> Report {
         spacing: Spacing::new(&plan),
         events: Vec::new(),
         kills: Vec::new(),
+        cutoffs: Vec::new(),
     };
     for fault in &schedule {
         chaos.inflict(fault);
     }
-    let (events, kills) = (chaos.events, chaos.kills);
+    let (events, kills, cutoffs) = (chaos.events, chaos.kills, chaos.cutoffs);
     sleep_until(origin + plan.run);
     let log = clients.stop();
     let truth = Truth::of(&log, &kills, length);
@@ -87,7 +90,7 @@ pub fn run(seed: u64, secs: u64) -> Report {
     for (run, verve) in fleet.runs() {
         records.extend(count_log(&run, verve));
     }
-    let mut verdict = check(&truth, &records);
+    let mut verdict = check(&truth, &records, &cutoffs, origin);
     verdict.failures.extend(stopped);
     let report = Report {
         seed,
@@ -115,6 +118,7 @@ struct Chaos<'a> {
     spacing: Spacing,
     events: Vec<String>,
     kills: Vec<Kill>,
+    cutoffs: Vec<Cutoff>,
 }
 
 impl Chaos<'_> {
@@ -140,13 +144,17 @@ impl Chaos<'_> {
         match fault.kind {
             Kind::Stall { instance } => {
                 self.fleet.hold_link(instance);
-                std::thread::sleep(fault.lasts);
+                let lapses = self.lapses(&[instance]);
+                sleep_until(self.origin + Duration::from_secs_f64(began) + fault.lasts);
                 self.fleet.release_link(instance);
+                self.cut_off(began, lapses);
             }
             Kind::Pause { instance } => {
                 self.fleet.pause(instance);
-                std::thread::sleep(fault.lasts);
+                let lapses = self.lapses(&[instance]);
+                sleep_until(self.origin + Duration::from_secs_f64(began) + fault.lasts);
                 self.fleet.resume(instance);
+                self.cut_off(began, lapses);
             }
             Kind::Kill { instance } => {
                 let run = self.fleet.kill(instance);
@@ -167,9 +175,11 @@ impl Chaos<'_> {
             Kind::RedisRestart => self.fleet.restart_redis(),
             Kind::Flush => self.fleet.flush_redis(),
             Kind::RedisPause => {
+                let lapses = self.lapses(&(0..INSTANCES).collect::<Vec<_>>());
                 self.fleet.pause_redis();
                 std::thread::sleep(fault.lasts);
                 self.fleet.resume_redis();
+                self.cut_off(began, lapses);
             }
         }
         let ended = self.since(SystemTime::now());
@@ -179,6 +189,47 @@ impl Chaos<'_> {
             Duration::from_secs_f64(ended),
         );
         self.note(format!("{fault}: ran +{began:.3}s to +{ended:.3}s"));
+    }
+
+    /// When the heartbeats of `instances`, just cut off from Redis (or about
+    /// to be), expire: read once a heartbeat that was on its way had time to
+    /// arrive.
+    fn lapses(&self, instances: &[usize]) -> Vec<(usize, Option<SystemTime>)> {
+        std::thread::sleep(Duration::from_millis(50));
+        instances
+            .iter()
+            .map(|&i| (i, self.fleet.heartbeat_expiry(i)))
+            .collect()
+    }
+
+    /// Notes each run of `lapses` whose heartbeat lapsed while it was cut off
+    /// from Redis (from `began`), and when its next heartbeat renewed it.
+    fn cut_off(&mut self, began: f64, lapses: Vec<(usize, Option<SystemTime>)>) {
+        let back = SystemTime::now();
+        for (instance, lapses) in lapses {
+            let Some(lapsed) = lapses.filter(|l| *l < back) else {
+                continue;
+            };
+            // The renewal, which the forwarder's backoff may put off by a second.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while self.fleet.heartbeat_expiry(instance) == Some(lapsed) && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let to = SystemTime::now();
+            let name = self.fleet.run_name(instance);
+            self.note(format!(
+                "{name}'s heartbeat lapsed at +{:.3}s, renewed at +{:.3}s",
+                self.since(lapsed),
+                self.since(to)
+            ));
+            self.cutoffs.push(Cutoff {
+                name,
+                from: self.origin + Duration::from_secs_f64(began),
+                lapsed,
+                to,
+            });
+        }
     }
 
     /// The `ok`s of the last seconds of run `run` of `instance`, killed at

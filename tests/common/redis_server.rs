@@ -29,6 +29,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The server's process id, while it runs (to stop and continue it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server at once (SIGKILL): whatever it held is gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

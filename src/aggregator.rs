@@ -15,6 +15,14 @@
 //! Counts are kept as ids go in: an [`IdSet`]'s length is the number of inserts
 //! that found their id new, and a window's count is the sum over its parts.
 //!
+//! With a [`Journal`], the ids new to this instance go to it as well (queued per
+//! batch, written whenever the workers' channel runs empty), and the windows it
+//! held at start are put back: those still open into their sets, the ones that
+//! ended while the process was down published at once. A window's file goes once
+//! its record is out for good; a stop within it leaves the file, noting the
+//! record, so that the next start goes on counting into the same set and
+//! publishes the next revision.
+//!
 //! The aggregator also remembers, per window, the distinct endpoints requests named
 //! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged):
 //! they go with the closed window to be called back with its count, or, in
@@ -35,6 +43,7 @@ use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
+use crate::journal::{Journal, RecoveredWindow};
 use crate::partition::{BatchTimes, Partitions};
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::store::ClosedWindow;
@@ -65,6 +74,9 @@ struct OpenWindow {
     endpoints: HashSet<Arc<str>>,
     /// Endpoint mentions refused because `endpoints` was full.
     endpoints_over_cap: u64,
+    /// The revision of the last record already out for the window (0: none),
+    /// from the journal: a stop within it published one.
+    published_before: u64,
 }
 
 /// What the aggregator publishes for `/metrics` and `/healthz`; only it writes.
@@ -121,6 +133,8 @@ pub struct Aggregator {
     /// The held-up window last warned about, so that each is warned about once.
     warned_held_up: Option<WindowStart>,
     gauges: Arc<AggregatorGauges>,
+    /// Where new ids are kept on disk, unless turned off.
+    journal: Option<Journal>,
 }
 
 impl Aggregator {
@@ -148,6 +162,7 @@ impl Aggregator {
             immediate: None,
             warned_held_up: None,
             gauges,
+            journal: None,
         }
     }
 
@@ -165,6 +180,65 @@ impl Aggregator {
         let report_new = self.store.wants_new_ids();
         self.partitions = Partitions::new(parts, report_new, self.gauges.batch_times.clone())?;
         Ok(self)
+    }
+
+    /// Journals the ids new to this instance in `journal`, and takes back the
+    /// windows it held at start (`recovered`): an open one goes on counting into
+    /// the same set, one that ended is published now. After
+    /// [`Aggregator::with_partitions`], before any id is ingested.
+    pub fn with_journal(mut self, mut journal: Journal, recovered: Vec<RecoveredWindow>) -> Self {
+        let first_covered = match self.started_within {
+            Some(first) => self.length.next(first),
+            None => self.next_close,
+        };
+        journal.covered_from(first_covered);
+        self.partitions.report_new_ids();
+        self.journal = Some(journal);
+        for window in recovered {
+            self.recover(window);
+        }
+        self
+    }
+
+    fn recover(&mut self, recovered: RecoveredWindow) {
+        let window = recovered.window;
+        tracing::info!(
+            window_start = %window,
+            ids = recovered.ids.len(),
+            published_revision = recovered.published_revision,
+            "window read back from the journal"
+        );
+        // In Redis mode the ids may not have reached it: they go again (SADD
+        // counts each once).
+        self.store.add(window, &recovered.ids);
+        if window >= self.next_close {
+            self.partitions.restore(window, &recovered.ids);
+            let open = self.open.entry(window).or_default();
+            open.published_before = recovered.published_revision;
+            if recovered.covers_start && self.started_within == Some(window) {
+                self.started_within = None;
+            }
+            return;
+        }
+        let journal = self.journal.as_mut().expect("recovering into a journal");
+        if !recovered.needs_record {
+            // Its last record is up to date: only the file was left.
+            journal.published(window, recovered.published_revision, 0, true);
+            return;
+        }
+        let mut set = IdSet::with_capacity(recovered.ids.len());
+        let unique_requests = set.insert_all(&recovered.ids, |_| {});
+        let revision = recovered.published_revision + 1;
+        self.store.close(ClosedWindow {
+            window,
+            ids: vec![set],
+            unique_requests,
+            endpoints: Vec::new(),
+            // The process that had it died before it ended.
+            partial: true,
+            published_before: recovered.published_revision,
+        });
+        journal.published(window, revision, unique_requests, true);
     }
 
     /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
@@ -188,11 +262,18 @@ impl Aggregator {
             match handoffs.recv_timeout(wait) {
                 Ok(handoff) => self.receive(handoff),
                 Err(RecvTimeoutError::Timeout) => {
-                    let store = &mut self.store;
+                    let (store, journal) = (&mut self.store, &mut self.journal);
                     self.partitions
-                        .forward_new_ids(&mut |window, ids| store.add(window, ids));
+                        .forward_new_ids(&mut |window, ids| new_ids(store, journal, window, ids));
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Written once the workers' channel runs empty: one write for all
+            // the batches that were waiting, and none while nothing comes.
+            if handoffs.is_empty() {
+                if let Some(journal) = &mut self.journal {
+                    journal.write();
+                }
             }
         }
         self.finish(SystemTime::now())
@@ -222,10 +303,10 @@ impl Aggregator {
         }
         let window = self.open.entry(batch.window).or_default();
         let expected = self.capacity_hint.max(batch.ids.len());
-        let store = &mut self.store;
+        let (store, journal) = (&mut self.store, &mut self.journal);
         self.partitions
             .insert(batch.window, &batch.ids, expected, &mut |window, ids| {
-                store.add(window, ids)
+                new_ids(store, journal, window, ids)
             });
         for endpoint in batch.endpoints {
             let known = window.endpoints.contains(&endpoint);
@@ -357,10 +438,10 @@ impl Aggregator {
         self.next_close = self.length.next(window);
         // Take the set out whole: removing it from the partitions is the close.
         let open = self.open.remove(&window).unwrap_or_default();
-        let store = &mut self.store;
-        let ids = self
-            .partitions
-            .close(window, &mut |window, ids| store.add(window, ids));
+        let (store, journal) = (&mut self.store, &mut self.journal);
+        let ids = self.partitions.close(window, &mut |window, ids| {
+            new_ids(store, journal, window, ids)
+        });
         let unique_requests = ids.iter().map(IdSet::len).sum();
         let partial = stopped_within || self.started_within == Some(window);
         if !partial {
@@ -384,8 +465,26 @@ impl Aggregator {
             unique_requests,
             endpoints,
             partial,
+            published_before: open.published_before,
         });
+        if let Some(journal) = &mut self.journal {
+            let revision = open.published_before + 1;
+            journal.published(window, revision, unique_requests, !stopped_within);
+        }
     }
+}
+
+/// Ids new to this instance in `window`: to the journal, and to the store.
+fn new_ids(
+    store: &mut Box<dyn DedupStore>,
+    journal: &mut Option<Journal>,
+    window: WindowStart,
+    ids: &[i64],
+) {
+    if let Some(journal) = journal {
+        journal.append(window, ids);
+    }
+    store.add(window, ids);
 }
 
 #[cfg(test)]

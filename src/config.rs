@@ -65,6 +65,18 @@ pub struct Config {
     #[arg(long, env = "VERVE_COUNT_LOG_FORMAT", value_enum, default_value_t = CountLogFormat::Text)]
     pub count_log_format: CountLogFormat,
 
+    /// Keep a journal of the ids accepted in each window in VERVE_DATA_DIR, so that a crash or a restart loses none; false keeps them in memory only.
+    #[arg(long, env = "VERVE_JOURNAL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub journal: bool,
+
+    /// Directory of the journal (one file per window not yet published, and a LOCK); one instance per directory.
+    #[arg(long, env = "VERVE_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// When the journal is forced to the disk: batch (after every write), second (once a second), never (when the kernel likes).
+    #[arg(long, env = "VERVE_JOURNAL_FSYNC", value_enum, default_value_t = JournalFsync::Second)]
+    pub journal_fsync: JournalFsync,
+
     /// I/O driver of the worker runtimes: epoll (measured faster here), uring, or auto (io_uring when the kernel allows it).
     #[arg(long, env = "VERVE_IO_DRIVER", value_enum, default_value_t = IoDriver::Epoll)]
     pub io_driver: IoDriver,
@@ -321,6 +333,17 @@ impl SinkKind {
             SinkKind::Kafka | SinkKind::RedisStream => true,
         }
     }
+}
+
+/// When the journal forces what it wrote to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JournalFsync {
+    /// After every write of batches (fdatasync in the aggregator's thread).
+    Batch,
+    /// Once a second, from a thread of its own.
+    Second,
+    /// Never: the kernel writes back when it likes (a host crash may lose ~30 s).
+    Never,
 }
 
 /// How the count log writes a record.

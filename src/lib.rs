@@ -43,6 +43,7 @@ mod backoff;
 mod callback;
 mod callback_policy;
 mod error;
+mod journal;
 mod metrics;
 mod partition;
 mod redis_link;

@@ -18,6 +18,7 @@ use crate::aggregator::{Aggregator, AggregatorGauges};
 use crate::callback::{CallbackPolicy, Dispatcher};
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
+use crate::journal::Journal;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
@@ -82,6 +83,18 @@ impl Verve {
             aggregator: Arc::new(AggregatorGauges::starting_now()),
             ..Telemetry::default()
         });
+        // First: a journal that cannot be used stops start-up before anything is
+        // opened or registered in Redis.
+        let journal = match config.journal {
+            true => Some(Journal::open(
+                &config.data_dir,
+                config.window_secs,
+                config.journal_fsync,
+                telemetry.journal.clone(),
+            )?),
+            false => None,
+        };
+
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
         let in_fleet = config.redis_url.is_some();
@@ -170,7 +183,11 @@ impl Verve {
         )
         .with_endpoints(config.callback_max_endpoints as usize, immediate)
         .with_gauges(telemetry.aggregator.clone())
-        .with_partitions(config.partition_count());
+        .with_partitions(config.partition_count())
+        .map(|aggregator| match journal {
+            Some((journal, recovered)) => aggregator.with_journal(journal, recovered),
+            None => aggregator,
+        });
         let aggregator = match aggregator.and_then(|aggregator| {
             std::thread::Builder::new()
                 .name("verve-aggregator".into())
@@ -195,6 +212,10 @@ impl Verve {
             callback_timing = %names(&[config.callback_timing]),
             window_secs = config.window_secs,
             count_log = %config.count_log.display(),
+            journal = %match config.journal {
+                true => config.data_dir.display().to_string(),
+                false => "off".to_owned(),
+            },
             max_connections = cap.per_worker,
             open_files = open_files.unwrap_or_default(),
             "verve listening"

@@ -679,6 +679,7 @@ fn an_instance_with_another_window_length_is_refused_at_start() {
         common::command(&[
             ("VERVE_REDIS_URL", redis.url().as_str()),
             ("VERVE_WINDOW_SECS", "4"),
+            ("VERVE_JOURNAL", "false"),
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -29,7 +29,7 @@ impl DedupStore for LocalStore {
             window_seconds: self.window_secs,
             unique_requests: closed.unique_requests,
             scope: Scope::Instance,
-            revision: 1,
+            revision: closed.published_before + 1,
             complete: true,
             partial: closed.partial,
             instances: 1,

@@ -38,6 +38,9 @@ pub struct ClosedWindow {
     pub endpoints: Vec<Arc<str>>,
     /// This process did not run for the whole window: it started or stopped within it.
     pub partial: bool,
+    /// The revision of the last record already out for the window (0: none):
+    /// a stop within it published one, and the journal brought it back.
+    pub published_before: u64,
 }
 
 /// Where windows are deduplicated and reported. Hooks the local store needs not

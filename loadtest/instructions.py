@@ -74,7 +74,8 @@ def measure(server, depth, args, out):
                # Batches fill before the flush tick, as under a high load; the
                # ticks' own work depends on how long the run takes.
                VERVE_FLUSH_MS="1000",
-               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"))
+               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"),
+               VERVE_DATA_DIR=str(out / f"{server}-d{depth}.data"))
     pattern = out / f"{server}-d{depth}.%p"
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                              str(binary)], env=env, stdout=subprocess.DEVNULL,

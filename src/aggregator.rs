@@ -221,14 +221,14 @@ impl Aggregator {
             return;
         }
         let journal = self.journal.as_mut().expect("recovering into a journal");
-        if !recovered.needs_record {
+        let removed_by_store = self.store.removes_journal_files();
+        if !recovered.needs_record && !removed_by_store {
             // Its last record is up to date: only the file was left.
-            journal.published(window, recovered.published_revision, 0, true);
+            journal.settled(window);
             return;
         }
         let mut set = IdSet::with_capacity(recovered.ids.len());
         let unique_requests = set.insert_all(&recovered.ids, |_| {});
-        let revision = recovered.published_revision + 1;
         self.store.close(ClosedWindow {
             window,
             ids: vec![set],
@@ -238,7 +238,10 @@ impl Aggregator {
             partial: true,
             published_before: recovered.published_revision,
         });
-        journal.published(window, revision, unique_requests, true);
+        match removed_by_store {
+            true => journal.handed_over(window),
+            false => journal.settled(window),
+        }
     }
 
     /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
@@ -469,7 +472,11 @@ impl Aggregator {
         });
         if let Some(journal) = &mut self.journal {
             let revision = open.published_before + 1;
-            journal.published(window, revision, unique_requests, !stopped_within);
+            match (self.store.removes_journal_files(), stopped_within) {
+                (true, _) => journal.handed_over(window),
+                (false, true) => journal.published_partial(window, revision, unique_requests),
+                (false, false) => journal.settled(window),
+            }
         }
     }
 }

@@ -109,6 +109,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
 
+    /// The whole stop, from the signal to the exit, in milliseconds: the drain, then the last windows to Redis, Kafka and the endpoints; below the orchestrator's grace (docker stop: 10 s, Kubernetes: 30 s).
+    #[arg(long, env = "VERVE_SHUTDOWN_TIMEOUT_MS", default_value_t = 8_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub shutdown_timeout_ms: u64,
+
     /// Connections one worker holds at most; more are closed as they arrive, and counted [default: what the open-file limit allows, at most 25000].
     #[arg(long, env = "VERVE_MAX_CONNECTIONS",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -402,6 +407,14 @@ impl Config {
                 self.fleet_wait_ms, self.redis_timeout_ms
             )));
         }
+        if self.shutdown_timeout_ms <= self.shutdown_drain_ms {
+            return Err(ConfigError(format!(
+                "VERVE_SHUTDOWN_TIMEOUT_MS ({}) must be more than VERVE_SHUTDOWN_DRAIN_MS ({}): \
+                 what is left after the drain is when the last windows reach Redis, Kafka and \
+                 the endpoints",
+                self.shutdown_timeout_ms, self.shutdown_drain_ms
+            )));
+        }
         if self.max_request_line_bytes + 4 > self.max_head_bytes {
             return Err(ConfigError(format!(
                 "VERVE_MAX_REQUEST_LINE_BYTES ({}) must be at least 4 less than \
@@ -469,6 +482,10 @@ impl Config {
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 
     pub fn fleet_wait(&self) -> Duration {
@@ -712,6 +729,28 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.redis_url, None);
+    }
+
+    #[test]
+    fn the_stop_must_leave_time_after_the_drain_and_the_journal_is_on_by_default() {
+        let c = load(&[]).unwrap();
+        assert_eq!((c.shutdown_drain_ms, c.shutdown_timeout_ms), (2_000, 8_000));
+        assert_eq!(
+            (c.journal, c.data_dir.as_path(), c.journal_fsync),
+            (true, std::path::Path::new("data"), JournalFsync::Second)
+        );
+        let err = load(&["--shutdown-drain-ms", "8000"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "VERVE_SHUTDOWN_TIMEOUT_MS (8000) must be more than VERVE_SHUTDOWN_DRAIN_MS (8000): \
+             what is left after the drain is when the last windows reach Redis, Kafka and \
+             the endpoints"
+        );
+        let off = load(&["--journal", "false", "--journal-fsync", "batch"]).unwrap();
+        assert_eq!(
+            (off.journal, off.journal_fsync),
+            (false, JournalFsync::Batch)
+        );
     }
 
     #[test]

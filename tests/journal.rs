@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::proxy::Proxy;
+use common::redis_server::RedisServer;
 use common::{
-    accept_all, command, eventually, metric, start_of_next_window, wait_with_deadline, Client,
-    Verve, WindowLine,
+    accept_all, command, eventually, fleet_member, metric, signal, start_of_next_window,
+    wait_with_deadline, Client, Verve, WindowLine,
 };
 use verve::window::{WindowLength, WindowStart};
 
@@ -335,4 +337,133 @@ fn a_full_disk_is_unhealthy_and_counted_and_new_ids_are_counted_in_memory() {
     assert!(status.success());
     let stopped: Vec<_> = lines.iter().map(summary).collect();
     assert_eq!(stopped, vec![(1300, 1, true, true)]);
+}
+
+/// Redis mode: a fleet of one, `solo`, journalling into `data`, plus `env`.
+fn solo(redis_url: &str, data: &Path, env: &[(&str, &str)]) -> Verve {
+    let data = data.to_str().unwrap();
+    let mut extra = vec![("VERVE_DATA_DIR", data)];
+    extra.extend_from_slice(env);
+    fleet_member(redis_url, "solo", &extra)
+}
+
+/// Sends SIGTERM, waits for the exit and for the stop's last line on stderr.
+fn stop(verve: &mut Verve) -> String {
+    signal(verve.child(), libc::SIGTERM);
+    let status = wait_with_deadline(verve.child(), Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    eventually(
+        Duration::from_secs(2),
+        || format!("the stop's last line in:\n{}", verve.stderr_text()),
+        || {
+            let stderr = verve.stderr_text();
+            let last = stderr.lines().last()?;
+            last.contains("stopped").then(|| last.to_owned())
+        },
+    )
+}
+
+#[test]
+fn redis_mode_killed_with_its_ids_undelivered_delivers_them_after_a_restart() {
+    let redis = RedisServer::start();
+    let link = Proxy::start(redis.port);
+    let data = tempfile::tempdir().unwrap();
+    let length = WindowLength::from_secs(3);
+    let env = [("VERVE_WINDOW_SECS", "3")];
+    let held = format!("redis://127.0.0.1:{}/0", link.port);
+    let mut first = solo(&held, data.path(), &env);
+    let window = start_of_next_window(length);
+    // Redis never hears of these ids: the link holds every byte, for good.
+    link.hold();
+    send(&first, 0..200);
+    wait_journalled(&first, 200);
+    first.kill();
+    assert_eq!(redis.scard(window, 1), 0);
+    // Restarted after the window ended, straight to Redis.
+    start_of_next_window(length);
+    let second = solo(&redis.url(), data.path(), &env);
+    let line = second.wait_for_record(window, "every id", |line| line.unique_requests == 200);
+    assert_eq!(line.scope, "global", "{line:?}");
+    assert_eq!(redis.scard(window, 1), 200);
+}
+
+/// Issue 29: Redis stalls with ids waiting for it, and the stop comes.
+fn a_stop_with_a_redis_backlog(journal: &str) -> (String, Vec<WindowLine>, Verve) {
+    let redis = RedisServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("VERVE_WINDOW_SECS", HOUR),
+        ("VERVE_JOURNAL", journal),
+        ("VERVE_SHUTDOWN_DRAIN_MS", "200"),
+        ("VERVE_SHUTDOWN_TIMEOUT_MS", "2000"),
+    ];
+    let mut first = solo(&redis.url(), data.path(), &env);
+    send(&first, 0..1000);
+    redis.pause();
+    send(&first, 1000..3000);
+    let started = std::time::Instant::now();
+    let last_line = stop(&mut first);
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        started.elapsed()
+    );
+    let stopped = first.windows();
+    redis.resume();
+    if journal == "false" {
+        return (last_line, stopped, first);
+    }
+    // The next start with the same name and directory delivers them.
+    let mut second = solo(&redis.url(), data.path(), &env);
+    send(&second, 2500..3500);
+    let clean = stop(&mut second);
+    assert!(clean.ends_with("verve: stopped"), "{clean}");
+    (last_line, stopped, second)
+}
+
+#[test]
+fn a_stop_with_a_redis_backlog_publishes_its_own_count_and_keeps_the_rest_in_the_journal() {
+    let (last_line, stopped, second) = a_stop_with_a_redis_backlog("true");
+    assert!(last_line.contains("undelivered_ids="), "{last_line}");
+    assert!(last_line.contains("kept in the journal"), "{last_line}");
+    // The window got a record at the stop: this instance's own ids.
+    let own = stopped.last().expect("a record at the stop");
+    assert_eq!(
+        (
+            own.unique_requests,
+            own.scope.as_str(),
+            own.revision,
+            own.complete,
+            own.partial
+        ),
+        (3000, "instance", 0, false, true),
+        "{stopped:?}"
+    );
+    // After the restart, the fleet's record has every id answered ok.
+    let fleet = second.windows();
+    let last = fleet.last().expect("the fleet's record");
+    assert_eq!(
+        (last.unique_requests, last.scope.as_str()),
+        (3500, "global"),
+        "{fleet:?}\n{}",
+        second.stderr_text()
+    );
+}
+
+#[test]
+fn a_stop_with_a_redis_backlog_and_no_journal_says_how_many_ids_are_lost() {
+    let (last_line, stopped, first) = a_stop_with_a_redis_backlog("false");
+    assert!(last_line.contains("ERROR"), "{last_line}");
+    assert!(last_line.contains("lost_ids="), "{last_line}");
+    let stderr = first.stderr_text();
+    let detail = stderr
+        .lines()
+        .find(|line| line.contains("VERVE_JOURNAL=false they are lost"))
+        .unwrap_or_else(|| panic!("the give-up line:\n{stderr}"));
+    assert!(detail.contains("windows="), "{detail}");
+    let own = stopped.last().expect("a record at the stop");
+    assert_eq!(
+        (own.unique_requests, own.scope.as_str()),
+        (3000, "instance")
+    );
 }

@@ -274,31 +274,25 @@ impl Journal {
         }
     }
 
-    /// A record for `window` went out. `for_good`: nothing more will come for it
-    /// from this instance, so its file goes; otherwise (a stop within it) the
-    /// record is noted in the file, for a restart to revise.
-    pub fn published(
-        &mut self,
-        window: WindowStart,
-        revision: u64,
-        unique_requests: u64,
-        for_good: bool,
-    ) {
-        if for_good {
-            let Some(file) = self.windows.remove(&window) else {
-                return;
-            };
-            if let Err(err) = std::fs::remove_file(&file.path) {
-                if err.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(file = %file.path.display(), error = %err,
-                        "cannot delete a published window's journal; a restart will publish it again");
-                }
-            }
-            return;
-        }
+    /// `window`'s record is out for good: its file goes.
+    pub fn settled(&mut self, window: WindowStart) {
+        self.windows.remove(&window);
+        remove_window_file(&self.dir, window);
+    }
+
+    /// Record `revision` of `window` went out with `unique_requests`, and more
+    /// may come (a stop within it): noted in its file, for a restart to revise.
+    pub fn published_partial(&mut self, window: WindowStart, revision: u64, unique_requests: u64) {
         let file = self.file_of(window);
         format::encode_published(&mut file.pending, revision, unique_requests);
         self.write();
+    }
+
+    /// `window` is closed here and its file written; the store removes the file
+    /// once the window needs it no more ([`remove_window_file`]).
+    pub fn handed_over(&mut self, window: WindowStart) {
+        self.write();
+        self.windows.remove(&window);
     }
 
     /// The file of `window`, set up (not yet created) if it has none.
@@ -464,6 +458,19 @@ fn start_syncer(unsynced: Unsynced) -> io::Result<(flume::Sender<()>, JoinHandle
             }
         })?;
     Ok((stop, thread))
+}
+
+/// Deletes the journal file of `window` in `dir`, if there is one: its ids
+/// are counted where they will not be lost (a record out for good, or the
+/// fleet's complete record).
+pub fn remove_window_file(dir: &Path, window: WindowStart) {
+    let path = dir.join(file_name(window));
+    if let Err(err) = std::fs::remove_file(&path) {
+        if err.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(file = %path.display(), error = %err,
+                "cannot delete a settled window's journal file; the next start counts it again");
+        }
+    }
 }
 
 fn file_name(window: WindowStart) -> String {

@@ -38,7 +38,8 @@ impl DedupStore for LocalStore {
         self.reporter.report(&record, true, &closed.endpoints);
     }
 
-    fn finish(mut self: Box<Self>, deadline: Instant) {
+    fn finish(mut self: Box<Self>, deadline: Instant) -> u64 {
         self.reporter.flush(deadline);
+        0
     }
 }

@@ -264,11 +264,7 @@ impl Aggregator {
             self.beat(handoffs.len());
             match handoffs.recv_timeout(wait) {
                 Ok(handoff) => self.receive(handoff),
-                Err(RecvTimeoutError::Timeout) => {
-                    let (store, journal) = (&mut self.store, &mut self.journal);
-                    self.partitions
-                        .forward_new_ids(&mut |window, ids| new_ids(store, journal, window, ids));
-                }
+                Err(RecvTimeoutError::Timeout) => self.forward_new_ids(),
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             // Written once the workers' channel runs empty: one write for all
@@ -280,6 +276,13 @@ impl Aggregator {
             }
         }
         self.finish(SystemTime::now())
+    }
+
+    /// Hands the new ids the owners reported so far to the journal and the store.
+    fn forward_new_ids(&mut self) {
+        let (store, journal) = (&mut self.store, &mut self.journal);
+        self.partitions
+            .forward_new_ids(&mut |window, ids| new_ids(store, journal, window, ids));
     }
 
     pub fn receive(&mut self, handoff: Handoff) {
@@ -462,6 +465,14 @@ impl Aggregator {
             None => open.endpoints.into_iter().collect(),
         };
         self.gauges.windows_closed.fetch_add(1, Ordering::Relaxed);
+        let removed_by_store = self.store.removes_journal_files();
+        if let (Some(journal), false, true) = (&mut self.journal, removed_by_store, stopped_within)
+        {
+            // Noted before the record goes out: a crash in between makes the next
+            // start skip a revision, never use one twice.
+            let revision = open.published_before + 1;
+            journal.published_partial(window, revision, unique_requests);
+        }
         self.store.close(ClosedWindow {
             window,
             ids,
@@ -471,11 +482,10 @@ impl Aggregator {
             published_before: open.published_before,
         });
         if let Some(journal) = &mut self.journal {
-            let revision = open.published_before + 1;
-            match (self.store.removes_journal_files(), stopped_within) {
-                (true, _) => journal.handed_over(window),
-                (false, true) => journal.published_partial(window, revision, unique_requests),
-                (false, false) => journal.settled(window),
+            if removed_by_store {
+                journal.handed_over(window);
+            } else if !stopped_within {
+                journal.settled(window);
             }
         }
     }
@@ -502,7 +512,8 @@ mod tests {
     use super::*;
     use crate::admission::Admission;
     use crate::batch::Batcher;
-    use crate::config::CallbackTiming;
+    use crate::config::{CallbackTiming, JournalFsync};
+    use crate::journal::JournalGauges;
     use crate::report::Reporter;
     use crate::sink::CountSink;
     use crate::store::LocalStore;
@@ -855,6 +866,107 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// (window, count, revision, partial) of each record, in order.
+    fn revisions(recorded: &Recorded) -> Vec<(u64, u64, u64, bool)> {
+        let records = recorded.0.lock().unwrap();
+        let summary = |r: &CountRecord| {
+            let window = r.window_start.unix_secs();
+            (window, r.unique_requests, r.revision, r.partial)
+        };
+        records.iter().map(summary).collect()
+    }
+
+    /// An aggregator of 60 s windows started at `started_ms` with `parts`
+    /// partitions, journalling into `dir`; the records it reports; its journal's
+    /// gauges.
+    fn journalled(
+        dir: &std::path::Path,
+        started_ms: u64,
+        parts: usize,
+    ) -> (Aggregator, Recorded, Arc<JournalGauges>) {
+        let gauges = Arc::new(JournalGauges::default());
+        let (journal, recovered) =
+            Journal::open(dir, 60, JournalFsync::Never, gauges.clone()).unwrap();
+        let recorded = Recorded::default();
+        let length = WindowLength::from_secs(60);
+        let agg = Aggregator::new(length, 1, at_ms(started_ms), store(&recorded, None))
+            .with_partitions(parts)
+            .unwrap()
+            .with_journal(journal, recovered);
+        (agg, recorded, gauges)
+    }
+
+    fn journal_files(dir: &std::path::Path) -> usize {
+        let files = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
+        files
+            .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+            .count()
+    }
+
+    #[test]
+    fn the_journal_brings_back_open_windows_and_publishes_those_that_ended() {
+        for parts in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            // Up since 59.5 s, so window 60 is covered from its start.
+            let (mut first, _, gauges) = journalled(dir.path(), 59_500, parts);
+            pass(&mut first, 60);
+            first.ingest(batch(60, &[1, 2, 3, 2]));
+            first.ingest(batch(120, &[4, 5]));
+            // What the run loop does while idle, until the owners' new ids are in.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while gauges.ids_written.load(Ordering::Relaxed) < 5 {
+                assert!(std::time::Instant::now() < deadline, "never journalled");
+                first.forward_new_ids();
+                first.journal.as_mut().unwrap().write();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Killed: what the run loop wrote is all that is left.
+            drop(first);
+            assert_eq!(journal_files(dir.path()), 2);
+
+            // Back at 130 s: window 60 ended meanwhile, 120 is still open.
+            let (mut second, recorded, _) = journalled(dir.path(), 130_000, parts);
+            assert_eq!(
+                revisions(&recorded),
+                vec![(60, 3, 1, true)],
+                "{parts} parts"
+            );
+            second.ingest(batch(120, &[5, 6]));
+            pass(&mut second, 180);
+            // 120 went on in the same set, and the first run covered its start.
+            let whole = (120, 3, 1, false);
+            assert_eq!(revisions(&recorded), vec![(60, 3, 1, true), whole]);
+            assert_eq!(journal_files(dir.path()), 0, "published for good: deleted");
+        }
+    }
+
+    #[test]
+    fn a_stop_within_a_window_and_a_start_within_it_end_in_the_next_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut first, stopped, _) = journalled(dir.path(), 59_500, 1);
+        pass(&mut first, 60);
+        first.ingest(batch(60, &[1, 2]));
+        first.finish(at_ms(70_000));
+        assert_eq!(revisions(&stopped)[1..], [(60, 2, 1, true)]);
+        assert_eq!(journal_files(dir.path()), 1, "kept for the restart");
+
+        let (mut second, recorded, _) = journalled(dir.path(), 80_000, 1);
+        second.ingest(batch(60, &[2, 3]));
+        pass(&mut second, 120);
+        assert_eq!(revisions(&recorded), vec![(60, 3, 2, false)]);
+        assert_eq!(journal_files(dir.path()), 0);
+        drop(second);
+
+        // Stopped within a window again and started after it ended, with no id
+        // since: the record out is up to date, and the file goes without another.
+        let (mut third, _, _) = journalled(dir.path(), 130_000, 1);
+        third.ingest(batch(120, &[7]));
+        third.finish(at_ms(140_000));
+        let (_, recorded, _) = journalled(dir.path(), 200_000, 1);
+        assert_eq!(revisions(&recorded), vec![]);
+        assert_eq!(journal_files(dir.path()), 0);
     }
 
     /// Distinct ids among the first 100 of each 512-id chunk of `ids`.

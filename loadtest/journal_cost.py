@@ -10,7 +10,10 @@ journal off and on, alternating which goes first from round to round, and drives
 each with wrk (pinned to --load-cpus) for --duration seconds with ids that are all
 new (loadtest/accept.lua with ids=0) into one window: the journal's worst case,
 every id written. It reports requests/s, CPU per request (/proc/<pid>/stat, all
-threads), the median over rounds and the ratio on/off, the journal's bytes per id
+threads), the CPU per request of the threads the journal runs on (the aggregator
+and verve-journal-sync, from /proc/<pid>/task: what the journal changes, without
+the kernel's network work that dominates the whole and swings with anything else
+running), the median over rounds and the ratio on/off, the journal's bytes per id
 (verve_journal_bytes_written_total / verve_journal_ids_written_total), and checks
 that each window's count equals the ids answered `ok`.
 
@@ -37,7 +40,7 @@ import zlib
 from pathlib import Path
 
 from cores import metric, pinned
-from procs import cpu_seconds, free_port, wait_for_port
+from procs import TICKS, cpu_seconds, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -53,6 +56,18 @@ def start(args, binary, run_dir, journal, port, admin, log="warn"):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def journal_threads_cpu(pid):
+    """CPU seconds of the aggregator and the journal's fsync thread so far."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name in ("verve-aggregat", "verve-journal-s"):  # comm is cut at 15 bytes
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
 def load(args, binary, journal, pipeline):
     port, admin = free_port(), free_port()
     run_dir = Path(tempfile.mkdtemp(prefix=f"verve-journal-{journal}-"))
@@ -63,9 +78,10 @@ def load(args, binary, journal, pipeline):
         cmd = pinned(args.load_cpus, [
             "wrk", "-t2", "-c64", f"-d{args.duration}s", "-s", str(SCRIPT),
             f"http://127.0.0.1:{port}", "--", "0", "0", str(pipeline), "0", str(sending)])
-        before = cpu_seconds(proc.pid)
+        before, threads_before = cpu_seconds(proc.pid), journal_threads_cpu(proc.pid)
         out = subprocess.run(cmd, check=True, text=True, capture_output=True).stdout
         used = cpu_seconds(proc.pid) - before
+        threads_used = journal_threads_cpu(proc.pid) - threads_before
         requests = int(re.search(r"(\d+) requests in", out).group(1))
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         failed = int(non2xx.group(1)) if non2xx else 0
@@ -77,7 +93,8 @@ def load(args, binary, journal, pipeline):
         proc.wait(timeout=60)
     lines = (run_dir / "counts.log").read_text().splitlines()
     counted = sum(int(re.search(r"unique_requests=(\d+)", line).group(1)) for line in lines)
-    return {"rate": requests / sending, "cpu_ns": used / requests * 1e9, "ok": sent - failed,
+    return {"rate": requests / sending, "cpu_ns": used / requests * 1e9,
+            "aggregator_ns": threads_used / requests * 1e9, "ok": sent - failed,
             "counted": counted, "bytes_per_id": written / ids if ids else 0.0}
 
 
@@ -149,19 +166,24 @@ def main():
                 assert result["counted"] == result["ok"], f"count {result['counted']} of {result['ok']} ok"
                 runs[journal].append(result)
                 print(f"depth {pipeline} journal={journal}: {result['rate']:,.0f} req/s, "
-                      f"{result['cpu_ns']:,.0f} ns CPU/req, {result['bytes_per_id']:.2f} B/id", flush=True)
+                      f"{result['cpu_ns']:,.0f} ns CPU/req, aggregator {result['aggregator_ns']:,.0f} ns/req, "
+                      f"{result['bytes_per_id']:.2f} B/id", flush=True)
         off = statistics.median(r["cpu_ns"] for r in runs["false"])
         on = statistics.median(r["cpu_ns"] for r in runs["true"])
         rate_off = statistics.median(r["rate"] for r in runs["false"])
         rate_on = statistics.median(r["rate"] for r in runs["true"])
         per_id = statistics.median(r["bytes_per_id"] for r in runs["true"])
+        agg_off = statistics.median(r["aggregator_ns"] for r in runs["false"])
+        agg_on = statistics.median(r["aggregator_ns"] for r in runs["true"])
         spread = lambda rs: f"{min(r['cpu_ns'] for r in rs):,.0f}–{max(r['cpu_ns'] for r in rs):,.0f}"
         rows.append(f"| {pipeline} | {rate_off:,.0f} | {rate_on:,.0f} | {off:,.0f} ({spread(runs['false'])}) | "
-                    f"{on:,.0f} ({spread(runs['true'])}) | {on / off:.3f} | {per_id:.2f} |")
+                    f"{on:,.0f} ({spread(runs['true'])}) | {on / off:.3f} | {agg_off:,.0f} | {agg_on:,.0f} | "
+                    f"{(agg_on - agg_off) / off:+.1%} | {per_id:.2f} |")
     took, size, exact = recovery(args, binary)
     head = ("| depth | req/s off | req/s on | ns CPU/req off (range) | ns CPU/req on (range) | on ÷ off | "
+            "aggregator ns/req off | aggregator ns/req on | journal threads' extra ÷ all off | "
             "journal bytes per new id |")
-    table = "\n".join([head, "|" + "---|" * 7] + rows)
+    table = "\n".join([head, "|" + "---|" * 10] + rows)
     text = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, verve on CPU "
             f"{args.server_cpus}, wrk -t2 -c64 on CPU {args.load_cpus}, {args.duration} s per run, "
             f"{args.rounds} rounds, every id new, one window, VERVE_JOURNAL_FSYNC={args.fsync}\n\n{table}\n\n"

@@ -109,7 +109,7 @@ impl Telemetry {
                 ("verve_journal_enabled", MetricType::Gauge, "1 while the journal (VERVE_JOURNAL) is on.", load(&self.journal.enabled)),
                 ("verve_journal_bytes_written", MetricType::Counter, "Bytes written to the journal.", load(&self.journal.bytes_written)),
                 ("verve_journal_ids_written", MetricType::Counter, "Ids written to the journal (each new to this instance in its window).", load(&self.journal.ids_written)),
-                ("verve_journal_write_errors", MetricType::Counter, "Journal writes that failed (disk full, file-size limit); retried with the next batch.", load(&self.journal.write_errors)),
+                ("verve_journal_write_errors", MetricType::Counter, "Journal writes that failed (disk full, file-size limit); retried every second.", load(&self.journal.write_errors)),
                 ("verve_journal_unwritten_ids", MetricType::Gauge, "Ids counted in memory but not in the journal because its writes fail.", load(&self.journal.unwritten_ids)),
                 ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
                 ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),

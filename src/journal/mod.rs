@@ -18,9 +18,10 @@
 //! may lose the last fsync interval.
 //!
 //! A write that fails (the disk full, a file-size limit) is cut back to the last
-//! whole entry and retried at the next write; meanwhile the ids are counted in
-//! memory, `/healthz` says the journal is failing and
-//! `verve_journal_write_errors_total` counts the failures.
+//! whole entry and retried a second later (not with every batch: the buffer it
+//! rewrites grows meanwhile); meanwhile the ids are counted in memory, `/healthz`
+//! says the journal is failing and `verve_journal_write_errors_total` counts the
+//! failures.
 //!
 //! Invariants: a file holds whole entries only, as far as this process knows
 //! (a failed write is cut back before anything else is written); one process
@@ -37,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::JournalFsync;
 use crate::window::WindowStart;
@@ -49,6 +50,9 @@ const WRITE_AT_BYTES: usize = 256 * 1024;
 
 /// How often `second` forces written bytes to the disk.
 const FSYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// After a failed write, the next is tried this much later.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the journal publishes for `/metrics` and `/healthz`; only it writes.
 #[derive(Debug, Default)]
@@ -153,6 +157,8 @@ pub struct Journal {
     covered_from: WindowStart,
     windows: BTreeMap<WindowStart, WindowFile>,
     gauges: Arc<JournalGauges>,
+    /// A write failed: none is tried before this.
+    retry_at: Option<Instant>,
     unsynced: Unsynced,
     /// The `second` policy's thread, stopped when the journal is dropped.
     syncer: Option<(flume::Sender<()>, JoinHandle<()>)>,
@@ -198,6 +204,7 @@ impl Journal {
             covered_from: WindowStart::from_unix_secs(0),
             windows: BTreeMap::new(),
             gauges,
+            retry_at: None,
             unsynced: Unsynced::default(),
             syncer: None,
             _lock: lock,
@@ -229,11 +236,16 @@ impl Journal {
         }
     }
 
-    /// Writes what is queued, one write per window with something queued.
+    /// Writes what is queued, one write per window with something queued
+    /// (nothing within [`RETRY_AFTER`] of a failed write).
     pub fn write(&mut self) {
+        let waiting = self.retry_at.is_some_and(|at| Instant::now() < at);
+        if !waiting {
+            self.retry_at = None;
+        }
         let mut wrote = false;
         for window in self.windows.values_mut() {
-            if window.pending.is_empty() {
+            if waiting || window.pending.is_empty() {
                 continue;
             }
             let (bytes, ids) = (window.pending.len() as u64, window.pending_ids);
@@ -245,13 +257,14 @@ impl Journal {
                         .fetch_add(bytes, Ordering::Relaxed);
                     self.gauges.ids_written.fetch_add(ids, Ordering::Relaxed);
                     if self.fsync == JournalFsync::Second {
-                        let mut unsynced = self.unsynced.lock().unwrap();
+                        let mut unsynced = self.unsynced.lock().unwrap_or_else(|e| e.into_inner());
                         if !unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
                             unsynced.push(file);
                         }
                     }
                 }
                 Err(err) => {
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
                     self.gauges.write_errors.fetch_add(1, Ordering::Relaxed);
                     if !self.gauges.failing.swap(true, Ordering::Relaxed) {
                         tracing::error!(
@@ -259,7 +272,7 @@ impl Journal {
                             error = %err,
                             "cannot write the journal: new ids are counted in memory only, \
                              and a crash now would lose them, until a write succeeds (retried \
-                             with the next batch)"
+                             every second)"
                         );
                     }
                 }
@@ -381,6 +394,7 @@ impl Journal {
 /// At a stop: what was queued is written and forced to the disk.
 impl Drop for Journal {
     fn drop(&mut self) {
+        self.retry_at = None;
         self.write();
         if self.fsync != JournalFsync::Never {
             for file in self.windows.values().filter_map(|w| w.file.as_ref()) {
@@ -449,7 +463,8 @@ fn start_syncer(unsynced: Unsynced) -> io::Result<(flume::Sender<()>, JoinHandle
         .name("verve-journal-sync".into())
         .spawn(move || {
             while let Err(flume::RecvTimeoutError::Timeout) = stopped.recv_timeout(FSYNC_EVERY) {
-                let files = std::mem::take(&mut *unsynced.lock().unwrap());
+                let files =
+                    std::mem::take(&mut *unsynced.lock().unwrap_or_else(|e| e.into_inner()));
                 for file in files {
                     if let Err(err) = file.sync_data() {
                         tracing::warn!(error = %err, "cannot force the journal to the disk");

@@ -193,14 +193,14 @@ impl Aggregator {
         };
         journal.covered_from(first_covered);
         self.partitions.report_new_ids();
-        self.journal = Some(journal);
         for window in recovered {
-            self.recover(window);
+            self.recover(&mut journal, window);
         }
+        self.journal = Some(journal);
         self
     }
 
-    fn recover(&mut self, recovered: RecoveredWindow) {
+    fn recover(&mut self, journal: &mut Journal, recovered: RecoveredWindow) {
         let window = recovered.window;
         tracing::info!(
             window_start = %window,
@@ -220,7 +220,6 @@ impl Aggregator {
             }
             return;
         }
-        let journal = self.journal.as_mut().expect("recovering into a journal");
         let removed_by_store = self.store.removes_journal_files();
         if !recovered.needs_record && !removed_by_store {
             // Its last record is up to date: only the file was left.

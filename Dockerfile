@@ -13,14 +13,17 @@ RUN cargo build --release --locked --bin verve \
     && strip --strip-debug target/release/verve
 
 FROM debian:bookworm-slim
-# The logs directory is verve's in the image, so that a volume mounted on it (or
-# on /var/lib/verve) starts writable.
+# The logs and data directories are verve's in the image, so that a volume
+# mounted on either (or on /var/lib/verve) starts writable.
 RUN useradd --system --uid 10001 --home-dir /var/lib/verve --create-home verve \
-    && install -d -o verve -g verve /var/lib/verve/logs
+    && install -d -o verve -g verve /var/lib/verve/logs /var/lib/verve/data
 COPY --from=build /src/target/release/verve /usr/local/bin/verve
 USER verve
 WORKDIR /var/lib/verve
 ENV VERVE_ADDR=0.0.0.0:8080 \
-    VERVE_COUNT_LOG=/var/lib/verve/logs/unique-requests.log
+    VERVE_COUNT_LOG=/var/lib/verve/logs/unique-requests.log \
+    VERVE_DATA_DIR=/var/lib/verve/data
+# The journal: keep it across restarts (docker run -v verve-data:/var/lib/verve/data).
+VOLUME /var/lib/verve/data
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/verve"]

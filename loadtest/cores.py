@@ -62,7 +62,8 @@ def run(args, name, binary, workers, pipeline):
     count_log = run_dir / "counts.log"
     env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_WORKERS=str(workers),
                VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS="86400",
-               VERVE_COUNT_LOG=str(count_log), RUST_LOG="warn")
+               VERVE_COUNT_LOG=str(count_log), VERVE_DATA_DIR=str(run_dir / "data"),
+               RUST_LOG="warn")
     env.update(dict(kv.split("=", 1) for kv in args.env))
     proc = subprocess.Popen(pinned(args.server_cpus, [str(binary)]), env=env, cwd=run_dir,
                             stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))

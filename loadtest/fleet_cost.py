@@ -43,7 +43,8 @@ def run_fleet(args, procs):
         env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
                    VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
                    VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                   VERVE_COUNT_LOG=str(work / f"i{i}.log"), RUST_LOG="warn")
+                   VERVE_COUNT_LOG=str(work / f"i{i}.log"), VERVE_DATA_DIR=str(work / f"i{i}.data"),
+                   RUST_LOG="warn")
         env.update(item.split("=", 1) for item in args.env)
         proc = subprocess.Popen([str(args.binary)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(work / f"i{i}.err", "w"))

@@ -20,6 +20,10 @@ outside the dump; what is inside is the work the stream caused, plus the periodi
 flush and sweep ticks that fell within it (a little, and it depends on how long
 the run took, so counts repeat to within a fraction of a percent, not exactly).
 
+--servers may name `verve-nojournal`: verve with VERVE_JOURNAL=false, to see what
+the journal costs (`--servers verve-nojournal,verve`); callgrind counts user-space
+instructions only, so the journal's write(2) shows as its call, not the kernel's work.
+
 --compare BINARY also measures another verve build (e.g. target/compare/verve-<sha>,
 which `loadtest/run.py --compare` leaves behind) as `before`, for verve / before.
 
@@ -68,13 +72,15 @@ def measure(server, depth, args, out):
     """Runs one server under callgrind; returns instructions per request and the dump."""
     port = free_port()
     binary = {"baseline": RELEASE / "examples" / "baseline", "verve": RELEASE / "verve",
-              "before": args.compare}[server]
+              "verve-nojournal": RELEASE / "verve", "before": args.compare}[server]
     env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
                VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", RUST_LOG="warn",
                # Batches fill before the flush tick, as under a high load; the
                # ticks' own work depends on how long the run takes.
                VERVE_FLUSH_MS="1000",
-               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"))
+               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"),
+               VERVE_DATA_DIR=str(out / f"{server}-d{depth}.data"),
+               VERVE_JOURNAL=str(server != "verve-nojournal").lower())
     pattern = out / f"{server}-d{depth}.%p"
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                              str(binary)], env=env, stdout=subprocess.DEVNULL,

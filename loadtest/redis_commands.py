@@ -70,7 +70,8 @@ def measure(binary, ids, windows):
                    VERVE_WINDOW_SECS=str(WINDOW_SECS), VERVE_FLEET_WAIT_MS="1500",
                    VERVE_REDIS_TIMEOUT_MS="300", VERVE_ADDR=f"127.0.0.1:{http_port}",
                    VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}",
-                   VERVE_COUNT_LOG=os.path.join(work, "counts.log"))
+                   VERVE_COUNT_LOG=os.path.join(work, "counts.log"),
+                   VERVE_DATA_DIR=os.path.join(work, "data"))
         verve = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         conn = None

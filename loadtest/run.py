@@ -101,7 +101,8 @@ class Server:
 
     def start(self):
         env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{self.port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
-                   VERVE_WINDOW_SECS="86400", VERVE_COUNT_LOG=str(self.count_log), RUST_LOG="warn")
+                   VERVE_WINDOW_SECS="86400", VERVE_COUNT_LOG=str(self.count_log),
+                   VERVE_DATA_DIR=str(self.dir / "data"), RUST_LOG="warn")
         self.redis_proc = None
         if self.redis:
             redis_port = free_port()

@@ -265,6 +265,7 @@ for ((i = 1; i <= instances; i++)); do
     "VERVE_ADDR=127.0.0.1:$port" "VERVE_ADMIN_ADDR=127.0.0.1:$admin" \
     "VERVE_INSTANCE=verve-$i" "VERVE_WORKERS=$workers" VERVE_PIN_WORKERS=false \
     "VERVE_WINDOW_SECS=$window_secs" "VERVE_COUNT_LOG=$run_dir/verve-$i.counts.log" \
+    "VERVE_DATA_DIR=$run_dir/verve-$i.data" \
     "VERVE_REDIS_MODE=$redis_mode" "VERVE_REDIS_URL=$redis_url" "${kafka_env[@]}" \
     "$binary"
 done

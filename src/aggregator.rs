@@ -15,6 +15,14 @@
 //! Counts are kept as ids go in: an [`IdSet`]'s length is the number of inserts
 //! that found their id new, and a window's count is the sum over its parts.
 //!
+//! With a [`Journal`], the ids new to this instance go to it as well (queued per
+//! batch, written whenever the workers' channel runs empty), and the windows it
+//! held at start are put back: those still open into their sets, the ones that
+//! ended while the process was down published at once. A window's file goes once
+//! its record is out for good; a stop within it leaves the file, noting the
+//! record, so that the next start goes on counting into the same set and
+//! publishes the next revision.
+//!
 //! The aggregator also remembers, per window, the distinct endpoints requests named
 //! (at most `VERVE_CALLBACK_MAX_ENDPOINTS`; mentions beyond are counted and logged):
 //! they go with the closed window to be called back with its count, or, in
@@ -35,6 +43,7 @@ use flume::{Receiver, RecvTimeoutError};
 
 use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
+use crate::journal::{Journal, RecoveredWindow};
 use crate::partition::{BatchTimes, Partitions};
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::store::ClosedWindow;
@@ -65,6 +74,9 @@ struct OpenWindow {
     endpoints: HashSet<Arc<str>>,
     /// Endpoint mentions refused because `endpoints` was full.
     endpoints_over_cap: u64,
+    /// The revision of the last record already out for the window (0: none),
+    /// from the journal: a stop within it published one.
+    published_before: u64,
 }
 
 /// What the aggregator publishes for `/metrics` and `/healthz`; only it writes.
@@ -121,6 +133,8 @@ pub struct Aggregator {
     /// The held-up window last warned about, so that each is warned about once.
     warned_held_up: Option<WindowStart>,
     gauges: Arc<AggregatorGauges>,
+    /// Where new ids are kept on disk, unless turned off.
+    journal: Option<Journal>,
 }
 
 impl Aggregator {
@@ -148,6 +162,7 @@ impl Aggregator {
             immediate: None,
             warned_held_up: None,
             gauges,
+            journal: None,
         }
     }
 
@@ -165,6 +180,67 @@ impl Aggregator {
         let report_new = self.store.wants_new_ids();
         self.partitions = Partitions::new(parts, report_new, self.gauges.batch_times.clone())?;
         Ok(self)
+    }
+
+    /// Journals the ids new to this instance in `journal`, and takes back the
+    /// windows it held at start (`recovered`): an open one goes on counting into
+    /// the same set, one that ended is published now. After
+    /// [`Aggregator::with_partitions`], before any id is ingested.
+    pub fn with_journal(mut self, mut journal: Journal, recovered: Vec<RecoveredWindow>) -> Self {
+        let first_covered = match self.started_within {
+            Some(first) => self.length.next(first),
+            None => self.next_close,
+        };
+        journal.covered_from(first_covered);
+        self.partitions.report_new_ids();
+        for window in recovered {
+            self.recover(&mut journal, window);
+        }
+        self.journal = Some(journal);
+        self
+    }
+
+    fn recover(&mut self, journal: &mut Journal, recovered: RecoveredWindow) {
+        let window = recovered.window;
+        tracing::info!(
+            window_start = %window,
+            ids = recovered.ids.len(),
+            published_revision = recovered.published_revision,
+            "window read back from the journal"
+        );
+        // In Redis mode the ids may not have reached it: they go again (SADD
+        // counts each once).
+        self.store.add(window, &recovered.ids);
+        if window >= self.next_close {
+            self.partitions.restore(window, &recovered.ids);
+            let open = self.open.entry(window).or_default();
+            open.published_before = recovered.published_revision;
+            if recovered.covers_start && self.started_within == Some(window) {
+                self.started_within = None;
+            }
+            return;
+        }
+        let removed_by_store = self.store.removes_journal_files();
+        if !recovered.needs_record && !removed_by_store {
+            // Its last record is up to date: only the file was left.
+            journal.settled(window);
+            return;
+        }
+        let mut set = IdSet::with_capacity(recovered.ids.len());
+        let unique_requests = set.insert_all(&recovered.ids, |_| {});
+        self.store.close(ClosedWindow {
+            window,
+            ids: vec![set],
+            unique_requests,
+            endpoints: Vec::new(),
+            // The process that had it died before it ended.
+            partial: true,
+            published_before: recovered.published_revision,
+        });
+        match removed_by_store {
+            true => journal.handed_over(window),
+            false => journal.settled(window),
+        }
     }
 
     /// Remembers up to `max_endpoints` endpoints per window for the callbacks, and
@@ -187,15 +263,25 @@ impl Aggregator {
             self.beat(handoffs.len());
             match handoffs.recv_timeout(wait) {
                 Ok(handoff) => self.receive(handoff),
-                Err(RecvTimeoutError::Timeout) => {
-                    let store = &mut self.store;
-                    self.partitions
-                        .forward_new_ids(&mut |window, ids| store.add(window, ids));
-                }
+                Err(RecvTimeoutError::Timeout) => self.forward_new_ids(),
                 Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Written once the workers' channel runs empty: one write for all
+            // the batches that were waiting, and none while nothing comes.
+            if handoffs.is_empty() {
+                if let Some(journal) = &mut self.journal {
+                    journal.write();
+                }
             }
         }
         self.finish(SystemTime::now())
+    }
+
+    /// Hands the new ids the owners reported so far to the journal and the store.
+    fn forward_new_ids(&mut self) {
+        let (store, journal) = (&mut self.store, &mut self.journal);
+        self.partitions
+            .forward_new_ids(&mut |window, ids| new_ids(store, journal, window, ids));
     }
 
     pub fn receive(&mut self, handoff: Handoff) {
@@ -222,10 +308,10 @@ impl Aggregator {
         }
         let window = self.open.entry(batch.window).or_default();
         let expected = self.capacity_hint.max(batch.ids.len());
-        let store = &mut self.store;
+        let (store, journal) = (&mut self.store, &mut self.journal);
         self.partitions
             .insert(batch.window, &batch.ids, expected, &mut |window, ids| {
-                store.add(window, ids)
+                new_ids(store, journal, window, ids)
             });
         for endpoint in batch.endpoints {
             let known = window.endpoints.contains(&endpoint);
@@ -357,10 +443,10 @@ impl Aggregator {
         self.next_close = self.length.next(window);
         // Take the set out whole: removing it from the partitions is the close.
         let open = self.open.remove(&window).unwrap_or_default();
-        let store = &mut self.store;
-        let ids = self
-            .partitions
-            .close(window, &mut |window, ids| store.add(window, ids));
+        let (store, journal) = (&mut self.store, &mut self.journal);
+        let ids = self.partitions.close(window, &mut |window, ids| {
+            new_ids(store, journal, window, ids)
+        });
         let unique_requests = ids.iter().map(IdSet::len).sum();
         let partial = stopped_within || self.started_within == Some(window);
         if !partial {
@@ -378,14 +464,43 @@ impl Aggregator {
             None => open.endpoints.into_iter().collect(),
         };
         self.gauges.windows_closed.fetch_add(1, Ordering::Relaxed);
+        let removed_by_store = self.store.removes_journal_files();
+        if let (Some(journal), false, true) = (&mut self.journal, removed_by_store, stopped_within)
+        {
+            // Noted before the record goes out: a crash in between makes the next
+            // start skip a revision, never use one twice.
+            let revision = open.published_before + 1;
+            journal.published_partial(window, revision, unique_requests);
+        }
         self.store.close(ClosedWindow {
             window,
             ids,
             unique_requests,
             endpoints,
             partial,
+            published_before: open.published_before,
         });
+        if let Some(journal) = &mut self.journal {
+            if removed_by_store {
+                journal.handed_over(window);
+            } else if !stopped_within {
+                journal.settled(window);
+            }
+        }
     }
+}
+
+/// Ids new to this instance in `window`: to the journal, and to the store.
+fn new_ids(
+    store: &mut Box<dyn DedupStore>,
+    journal: &mut Option<Journal>,
+    window: WindowStart,
+    ids: &[i64],
+) {
+    if let Some(journal) = journal {
+        journal.append(window, ids);
+    }
+    store.add(window, ids);
 }
 
 #[cfg(test)]
@@ -396,7 +511,8 @@ mod tests {
     use super::*;
     use crate::admission::Admission;
     use crate::batch::Batcher;
-    use crate::config::CallbackTiming;
+    use crate::config::{CallbackTiming, JournalFsync};
+    use crate::journal::JournalGauges;
     use crate::report::Reporter;
     use crate::sink::CountSink;
     use crate::store::LocalStore;
@@ -749,6 +865,107 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// (window, count, revision, partial) of each record, in order.
+    fn revisions(recorded: &Recorded) -> Vec<(u64, u64, u64, bool)> {
+        let records = recorded.0.lock().unwrap();
+        let summary = |r: &CountRecord| {
+            let window = r.window_start.unix_secs();
+            (window, r.unique_requests, r.revision, r.partial)
+        };
+        records.iter().map(summary).collect()
+    }
+
+    /// An aggregator of 60 s windows started at `started_ms` with `parts`
+    /// partitions, journalling into `dir`; the records it reports; its journal's
+    /// gauges.
+    fn journalled(
+        dir: &std::path::Path,
+        started_ms: u64,
+        parts: usize,
+    ) -> (Aggregator, Recorded, Arc<JournalGauges>) {
+        let gauges = Arc::new(JournalGauges::default());
+        let (journal, recovered) =
+            Journal::open(dir, 60, JournalFsync::Never, gauges.clone()).unwrap();
+        let recorded = Recorded::default();
+        let length = WindowLength::from_secs(60);
+        let agg = Aggregator::new(length, 1, at_ms(started_ms), store(&recorded, None))
+            .with_partitions(parts)
+            .unwrap()
+            .with_journal(journal, recovered);
+        (agg, recorded, gauges)
+    }
+
+    fn journal_files(dir: &std::path::Path) -> usize {
+        let files = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
+        files
+            .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+            .count()
+    }
+
+    #[test]
+    fn the_journal_brings_back_open_windows_and_publishes_those_that_ended() {
+        for parts in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            // Up since 59.5 s, so window 60 is covered from its start.
+            let (mut first, _, gauges) = journalled(dir.path(), 59_500, parts);
+            pass(&mut first, 60);
+            first.ingest(batch(60, &[1, 2, 3, 2]));
+            first.ingest(batch(120, &[4, 5]));
+            // What the run loop does while idle, until the owners' new ids are in.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while gauges.ids_written.load(Ordering::Relaxed) < 5 {
+                assert!(std::time::Instant::now() < deadline, "never journalled");
+                first.forward_new_ids();
+                first.journal.as_mut().unwrap().write();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Killed: what the run loop wrote is all that is left.
+            drop(first);
+            assert_eq!(journal_files(dir.path()), 2);
+
+            // Back at 130 s: window 60 ended meanwhile, 120 is still open.
+            let (mut second, recorded, _) = journalled(dir.path(), 130_000, parts);
+            assert_eq!(
+                revisions(&recorded),
+                vec![(60, 3, 1, true)],
+                "{parts} parts"
+            );
+            second.ingest(batch(120, &[5, 6]));
+            pass(&mut second, 180);
+            // 120 went on in the same set, and the first run covered its start.
+            let whole = (120, 3, 1, false);
+            assert_eq!(revisions(&recorded), vec![(60, 3, 1, true), whole]);
+            assert_eq!(journal_files(dir.path()), 0, "published for good: deleted");
+        }
+    }
+
+    #[test]
+    fn a_stop_within_a_window_and_a_start_within_it_end_in_the_next_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut first, stopped, _) = journalled(dir.path(), 59_500, 1);
+        pass(&mut first, 60);
+        first.ingest(batch(60, &[1, 2]));
+        first.finish(at_ms(70_000));
+        assert_eq!(revisions(&stopped)[1..], [(60, 2, 1, true)]);
+        assert_eq!(journal_files(dir.path()), 1, "kept for the restart");
+
+        let (mut second, recorded, _) = journalled(dir.path(), 80_000, 1);
+        second.ingest(batch(60, &[2, 3]));
+        pass(&mut second, 120);
+        assert_eq!(revisions(&recorded), vec![(60, 3, 2, false)]);
+        assert_eq!(journal_files(dir.path()), 0);
+        drop(second);
+
+        // Stopped within a window again and started after it ended, with no id
+        // since: the record out is up to date, and the file goes without another.
+        let (mut third, _, _) = journalled(dir.path(), 130_000, 1);
+        third.ingest(batch(120, &[7]));
+        third.finish(at_ms(140_000));
+        let (_, recorded, _) = journalled(dir.path(), 200_000, 1);
+        assert_eq!(revisions(&recorded), vec![]);
+        assert_eq!(journal_files(dir.path()), 0);
     }
 
     /// Distinct ids among the first 100 of each 512-id chunk of `ids`.

@@ -72,6 +72,18 @@ pub struct Config {
     #[arg(long, env = "VERVE_COUNT_LOG_FORMAT", value_enum, default_value_t = CountLogFormat::Text)]
     pub count_log_format: CountLogFormat,
 
+    /// Keep a journal of the ids accepted in each window in VERVE_DATA_DIR, so that a crash or a restart loses none; false keeps them in memory only.
+    #[arg(long, env = "VERVE_JOURNAL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub journal: bool,
+
+    /// Directory of the journal (one file per window not yet published, and a LOCK); one instance per directory.
+    #[arg(long, env = "VERVE_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// When the journal is forced to the disk: batch (after every write), second (once a second), never (when the kernel likes).
+    #[arg(long, env = "VERVE_JOURNAL_FSYNC", value_enum, default_value_t = JournalFsync::Second)]
+    pub journal_fsync: JournalFsync,
+
     /// I/O driver of the worker runtimes: epoll (measured faster here), uring, or auto (io_uring when the kernel allows it).
     #[arg(long, env = "VERVE_IO_DRIVER", value_enum, default_value_t = IoDriver::Epoll)]
     pub io_driver: IoDriver,
@@ -103,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "VERVE_SHUTDOWN_DRAIN_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub shutdown_drain_ms: u64,
+
+    /// The whole stop, from the signal to the exit, in milliseconds: the drain, then the last windows to Redis, Kafka and the endpoints; below the orchestrator's grace (docker stop: 10 s, Kubernetes: 30 s).
+    #[arg(long, env = "VERVE_SHUTDOWN_TIMEOUT_MS", default_value_t = 8_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub shutdown_timeout_ms: u64,
 
     /// Connections one worker holds at most; more are closed as they arrive, and counted [default: what the open-file limit allows, at most 25000].
     #[arg(long, env = "VERVE_MAX_CONNECTIONS",
@@ -330,6 +347,17 @@ impl SinkKind {
     }
 }
 
+/// When the journal forces what it wrote to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JournalFsync {
+    /// After every write of batches (fdatasync in the aggregator's thread).
+    Batch,
+    /// Once a second, from a thread of its own.
+    Second,
+    /// Never: the kernel writes back when it likes (a host crash may lose ~30 s).
+    Never,
+}
+
 /// How the count log writes a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CountLogFormat {
@@ -370,6 +398,14 @@ impl Config {
                  an instance must be able to renew its heartbeat within its lifetime even when \
                  a Redis call times out",
                 self.fleet_wait_ms, self.redis_timeout_ms
+            )));
+        }
+        if self.shutdown_timeout_ms <= self.shutdown_drain_ms {
+            return Err(ConfigError(format!(
+                "VERVE_SHUTDOWN_TIMEOUT_MS ({}) must be more than VERVE_SHUTDOWN_DRAIN_MS ({}): \
+                 what is left after the drain is when the last windows reach Redis, Kafka and \
+                 the endpoints",
+                self.shutdown_timeout_ms, self.shutdown_drain_ms
             )));
         }
         if self.max_request_line_bytes + 4 > self.max_head_bytes {
@@ -452,6 +488,10 @@ impl Config {
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 
     pub fn fleet_wait(&self) -> Duration {
@@ -695,6 +735,28 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.redis_url, None);
+    }
+
+    #[test]
+    fn the_stop_must_leave_time_after_the_drain_and_the_journal_is_on_by_default() {
+        let c = load(&[]).unwrap();
+        assert_eq!((c.shutdown_drain_ms, c.shutdown_timeout_ms), (2_000, 8_000));
+        assert_eq!(
+            (c.journal, c.data_dir.as_path(), c.journal_fsync),
+            (true, std::path::Path::new("data"), JournalFsync::Second)
+        );
+        let err = load(&["--shutdown-drain-ms", "8000"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "VERVE_SHUTDOWN_TIMEOUT_MS (8000) must be more than VERVE_SHUTDOWN_DRAIN_MS (8000): \
+             what is left after the drain is when the last windows reach Redis, Kafka and \
+             the endpoints"
+        );
+        let off = load(&["--journal", "false", "--journal-fsync", "batch"]).unwrap();
+        assert_eq!(
+            (off.journal, off.journal_fsync),
+            (false, JournalFsync::Batch)
+        );
     }
 
     #[test]

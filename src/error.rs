@@ -8,6 +8,7 @@ use std::io;
 
 use crate::admin::AdminError;
 use crate::config::ConfigError;
+use crate::journal::JournalError;
 use crate::server::ServerError;
 use crate::sink::log::OpenError;
 
@@ -23,6 +24,7 @@ pub enum StartError {
     Kafka(String),
     /// The Redis stream sink could not be set up (a bad URL, usually).
     RedisStream(String),
+    Journal(JournalError),
     Thread(io::Error),
 }
 
@@ -33,6 +35,7 @@ impl fmt::Display for StartError {
             StartError::Server(err) => err.fmt(f),
             StartError::Admin(err) => err.fmt(f),
             StartError::CountLog(err) => err.fmt(f),
+            StartError::Journal(err) => err.fmt(f),
             StartError::Redis(message)
             | StartError::Kafka(message)
             | StartError::RedisStream(message) => f.write_str(message),
@@ -67,6 +70,12 @@ impl From<ServerError> for StartError {
 impl From<AdminError> for StartError {
     fn from(err: AdminError) -> Self {
         StartError::Admin(err)
+    }
+}
+
+impl From<JournalError> for StartError {
+    fn from(err: JournalError) -> Self {
+        StartError::Journal(err)
     }
 }
 

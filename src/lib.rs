@@ -42,6 +42,7 @@ mod admission;
 mod backoff;
 mod callback;
 mod error;
+mod journal;
 mod metrics;
 mod partition;
 mod redis_link;

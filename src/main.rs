@@ -47,8 +47,19 @@ fn main() -> ExitCode {
     };
     let signal = signals.forever().next();
     tracing::info!(signal, "shutting down");
-    verve.shutdown();
-    tracing::info!("stopped");
+    match (verve.shutdown(), config.journal) {
+        (0, _) => tracing::info!("stopped"),
+        (undelivered_ids, true) => tracing::warn!(
+            undelivered_ids,
+            data_dir = %config.data_dir.display(),
+            "stopped; the ids Redis did not take are kept in the journal, for the next start \
+             with this VERVE_INSTANCE and VERVE_DATA_DIR to deliver"
+        ),
+        (lost_ids, false) => tracing::error!(
+            lost_ids,
+            "stopped; the ids Redis did not take are lost (VERVE_JOURNAL=false)"
+        ),
+    }
     ExitCode::SUCCESS
 }
 

@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::aggregator::AggregatorGauges;
 use crate::callback::CallbackCounters;
+use crate::journal::JournalGauges;
 use crate::record::Timestamp;
 use crate::report::ReportCounters;
 use crate::server::counters::{ServerCounters, ServerTotals};
@@ -44,6 +45,7 @@ pub struct Telemetry {
     pub redis: Arc<RedisGauges>,
     pub kafka: Arc<SinkCounters>,
     pub redis_stream: Arc<SinkCounters>,
+    pub journal: Arc<JournalGauges>,
 }
 
 /// An aggregator that has not gone round its loop for this long is stalled; a
@@ -76,6 +78,9 @@ impl Telemetry {
         {
             return Err("no heartbeat answered within the lease: refusing ids");
         }
+        if self.journal.failing.load(Ordering::Relaxed) {
+            return Err("journal cannot be written (disk full?): new ids counted in memory only");
+        }
         let offset = self.redis.clock_offset_ms.load(Ordering::Relaxed);
         if capacity > 0 && offset.unsigned_abs() > self.max_clock_skew_ms {
             return Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS");
@@ -107,6 +112,11 @@ impl Telemetry {
                 ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis.buffer_capacity)),
                 ("verve_redis_in_fleet", MetricType::Gauge, "1 once the fleet took this instance in (ids get 503 before, and while the fleet refuses it); 0 without Redis.", load(&self.redis.in_fleet)),
                 ("verve_redis_lease_lapsed", MetricType::Gauge, "1 while no heartbeat was answered within this instance's lease (most of VERVE_FLEET_WAIT_MS): new ids get 503, as the fleet may no longer wait for it.", load(&self.redis.lease_lapsed)),
+                ("verve_journal_enabled", MetricType::Gauge, "1 while the journal (VERVE_JOURNAL) is on.", load(&self.journal.enabled)),
+                ("verve_journal_bytes_written", MetricType::Counter, "Bytes written to the journal.", load(&self.journal.bytes_written)),
+                ("verve_journal_ids_written", MetricType::Counter, "Ids written to the journal (each new to this instance in its window).", load(&self.journal.ids_written)),
+                ("verve_journal_write_errors", MetricType::Counter, "Journal writes that failed (disk full, file-size limit); retried every second.", load(&self.journal.write_errors)),
+                ("verve_journal_unwritten_ids", MetricType::Gauge, "Ids counted in memory but not in the journal because its writes fail.", load(&self.journal.unwritten_ids)),
                 ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
                 ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),
                 ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),

@@ -67,7 +67,7 @@ impl Partitions {
             return Ok(Partitions::inline(report_new, times));
         }
         Ok(Partitions {
-            kind: Kind::Owners(Owners::start(parts, report_new, &times)?),
+            kind: Kind::Owners(Owners::start(parts, &times)?),
             report_new,
             times,
         })
@@ -76,13 +76,14 @@ impl Partitions {
     /// Inserts `ids` into `window`, whose set is laid out for about `expected`
     /// ids if this opens it.
     pub fn insert(&mut self, window: WindowStart, ids: &[i64], expected: usize, new: NewIds) {
+        let report_new = self.report_new;
         match &mut self.kind {
             Kind::Inline { windows, new_ids } => {
                 let set = windows
                     .entry(window)
                     .or_insert_with(|| IdSet::with_capacity(expected));
                 let started = Instant::now();
-                if self.report_new {
+                if report_new {
                     new_ids.clear();
                     set.insert_all(ids, |id| new_ids.push(id));
                     if !new_ids.is_empty() {
@@ -93,8 +94,30 @@ impl Partitions {
                 }
                 self.times.record(started.elapsed());
             }
-            Kind::Owners(owners) => owners.route(window, ids, expected, new),
+            Kind::Owners(owners) => owners.route(window, ids, expected, report_new, new),
         }
+    }
+
+    /// Puts ids read back from the journal into `window`, without reporting
+    /// them as new: they are in the journal already.
+    pub fn restore(&mut self, window: WindowStart, ids: &[i64]) {
+        match &mut self.kind {
+            Kind::Inline { windows, .. } => {
+                let set = windows
+                    .entry(window)
+                    .or_insert_with(|| IdSet::with_capacity(ids.len()));
+                set.insert_all(ids, |_| {});
+            }
+            Kind::Owners(owners) => owners.route(window, ids, ids.len(), false, &mut |_, _| {
+                unreachable!("restored ids are not reported")
+            }),
+        }
+    }
+
+    /// From now on, hand the ids new to this instance to the caller's `NewIds`
+    /// (for the journal), whatever the store wants. Before any id is inserted.
+    pub fn report_new_ids(&mut self) {
+        self.report_new = true;
     }
 
     /// One partition, in the caller's thread.
@@ -158,6 +181,8 @@ enum Command {
         ids: Vec<i64>,
         expected: usize,
         count: Arc<AtomicU64>,
+        /// Whether to report the ids that were new.
+        report_new: bool,
     },
     Close(WindowStart),
 }
@@ -183,7 +208,7 @@ struct Owners {
 }
 
 impl Owners {
-    fn start(parts: usize, report_new: bool, times: &Arc<BatchTimes>) -> std::io::Result<Owners> {
+    fn start(parts: usize, times: &Arc<BatchTimes>) -> std::io::Result<Owners> {
         let (reply, replies) = flume::unbounded();
         let mut commands = Vec::with_capacity(parts);
         let mut threads = Vec::with_capacity(parts);
@@ -192,7 +217,7 @@ impl Owners {
             let (reply, times) = (reply.clone(), times.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("verve-part-{part}"))
-                .spawn(move || own(received, reply, report_new, &times))?;
+                .spawn(move || own(received, reply, &times))?;
             commands.push(command);
             threads.push(thread);
         }
@@ -212,7 +237,14 @@ impl Owners {
         ((u128::from(h) * self.commands.len() as u128) >> 64) as usize
     }
 
-    fn route(&mut self, window: WindowStart, ids: &[i64], expected: usize, new: NewIds) {
+    fn route(
+        &mut self,
+        window: WindowStart,
+        ids: &[i64],
+        expected: usize,
+        report_new: bool,
+        new: NewIds,
+    ) {
         for &id in ids {
             let part = self.part_of(id);
             self.routed[part].push(id);
@@ -229,6 +261,7 @@ impl Owners {
                 ids,
                 expected,
                 count: count.clone(),
+                report_new,
             };
             if self.commands[part].send(insert).is_err() {
                 panic!("partition owner {part} is gone");
@@ -289,7 +322,7 @@ impl Drop for Owners {
 
 /// An owner's loop: inserts into its part of each window until the aggregator
 /// lets go of its queue.
-fn own(commands: Receiver<Command>, replies: Sender<Reply>, report_new: bool, times: &BatchTimes) {
+fn own(commands: Receiver<Command>, replies: Sender<Reply>, times: &BatchTimes) {
     let mut windows: BTreeMap<WindowStart, IdSet> = BTreeMap::new();
     for command in commands.iter() {
         match command {
@@ -298,6 +331,7 @@ fn own(commands: Receiver<Command>, replies: Sender<Reply>, report_new: bool, ti
                 ids,
                 expected,
                 count,
+                report_new,
             } => {
                 let set = windows
                     .entry(window)

@@ -2,8 +2,9 @@
 //!
 //! [`Verve::start`] returns once every worker listens, so a caller (the binary, or a
 //! test) can connect at once; [`Verve::shutdown`] returns once every accepted id
-//! has been counted and every window reported, or at its deadline: the drain time
-//! plus a fixed margin, whatever Redis, Kafka and the callback endpoints are doing.
+//! has been counted and every window reported, or at its deadline
+//! (`VERVE_SHUTDOWN_TIMEOUT_MS` after it was called), whatever Redis, Kafka and the
+//! callback endpoints are doing.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use crate::aggregator::{Aggregator, AggregatorGauges};
 use crate::callback::{CallbackPolicy, Dispatcher};
 use crate::config::{CallbackTiming, Config, SinkKind};
 use crate::error::StartError;
+use crate::journal::Journal;
 use crate::metrics::Telemetry;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
@@ -29,10 +31,6 @@ use crate::sink::{
     RedisStreamSettings,
 };
 use crate::store::{DedupStore, LocalStore, RedisSettings, RedisStore};
-
-/// Shutdown ends at most this long after `VERVE_SHUTDOWN_DRAIN_MS`: time for the
-/// last windows to reach Redis, Kafka and the endpoints after connections drained.
-const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 
 /// Raises the open-file limit as far as allowed and settles the connection cap on
 /// it; warns when a cap the operator set needs more files than the limit allows.
@@ -67,7 +65,8 @@ pub struct Verve {
     /// Returns the dedup store once every window is closed, for it to finish reporting.
     aggregator: JoinHandle<Box<dyn DedupStore>>,
     dispatcher: Dispatcher,
-    drain: Duration,
+    /// `VERVE_SHUTDOWN_TIMEOUT_MS`.
+    stop_within: Duration,
 }
 
 impl Verve {
@@ -83,6 +82,18 @@ impl Verve {
             aggregator: Arc::new(AggregatorGauges::starting_now()),
             ..Telemetry::default()
         });
+        // First: a journal that cannot be used stops start-up before anything is
+        // opened or registered in Redis.
+        let journal = match config.journal {
+            true => Some(Journal::open(
+                &config.data_dir,
+                config.window_secs,
+                config.journal_fsync,
+                telemetry.journal.clone(),
+            )?),
+            false => None,
+        };
+
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
         let in_fleet = config.redis_url.is_some();
@@ -131,9 +142,8 @@ impl Verve {
                     first_window,
                     shards: config.redis_shards(),
                     acks: Some(acknowledged),
-                    redeliver_after: config.fleet_wait()
-                        + config.shutdown_drain()
-                        + SHUTDOWN_MARGIN,
+                    redeliver_after: config.fleet_wait() + config.shutdown_timeout(),
+                    journal_dir: config.journal.then(|| config.data_dir.clone()),
                 };
                 Box::new(
                     RedisStore::start(
@@ -178,7 +188,11 @@ impl Verve {
         )
         .with_endpoints(config.callback_max_endpoints as usize, immediate)
         .with_gauges(telemetry.aggregator.clone())
-        .with_partitions(config.partition_count());
+        .with_partitions(config.partition_count())
+        .map(|aggregator| match journal {
+            Some((journal, recovered)) => aggregator.with_journal(journal, recovered),
+            None => aggregator,
+        });
         let aggregator = match aggregator.and_then(|aggregator| {
             std::thread::Builder::new()
                 .name("verve-aggregator".into())
@@ -203,6 +217,10 @@ impl Verve {
             callback_timing = %names(&[config.callback_timing]),
             window_secs = config.window_secs,
             count_log = %config.count_log.display(),
+            journal = %match config.journal {
+                true => config.data_dir.display().to_string(),
+                false => "off".to_owned(),
+            },
             max_connections = cap.per_worker,
             open_files = open_files.unwrap_or_default(),
             "verve listening"
@@ -213,7 +231,7 @@ impl Verve {
             admin,
             aggregator,
             dispatcher,
-            drain: config.shutdown_drain(),
+            stop_within: config.shutdown_timeout(),
         })
     }
 
@@ -229,19 +247,22 @@ impl Verve {
 
     /// Stops accepting, drains connections (for at most `VERVE_SHUTDOWN_DRAIN_MS`),
     /// counts every accepted id, reports the open window as partial, and lets the
-    /// store, the sinks and the callbacks deliver what they can until the drain
-    /// time plus [`SHUTDOWN_MARGIN`] from now; returns by then.
-    pub fn shutdown(self) {
-        let deadline = Instant::now() + self.drain + SHUTDOWN_MARGIN;
+    /// store, the sinks and the callbacks deliver what they can until
+    /// `VERVE_SHUTDOWN_TIMEOUT_MS` from now; returns by then, with the number of
+    /// ids Redis did not take (kept in the journal if it is on).
+    pub fn shutdown(self) -> u64 {
+        let deadline = Instant::now() + self.stop_within;
         self.workers.stop();
-        match self.aggregator.join() {
+        let undelivered = match self.aggregator.join() {
             Ok(store) => store.finish(deadline),
             Err(_) => {
-                tracing::error!("the aggregator panicked; the last windows may be unreported")
+                tracing::error!("the aggregator panicked; the last windows may be unreported");
+                0
             }
-        }
+        };
         self.dispatcher.finish(deadline);
         drop(self.admin);
+        undelivered
     }
 }
 

@@ -137,7 +137,10 @@ fn sigterm_reports_the_open_window_as_partial_with_every_accepted_id() {
 
 #[test]
 fn shutdown_with_an_idle_connection_does_not_wait_for_the_drain_deadline() {
-    let verve = Verve::start(&[("VERVE_SHUTDOWN_DRAIN_MS", "60000")]);
+    let verve = Verve::start(&[
+        ("VERVE_SHUTDOWN_DRAIN_MS", "60000"),
+        ("VERVE_SHUTDOWN_TIMEOUT_MS", "61000"),
+    ]);
     let mut idle = Client::connect(verve.addr);
     assert_eq!(idle.get("/api/verve/accept?id=1").body, "ok");
     let started = std::time::Instant::now();

@@ -467,6 +467,7 @@ fn a_record_kafka_never_took_from_its_publisher_is_sent_by_another(topic: &str, 
     let fleet = [
         ("VERVE_FLEET_WAIT_MS", "3000"),
         ("VERVE_SHUTDOWN_DRAIN_MS", "200"),
+        ("VERVE_SHUTDOWN_TIMEOUT_MS", "1200"),
     ];
     let mut env_a = borrowed(&sinks);
     env_a.retain(|(k, _)| *k != "VERVE_KAFKA_BROKERS");
@@ -743,6 +744,7 @@ fn an_instance_with_another_window_length_is_refused_at_start() {
         common::command(&[
             ("VERVE_REDIS_URL", redis.url().as_str()),
             ("VERVE_WINDOW_SECS", "4"),
+            ("VERVE_JOURNAL", "false"),
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -100,6 +100,7 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
     let mut other = common::command(&[
         ("VERVE_REDIS_URL", redis.url().as_str()),
         ("VERVE_REDIS_SHARDS", "4"),
+        ("VERVE_JOURNAL", "false"),
     ]);
     let output = other.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -29,7 +29,7 @@ impl DedupStore for LocalStore {
             window_seconds: self.window_secs,
             unique_requests: closed.unique_requests,
             scope: Scope::Instance,
-            revision: 1,
+            revision: closed.published_before + 1,
             complete: true,
             partial: closed.partial,
             instances: 1,
@@ -38,7 +38,8 @@ impl DedupStore for LocalStore {
         self.reporter.report(&record, true, &closed.endpoints);
     }
 
-    fn finish(mut self: Box<Self>, deadline: Instant) {
+    fn finish(mut self: Box<Self>, deadline: Instant) -> u64 {
         self.reporter.flush(deadline);
+        0
     }
 }

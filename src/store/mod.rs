@@ -38,6 +38,9 @@ pub struct ClosedWindow {
     pub endpoints: Vec<Arc<str>>,
     /// This process did not run for the whole window: it started or stopped within it.
     pub partial: bool,
+    /// The revision of the last record already out for the window (0: none):
+    /// a stop within it published one, and the journal brought it back.
+    pub published_before: u64,
 }
 
 /// Where windows are deduplicated and reported. Hooks the local store needs not
@@ -52,10 +55,20 @@ pub trait DedupStore: Send {
     /// `ids` were new to this instance in `window`.
     fn add(&mut self, _window: WindowStart, _ids: &[i64]) {}
 
+    /// Whether the store deletes a closed window's journal file itself, once the
+    /// window needs it no more (Redis: once the fleet's record is complete); if
+    /// not, the aggregator does as soon as the window's record is out.
+    fn removes_journal_files(&self) -> bool {
+        false
+    }
+
     /// The aggregator closed a window: report it now, or as soon as the store can.
     fn close(&mut self, closed: ClosedWindow);
 
     /// Shutdown, after the last `close`: report what is pending, at most until
-    /// `deadline`, and return by then whatever is still unreachable.
-    fn finish(self: Box<Self>, _deadline: Instant) {}
+    /// `deadline`, and return by then whatever is still unreachable, with the
+    /// number of ids it could not deliver (kept in the journal, if it is on).
+    fn finish(self: Box<Self>, _deadline: Instant) -> u64 {
+        0
+    }
 }

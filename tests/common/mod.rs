@@ -73,6 +73,11 @@ impl Verve {
     pub fn spawn(mut command: Command) -> Verve {
         let dir = tempfile::tempdir().unwrap();
         let count_log = dir.path().join("counts.log");
+        // A journal of its own, unless the test keeps one across processes.
+        let data_dir_set = command.get_envs().any(|(key, _)| key == "VERVE_DATA_DIR");
+        if !data_dir_set {
+            command.env("VERVE_DATA_DIR", dir.path().join("data"));
+        }
         let mut child = command
             .env("VERVE_COUNT_LOG", &count_log)
             .stderr(Stdio::piped())

@@ -64,6 +64,22 @@ impl RedisServer {
         super::eventually(Duration::from_secs(10), what, ping);
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered,
+    /// as with a Redis stalled by a fork or a slow disk.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("a running server");
+        super::signal(child, signal);
+    }
+
     pub fn client(&self) -> redis::Client {
         redis::Client::open(self.url()).unwrap()
     }

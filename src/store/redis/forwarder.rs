@@ -13,9 +13,13 @@
 //!
 //! Shutdown: the forwarder sends what is queued, leaves the fleet (publishing what
 //! is pending if it was the last instance), flushes the sinks and stops, or gives
-//! up at the deadline.
+//! up at the deadline, or as soon as a Redis call might outlast it. A window it
+//! closed whose fleet record it cannot have then gets this instance's own count
+//! (`scope=instance`, `revision=0`, `partial=true`), which any fleet revision
+//! supersedes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +35,7 @@ use super::settle::{Coverage, Force, Outcome, Settled, WindowView};
 use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::admission::Closed;
 use crate::backoff::Backoff;
+use crate::journal;
 use crate::record::{CountRecord, Scope, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
 use crate::report::Reporter;
@@ -100,6 +105,12 @@ pub(super) struct Forwarder {
     max_clock_skew: Duration,
     /// The last heartbeat found this host's clock off Redis's by more than that.
     clock_skewed: bool,
+    /// Where closed windows' journal files are, to delete once finished.
+    journal_dir: Option<PathBuf>,
+    /// Stopping: no Redis call starts that could end after this.
+    finish_by: Option<Instant>,
+    /// Stopping, and a call could have outlasted `finish_by`: give up now.
+    out_of_time: bool,
 }
 
 /// What a run delivered to a window: ids per shard (a shard got its time to live
@@ -194,6 +205,9 @@ impl Forwarder {
             next_close: settings.first_window,
             max_clock_skew: settings.max_clock_skew,
             clock_skewed: false,
+            journal_dir: settings.journal_dir,
+            finish_by: None,
+            out_of_time: false,
         }
     }
 
@@ -221,7 +235,8 @@ impl Forwarder {
         loop {
             let now = Instant::now();
             let finishing = queue.finish_by;
-            if finishing.is_some_and(|deadline| now >= deadline) {
+            self.finish_by = finishing;
+            if self.out_of_time || finishing.is_some_and(|deadline| now >= deadline) {
                 return Work::GiveUp;
             }
             if let Some(acks) = &self.acks {
@@ -395,6 +410,7 @@ impl Forwarder {
     /// Keeps following a window, unless the fleet is done with it.
     fn follow(&mut self, tracked: Tracked) {
         if self.is_finished(&tracked) {
+            self.forget_journal(tracked.window);
             self.finished.push_back(tracked.window);
             if self.finished.len() > FINISHED_REMEMBERED {
                 self.finished.pop_front();
@@ -438,11 +454,19 @@ impl Forwarder {
                     revision = tracked.view.known.as_ref().map_or(0, |k| k.revision),
                     "stopped following a window the fleet has not completed"
                 );
+                self.forget_journal(window);
                 return;
             }
             tracked.next_check = now + self.fleet.poll_interval();
         }
         self.tracked.insert(window, tracked);
+    }
+
+    /// Deletes a window's journal file: the fleet has its ids and its record.
+    fn forget_journal(&self, window: WindowStart) {
+        if let Some(dir) = &self.journal_dir {
+            journal::remove_window_file(dir, window);
+        }
     }
 
     /// Whether the fleet is done with a window: its record is complete and, if
@@ -717,17 +741,22 @@ impl Forwarder {
             else {
                 continue;
             };
+            let Some(settled) = settled else {
+                // No word from the fleet in time: this instance's own count.
+                self.publish_own(closed.window, closed.unique_requests, &closed.endpoints);
+                continue;
+            };
             tracing::info!(window_start = %window, "leaving the window to the rest of the fleet");
             // Its clients' endpoints hear the count so far rather than nothing.
             let so_far = CountRecord {
                 window_start: window,
                 window_seconds: self.length.as_secs(),
-                unique_requests: settled.as_ref().map_or(closed.unique_requests, |s| s.count),
+                unique_requests: settled.count,
                 scope: Scope::Global,
                 revision: 0,
                 complete: false,
                 partial: true,
-                instances: settled.as_ref().map_or(1, |s| s.done),
+                instances: settled.done,
                 published_at: Timestamp::now(),
             };
             self.reporter.call_back(&so_far, &closed.endpoints);
@@ -752,22 +781,83 @@ impl Forwarder {
         }
     }
 
-    /// Shutdown, at the deadline, with Redis still failing: says what is lost.
+    /// Shutdown, at the deadline, with Redis still failing or behind: publishes
+    /// this instance's own count of every window it closed that has no fleet
+    /// record, and says how many ids Redis did not take, per window, and whether
+    /// the journal keeps them.
     fn give_up(mut self) {
-        let queue = self.shared.queue();
-        let queued = queue
-            .items
-            .iter()
-            .filter(|item| matches!(item, Item::Close(_)))
-            .count();
-        let retried = matches!(self.retry, Some(Round::Close(_)));
-        tracing::error!(
-            unreported_windows = queued + usize::from(retried),
-            unsent_ids = queue.buffered_ids,
-            "Redis unreachable at the shutdown deadline; giving up on what it has not taken"
-        );
+        let mut queue = self.shared.queue();
+        let items = std::mem::take(&mut queue.items);
         drop(queue);
+        let mut unsent: BTreeMap<WindowStart, usize> = BTreeMap::new();
+        let mut unreported = Vec::new();
+        let retried = match self.retry.take() {
+            Some(Round::Ids(batches)) => batches
+                .into_iter()
+                .map(|(w, ids, _)| Item::Ids { window: w, ids })
+                .collect(),
+            Some(Round::Close(closed)) => vec![Item::Close(closed)],
+            None => Vec::new(),
+        };
+        for item in retried.into_iter().chain(items) {
+            match item {
+                Item::Ids { window, ids } => *unsent.entry(window).or_default() += ids.len(),
+                Item::Close(closed) => unreported.push(closed),
+            }
+        }
+        let tracked = std::mem::take(&mut self.tracked);
+        let unknown = tracked.into_values().filter(|t| t.view.known.is_none());
+        unreported.extend(unknown.filter_map(|t| t.closed));
+        for closed in &unreported {
+            self.publish_own(closed.window, closed.unique_requests, &closed.endpoints);
+        }
+        let unsent_ids: usize = unsent.values().sum();
+        let windows = unsent
+            .iter()
+            .map(|(window, ids)| format!("{window}:{ids}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        match (&self.journal_dir, unsent_ids) {
+            (_, 0) if unreported.is_empty() => {}
+            (_, 0) => tracing::warn!(
+                own_records = unreported.len(),
+                "Redis could not finish the fleet's records by the shutdown deadline; \
+                 published this instance's own counts"
+            ),
+            (Some(dir), _) => tracing::warn!(
+                unsent_ids,
+                windows,
+                data_dir = %dir.display(),
+                "Redis did not take every id by the shutdown deadline: they are kept in the \
+                 journal, and the next start with this VERVE_INSTANCE and VERVE_DATA_DIR \
+                 delivers them"
+            ),
+            (None, _) => tracing::error!(
+                lost_ids = unsent_ids,
+                windows,
+                "Redis did not take every id by the shutdown deadline, and with \
+                 VERVE_JOURNAL=false they are lost"
+            ),
+        }
         self.reporter.flush(Instant::now());
+    }
+
+    /// Publishes this instance's own count of a window whose fleet record it
+    /// cannot have before it stops: not a fleet revision (0, `scope=instance`),
+    /// so that any record of the fleet's supersedes it.
+    fn publish_own(&mut self, window: WindowStart, unique_requests: u64, endpoints: &[Arc<str>]) {
+        let own = CountRecord {
+            window_start: window,
+            window_seconds: self.length.as_secs(),
+            unique_requests,
+            scope: Scope::Instance,
+            revision: 0,
+            complete: false,
+            partial: true,
+            instances: 1,
+            published_at: Timestamp::now(),
+        };
+        self.reporter.report(&own, true, endpoints);
     }
 
     /// Runs `op` on the link (connecting first if needed). On failure, drops the
@@ -776,6 +866,15 @@ impl Forwarder {
         &mut self,
         op: impl FnOnce(&mut RedisLink, &mut Fleet) -> RedisResult<T>,
     ) -> Option<T> {
+        if self
+            .finish_by
+            .is_some_and(|deadline| Instant::now() + self.timeout > deadline)
+        {
+            // Stopping: a call now could outlast the deadline, and then nothing
+            // would be published or said. Give up instead.
+            self.out_of_time = true;
+            return None;
+        }
         let result = self.connect().and_then(|()| {
             let link = self.connection.as_mut().expect("connected above");
             op(link, &mut self.fleet)

@@ -16,6 +16,14 @@
 //! restart, `FLUSHALL`, eviction, a failover), a set's sentinel says so when the
 //! instance settles the window, and every id of that set is sent again from the local set,
 //! which the store keeps until the fleet's record is complete: the counts stay exact.
+//!
+//! With the journal on, a window's journal file is deleted once the fleet is done
+//! with it (its record complete), not when it closes here: until then the file
+//! is what a restart delivers again. A stop gives up on Redis a little before its
+//! deadline ([`REPORT_RESERVE`]), so that every window it closed gets a record
+//! (this instance's own count, `scope=instance`, `revision=0`, when the fleet's
+//! cannot be had) and the last line says how many ids Redis did not take, and
+//! whether the journal keeps them.
 
 mod delivery;
 mod fleet;
@@ -28,6 +36,7 @@ mod settle;
 mod slots;
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -78,7 +87,14 @@ pub struct RedisSettings {
     /// instance sends it, once the publisher no longer runs: the fleet's wait and
     /// a whole shutdown.
     pub redeliver_after: Duration,
+    /// `VERVE_DATA_DIR` with the journal on: where the closed windows' files
+    /// are, to delete once the fleet is done with them.
+    pub journal_dir: Option<PathBuf>,
 }
+
+/// A stop gives up on Redis this long before its deadline, to publish the
+/// windows it closed and say what is left.
+const REPORT_RESERVE: Duration = Duration::from_millis(250);
 
 /// What the Redis store publishes for `/metrics` and `/healthz`; only it writes.
 #[derive(Debug, Default)]
@@ -248,8 +264,13 @@ impl DedupStore for RedisStore {
         self.shared.wake.notify_one();
     }
 
-    fn finish(self: Box<Self>, deadline: Instant) {
-        self.shared.queue().finish_by = Some(deadline);
+    fn removes_journal_files(&self) -> bool {
+        true
+    }
+
+    fn finish(self: Box<Self>, deadline: Instant) -> u64 {
+        let give_up_at = deadline.checked_sub(REPORT_RESERVE).unwrap_or(deadline);
+        self.shared.queue().finish_by = Some(give_up_at);
         self.shared.wake.notify_one();
         while !self.forwarder.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -263,5 +284,6 @@ impl DedupStore for RedisStore {
                 "Redis still busy at the shutdown deadline; leaving without it"
             );
         }
+        self.shared.queue().buffered_ids as u64
     }
 }

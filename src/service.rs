@@ -126,7 +126,7 @@ impl Verve {
         let started_at = SystemTime::now();
         let first_window = config.window_length().window_of(started_at);
         let store: Box<dyn DedupStore> = match &config.redis_url {
-            None => Box::new(LocalStore::new(reporter, config.window_secs)),
+            None => Box::new(LocalStore::new(reporter, config.window_length())),
             Some(url) => {
                 let settings = RedisSettings {
                     mode: config.redis_mode,

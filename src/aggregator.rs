@@ -542,8 +542,8 @@ mod tests {
         WindowStart::from_unix_secs(secs)
     }
 
-    fn batch(window_secs: u64, ids: &[i64]) -> Batch {
-        with_endpoints(window_secs, ids, &[])
+    fn batch(window_start: u64, ids: &[i64]) -> Batch {
+        with_endpoints(window_start, ids, &[])
     }
 
     /// A local store reporting to `recorded` and, if given, close-time callbacks.
@@ -883,8 +883,13 @@ mod tests {
         parts: usize,
     ) -> (Aggregator, Recorded, Arc<JournalGauges>) {
         let gauges = Arc::new(JournalGauges::default());
-        let (journal, recovered) =
-            Journal::open(dir, 60, JournalFsync::Never, gauges.clone()).unwrap();
+        let (journal, recovered) = Journal::open(
+            dir,
+            WindowLength::from_secs(60),
+            JournalFsync::Never,
+            gauges.clone(),
+        )
+        .unwrap();
         let recorded = Recorded::default();
         let length = WindowLength::from_secs(60);
         let agg = Aggregator::new(length, 1, at_ms(started_ms), store(&recorded, None))
@@ -973,9 +978,9 @@ mod tests {
         firsts.collect::<HashSet<_>>().len() as u64
     }
 
-    fn with_endpoints(window_secs: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
+    fn with_endpoints(window_start: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
         Batch {
-            window: WindowStart::from_unix_secs(window_secs),
+            window: WindowStart::from_unix_secs(window_start),
             ids: ids.to_vec(),
             endpoints: endpoints.iter().map(|&e| Arc::from(e)).collect(),
         }

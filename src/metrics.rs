@@ -33,7 +33,8 @@ use crate::store::RedisGauges;
 /// the service hands out at start; every part writes only its own.
 #[derive(Debug, Default)]
 pub struct Telemetry {
-    pub window_secs: u64,
+    /// Redis unreachable for longer than this (a window) is unhealthy.
+    pub redis_down_limit: Duration,
     /// `VERVE_MAX_CLOCK_SKEW_MS`: in Redis mode, a larger offset from Redis's
     /// clock is unhealthy.
     pub max_clock_skew_ms: u64,
@@ -69,7 +70,7 @@ impl Telemetry {
             return Err("dedup buffer over 90%");
         }
         let down_since = self.redis.down_since_ms.load(Ordering::Relaxed);
-        let window_ms = self.window_secs * 1000;
+        let window_ms = self.redis_down_limit.as_millis() as u64;
         if down_since != 0 && now.saturating_sub(down_since) > window_ms {
             return Err("redis unreachable for longer than a window");
         }
@@ -272,7 +273,7 @@ mod tests {
     fn health_names_what_is_wrong() {
         let now_ms = || Timestamp::now().unix_millis();
         let telemetry = Telemetry {
-            window_secs: 60,
+            redis_down_limit: Duration::from_secs(60),
             max_clock_skew_ms: 1_000,
             ..Telemetry::default()
         };

@@ -77,7 +77,7 @@ impl Verve {
             CallbackPolicy::new(config.callback_allow.clone(), config.callback_deny_private);
         // Each part gets its own counters; /metrics and /healthz read them all.
         let telemetry = Arc::new(Telemetry {
-            window_secs: config.window_secs,
+            redis_down_limit: Duration::from_secs(config.window_secs),
             max_clock_skew_ms: config.max_clock_skew_ms,
             aggregator: Arc::new(AggregatorGauges::starting_now()),
             ..Telemetry::default()
@@ -87,7 +87,7 @@ impl Verve {
         let journal = match config.journal {
             true => Some(Journal::open(
                 &config.data_dir,
-                config.window_secs,
+                config.window_length(),
                 config.journal_fsync,
                 telemetry.journal.clone(),
             )?),
@@ -135,7 +135,7 @@ impl Verve {
                     buffer_ids: config.redis_buffer_ids as usize,
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     instance: config.instance_name(),
-                    window_secs: config.window_secs,
+                    length: config.window_length(),
                     fleet_wait: config.fleet_wait(),
                     key_ttl_secs: config.test_key_ttl_secs,
                     max_clock_skew: Duration::from_millis(config.max_clock_skew_ms),

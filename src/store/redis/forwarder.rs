@@ -181,7 +181,7 @@ impl Forwarder {
             shared,
             endpoint,
             timeout: settings.timeout,
-            length: WindowLength::from_secs(settings.window_secs),
+            length: settings.length,
             connection: None,
             ever_connected: false,
             down_since_ms: None,

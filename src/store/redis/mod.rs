@@ -48,7 +48,7 @@ use crate::config::RedisMode;
 use crate::redis_link::RedisEndpoint;
 use crate::report::Reporter;
 use crate::sink::Acknowledged;
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 use forwarder::Forwarder;
 pub use keys::window_sets;
 use lease::Lease;
@@ -67,7 +67,7 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// This instance's name in the fleet; unique among the instances sharing Redis.
     pub instance: String,
-    pub window_secs: u64,
+    pub length: WindowLength,
     /// How long after a window ends the fleet waits for every instance to be done
     /// before the count is published anyway; also how long an instance that stops
     /// sending heartbeats still counts as live.

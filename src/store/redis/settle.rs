@@ -317,7 +317,7 @@ impl Fleet {
     pub fn is_wait_over(&self, window: WindowStart) -> bool {
         rules::is_wait_over(
             window,
-            self.window_secs,
+            self.length,
             self.wait,
             Timestamp::now().unix_millis(),
         )

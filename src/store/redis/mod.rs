@@ -20,6 +20,8 @@
 mod fleet;
 mod forwarder;
 mod lease;
+#[cfg(test)]
+mod model;
 mod rules;
 mod slots;
 

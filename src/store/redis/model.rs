@@ -30,7 +30,8 @@
 //! a shortest trace, printed one step a line with Redis's state after it.
 //! `Bounds` switches let in the two known violations (issue 23), each an
 //! ignored test with its trace: a run unseen before a loss is not awaited
-//! after it, and a generation learned before a loss is matched again after it.
+//! after it, and a settle after a loss trusts a survey (or a generation) from
+//! before it.
 //!
 //! What is left out, each a simplification the search cannot see through: one
 //! shard; a Redis call always answers (a cut-off run simply takes no step, and
@@ -562,10 +563,11 @@ pub(super) struct Bounds {
     /// heartbeated has seen none), and a run may start after a loss: the known
     /// violation of I2 (`a_run_unseen_before_a_loss_is_not_awaited_after_it`).
     pub unseen_at_loss: bool,
-    /// Redis may lose its data once a run has learned the window's generation
-    /// (from a `settle.lua` answer): the other known violation, of I3 and I2
+    /// Redis may lose its data once a run has surveyed the window to settle it
+    /// (it holds the survey, or the generation a `settle.lua` answered): the
+    /// other known violation, of I3 and I2
     /// (`a_generation_seen_before_a_loss_is_matched_again_after_it`).
-    pub loss_after_a_generation: bool,
+    pub loss_after_a_survey: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -689,17 +691,17 @@ impl State {
             .filter(|(_, entry)| entry.is_some())
             .fold(0, |runs, (r, _)| runs | 1 << r);
         let mut living = self.runs.iter().filter(|run| run.alive());
-        let generation = |run: &Local| {
+        let surveyed = |run: &Local| {
             let adopting = match run.task {
-                Task::Survey(Job::Adopt(view), _) | Task::Settle(Job::Adopt(view), ..) => view,
+                Task::Survey(Job::Adopt(view), _) => view,
+                Task::Settle(..) => return true,
                 _ => View::default(),
             };
-            run.tracked
-                .or(Some(adopting))
-                .is_some_and(|view| view.generation.is_some())
+            let view = run.tracked.unwrap_or(adopting);
+            view.generation.is_some()
         };
         (bounds.unseen_at_loss || living.all(|run| run.seen & registered == registered))
-            && (bounds.loss_after_a_generation || !self.runs.iter().any(generation))
+            && (bounds.loss_after_a_survey || !self.runs.iter().any(surveyed))
     }
 
     /// The aggregator closes every window from the run's first on, once it ended;
@@ -1249,7 +1251,7 @@ mod tests {
             depth: 12,
             finality: false,
             unseen_at_loss: false,
-            loss_after_a_generation: false,
+            loss_after_a_survey: false,
         }
     }
 
@@ -1344,15 +1346,15 @@ mod tests {
             ids: 1,
             losses: 1,
             depth: 17,
-            loss_after_a_generation: true,
+            loss_after_a_survey: true,
             ..calm()
         });
     }
 
     /// A search as wide as `VERVE_MODEL` says: instances, ids, restarts, losses,
     /// depth, and whether (0 or 1) to check I5, to let a loss come before every
-    /// run saw every other (`Bounds::unseen_at_loss`) and after a run learned the
-    /// generation (`Bounds::loss_after_a_generation`), comma-separated, e.g.
+    /// run saw every other (`Bounds::unseen_at_loss`) and after a run surveyed
+    /// the window (`Bounds::loss_after_a_survey`), comma-separated, e.g.
     /// `VERVE_MODEL=2,2,1,1,16,1,0,0 cargo test --release --lib model -- --ignored --nocapture`.
     #[test]
     #[ignore = "as deep as VERVE_MODEL says: minutes"]
@@ -1370,7 +1372,7 @@ mod tests {
             depth: n[4],
             finality: n[5] == 1,
             unseen_at_loss: n.get(6) == Some(&1),
-            loss_after_a_generation: n.get(7) == Some(&1),
+            loss_after_a_survey: n.get(7) == Some(&1),
         });
     }
 

@@ -31,6 +31,8 @@ mod forwarder;
 mod keys;
 mod lease;
 mod membership;
+#[cfg(test)]
+mod model;
 mod rules;
 mod settle;
 mod slots;

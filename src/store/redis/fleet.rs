@@ -101,7 +101,7 @@ impl Fleet {
             roster: Script::new(include_str!("roster.lua")),
             refusal: None,
             clock_offset_ms: None,
-            membership: Membership::new(settings.first_window, default_ttl * 1000),
+            membership: Membership::new(settings.first_window, default_ttl * 1000, wait),
         }
     }
 

@@ -61,7 +61,11 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    pub fn new(first_window: WindowStart, lapsed_kept_ms: u64) -> Self {
+    /// A run's membership at its start, uncertain for `wait`: it cannot know
+    /// whether Redis lost data it never saw (a restart replaying its journal
+    /// after a `FLUSHALL` would otherwise publish an old window before the runs
+    /// that knew its record put it back).
+    pub fn new(first_window: WindowStart, lapsed_kept_ms: u64, wait: Duration) -> Self {
         Membership {
             first_window,
             lapsed_kept_ms,
@@ -69,7 +73,7 @@ impl Membership {
             seen: BTreeMap::new(),
             epoch: None,
             remembered: Vec::new(),
-            uncertain_until: None,
+            uncertain_until: Some(Instant::now() + wait),
             remembered_until: None,
         }
     }

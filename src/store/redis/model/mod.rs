@@ -305,12 +305,13 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
     let pending = |run: Run| matches!(redis.marks[run], None | Some(Mark::Sending));
     let waiting =
         runs_in(call.live | call.more).any(pending) || redis.marks.contains(&Some(Mark::Sending));
-    // 133-157
+    // 133-160
     let complete = !waiting;
     let forced = call.force == Force::Yes;
     let (was_revision, was_count, was_complete) =
         record.map_or((0, 0, false), |r| (r.revision, r.count, r.complete));
-    let grown = call.count >= was_count
+    let floor = was_count.max(call.known.map_or(0, |known| known.count));
+    let grown = call.count >= floor
         && (was_revision == 0 || call.count > was_count || complete && !was_complete);
     let outcome = if grown && (complete || forced) {
         record = Some(Record {
@@ -329,7 +330,7 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
     } else {
         Outcome::Known
     };
-    // 159-162
+    // 161-167
     let release = record.is_some_and(|r| r.complete) || (call.mark.is_none() && record.is_some());
     SettleAnswer {
         outcome,

@@ -111,15 +111,18 @@ impl Fleet {
         signal(self.member(i).child(), libc::SIGCONT);
     }
 
-    /// SIGKILL, once the process is gone; returns the run killed.
-    pub fn kill(&mut self, i: usize) -> u32 {
+    /// SIGKILL; returns once the process is gone, with the run killed and when
+    /// the signal went (on a loaded machine the process may take a second to go:
+    /// it answered nothing after the signal).
+    pub fn kill(&mut self, i: usize) -> (u32, SystemTime) {
         *self.directory[i].lock().unwrap() = None;
         let mut verve = self.members[i].0.take().expect("instance running");
+        let signalled = SystemTime::now();
         verve.kill();
         let run = self.members[i].1;
         self.killed.push((format!("{}#{run}", name(i)), verve));
         self.members[i].1 += 1;
-        run
+        (run, signalled)
     }
 
     /// Starts instance `i` again, under the same name.

@@ -157,8 +157,7 @@ impl Chaos<'_> {
                 self.cut_off(began, lapses);
             }
             Kind::Kill { instance } => {
-                let run = self.fleet.kill(instance);
-                let at = SystemTime::now();
+                let (run, at) = self.fleet.kill(instance);
                 let undelivered = self.undelivered(instance, run, at);
                 std::thread::sleep(fault.lasts);
                 let restarted = SystemTime::now();

@@ -28,8 +28,8 @@ use super::clients::{Outcome, Request, ANSWER_TIMEOUT};
 /// a debug build on a loaded two-core machine.
 pub const KILL_HORIZON: Duration = Duration::from_millis(1000);
 
-/// A run killed: instance, run number, when it was gone, when the next run
-/// started (its `ok`s cannot come later).
+/// A run killed: instance, run number, when it was sent SIGKILL, when the next
+/// run started (its `ok`s cannot come later).
 #[derive(Debug, Clone)]
 pub struct Kill {
     pub instance: usize,

@@ -238,6 +238,10 @@ impl Chaos<'_> {
         // the proxy.
         std::thread::sleep(Duration::from_millis(200));
         let oks = self.clients.oks_of(instance, run, at - 2 * KILL_HORIZON);
+        if oks.is_empty() {
+            // Its clients were waiting for it (paused, or the machine busy).
+            return Vec::new();
+        }
         let mut pipe = redis::pipe();
         for (id, answered) in &oks {
             let set = verve::store::window_sets("verve", self.length.window_of(*answered), 1);

@@ -39,8 +39,8 @@ pub struct Kill {
     pub name: String,
     pub at: SystemTime,
     pub restarted: SystemTime,
-    /// The `ok`s of the run's last seconds that Redis did not hold just after
-    /// the kill (not lost if another instance also had the id).
+    /// The `ok`s of the run's last [`KILL_HORIZON`] that Redis did not hold
+    /// just after the kill (not lost if another instance also had the id).
     pub undelivered: Vec<Undelivered>,
 }
 

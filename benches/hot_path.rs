@@ -95,7 +95,7 @@ fn aggregator(start: SystemTime) -> Aggregator {
         start,
         Box::new(LocalStore::new(
             Reporter::new(vec![Box::new(Discard)], None, Default::default()),
-            60,
+            WindowLength::from_secs(60),
         )),
     )
 }

@@ -50,7 +50,7 @@ fn ingest(ids: u64, producers: usize, partitions: usize) -> Duration {
     let length = WindowLength::from_secs(3600);
     let now = SystemTime::now();
     let window = length.window_of(now);
-    let store = Box::new(LocalStore::new(reporter, length.as_secs()));
+    let store = Box::new(LocalStore::new(reporter, length));
     let aggregator = Aggregator::new(length, producers, now, store)
         .with_partitions(partitions)
         .expect("start the partition owners");

@@ -45,7 +45,7 @@ use crate::batch::{Batch, Handoff, Watermark};
 use crate::callback::{CallbackJob, Callbacks};
 use crate::journal::{Journal, RecoveredWindow};
 use crate::partition::{BatchTimes, Partitions};
-use crate::record::{CountRecord, Scope, Timestamp};
+use crate::record::{CountRecord, SoFar, Timestamp};
 use crate::store::ClosedWindow;
 use crate::store::{DedupStore, IdSet};
 use crate::window::{WindowLength, WindowStart};
@@ -320,17 +320,14 @@ impl Aggregator {
                 continue;
             }
             if let Some(callbacks) = &mut self.immediate {
-                let record = CountRecord {
-                    window_start: batch.window,
-                    window_seconds: self.length.as_secs(),
-                    unique_requests: self.partitions.count_so_far(batch.window),
-                    scope: Scope::Instance,
-                    revision: 0,
-                    complete: false,
-                    partial: self.started_within == Some(batch.window),
-                    instances: 1,
-                    published_at: Timestamp::now(),
-                };
+                let record = CountRecord::so_far(
+                    batch.window,
+                    self.length,
+                    self.partitions.count_so_far(batch.window),
+                    SoFar::Instance {
+                        partial: self.started_within == Some(batch.window),
+                    },
+                );
                 callbacks.submit(CallbackJob {
                     endpoint: endpoint.clone(),
                     record,
@@ -545,14 +542,14 @@ mod tests {
         WindowStart::from_unix_secs(secs)
     }
 
-    fn batch(window_secs: u64, ids: &[i64]) -> Batch {
-        with_endpoints(window_secs, ids, &[])
+    fn batch(window_start: u64, ids: &[i64]) -> Batch {
+        with_endpoints(window_start, ids, &[])
     }
 
     /// A local store reporting to `recorded` and, if given, close-time callbacks.
     fn store(recorded: &Recorded, callbacks: Option<Callbacks>) -> Box<dyn DedupStore> {
         let reporter = Reporter::new(vec![Box::new(recorded.clone())], callbacks, Arc::default());
-        Box::new(LocalStore::new(reporter, 60))
+        Box::new(LocalStore::new(reporter, WindowLength::from_secs(60)))
     }
 
     /// 60 s windows, `workers` workers, started at 100.000 s (window 60).
@@ -886,8 +883,13 @@ mod tests {
         parts: usize,
     ) -> (Aggregator, Recorded, Arc<JournalGauges>) {
         let gauges = Arc::new(JournalGauges::default());
-        let (journal, recovered) =
-            Journal::open(dir, 60, JournalFsync::Never, gauges.clone()).unwrap();
+        let (journal, recovered) = Journal::open(
+            dir,
+            WindowLength::from_secs(60),
+            JournalFsync::Never,
+            gauges.clone(),
+        )
+        .unwrap();
         let recorded = Recorded::default();
         let length = WindowLength::from_secs(60);
         let agg = Aggregator::new(length, 1, at_ms(started_ms), store(&recorded, None))
@@ -976,9 +978,9 @@ mod tests {
         firsts.collect::<HashSet<_>>().len() as u64
     }
 
-    fn with_endpoints(window_secs: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
+    fn with_endpoints(window_start: u64, ids: &[i64], endpoints: &[&str]) -> Batch {
         Batch {
-            window: WindowStart::from_unix_secs(window_secs),
+            window: WindowStart::from_unix_secs(window_start),
             ids: ids.to_vec(),
             endpoints: endpoints.iter().map(|&e| Arc::from(e)).collect(),
         }

@@ -304,6 +304,25 @@ impl std::str::FromStr for AdminAddr {
 }
 
 /// Which kernel interface the worker runtimes use for I/O.
+/// Where ids are deduplicated, as the configuration chooses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind<'a> {
+    /// Each instance's own sets (no `VERVE_REDIS_URL`).
+    Local,
+    /// The fleet's Redis, at `url` (one URL, or a cluster's seed nodes).
+    Redis { url: &'a str },
+}
+
+impl StoreKind<'_> {
+    /// Its name in the start-up line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Local => "local",
+            StoreKind::Redis { .. } => "redis",
+        }
+    }
+}
+
 /// A single Redis server, or a Redis Cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RedisMode {
@@ -425,6 +444,14 @@ impl Config {
             self.redis_stream_url()?;
         }
         Ok(())
+    }
+
+    /// Where ids are deduplicated: `VERVE_REDIS_URL` set means the fleet's Redis.
+    pub fn store(&self) -> StoreKind<'_> {
+        match &self.redis_url {
+            None => StoreKind::Local,
+            Some(url) => StoreKind::Redis { url },
+        }
     }
 
     /// How the callback dispatcher calls endpoints.

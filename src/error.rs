@@ -10,20 +10,18 @@ use crate::admin::AdminError;
 use crate::config::ConfigError;
 use crate::journal::JournalError;
 use crate::server::ServerError;
-use crate::sink::log::OpenError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum StartError {
     Config(ConfigError),
     Server(ServerError),
     Admin(AdminError),
-    CountLog(OpenError),
-    /// The Redis store could not be set up (a bad URL, usually).
-    Redis(String),
-    /// The Kafka producer could not be created (bad settings).
-    Kafka(String),
-    /// The Redis stream sink could not be set up (a bad URL, usually).
-    RedisStream(String),
+    /// The Redis store could not be set up (a bad URL, the fleet's refusal).
+    Store(StoreError),
+    /// A sink could not be set up: each kind says why in its own error type,
+    /// which this does not need to know (a new sink adds no variant here).
+    Sink(Box<dyn std::error::Error + Send + Sync>),
     Journal(JournalError),
     Thread(io::Error),
 }
@@ -34,11 +32,9 @@ impl fmt::Display for StartError {
             StartError::Config(err) => err.fmt(f),
             StartError::Server(err) => err.fmt(f),
             StartError::Admin(err) => err.fmt(f),
-            StartError::CountLog(err) => err.fmt(f),
+            StartError::Store(err) => err.fmt(f),
+            StartError::Sink(err) => err.fmt(f),
             StartError::Journal(err) => err.fmt(f),
-            StartError::Redis(message)
-            | StartError::Kafka(message)
-            | StartError::RedisStream(message) => f.write_str(message),
             StartError::Thread(source) => write!(f, "cannot start a thread: {source}"),
         }
     }
@@ -49,6 +45,8 @@ impl std::error::Error for StartError {
         match self {
             StartError::Server(err) => err.source(),
             StartError::Admin(err) => err.source(),
+            StartError::Store(err) => err.source(),
+            StartError::Sink(err) => err.source(),
             StartError::Thread(source) => Some(source),
             _ => None,
         }
@@ -79,8 +77,9 @@ impl From<JournalError> for StartError {
     }
 }
 
-impl From<OpenError> for StartError {
-    fn from(err: OpenError) -> Self {
-        StartError::CountLog(err)
+impl StartError {
+    /// A sink's own error, whatever its kind.
+    pub fn sink(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError::Sink(Box::new(err))
     }
 }

@@ -26,14 +26,15 @@ use crate::journal::JournalGauges;
 use crate::record::Timestamp;
 use crate::report::ReportCounters;
 use crate::server::counters::{ServerCounters, ServerTotals};
-use crate::sink::SinkCounters;
+use crate::sink::SinkMetrics;
 use crate::store::RedisGauges;
 
 /// What `/metrics` and `/healthz` read: each part's own counters, as handles
 /// the service hands out at start; every part writes only its own.
 #[derive(Debug, Default)]
 pub struct Telemetry {
-    pub window_secs: u64,
+    /// Redis unreachable for longer than this (a window) is unhealthy.
+    pub redis_down_limit: Duration,
     /// `VERVE_MAX_CLOCK_SKEW_MS`: in Redis mode, a larger offset from Redis's
     /// clock is unhealthy.
     pub max_clock_skew_ms: u64,
@@ -43,8 +44,8 @@ pub struct Telemetry {
     pub report: Arc<ReportCounters>,
     /// Redis mode only: without Redis its buffer capacity stays 0.
     pub redis: Arc<RedisGauges>,
-    pub kafka: Arc<SinkCounters>,
-    pub redis_stream: Arc<SinkCounters>,
+    /// The network sinks', registered as they start.
+    pub sinks: SinkMetrics,
     pub journal: Arc<JournalGauges>,
 }
 
@@ -64,26 +65,11 @@ impl Telemetry {
         if due > 0 && now.saturating_sub(due) > STALLED_AFTER.as_millis() as u64 {
             return Err("a worker is holding up the close of a window");
         }
-        let capacity = self.redis.buffer_capacity.load(Ordering::Relaxed);
-        if capacity > 0 && self.redis.buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
-            return Err("dedup buffer over 90%");
-        }
-        let down_since = self.redis.down_since_ms.load(Ordering::Relaxed);
-        let window_ms = self.window_secs * 1000;
-        if down_since != 0 && now.saturating_sub(down_since) > window_ms {
-            return Err("redis unreachable for longer than a window");
-        }
-        if self.redis.lease_lapsed.load(Ordering::Relaxed) == 1
-            && self.redis.in_fleet.load(Ordering::Relaxed) == 1
-        {
-            return Err("no heartbeat answered within the lease: refusing ids");
-        }
+        // Each store and the journal judge their own gauges.
+        self.redis
+            .health(now, self.redis_down_limit, self.max_clock_skew_ms)?;
         if self.journal.failing.load(Ordering::Relaxed) {
             return Err("journal cannot be written (disk full?): new ids counted in memory only");
-        }
-        let offset = self.redis.clock_offset_ms.load(Ordering::Relaxed);
-        if capacity > 0 && offset.unsigned_abs() > self.max_clock_skew_ms {
-            return Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS");
         }
         Ok(())
     }
@@ -91,7 +77,7 @@ impl Telemetry {
     /// `/metrics`: the OpenMetrics text of everything, read now.
     pub fn render(&self) -> String {
         let server = self.server.totals();
-        let scrape = Scrape {
+        let mut scrape = Scrape {
             callbacks: self.callbacks.by_class().collect(),
             single: vec![
                 ("verve_ids_accepted", MetricType::Counter, "Ids accepted into a window.", server.ids_accepted),
@@ -117,15 +103,14 @@ impl Telemetry {
                 ("verve_journal_ids_written", MetricType::Counter, "Ids written to the journal (each new to this instance in its window).", load(&self.journal.ids_written)),
                 ("verve_journal_write_errors", MetricType::Counter, "Journal writes that failed (disk full, file-size limit); retried every second.", load(&self.journal.write_errors)),
                 ("verve_journal_unwritten_ids", MetricType::Gauge, "Ids counted in memory but not in the journal because its writes fail.", load(&self.journal.unwritten_ids)),
-                ("verve_kafka_delivered", MetricType::Counter, "Records Kafka acknowledged.", load(&self.kafka.delivered)),
-                ("verve_kafka_failed", MetricType::Counter, "Records given up or refused.", load(&self.kafka.failed)),
-                ("verve_redis_stream_delivered", MetricType::Counter, "Records appended to the Redis stream.", load(&self.redis_stream.delivered)),
-                ("verve_redis_stream_failed", MetricType::Counter, "Records dropped (queue full) or given up at shutdown by the Redis stream sink.", load(&self.redis_stream.failed)),
             ],
             batch_times: self.aggregator.batch_times.snapshot(),
             clock_offset_ms: self.redis.clock_offset_ms.load(Ordering::Relaxed),
             server,
         };
+        let sinks = self.sinks.read().into_iter();
+        let sinks = sinks.map(|(name, help, value)| (name, MetricType::Counter, help, value));
+        scrape.single.extend(sinks);
         let mut registry = Registry::default();
         registry.register_collector(Box::new(scrape));
         let mut out = String::with_capacity(4096);
@@ -272,7 +257,7 @@ mod tests {
     fn health_names_what_is_wrong() {
         let now_ms = || Timestamp::now().unix_millis();
         let telemetry = Telemetry {
-            window_secs: 60,
+            redis_down_limit: Duration::from_secs(60),
             max_clock_skew_ms: 1_000,
             ..Telemetry::default()
         };

@@ -1,4 +1,7 @@
-//! A window's count as published: [`CountRecord`], the one schema of a count.
+//! A window's count as published: [`CountRecord`], the one schema of a count,
+//! built by the service only through its named constructors, one per case that exists (an
+//! instance's window, a count so far, the fleet's record), so that what `scope`,
+//! `revision` and `complete` mean is decided here.
 //!
 //! A count log line, a Kafka record, a Redis stream entry and a callback body are
 //! each its serialization. A record may be revised (the fleet learned of more ids
@@ -10,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 
 /// The count of one window, as published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -20,8 +23,9 @@ pub struct CountRecord {
     /// Distinct ids in the window: this instance's, or the fleet's, as `scope` says.
     pub unique_requests: u64,
     pub scope: Scope,
-    /// 1 for the first record of a window, one more for each revision; 0 for a
-    /// running count that is not a published record (immediate callbacks).
+    /// 1 for the first record of a window, higher for each revision (from
+    /// epoch × 2^32 + 1 once Redis lost its data: see the fleet protocol); 0 for
+    /// a count so far that is not a published record.
     pub revision: u64,
     /// Every instance that took part had handed over all its ids when this was
     /// counted; `false` when the record was published at `VERVE_FLEET_WAIT_MS`
@@ -36,6 +40,72 @@ pub struct CountRecord {
 }
 
 impl CountRecord {
+    /// An instance's record of a closed window (local mode): this process's
+    /// count, complete, `revision` 1 or the next after one a stop published
+    /// within the window; `partial` if the process did not cover it whole.
+    pub fn instance(
+        window: WindowStart,
+        length: WindowLength,
+        unique_requests: u64,
+        revision: u64,
+        partial: bool,
+    ) -> CountRecord {
+        CountRecord {
+            window_start: window,
+            window_seconds: length.as_secs(),
+            unique_requests,
+            scope: Scope::Instance,
+            revision,
+            complete: true,
+            partial,
+            instances: 1,
+            published_at: Timestamp::now(),
+        }
+    }
+
+    /// A count so far, not a published record (`revision` 0, never complete):
+    /// this instance's, for immediate callbacks and for a window a stopping
+    /// instance could not get the fleet's record of; or the fleet's, for the
+    /// callbacks of an instance leaving a window to the rest of the fleet.
+    pub fn so_far(
+        window: WindowStart,
+        length: WindowLength,
+        unique_requests: u64,
+        whose: SoFar,
+    ) -> CountRecord {
+        let (scope, instances, partial) = match whose {
+            SoFar::Instance { partial } => (Scope::Instance, 1, partial),
+            SoFar::Fleet { instances } => (Scope::Global, instances, true),
+        };
+        CountRecord {
+            window_start: window,
+            window_seconds: length.as_secs(),
+            unique_requests,
+            scope,
+            revision: 0,
+            complete: false,
+            partial,
+            instances,
+            published_at: Timestamp::now(),
+        }
+    }
+
+    /// The fleet's record of a window, as the fleet protocol published it: its
+    /// revision, count and flags are the fleet's, decided in one script.
+    pub fn fleet(window: WindowStart, length: WindowLength, fleet: FleetRecord) -> CountRecord {
+        CountRecord {
+            window_start: window,
+            window_seconds: length.as_secs(),
+            unique_requests: fleet.unique_requests,
+            scope: Scope::Global,
+            revision: fleet.revision,
+            complete: fleet.complete,
+            partial: fleet.partial,
+            instances: fleet.instances,
+            published_at: Timestamp::from_unix_millis(fleet.published_at_ms),
+        }
+    }
+
     /// Whether the count is known not to change: complete and not cut short.
     pub fn is_final(&self) -> bool {
         self.complete && !self.partial
@@ -64,6 +134,27 @@ impl CountRecord {
             published_at: Timestamp::from_unix_millis(1_795_255_560_512),
         }
     }
+}
+
+/// Whose count a [`CountRecord::so_far`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoFar {
+    /// This instance's; `partial` if it did not cover the window whole.
+    Instance { partial: bool },
+    /// The fleet's, of a window this instance leaves to it (so cut short), with
+    /// the instances done with it.
+    Fleet { instances: u64 },
+}
+
+/// What the fleet protocol stores of a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetRecord {
+    pub revision: u64,
+    pub unique_requests: u64,
+    pub complete: bool,
+    pub partial: bool,
+    pub instances: u64,
+    pub published_at_ms: u64,
 }
 
 /// Whose ids a count covers.
@@ -124,6 +215,48 @@ impl Serialize for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const W: WindowStart = WindowStart::from_unix_secs(1_795_255_500);
+
+    /// What a record says of itself, beside its count.
+    fn meaning(r: &CountRecord) -> (Scope, u64, bool, bool, u64, u64) {
+        (
+            r.scope,
+            r.revision,
+            r.complete,
+            r.partial,
+            r.instances,
+            r.window_seconds,
+        )
+    }
+
+    #[test]
+    fn each_kind_of_record_says_what_it_is() {
+        let minute = WindowLength::from_secs(60);
+        let instance = CountRecord::instance(W, minute, 7, 2, true);
+        assert_eq!(meaning(&instance), (Scope::Instance, 2, true, true, 1, 60));
+        let mine = CountRecord::so_far(W, minute, 7, SoFar::Instance { partial: false });
+        assert_eq!(meaning(&mine), (Scope::Instance, 0, false, false, 1, 60));
+        let fleets = CountRecord::so_far(W, minute, 7, SoFar::Fleet { instances: 3 });
+        assert_eq!(meaning(&fleets), (Scope::Global, 0, false, true, 3, 60));
+        let fleet = FleetRecord {
+            revision: (1 << 32) + 1,
+            unique_requests: 7,
+            complete: true,
+            partial: false,
+            instances: 2,
+            published_at_ms: 1_795_255_560_512,
+        };
+        let published = CountRecord::fleet(W, minute, fleet);
+        assert_eq!(
+            meaning(&published),
+            (Scope::Global, (1 << 32) + 1, true, false, 2, 60)
+        );
+        assert_eq!(published.published_at.unix_millis(), 1_795_255_560_512);
+        assert!([instance, mine, fleets, published]
+            .iter()
+            .all(|r| r.unique_requests == 7));
+    }
 
     #[test]
     fn the_record_serializes_to_the_documented_schema() {

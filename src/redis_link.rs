@@ -12,6 +12,7 @@
 //! backs off and reconnects after an error, and a new link reads the slot map
 //! afresh, which is how a failover that moved a master is followed.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::config::RedisMode;
@@ -39,16 +40,61 @@ pub enum RedisLink {
 /// `ASK`, `TRYAGAIN`, a dropped node connection) before the caller hears the error.
 const CLUSTER_RETRIES: u32 = 3;
 
+/// A Redis URL (or list of seed nodes) that cannot be used, with the variable
+/// it came from.
+#[derive(Debug)]
+pub struct EndpointError {
+    variable: &'static str,
+    urls: String,
+    problem: EndpointProblem,
+}
+
+#[derive(Debug)]
+enum EndpointProblem {
+    /// redis-rs refused it.
+    Invalid(redis::RedisError),
+    /// A cluster's list of seed nodes with an empty entry.
+    EmptySeed,
+}
+
+impl fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (variable, urls) = (self.variable, &self.urls);
+        match &self.problem {
+            EndpointProblem::Invalid(e) => write!(f, "invalid {variable} '{urls}': {e}"),
+            EndpointProblem::EmptySeed => write!(
+                f,
+                "invalid {variable} '{urls}': in cluster mode it lists seed nodes, \
+                 redis://host:port,redis://host:port,… with no empty entry"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for EndpointError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.problem {
+            EndpointProblem::Invalid(e) => Some(e),
+            EndpointProblem::EmptySeed => None,
+        }
+    }
+}
+
 impl RedisEndpoint {
     /// Checks `urls` (`variable` names where they came from, for the error): one
     /// URL in single mode, a comma-separated list of seed nodes in cluster mode.
     pub fn open(
         mode: RedisMode,
         urls: &str,
-        variable: &str,
+        variable: &'static str,
         timeout: Duration,
-    ) -> Result<RedisEndpoint, String> {
-        let invalid = |e: redis::RedisError| format!("invalid {variable} '{urls}': {e}");
+    ) -> Result<RedisEndpoint, EndpointError> {
+        let error = |problem| EndpointError {
+            variable,
+            urls: urls.to_owned(),
+            problem,
+        };
+        let invalid = |e| error(EndpointProblem::Invalid(e));
         match mode {
             RedisMode::Single => Client::open(urls)
                 .map(RedisEndpoint::Single)
@@ -56,10 +102,7 @@ impl RedisEndpoint {
             RedisMode::Cluster => {
                 let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
                 if seeds.iter().any(|seed| seed.is_empty()) {
-                    return Err(format!(
-                        "invalid {variable} '{urls}': in cluster mode it lists seed nodes, \
-                         redis://host:port,redis://host:port,… with no empty entry"
-                    ));
+                    return Err(error(EndpointProblem::EmptySeed));
                 }
                 ClusterClientBuilder::new(seeds)
                     .connection_timeout(timeout)

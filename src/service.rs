@@ -18,7 +18,7 @@ use crate::admin::{AdminError, AdminListener};
 use crate::admission::Admission;
 use crate::aggregator::{Aggregator, AggregatorGauges};
 use crate::callback::{CallbackPolicy, Dispatcher};
-use crate::config::{CallbackTiming, Config, SinkKind};
+use crate::config::{CallbackTiming, Config, SinkKind, StoreKind};
 use crate::error::StartError;
 use crate::journal::Journal;
 use crate::metrics::Telemetry;
@@ -27,7 +27,7 @@ use crate::report::Reporter;
 use crate::server::file_limit::{self, ConnectionCap};
 use crate::server::{claim_address, ClientLimits, Driver, Intake, Workers};
 use crate::sink::{
-    redis_stream, Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink,
+    kafka, redis_stream, Acknowledged, Acks, CountSink, KafkaSettings, KafkaSink, LogSink,
     RedisStreamSettings,
 };
 use crate::store::{DedupStore, LocalStore, RedisSettings, RedisStore};
@@ -77,7 +77,7 @@ impl Verve {
             CallbackPolicy::new(config.callback_allow.clone(), config.callback_deny_private);
         // Each part gets its own counters; /metrics and /healthz read them all.
         let telemetry = Arc::new(Telemetry {
-            window_secs: config.window_secs,
+            redis_down_limit: Duration::from_secs(config.window_secs),
             max_clock_skew_ms: config.max_clock_skew_ms,
             aggregator: Arc::new(AggregatorGauges::starting_now()),
             ..Telemetry::default()
@@ -87,7 +87,7 @@ impl Verve {
         let journal = match config.journal {
             true => Some(Journal::open(
                 &config.data_dir,
-                config.window_secs,
+                config.window_length(),
                 config.journal_fsync,
                 telemetry.journal.clone(),
             )?),
@@ -96,7 +96,7 @@ impl Verve {
 
         // The shared sinks' acknowledgements, for the Redis store to note for the fleet.
         let (acks, acknowledged) = flume::unbounded();
-        let in_fleet = config.redis_url.is_some();
+        let in_fleet = matches!(config.store(), StoreKind::Redis { .. });
         let sinks = open_sinks(config, &telemetry, in_fleet.then_some(&acks))?;
         drop(acks);
         let claimed = claim_address(config.addr)?;
@@ -125,17 +125,17 @@ impl Verve {
         // and before the Redis store registers this instance with its first window.
         let started_at = SystemTime::now();
         let first_window = config.window_length().window_of(started_at);
-        let store: Box<dyn DedupStore> = match &config.redis_url {
-            None => Box::new(LocalStore::new(reporter, config.window_secs)),
-            Some(url) => {
+        let store: Box<dyn DedupStore> = match config.store() {
+            StoreKind::Local => Box::new(LocalStore::new(reporter, config.window_length())),
+            StoreKind::Redis { url } => {
                 let settings = RedisSettings {
                     mode: config.redis_mode,
-                    url: url.clone(),
+                    url: url.to_owned(),
                     prefix: config.redis_prefix.clone(),
                     buffer_ids: config.redis_buffer_ids as usize,
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     instance: config.instance_name(),
-                    window_secs: config.window_secs,
+                    length: config.window_length(),
                     fleet_wait: config.fleet_wait(),
                     key_ttl_secs: config.test_key_ttl_secs,
                     max_clock_skew: Duration::from_millis(config.max_clock_skew_ms),
@@ -152,7 +152,7 @@ impl Verve {
                         admission.clone(),
                         telemetry.redis.clone(),
                     )
-                    .map_err(StartError::Redis)?,
+                    .map_err(StartError::Store)?,
                 )
             }
         };
@@ -211,7 +211,7 @@ impl Verve {
             admin = %admin.as_ref().map_or("off".to_owned(), |a| a.local_addr().to_string()),
             workers = config.worker_count(),
             io_driver = %driver,
-            store = %if config.redis_url.is_some() { "redis" } else { "local" },
+            store = config.store().name(),
             sinks = %names(&config.sinks),
             callback_method = %names(&[config.callback_method]),
             callback_timing = %names(&[config.callback_timing]),
@@ -315,10 +315,10 @@ fn open_sinks(
     let mut sinks: Vec<Box<dyn CountSink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
-            SinkKind::Log => sinks.push(Box::new(LogSink::open(
-                &config.count_log,
-                config.count_log_format,
-            )?)),
+            SinkKind::Log => {
+                let sink = LogSink::open(&config.count_log, config.count_log_format);
+                sinks.push(Box::new(sink.map_err(StartError::sink)?));
+            }
             SinkKind::Kafka => {
                 let settings = KafkaSettings {
                     brokers: config.kafka_brokers.clone(),
@@ -326,14 +326,15 @@ fn open_sinks(
                     message_timeout: Duration::from_millis(config.kafka_message_timeout_ms),
                     extra: config.kafka_config.0.clone(),
                 };
-                let sink = KafkaSink::new(&settings, telemetry.kafka.clone(), acks.clone());
-                sinks.push(Box::new(sink.map_err(StartError::Kafka)?));
+                let counters = telemetry.sinks.register(kafka::METRICS);
+                let sink = KafkaSink::new(&settings, counters, acks.clone());
+                sinks.push(Box::new(sink.map_err(StartError::sink)?));
             }
             SinkKind::RedisStream => {
                 let (url, variable) = config.redis_stream_url()?;
                 let timeout = Duration::from_millis(config.redis_timeout_ms);
                 let endpoint = RedisEndpoint::open(config.redis_mode, url, variable, timeout)
-                    .map_err(StartError::RedisStream)?;
+                    .map_err(StartError::sink)?;
                 let settings = RedisStreamSettings {
                     stream: config.redis_stream.clone(),
                     maxlen: config.redis_stream_maxlen,
@@ -342,7 +343,7 @@ fn open_sinks(
                 let sink = redis_stream::start(
                     endpoint,
                     settings,
-                    telemetry.redis_stream.clone(),
+                    telemetry.sinks.register(redis_stream::METRICS),
                     acks.clone(),
                 );
                 sinks.push(Box::new(sink.map_err(StartError::Thread)?));

@@ -89,11 +89,17 @@ fn every_fleet_guarantee_names_a_test_that_exists() {
         .take_while(|l| l.starts_with('|'))
         .collect();
     assert!(rows.len() >= 10, "parsed too few rows: {rows:?}");
+    // Integration tests, and the unit tests in src/ (the model checker's).
     let mut tests = String::new();
-    for entry in std::fs::read_dir(format!("{root}/tests")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            tests += &std::fs::read_to_string(path).unwrap();
+    let mut dirs = vec![format!("{root}/tests"), format!("{root}/src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path.to_str().unwrap().to_owned());
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                tests += &std::fs::read_to_string(path).unwrap();
+            }
         }
     }
     for row in rows {

@@ -41,7 +41,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::JournalFsync;
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 use format::Header;
 
 /// A window's buffer is written once it holds this much, even while batches
@@ -151,7 +151,7 @@ struct WindowFile {
 /// The journal of one instance, in the aggregator's hands.
 pub struct Journal {
     dir: PathBuf,
-    window_secs: u64,
+    length: WindowLength,
     fsync: JournalFsync,
     /// Windows at or after this one are covered from their start by this process.
     covered_from: WindowStart,
@@ -168,11 +168,11 @@ pub struct Journal {
 
 impl Journal {
     /// Opens (creating if need be) the journal in `dir` for windows of
-    /// `window_secs`, locks it, and reads back the windows it holds, cutting
+    /// `length`, locks it, and reads back the windows it holds, cutting
     /// torn tails off with a warning each.
     pub fn open(
         dir: &Path,
-        window_secs: u64,
+        length: WindowLength,
         fsync: JournalFsync,
         gauges: Arc<JournalGauges>,
     ) -> Result<(Journal, Vec<RecoveredWindow>), JournalError> {
@@ -199,7 +199,7 @@ impl Journal {
         }
         let mut journal = Journal {
             dir: dir.to_owned(),
-            window_secs,
+            length,
             fsync,
             covered_from: WindowStart::from_unix_secs(0),
             windows: BTreeMap::new(),
@@ -310,7 +310,7 @@ impl Journal {
 
     /// The file of `window`, set up (not yet created) if it has none.
     fn file_of(&mut self, window: WindowStart) -> &mut WindowFile {
-        let (dir, window_secs) = (&self.dir, self.window_secs);
+        let (dir, window_secs) = (&self.dir, self.length.as_secs());
         let covers_start = window >= self.covered_from;
         self.windows.entry(window).or_insert_with(|| {
             let mut pending = Vec::new();
@@ -353,7 +353,7 @@ impl Journal {
                 let why = format!("the journal of window {}, not of its name's", header.window);
                 return Err(refused(why).into());
             }
-            if header.window_secs != self.window_secs {
+            if header.window_secs != self.length.as_secs() {
                 let secs = header.window_secs;
                 return Err(JournalError::OtherLength { path, secs }.into());
             }

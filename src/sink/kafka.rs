@@ -12,16 +12,18 @@
 //! this instance published, so the topic gets each revision of a window once.
 //! Every delivery failure is logged with its window and counted.
 
+use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::{Acknowledged, Acks, CountSink, SinkCounters};
+use super::{Acknowledged, Acks, CountSink, SinkCounters, SinkMetricNames};
 use crate::record::CountRecord;
 
 /// Where and how to publish.
@@ -84,6 +86,32 @@ pub struct KafkaSink {
     counters: Arc<SinkCounters>,
 }
 
+/// The Kafka sink's counters in `/metrics`.
+pub const METRICS: SinkMetricNames = SinkMetricNames {
+    delivered: ("verve_kafka_delivered", "Records Kafka acknowledged."),
+    failed: ("verve_kafka_failed", "Records given up or refused."),
+};
+
+/// librdkafka refused the producer's settings.
+#[derive(Debug)]
+pub struct KafkaStartError(KafkaError);
+
+impl fmt::Display for KafkaStartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let error = &self.0;
+        write!(
+            f,
+            "invalid Kafka settings (VERVE_KAFKA_BROKERS, VERVE_KAFKA_CONFIG): {error}"
+        )
+    }
+}
+
+impl std::error::Error for KafkaStartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 impl KafkaSink {
     /// Creates the producer; brokers need not be reachable yet. Each record Kafka
     /// acknowledges is sent to `acks`, if given.
@@ -91,7 +119,7 @@ impl KafkaSink {
         settings: &KafkaSettings,
         counters: Arc<SinkCounters>,
         acks: Option<Acks>,
-    ) -> Result<KafkaSink, String> {
+    ) -> Result<KafkaSink, KafkaStartError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &settings.brokers)
@@ -110,9 +138,7 @@ impl KafkaSink {
                 counters: counters.clone(),
                 acks,
             })
-            .map_err(|e| {
-                format!("invalid Kafka settings (VERVE_KAFKA_BROKERS, VERVE_KAFKA_CONFIG): {e}")
-            })?;
+            .map_err(KafkaStartError)?;
         Ok(KafkaSink {
             producer,
             topic: settings.topic.clone(),

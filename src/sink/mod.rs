@@ -21,7 +21,7 @@ pub use queued::QueuedSink;
 pub use redis_stream::RedisStreamSettings;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -97,6 +97,48 @@ pub struct SinkCounters {
     pub failed: AtomicU64,
 }
 
+/// How `/metrics` names a kind of network sink's counters, and what each counts:
+/// each sink's file declares its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkMetricNames {
+    /// `verve_<kind>_delivered`, and its help text.
+    pub delivered: (&'static str, &'static str),
+    /// `verve_<kind>_failed`, and its help text.
+    pub failed: (&'static str, &'static str),
+}
+
+/// The counters of every network sink the service started, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SinkMetrics(Mutex<Vec<(SinkMetricNames, Arc<SinkCounters>)>>);
+
+impl SinkMetrics {
+    /// New counters for a sink named by `names`, in every scrape from now on.
+    pub fn register(&self, names: SinkMetricNames) -> Arc<SinkCounters> {
+        let counters = Arc::new(SinkCounters::default());
+        self.sinks().push((names, counters.clone()));
+        counters
+    }
+
+    /// Every registered sink's counters: (metric name, help, value).
+    pub fn read(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        self.sinks()
+            .iter()
+            .flat_map(|(names, counters)| {
+                let (delivered, failed) = (names.delivered, names.failed);
+                [
+                    (delivered.0, delivered.1, load(&counters.delivered)),
+                    (failed.0, failed.1, load(&counters.failed)),
+                ]
+            })
+            .collect()
+    }
+
+    fn sinks(&self) -> std::sync::MutexGuard<'_, Vec<(SinkMetricNames, Arc<SinkCounters>)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A destination for window counts.
 pub trait CountSink: Send {
     /// Records one count. Failures are the sink's to log; counting carries on with
@@ -123,6 +165,25 @@ mod tests {
             window: WindowStart::from_unix_secs(window * 60),
             revision,
         }
+    }
+
+    #[test]
+    fn every_registered_sink_is_read_under_its_own_names() {
+        let metrics = SinkMetrics::default();
+        let kafka = metrics.register(kafka::METRICS);
+        let stream = metrics.register(redis_stream::METRICS);
+        kafka.delivered.store(3, Ordering::Relaxed);
+        stream.failed.store(1, Ordering::Relaxed);
+        let read: Vec<(&str, u64)> = metrics.read().into_iter().map(|(n, _, v)| (n, v)).collect();
+        assert_eq!(
+            read,
+            [
+                ("verve_kafka_delivered", 3),
+                ("verve_kafka_failed", 0),
+                ("verve_redis_stream_delivered", 0),
+                ("verve_redis_stream_failed", 1),
+            ]
+        );
     }
 
     #[test]

@@ -16,9 +16,21 @@ use redis::{Cmd, RedisError};
 use serde_json::Value;
 
 use super::queued::{Destination, QueuedSink};
-use super::{Acks, SinkCounters};
+use super::{Acks, SinkCounters, SinkMetricNames};
 use crate::record::CountRecord;
 use crate::redis_link::{RedisEndpoint, RedisLink};
+
+/// The Redis stream sink's counters in `/metrics`.
+pub const METRICS: SinkMetricNames = SinkMetricNames {
+    delivered: (
+        "verve_redis_stream_delivered",
+        "Records appended to the Redis stream.",
+    ),
+    failed: (
+        "verve_redis_stream_failed",
+        "Records dropped (queue full) or given up at shutdown by the Redis stream sink.",
+    ),
+};
 
 /// Where to append.
 #[derive(Debug, Clone)]

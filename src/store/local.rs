@@ -3,38 +3,32 @@
 use std::time::Instant;
 
 use super::DedupStore;
-use crate::record::{CountRecord, Scope, Timestamp};
+use crate::record::CountRecord;
 use crate::report::Reporter;
 use crate::store::ClosedWindow;
+use crate::window::WindowLength;
 
 /// Reports each window with the count of its local set, at once.
 pub struct LocalStore {
     reporter: Reporter,
-    window_secs: u64,
+    length: WindowLength,
 }
 
 impl LocalStore {
-    pub fn new(reporter: Reporter, window_secs: u64) -> Self {
-        LocalStore {
-            reporter,
-            window_secs,
-        }
+    pub fn new(reporter: Reporter, length: WindowLength) -> Self {
+        LocalStore { reporter, length }
     }
 }
 
 impl DedupStore for LocalStore {
     fn close(&mut self, closed: ClosedWindow) {
-        let record = CountRecord {
-            window_start: closed.window,
-            window_seconds: self.window_secs,
-            unique_requests: closed.unique_requests,
-            scope: Scope::Instance,
-            revision: closed.published_before + 1,
-            complete: true,
-            partial: closed.partial,
-            instances: 1,
-            published_at: Timestamp::now(),
-        };
+        let record = CountRecord::instance(
+            closed.window,
+            self.length,
+            closed.unique_requests,
+            closed.published_before + 1,
+            closed.partial,
+        );
         self.reporter.report(&record, true, &closed.endpoints);
     }
 

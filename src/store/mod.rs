@@ -22,7 +22,7 @@ use std::time::Instant;
 
 pub use id_set::{id_hasher, IdHasher, IdSet};
 pub use local::LocalStore;
-pub use redis::{window_sets, RedisGauges, RedisSettings, RedisStore};
+pub use redis::{window_sets, RedisGauges, RedisSettings, RedisStore, StoreError};
 
 use crate::window::WindowStart;
 

@@ -70,7 +70,13 @@ impl Verve {
     }
 
     /// Starts verve from a command made by [`command`], changed as a test needs.
-    pub fn spawn(mut command: Command) -> Verve {
+    pub fn spawn(command: Command) -> Verve {
+        Verve::spawn_within(command, Duration::from_secs(15))
+    }
+
+    /// [`Verve::spawn`], waiting up to `limit` for it to listen (a test that
+    /// starts instances while the machine is loaded on purpose).
+    pub fn spawn_within(mut command: Command, limit: Duration) -> Verve {
         let dir = tempfile::tempdir().unwrap();
         let count_log = dir.path().join("counts.log");
         // A journal of its own, unless the test keeps one across processes.
@@ -99,7 +105,7 @@ impl Verve {
             stderr,
             _dir: dir,
         };
-        let line = verve.wait_for_stderr("verve listening", Duration::from_secs(15));
+        let line = verve.wait_for_stderr("verve listening", limit);
         let addr = token(&line, "addr").expect("addr= in the start-up line");
         verve.addr = addr.parse().unwrap();
         verve.admin = token(&line, "admin").and_then(|a| a.parse().ok());
@@ -269,8 +275,13 @@ pub fn fleet_env<'a>(
 
 /// `verve` (instance `name`), once the fleet took it in.
 pub fn in_fleet(verve: Verve, name: &str) -> Verve {
+    in_fleet_within(verve, name, Duration::from_secs(10))
+}
+
+/// [`in_fleet`], waiting up to `limit`.
+pub fn in_fleet_within(verve: Verve, name: &str, limit: Duration) -> Verve {
     eventually(
-        Duration::from_secs(10),
+        limit,
         || format!("{name} in the fleet:\n{}", verve.stderr_text()),
         || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
     );

@@ -26,6 +26,7 @@ use super::RedisSettings;
 use crate::config::RedisMode;
 use crate::record::Timestamp;
 use crate::redis_link::RedisLink;
+use crate::window::WindowLength;
 
 /// The longest between two heartbeats.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -41,7 +42,7 @@ pub(super) struct Fleet {
     /// This process's name in the fleet: distinct from an earlier process that ran
     /// under the same instance name.
     pub run: String,
-    pub(super) window_secs: u64,
+    pub(super) length: WindowLength,
     /// Window keys live this long, in seconds: five windows, at least five
     /// minutes and four fleet waits (longer than any run follows a window), or
     /// the test hook's.
@@ -73,11 +74,11 @@ pub(super) struct Fleet {
 
 impl Fleet {
     pub fn new(settings: &RedisSettings) -> Self {
-        let (window_secs, wait) = (settings.window_secs, settings.fleet_wait);
+        let (length, wait) = (settings.length, settings.fleet_wait);
         let (shards, mode, instance) = (settings.shards, settings.mode, &settings.instance);
         // Five windows, at least five minutes and four fleet waits: longer than
         // any run follows a window.
-        let default_ttl = (window_secs * 5).max(300).max(4 * wait.as_secs());
+        let default_ttl = (length.as_secs() * 5).max(300).max(4 * wait.as_secs());
         Fleet {
             keys: Keys::new(&settings.prefix, shards, mode),
             run: format!(
@@ -85,7 +86,7 @@ impl Fleet {
                 std::process::id(),
                 Timestamp::now().unix_millis()
             ),
-            window_secs,
+            length,
             key_ttl_secs: settings.key_ttl_secs.unwrap_or(default_ttl),
             shards,
             atomic: mode == RedisMode::Single,
@@ -100,7 +101,7 @@ impl Fleet {
             roster: Script::new(include_str!("roster.lua")),
             refusal: None,
             clock_offset_ms: None,
-            membership: Membership::new(settings.first_window, default_ttl * 1000),
+            membership: Membership::new(settings.first_window, default_ttl * 1000, wait),
         }
     }
 

@@ -36,7 +36,7 @@ use super::{IdSet, Item, Queue, RedisSettings, Shared};
 use crate::admission::Closed;
 use crate::backoff::Backoff;
 use crate::journal;
-use crate::record::{CountRecord, Scope, Timestamp};
+use crate::record::{CountRecord, SoFar, Timestamp};
 use crate::redis_link::{RedisEndpoint, RedisLink};
 use crate::report::Reporter;
 use crate::sink::Acknowledged;
@@ -181,7 +181,7 @@ impl Forwarder {
             shared,
             endpoint,
             timeout: settings.timeout,
-            length: WindowLength::from_secs(settings.window_secs),
+            length: settings.length,
             connection: None,
             ever_connected: false,
             down_since_ms: None,
@@ -521,7 +521,7 @@ impl Forwarder {
             return;
         };
         let window = tracked.window;
-        let count = record.to_record(window, self.length.as_secs());
+        let count = record.to_record(window, self.length);
         let endpoints = tracked.closed.as_ref().map_or(&[][..], |c| &c.endpoints);
         let newer = view
             .known
@@ -699,7 +699,7 @@ impl Forwarder {
         };
         if let (Outcome::Published, Some(record)) = (settled.outcome, &settled.record) {
             tracing::info!(window_start = %window, "settled a window left unfinished by a stopped instance");
-            let count = record.to_record(window, self.length.as_secs());
+            let count = record.to_record(window, self.length);
             self.reporter.report(&count, true, &[]);
         }
     }
@@ -748,17 +748,10 @@ impl Forwarder {
             };
             tracing::info!(window_start = %window, "leaving the window to the rest of the fleet");
             // Its clients' endpoints hear the count so far rather than nothing.
-            let so_far = CountRecord {
-                window_start: window,
-                window_seconds: self.length.as_secs(),
-                unique_requests: settled.count,
-                scope: Scope::Global,
-                revision: 0,
-                complete: false,
-                partial: true,
+            let whose = SoFar::Fleet {
                 instances: settled.done,
-                published_at: Timestamp::now(),
             };
+            let so_far = CountRecord::so_far(window, self.length, settled.count, whose);
             self.reporter.call_back(&so_far, &closed.endpoints);
         }
         self.reporter.flush(deadline);
@@ -846,17 +839,8 @@ impl Forwarder {
     /// cannot have before it stops: not a fleet revision (0, `scope=instance`),
     /// so that any record of the fleet's supersedes it.
     fn publish_own(&mut self, window: WindowStart, unique_requests: u64, endpoints: &[Arc<str>]) {
-        let own = CountRecord {
-            window_start: window,
-            window_seconds: self.length.as_secs(),
-            unique_requests,
-            scope: Scope::Instance,
-            revision: 0,
-            complete: false,
-            partial: true,
-            instances: 1,
-            published_at: Timestamp::now(),
-        };
+        let whose = SoFar::Instance { partial: true };
+        let own = CountRecord::so_far(window, self.length, unique_requests, whose);
         self.reporter.report(&own, true, endpoints);
     }
 

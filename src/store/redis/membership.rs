@@ -22,7 +22,7 @@ use super::fleet::Fleet;
 use super::rules::{self, Layout, Registered, Remembered};
 use crate::record::Timestamp;
 use crate::redis_link::RedisLink;
-use crate::window::{WindowLength, WindowStart};
+use crate::window::WindowStart;
 
 /// After a loss of Redis's data, instances seen live within this many fleet waits
 /// are waited for: a heartbeat lifetime, and one more for an instance cut off.
@@ -61,7 +61,11 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    pub fn new(first_window: WindowStart, lapsed_kept_ms: u64) -> Self {
+    /// A run's membership at its start, uncertain for `wait`: it cannot know
+    /// whether Redis lost data it never saw (a restart replaying its journal
+    /// after a `FLUSHALL` would otherwise publish an old window before the runs
+    /// that knew its record put it back).
+    pub fn new(first_window: WindowStart, lapsed_kept_ms: u64, wait: Duration) -> Self {
         Membership {
             first_window,
             lapsed_kept_ms,
@@ -69,7 +73,7 @@ impl Membership {
             seen: BTreeMap::new(),
             epoch: None,
             remembered: Vec::new(),
-            uncertain_until: None,
+            uncertain_until: Some(Instant::now() + wait),
             remembered_until: None,
         }
     }
@@ -112,7 +116,7 @@ impl Fleet {
             .arg(self.shards)
             .arg(self.membership.lapsed_kept_ms)
             .arg(self.registry_ttl_secs())
-            .arg(self.window_secs)
+            .arg(self.length.as_secs())
             // Tagged distinctly each time: the same run may set it again after a loss.
             .arg(rules::next_epoch(
                 self.membership.epoch.as_deref(),
@@ -124,7 +128,7 @@ impl Fleet {
         self.clock_offset_ms = Some(rules::clock_offset_ms(sent_us, received_us, redis_us));
         let here = Layout {
             shards: self.shards,
-            window_secs: self.window_secs,
+            window_secs: self.length.as_secs(),
         };
         let fleet = Layout {
             shards,
@@ -179,7 +183,7 @@ impl Fleet {
     /// ids on the way) is waited for, whatever the registry says; and on the
     /// windows that began before now, until it registers again.
     pub fn lost_data(&mut self) {
-        let noticed_in = WindowLength::from_secs(self.window_secs).window_of(SystemTime::now());
+        let noticed_in = self.length.window_of(SystemTime::now());
         let membership = &mut self.membership;
         for run in membership.seen.keys() {
             if !membership.remembered.iter().any(|r| r.run == *run) {

@@ -31,11 +31,14 @@ mod forwarder;
 mod keys;
 mod lease;
 mod membership;
+#[cfg(test)]
+mod model;
 mod rules;
 mod settle;
 mod slots;
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -45,10 +48,10 @@ use std::time::{Duration, Instant};
 use super::{ClosedWindow, DedupStore, IdSet};
 use crate::admission::{Admission, Closed};
 use crate::config::RedisMode;
-use crate::redis_link::RedisEndpoint;
+use crate::redis_link::{EndpointError, RedisEndpoint};
 use crate::report::Reporter;
 use crate::sink::Acknowledged;
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 use forwarder::Forwarder;
 pub use keys::window_sets;
 use lease::Lease;
@@ -67,7 +70,7 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// This instance's name in the fleet; unique among the instances sharing Redis.
     pub instance: String,
-    pub window_secs: u64,
+    pub length: WindowLength,
     /// How long after a window ends the fleet waits for every instance to be done
     /// before the count is published anyway; also how long an instance that stops
     /// sending heartbeats still counts as live.
@@ -120,6 +123,73 @@ pub struct RedisGauges {
     pub lease_lapsed: AtomicU64,
 }
 
+/// Why the Redis store could not start, as one line that says what to do.
+#[derive(Debug)]
+pub enum StoreError {
+    /// `VERVE_REDIS_URL` cannot be used.
+    Endpoint(EndpointError),
+    /// The fleet refused this instance (another shard count or window length),
+    /// with the fleet's reason.
+    Refused(String),
+    /// The store's threads could not start.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Endpoint(e) => e.fmt(f),
+            StoreError::Refused(reason) => f.write_str(reason),
+            StoreError::Thread(e) => write!(f, "cannot start the Redis store's threads: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Endpoint(e) => Some(e),
+            StoreError::Refused(_) => None,
+            StoreError::Thread(e) => Some(e),
+        }
+    }
+}
+
+impl RedisGauges {
+    /// `Ok` while the Redis store keeps up (always without Redis: its capacity
+    /// is then 0); otherwise why not. `now_ms` is this host's clock; Redis
+    /// unreachable for longer than `down_limit` (a window), or a clock further
+    /// than `max_clock_skew_ms` from Redis's, is unhealthy.
+    pub fn health(
+        &self,
+        now_ms: u64,
+        down_limit: Duration,
+        max_clock_skew_ms: u64,
+    ) -> Result<(), &'static str> {
+        let capacity = self.buffer_capacity.load(Ordering::Relaxed);
+        if capacity == 0 {
+            return Ok(());
+        }
+        if self.buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
+            return Err("dedup buffer over 90%");
+        }
+        let down_since = self.down_since_ms.load(Ordering::Relaxed);
+        if down_since != 0 && now_ms.saturating_sub(down_since) > down_limit.as_millis() as u64 {
+            return Err("redis unreachable for longer than a window");
+        }
+        if self.lease_lapsed.load(Ordering::Relaxed) == 1
+            && self.in_fleet.load(Ordering::Relaxed) == 1
+        {
+            return Err("no heartbeat answered within the lease: refusing ids");
+        }
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        if offset.unsigned_abs() > max_clock_skew_ms {
+            return Err("clock off Redis's by more than VERVE_MAX_CLOCK_SKEW_MS");
+        }
+        Ok(())
+    }
+}
+
 pub struct RedisStore {
     shared: Arc<Shared>,
     forwarder: JoinHandle<()>,
@@ -165,13 +235,14 @@ impl RedisStore {
         reporter: Reporter,
         admission: Admission,
         gauges: Arc<RedisGauges>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StoreError> {
         let endpoint = RedisEndpoint::open(
             settings.mode,
             &settings.url,
             "VERVE_REDIS_URL",
             settings.timeout,
-        )?;
+        )
+        .map_err(StoreError::Endpoint)?;
         gauges
             .buffer_capacity
             .store(settings.buffer_ids as u64, Ordering::Relaxed);
@@ -188,7 +259,7 @@ impl RedisStore {
         let (registered, attempted) = std::sync::mpsc::channel();
         let term = rules::lease_term(settings.fleet_wait, settings.max_clock_skew);
         let (lease, renewal) = Lease::start(shared.admission.clone(), shared.gauges.clone(), term)
-            .map_err(|e| format!("cannot start the lease thread: {e}"))?;
+            .map_err(StoreError::Thread)?;
         let forwarder = Forwarder::new(
             shared.clone(),
             endpoint,
@@ -200,9 +271,9 @@ impl RedisStore {
         let forwarder = std::thread::Builder::new()
             .name("verve-redis".into())
             .spawn(move || forwarder.run())
-            .map_err(|e| format!("cannot start the Redis thread: {e}"))?;
+            .map_err(StoreError::Thread)?;
         if let Ok(Err(refusal)) = attempted.recv_timeout(first_attempt) {
-            return Err(refusal);
+            return Err(StoreError::Refused(refusal));
         }
         Ok(RedisStore {
             shared,

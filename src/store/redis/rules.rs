@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 
 /// A run in the registry, as `roster.lua` read it: live, or lapsed (its
 /// heartbeat expired) but kept for as long as a window it was live in may still
@@ -94,17 +94,17 @@ pub(super) fn adopts(ours: bool, wait_over: bool) -> bool {
     !ours && wait_over
 }
 
-/// Whether the fleet's wait for `window` (`window_secs` long) is over at `now_ms`
+/// Whether the fleet's wait for `window` (`length` long) is over at `now_ms`
 /// (ms since the epoch): `wait` (`VERVE_FLEET_WAIT_MS`) after its end. From then
 /// on a settle publishes whatever is there, and an unfinished window may be
 /// adopted.
 pub(super) fn is_wait_over(
     window: WindowStart,
-    window_secs: u64,
+    length: WindowLength,
     wait: Duration,
     now_ms: u64,
 ) -> bool {
-    let end = window.unix_secs() + window_secs;
+    let end = length.next(window).unix_secs();
     now_ms >= end * 1000 + wait.as_millis() as u64
 }
 
@@ -371,9 +371,14 @@ mod tests {
     fn the_wait_is_over_the_fleet_wait_after_the_windows_end() {
         // W is 60 s long: it ends at 660 s, and the wait is 5 s.
         let wait = Duration::from_secs(5);
-        assert!(!is_wait_over(W, 60, wait, 664_999));
-        assert!(is_wait_over(W, 60, wait, 665_000));
-        assert!(is_wait_over(W, 60, Duration::ZERO, 660_000));
+        assert!(!is_wait_over(W, WindowLength::from_secs(60), wait, 664_999));
+        assert!(is_wait_over(W, WindowLength::from_secs(60), wait, 665_000));
+        assert!(is_wait_over(
+            W,
+            WindowLength::from_secs(60),
+            Duration::ZERO,
+            660_000
+        ));
     }
 
     #[test]

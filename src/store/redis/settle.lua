@@ -136,9 +136,12 @@ if not waiting then
   complete = 1
 end
 local forced = force == '1' or (force == 'alone' and not others_pending)
--- A count lower than published means Redis lost ids that their senders have not
--- sent again yet: never publish it, whatever else changed.
-local grown = count >= record[2]
+-- A count lower than published (here, or as this run knows it: a run that came
+-- back after a loss may have published since, under a later epoch) means Redis
+-- lost ids that their senders have not sent again yet: never publish it,
+-- whatever else changed.
+local floor = math.max(record[2], tonumber(ARGV[9]))
+local grown = count >= floor
   and (record[1] == 0 or count > record[2] or complete > record[3])
 local outcome = 'known'
 if grown and (complete == 1 or forced) then

@@ -19,9 +19,9 @@ use redis::{RedisResult, Value};
 
 use super::fleet::{evalsha, Fleet};
 use super::rules::{self, Registered};
-use crate::record::{CountRecord, Scope, Timestamp};
+use crate::record::{CountRecord, FleetRecord, Timestamp};
 use crate::redis_link::RedisLink;
-use crate::window::WindowStart;
+use crate::window::{WindowLength, WindowStart};
 
 /// Records the highest revision the shared sinks acknowledged.
 pub(super) const ACK: &str = "\
@@ -130,18 +130,16 @@ pub(super) struct Published {
 }
 
 impl Published {
-    pub fn to_record(&self, window: WindowStart, window_secs: u64) -> CountRecord {
-        CountRecord {
-            window_start: window,
-            window_seconds: window_secs,
-            unique_requests: self.unique_requests,
-            scope: Scope::Global,
+    pub fn to_record(&self, window: WindowStart, length: WindowLength) -> CountRecord {
+        let fleet = FleetRecord {
             revision: self.revision,
+            unique_requests: self.unique_requests,
             complete: self.complete,
             partial: self.partial,
             instances: self.instances,
-            published_at: Timestamp::from_unix_millis(self.published_at_ms),
-        }
+            published_at_ms: self.published_at_ms,
+        };
+        CountRecord::fleet(window, length, fleet)
     }
 }
 
@@ -319,7 +317,7 @@ impl Fleet {
     pub fn is_wait_over(&self, window: WindowStart) -> bool {
         rules::is_wait_over(
             window,
-            self.window_secs,
+            self.length,
             self.wait,
             Timestamp::now().unix_millis(),
         )

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::common::proxy::Proxy;
 use crate::common::redis_server::RedisServer;
 use crate::common::tansu::Tansu;
-use crate::common::{fleet_member, signal, wait_with_deadline, Verve};
+use crate::common::{
+    command, fleet_env, in_fleet_within, signal, wait_with_deadline, Verve, FLEET_WAIT_MS,
+};
 
 use super::schedule::name;
 
@@ -25,6 +27,11 @@ pub struct Target {
 }
 
 pub const TOPIC: &str = "chaos";
+
+/// How long an instance may take to listen, and then to join the fleet: the
+/// machine may be loaded far past its cores (a debug build was seen to take
+/// more than 15 s to listen at a load of 14 on two cores).
+const START_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct Fleet {
     pub redis: RedisServer,
@@ -77,7 +84,13 @@ impl Fleet {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let verve = fleet_member(&url, &name(i), &env);
+        let wait = FLEET_WAIT_MS.to_string();
+        let command = command(&fleet_env(&url, &name(i), &wait, &env));
+        let verve = in_fleet_within(
+            Verve::spawn_within(command, START_LIMIT),
+            &name(i),
+            START_LIMIT,
+        );
         let run = self.members[i].1;
         *self.directory[i].lock().unwrap() = Some(Target {
             addr: verve.addr,
@@ -111,15 +124,18 @@ impl Fleet {
         signal(self.member(i).child(), libc::SIGCONT);
     }
 
-    /// SIGKILL, once the process is gone; returns the run killed.
-    pub fn kill(&mut self, i: usize) -> u32 {
+    /// SIGKILL; returns once the process is gone, with the run killed and when
+    /// the signal went (on a loaded machine the process may take a second to go:
+    /// it answered nothing after the signal).
+    pub fn kill(&mut self, i: usize) -> (u32, SystemTime) {
         *self.directory[i].lock().unwrap() = None;
         let mut verve = self.members[i].0.take().expect("instance running");
+        let signalled = SystemTime::now();
         verve.kill();
         let run = self.members[i].1;
         self.killed.push((format!("{}#{run}", name(i)), verve));
         self.members[i].1 += 1;
-        run
+        (run, signalled)
     }
 
     /// Starts instance `i` again, under the same name.

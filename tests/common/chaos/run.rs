@@ -157,8 +157,7 @@ impl Chaos<'_> {
                 self.cut_off(began, lapses);
             }
             Kind::Kill { instance } => {
-                let run = self.fleet.kill(instance);
-                let at = SystemTime::now();
+                let (run, at) = self.fleet.kill(instance);
                 let undelivered = self.undelivered(instance, run, at);
                 std::thread::sleep(fault.lasts);
                 let restarted = SystemTime::now();
@@ -232,13 +231,18 @@ impl Chaos<'_> {
         }
     }
 
-    /// The `ok`s of the last seconds of run `run` of `instance`, killed at
-    /// `at`, that Redis does not hold.
+    /// The `ok`s run `run` of `instance`, killed at `at`, answered within
+    /// [`KILL_HORIZON`] before, that Redis does not hold (an older id Redis
+    /// does not hold may be in a window published before Redis lost it).
     fn undelivered(&self, instance: usize, run: u32, at: SystemTime) -> Vec<Undelivered> {
         // A round the run wrote before it died may still be on its way through
         // the proxy.
         std::thread::sleep(Duration::from_millis(200));
-        let oks = self.clients.oks_of(instance, run, at - 2 * KILL_HORIZON);
+        let oks = self.clients.oks_of(instance, run, at - KILL_HORIZON);
+        if oks.is_empty() {
+            // Its clients were waiting for it (paused, or the machine busy).
+            return Vec::new();
+        }
         let mut pipe = redis::pipe();
         for (id, answered) in &oks {
             let set = verve::store::window_sets("verve", self.length.window_of(*answered), 1);

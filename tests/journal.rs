@@ -395,7 +395,10 @@ fn a_stop_with_a_redis_backlog(journal: &str) -> (String, Vec<WindowLine>, Verve
         ("VERVE_WINDOW_SECS", HOUR),
         ("VERVE_JOURNAL", journal),
         ("VERVE_SHUTDOWN_DRAIN_MS", "200"),
-        ("VERVE_SHUTDOWN_TIMEOUT_MS", "2000"),
+        // Room for a loaded machine (the stress run's CPU hog): with 2 s, two
+        // runs in eight there ended before the aggregator and the forwarder had
+        // got the stop's records out.
+        ("VERVE_SHUTDOWN_TIMEOUT_MS", "4000"),
     ];
     let mut first = solo(&redis.url(), data.path(), &env);
     send(&first, 0..1000);
@@ -404,7 +407,7 @@ fn a_stop_with_a_redis_backlog(journal: &str) -> (String, Vec<WindowLine>, Verve
     let started = std::time::Instant::now();
     let last_line = stop(&mut first);
     assert!(
-        started.elapsed() < Duration::from_millis(3500),
+        started.elapsed() < Duration::from_millis(5500),
         "{:?}",
         started.elapsed()
     );

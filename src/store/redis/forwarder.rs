@@ -850,9 +850,12 @@ impl Forwarder {
         &mut self,
         op: impl FnOnce(&mut RedisLink, &mut Fleet) -> RedisResult<T>,
     ) -> Option<T> {
+        // A call may take a timeout for each step: connecting, its handshake,
+        // then the command itself.
+        let longest = 3 * self.timeout;
         if self
             .finish_by
-            .is_some_and(|deadline| Instant::now() + self.timeout > deadline)
+            .is_some_and(|deadline| Instant::now() + longest > deadline)
         {
             // Stopping: a call now could outlast the deadline, and then nothing
             // would be published or said. Give up instead.

@@ -556,6 +556,34 @@ fn just_before_next_window(length: WindowLength, ahead: Duration) -> WindowStart
     length.window_of(boundary)
 }
 
+/// a on `redis` directly and b through a link held from just before a window
+/// begins, both with `env`; ids `b_ids` to b (first: it answers `ok` only within
+/// its lease), then 0..100 to a, all in that window. Returns a, b, b's link and
+/// the window once a published its first record: 100, revision 1, incomplete.
+fn b_cut_off_from_a_windows_start(
+    redis: &RedisServer,
+    env: &[(&str, &str)],
+    b_ids: std::ops::Range<i64>,
+) -> (common::Verve, common::Verve, Proxy, WindowStart) {
+    let link = Proxy::start(redis.port);
+    let a = fleet_member(&redis.url(), "a", env);
+    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", env);
+    let length = window_length();
+    let window = just_before_next_window(length, Duration::from_millis(100));
+    link.hold();
+    assert_eq!(common::start_of_next_window(length), window);
+    accept_all(&mut Client::connect(b.addr), b_ids);
+    accept_all(&mut Client::connect(a.addr), 0..100);
+    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
+    let first = a.wait_for_record(window, "a record", |_| true);
+    assert_eq!(
+        (first.unique_requests, first.revision, first.complete),
+        (100, 1, false),
+        "published as complete without b: {first:?}"
+    );
+    (a, b, link, window)
+}
+
 /// Every key verve wrote to `redis` carries a time to live.
 fn assert_every_key_expires(redis: &RedisServer) {
     let mut connection = redis.connection();
@@ -584,23 +612,7 @@ fn assert_every_key_expires(redis: &RedisServer) {
 #[test]
 fn a_run_whose_heartbeat_lapsed_during_a_window_keeps_its_record_incomplete() {
     let redis = RedisServer::start();
-    let link = Proxy::start(redis.port);
-    let a = fleet_member(&redis.url(), "a", &[]);
-    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
-    let length = window_length();
-    let window = just_before_next_window(length, Duration::from_millis(100));
-    link.hold();
-    assert_eq!(common::start_of_next_window(length), window);
-    // b first: it answers `ok` only within its lease.
-    accept_all(&mut Client::connect(b.addr), 50..150);
-    accept_all(&mut Client::connect(a.addr), 0..100);
-    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
-    let first = a.wait_for_record(window, "a record", |_| true);
-    assert_eq!(
-        (first.unique_requests, first.revision, first.complete),
-        (100, 1, false),
-        "published as complete without b: {first:?}"
-    );
+    let (a, b, link, window) = b_cut_off_from_a_windows_start(&redis, &[], 50..150);
     link.release();
     let last = a.wait_for_record(window, "the complete record", |l| l.complete);
     assert_eq!((last.unique_requests, last.instances), (150, 2), "{last:?}");
@@ -801,23 +813,8 @@ fn the_offset_from_redis_clock_is_exported_and_healthy_on_one_host() {
 #[test]
 fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
     let redis = RedisServer::start();
-    let link = Proxy::start(redis.port);
     let env = [("VERVE_TEST_KEY_TTL_SECS", "5")];
-    let a = fleet_member(&redis.url(), "a", &env);
-    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &env);
-    let length = window_length();
-    let window = just_before_next_window(length, Duration::from_millis(100));
-    link.hold();
-    assert_eq!(common::start_of_next_window(length), window);
-    // b first: it answers `ok` only within its lease.
-    accept_all(&mut Client::connect(b.addr), 50..200);
-    accept_all(&mut Client::connect(a.addr), 0..100);
-    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
-    let first = a.wait_for_record(window, "a record", |_| true);
-    assert_eq!(
-        (first.unique_requests, first.revision, first.complete),
-        (100, 1, false)
-    );
+    let (a, b, link, window) = b_cut_off_from_a_windows_start(&redis, &env, 50..200);
     // a stops following the window, and its sets expire.
     let set = verve::store::window_sets("verve", window, 1).remove(0);
     eventually(
@@ -867,22 +864,7 @@ fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
 #[test]
 fn a_revision_is_never_reused_after_redis_lost_the_record() {
     let mut redis = RedisServer::start();
-    let link = Proxy::start(redis.port);
-    let mut a = fleet_member(&redis.url(), "a", &[]);
-    let b = fleet_member(&format!("redis://127.0.0.1:{}/0", link.port), "b", &[]);
-    let length = window_length();
-    let window = just_before_next_window(length, Duration::from_millis(100));
-    link.hold();
-    assert_eq!(common::start_of_next_window(length), window);
-    // b first: it answers `ok` only within its lease.
-    accept_all(&mut Client::connect(b.addr), 50..200);
-    accept_all(&mut Client::connect(a.addr), 0..100);
-    assert_eq!(length.window_of(SystemTime::now()), window, "sent too late");
-    let first = a.wait_for_record(window, "a record", |_| true);
-    assert_eq!(
-        (first.unique_requests, first.revision, first.complete),
-        (100, 1, false)
-    );
+    let (mut a, b, link, window) = b_cut_off_from_a_windows_start(&redis, &[], 50..200);
     a.kill();
     flush(&mut redis);
     link.release();

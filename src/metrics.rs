@@ -98,6 +98,7 @@ impl Telemetry {
                 ("verve_redis_buffer_capacity_ids", MetricType::Gauge, "VERVE_REDIS_BUFFER_IDS (0 without Redis).", load(&self.redis.buffer_capacity)),
                 ("verve_redis_in_fleet", MetricType::Gauge, "1 once the fleet took this instance in (ids get 503 before, and while the fleet refuses it); 0 without Redis.", load(&self.redis.in_fleet)),
                 ("verve_redis_lease_lapsed", MetricType::Gauge, "1 while no heartbeat was answered within this instance's lease (most of VERVE_FLEET_WAIT_MS): new ids get 503, as the fleet may no longer wait for it.", load(&self.redis.lease_lapsed)),
+                ("verve_redis_epoch_began_ms", MetricType::Gauge, "When the fleet's epoch began, in ms since the Unix epoch by Redis's clock: the fleet's start, or the last time Redis lost its data (alert on a change). Windows that began within VERVE_FLEET_WAIT_MS of it are never published complete=true; 0 without Redis.", load(&self.redis.epoch_began_ms)),
                 ("verve_journal_enabled", MetricType::Gauge, "1 while the journal (VERVE_JOURNAL) is on.", load(&self.journal.enabled)),
                 ("verve_journal_bytes_written", MetricType::Counter, "Bytes written to the journal.", load(&self.journal.bytes_written)),
                 ("verve_journal_ids_written", MetricType::Counter, "Ids written to the journal (each new to this instance in its window).", load(&self.journal.ids_written)),

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::haproxy::Haproxy;
 use common::kafka::{all_records, Record};
@@ -214,11 +214,14 @@ fn an_instance_killed_mid_window_delays_its_window_by_the_fleet_wait_only() {
 
 /// Redis loses data after one instance is done with a window and before the other
 /// is (`lose`; `mid_window` runs once both have delivered their first ids): the
-/// ids it lost are sent again, and the final revision is exact.
+/// ids it lost are sent again, and the final revision is exact. It is
+/// `complete=true` only if Redis kept the fleet's epoch (`epoch_kept`, an older
+/// snapshot): a window around a loss is never complete.
 fn losing_redis_between_two_closes_ends_exact(
     env: &[(&str, &str)],
     mid_window: &dyn Fn(&RedisServer),
     lose: impl FnOnce(&mut RedisServer),
+    epoch_kept: bool,
 ) {
     let shards = env
         .iter()
@@ -247,10 +250,10 @@ fn losing_redis_between_two_closes_ends_exact(
     redis.wait_for_mark(window, "a", "full");
     lose(&mut redis);
     link.release();
-    let line = a.wait_for_record(window, "the complete record", |l| l.complete);
+    let line = a.wait_for_record(window, "the exact record", |l| l.unique_requests == 850);
     assert_eq!(
-        (line.unique_requests, line.instances),
-        (850, 2),
+        (line.unique_requests, line.instances, line.complete),
+        (850, 2, epoch_kept),
         "{line:?}\na:\n{}\nb:\n{}",
         a.stderr_text(),
         b.stderr_text()
@@ -269,7 +272,7 @@ fn losing_redis_between_two_closes_ends_exact(
 
 #[test]
 fn redis_restarted_empty_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, |redis| redis.restart());
+    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, |redis| redis.restart(), false);
 }
 
 fn flush(redis: &mut RedisServer) {
@@ -280,12 +283,17 @@ fn flush(redis: &mut RedisServer) {
 
 #[test]
 fn redis_flushed_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, flush);
+    losing_redis_between_two_closes_ends_exact(&[], &|_| {}, flush, false);
 }
 
 #[test]
 fn redis_flushed_between_two_closes_with_sixteen_shards() {
-    losing_redis_between_two_closes_ends_exact(&[("VERVE_REDIS_SHARDS", "16")], &|_| {}, flush);
+    losing_redis_between_two_closes_ends_exact(
+        &[("VERVE_REDIS_SHARDS", "16")],
+        &|_| {},
+        flush,
+        false,
+    );
 }
 
 /// Redis comes back from a snapshot taken mid-window: the instances' marks are
@@ -294,9 +302,8 @@ fn redis_flushed_between_two_closes_with_sixteen_shards() {
 /// the window again.
 #[test]
 fn redis_restored_from_an_older_snapshot_between_two_closes() {
-    losing_redis_between_two_closes_ends_exact(&[], &RedisServer::snapshot, |redis| {
-        redis.restart()
-    });
+    let restart = |redis: &mut RedisServer| redis.restart();
+    losing_redis_between_two_closes_ends_exact(&[], &RedisServer::snapshot, restart, true);
 }
 
 #[test]
@@ -326,7 +333,10 @@ fn the_whole_fleet_stopping_mid_window_publishes_it_once_as_partial() {
         a.stderr_text(),
         b.stderr_text()
     );
+    // The fleet began within its hour-long window: never complete, numbered from
+    // the epoch's beginning.
     let value = &records[0].value;
+    let window = WindowLength::from_secs(3600).window_of(SystemTime::now());
     assert_eq!(
         (
             value["unique_requests"].as_u64(),
@@ -334,7 +344,59 @@ fn the_whole_fleet_stopping_mid_window_publishes_it_once_as_partial() {
             value["complete"].as_bool(),
             value["revision"].as_u64()
         ),
-        (Some(100), Some(true), Some(true), Some(1)),
+        (
+            Some(100),
+            Some(true),
+            Some(false),
+            Some(redis.first_revision(window))
+        ),
+    );
+}
+
+/// A window that began within a fleet wait of the fleet's first heartbeat is
+/// published `complete=false`, exact; the first window that begins later,
+/// `complete=true`. Nothing proves, before the fleet's registry existed, that no
+/// other instance answered ids.
+#[test]
+fn a_fleets_first_window_is_never_complete() {
+    let redis = RedisServer::start();
+    let wait = [("VERVE_FLEET_WAIT_MS", "5000")];
+    let a = common::fleet_member_starting(&redis.url(), "a", &wait);
+    let began_ms = eventually(
+        LIMIT,
+        || format!("a in the fleet:\n{}", a.stderr_text()),
+        || {
+            let scraped = a.scrape();
+            (metric(&scraped, "verve_redis_in_fleet") == 1)
+                .then(|| metric(&scraped, "verve_redis_epoch_began_ms"))
+        },
+    );
+    let young = |window: WindowStart| window.unix_secs() * 1000 < began_ms + 5_000;
+    let mut client = Client::connect(a.addr);
+    let (first, ()) = within_one_window(|| accept_all(&mut client, 0..100));
+    assert!(
+        young(first),
+        "sent too late for the test: {first}, began {began_ms}"
+    );
+    let line = a.wait_for_record(first, "the first window's record", |_| true);
+    assert_eq!(
+        (line.unique_requests, line.complete),
+        (100, false),
+        "{line:?}"
+    );
+    let started = UNIX_EPOCH + Duration::from_millis(began_ms + 5_000);
+    std::thread::sleep(
+        started
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    );
+    let (later, ()) = within_one_window(|| accept_all(&mut client, 100..150));
+    assert!(!young(later));
+    let line = a.wait_for_record(later, "a later window's record", |_| true);
+    assert_eq!(
+        (line.unique_requests, line.complete, line.revision),
+        (50, true, 1),
+        "{line:?}"
     );
 }
 
@@ -869,9 +931,12 @@ fn a_revision_is_never_reused_after_redis_lost_the_record() {
     flush(&mut redis);
     link.release();
     let late = b.wait_for_record(window, "b's record", |_| true);
+    // Numbered from the new epoch, which began after the window did.
+    let revision = redis.first_revision(window);
+    assert!(revision > 1 << 20, "{revision}");
     assert_eq!(
         (late.unique_requests, late.revision, late.complete),
-        (150, (1 << 32) + 1, false),
+        (150, revision, false),
         "{late:?}\n{}",
         b.stderr_text()
     );

@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use verve::config::IoDriver;
 use verve::server::Driver;
@@ -47,6 +47,8 @@ pub struct Verve {
     /// Where `/metrics` and `/healthz` are served, if they are.
     pub admin: Option<SocketAddr>,
     pub count_log: PathBuf,
+    /// Its `VERVE_FLEET_WAIT_MS` (verve's default if not set).
+    fleet_wait: Duration,
     stderr: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
@@ -81,6 +83,11 @@ impl Verve {
         let count_log = dir.path().join("counts.log");
         // A journal of its own, unless the test keeps one across processes.
         let data_dir_set = command.get_envs().any(|(key, _)| key == "VERVE_DATA_DIR");
+        let fleet_wait_ms = command
+            .get_envs()
+            .find(|(key, _)| *key == "VERVE_FLEET_WAIT_MS")
+            .and_then(|(_, value)| value?.to_str()?.parse().ok())
+            .unwrap_or(5_000);
         if !data_dir_set {
             command.env("VERVE_DATA_DIR", dir.path().join("data"));
         }
@@ -102,6 +109,7 @@ impl Verve {
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: None,
             count_log,
+            fleet_wait: Duration::from_millis(fleet_wait_ms),
             stderr,
             _dir: dir,
         };
@@ -278,13 +286,26 @@ pub fn in_fleet(verve: Verve, name: &str) -> Verve {
     in_fleet_within(verve, name, Duration::from_secs(10))
 }
 
-/// [`in_fleet`], waiting up to `limit`.
+/// [`in_fleet`], waiting up to `limit`. Returns once the fleet's epoch is a
+/// fleet wait (the instance's) old: a window that begins later may be
+/// published `complete=true` (one that began sooner never is, see
+/// `rules::may_be_complete`), so a test that sends in the next window may
+/// expect it.
 pub fn in_fleet_within(verve: Verve, name: &str, limit: Duration) -> Verve {
-    eventually(
+    let began_ms = eventually(
         limit,
         || format!("{name} in the fleet:\n{}", verve.stderr_text()),
-        || (metric(&verve.scrape(), "verve_redis_in_fleet") == 1).then_some(()),
+        || {
+            let scraped = verve.scrape();
+            (metric(&scraped, "verve_redis_in_fleet") == 1)
+                .then(|| metric(&scraped, "verve_redis_epoch_began_ms"))
+        },
     );
+    let trusted = UNIX_EPOCH + Duration::from_millis(began_ms) + verve.fleet_wait;
+    // Waiting for the clock to pass a moment is the condition itself.
+    if let Ok(left) = trusted.duration_since(SystemTime::now()) {
+        std::thread::sleep(left);
+    }
     verve
 }
 

@@ -84,6 +84,18 @@ impl RedisServer {
         redis::Client::open(self.url()).unwrap()
     }
 
+    /// The lowest revision of `window` under the fleet's epoch, read from Redis: 1 if
+    /// the epoch began before the window, else the ms between × 2^20 + 1.
+    pub fn first_revision(&self, window: WindowStart) -> u64 {
+        let epoch: String = redis::cmd("GET")
+            .arg("verve:{fleet}:epoch")
+            .query(&mut self.connection())
+            .unwrap();
+        let (_, began) = epoch.rsplit_once(':').expect("<number>:<tag>:<began>");
+        let began: u64 = began.parse().expect("ms");
+        (began.saturating_sub(window.unix_secs() * 1000) << 20) + 1
+    }
+
     pub fn connection(&self) -> redis::Connection {
         self.client().get_connection().unwrap()
     }

@@ -641,6 +641,10 @@ impl Forwarder {
         if let Some(offset) = self.fleet.clock_offset_ms {
             self.clock_offset(offset);
         }
+        if let Some(began) = self.fleet.epoch_began_ms() {
+            let gauge = &self.shared.gauges.epoch_began_ms;
+            gauge.store(began, Ordering::Relaxed);
+        }
         // `ok` only once the fleet took this run in, and never while it refuses it
         // (before start-up hears of it: the first request may follow at once).
         let in_fleet = match (&orphans, &self.fleet.refusal) {

@@ -20,7 +20,9 @@
 -- ARGV[8] the registry keys' time to live (s)
 -- ARGV[9] this run's window length (s), if the fleet has none yet
 -- ARGV[10] the epoch to set if there is none, or if this run knows a later one
---          than Redis holds: numbered one past the one it knows (0 for none)
+--          than Redis holds: numbered one past the one it knows (0 for none);
+--          Redis's clock (ms) is appended, `<number>:<tag>:<began>`, for the
+--          windows that began too soon after it to be called complete
 --
 -- Returns {epoch, live runs, unfinished windows, the fleet's number of shards,
 -- the fleet's window length, Redis's clock (us)}; a run whose number of shards
@@ -52,7 +54,7 @@ for i = 1, #left, 2 do
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
--- An epoch is `<number>:<tag>`. Redis lost its data if the key is gone, or holds
+-- An epoch is `<number>:<tag>:<began>`. Redis lost its data if the key is gone, or holds
 -- another epoch than this run knows, numbered no higher (a run that knew none set
 -- it since): the next is numbered past every one this run saw, so revisions
 -- published from now on (numbered from the epoch) are above all earlier ones.
@@ -62,7 +64,7 @@ end
 local epoch = redis.call('GET', KEYS[4])
 if not epoch
   or (ARGV[4] ~= '' and epoch ~= ARGV[4] and number(epoch) <= number(ARGV[4])) then
-  redis.call('SET', KEYS[4], ARGV[10])
+  redis.call('SET', KEYS[4], ARGV[10] .. ':' .. now)
 end
 for i = 1, 7 do
   redis.call('EXPIRE', KEYS[i], ARGV[8])

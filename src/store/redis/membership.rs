@@ -172,6 +172,11 @@ impl Fleet {
         self.membership.epoch = Some(epoch);
     }
 
+    /// When the fleet's epoch began, by Redis's clock, as of the last heartbeat.
+    pub fn epoch_began_ms(&self) -> Option<u64> {
+        rules::epoch_began_ms(self.membership.epoch.as_deref()?)
+    }
+
     /// Whether `epoch` is the one this run learned at its last heartbeat: if not,
     /// Redis lost its data since, and the run must beat before it settles.
     pub fn knows_epoch(&self, epoch: &str) -> bool {

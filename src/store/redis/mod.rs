@@ -121,6 +121,9 @@ pub struct RedisGauges {
     /// 1 while this run's lease is over (no heartbeat answered for most of the
     /// fleet's wait, see `lease.rs`): new ids get 503.
     pub lease_lapsed: AtomicU64,
+    /// When the fleet's epoch began (its start, or Redis's last loss of data), in
+    /// ms since the Unix epoch by Redis's clock; 0 before a heartbeat told.
+    pub epoch_began_ms: AtomicU64,
 }
 
 /// Why the Redis store could not start, as one line that says what to do.

@@ -177,7 +177,7 @@ pub(super) fn clock_offset_ms(sent_us: u64, received_us: u64, redis_us: u64) -> 
     (redis_us as i64 - middle as i64) / 1000
 }
 
-/// The number of the fleet's epoch `epoch` (`<number>:<tag>`, as
+/// The number of the fleet's epoch `epoch` (`<number>:<tag>:<began>`, as
 /// `heartbeat.lua` keeps it); 0 for an epoch without one (written by a version
 /// before epochs were numbered).
 pub(super) fn epoch_number(epoch: &str) -> u64 {
@@ -185,6 +185,30 @@ pub(super) fn epoch_number(epoch: &str) -> u64 {
         .split_once(':')
         .and_then(|(number, _)| number.parse().ok())
         .unwrap_or(0)
+}
+
+/// When the fleet's epoch `epoch` began, in ms since the Unix epoch by Redis's
+/// clock (its last field, which `heartbeat.lua` appends); `None` for an epoch
+/// written by a version before it did.
+pub(super) fn epoch_began_ms(epoch: &str) -> Option<u64> {
+    let (numbered, began) = epoch.rsplit_once(':')?;
+    numbered.contains(':').then(|| began.parse().ok())?
+}
+
+/// Whether the record of `window` may say `complete=true` under an epoch that
+/// began at `began_ms` (`None`: long ago): not if the window began within a
+/// fleet `wait` of it. An epoch begins when Redis lost its data (or the fleet
+/// its first day), and with the data went the heartbeats of every run live
+/// then; a run cut off since may hold ids nobody can know of, but its lease
+/// ended before its heartbeat would have expired, a `wait` after the loss at
+/// most. So only a window that began later has every run that answered `ok` in
+/// it in the registry. The price: a fleet's first window, and each window
+/// around a loss, is published `complete=false`, its count exact if every
+/// holder sent its ids.
+pub(super) fn may_be_complete(window: WindowStart, began_ms: Option<u64>, wait: Duration) -> bool {
+    began_ms.map_or(true, |began| {
+        window.unix_secs() * 1000 >= began + wait.as_millis() as u64
+    })
 }
 
 /// The epoch a heartbeat sets if Redis holds none, or an earlier one than this
@@ -195,13 +219,28 @@ pub(super) fn next_epoch(knows: Option<&str>, tag: &str) -> String {
     format!("{number}:{tag}")
 }
 
-/// The lowest revision a settle may publish in epoch `epoch`: revisions of epoch
-/// E are numbered from E × 2^32 + 1, so that a record published after Redis lost
-/// its data is numbered above any published before, even one that no live run
-/// remembered to put back. While nothing was lost (epoch 0) revisions are 1, 2,
-/// 3, … as they always were. Exact in Lua's doubles below epoch 2^21.
-pub(super) fn first_revision(epoch: u64) -> u64 {
-    (epoch << 32) + 1
+/// How many bits of a revision count revisions within one epoch: 2^20 of them
+/// per window and epoch, far more than settles publish.
+const REVISION_BITS: u32 = 20;
+
+/// The furthest from a window's start, in ms, that an epoch's beginning numbers
+/// its revisions (99 days, longer than any record is kept): the revisions
+/// stay exact in Lua's numbers (below 2^53).
+const LATEST_EPOCH_MS: u64 = (1 << (53 - REVISION_BITS)) - 1;
+
+/// The lowest revision a settle of `window` may publish under an epoch that
+/// began at `began_ms` (Redis's clock; `None`, an epoch written by an older
+/// version, counts as long ago): 1 if the epoch began before the window (the
+/// fleet's start, or a loss before it: no record of the window is older), else
+/// the ms from the window's start to the epoch's, × 2^20, + 1. An epoch begins
+/// only when Redis lost its data, later by its clock than the epoch before, so a
+/// record published after a loss is numbered above every one published before,
+/// even when no live run saw the loss or remembered the record (a number
+/// counted in Redis would start again). While nothing was lost, revisions are
+/// 1, 2, 3, …
+pub(super) fn first_revision(window: WindowStart, began_ms: Option<u64>) -> u64 {
+    let began = began_ms.map_or(0, |began| began.saturating_sub(window.unix_secs() * 1000));
+    (began.min(LATEST_EPOCH_MS) << REVISION_BITS) + 1
 }
 
 /// How long after sending a heartbeat that Redis answered this run may answer
@@ -307,15 +346,47 @@ mod tests {
     }
 
     #[test]
+    fn an_epoch_says_when_it_began_once_redis_appended_it() {
+        assert_eq!(
+            epoch_began_ms("3:a/1-2@3:1700000000123"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(epoch_number("3:a/1-2@3:1700000000123"), 3);
+        // Written by a version that did not append it, or not a number.
+        assert_eq!(epoch_began_ms("3:a/1-2@3"), None);
+        assert_eq!(epoch_began_ms("a/1-2@3"), None);
+        assert_eq!(epoch_began_ms("3:a:b"), None);
+    }
+
+    #[test]
+    fn a_window_beginning_within_a_fleet_wait_of_the_epoch_is_never_complete() {
+        let wait = Duration::from_secs(5);
+        let window = WindowStart::from_unix_secs(600);
+        assert!(!may_be_complete(window, Some(600_000), wait));
+        assert!(!may_be_complete(window, Some(595_001), wait));
+        assert!(may_be_complete(window, Some(595_000), wait));
+        // The epoch began after the window: it spans the loss.
+        assert!(!may_be_complete(window, Some(630_000), wait));
+        assert!(may_be_complete(window, None, wait));
+    }
+
+    #[test]
     fn revisions_of_a_later_epoch_are_above_every_earlier_one() {
-        assert_eq!(first_revision(0), 1);
-        assert_eq!(first_revision(1), 4_294_967_297);
-        // However many revisions an epoch had, the next epoch's first is above.
-        assert!(first_revision(1) > first_revision(0) + u64::from(u32::MAX) - 1);
-        let last_exact_epoch = (1 << 21) - 1;
+        let window = WindowStart::from_unix_secs(600);
+        // An epoch that began before the window, or of an older version: 1, 2, 3, …
+        assert_eq!(first_revision(window, Some(570_000)), 1);
+        assert_eq!(first_revision(window, Some(600_000)), 1);
+        assert_eq!(first_revision(window, None), 1);
+        // A loss 1 ms into the window: above 2^20 revisions of the epoch before.
+        assert_eq!(first_revision(window, Some(600_001)), (1 << 20) + 1);
         assert!(
-            first_revision(last_exact_epoch) + u64::from(u32::MAX) <= 1 << 53,
-            "exact in Lua's numbers"
+            first_revision(window, Some(630_002))
+                > first_revision(window, Some(630_001)) + (1 << 20) - 2
+        );
+        // Exact in Lua's numbers, however late.
+        assert_eq!(
+            first_revision(window, Some(u64::MAX)) + (1 << 20) - 1,
+            1 << 53
         );
     }
 

@@ -7,10 +7,14 @@
 --
 -- The count comes from the caller, summed over the window's shards (on other
 -- slots, maybe other nodes), which it read after learning the window's
--- generation. Every mark that makes a run done raises the generation, and a run
+-- generation. Every mark that makes a run done sets a new generation, and a run
 -- marks itself done only once its ids are in: so if the generation is still the
 -- one the caller saw, every run done now had its ids in before the caller read
 -- the shards, and the count holds them all. If it is not, the answer is 'again'.
+-- A generation is Redis's clock in microseconds (one past the last if the clock
+-- has not moved), not a count: after Redis lost its data a count would start
+-- again and come back to a value some run learned before the loss, and that
+-- run's survey, older than the loss, would pass for current.
 --
 -- KEYS[1] the window's marks: run -> sending | full | partial
 -- KEYS[2] the window's published record (a hash), and its generation
@@ -29,10 +33,13 @@
 -- ARGV[16] the lowest revision this call may publish: the first of the fleet's
 --         epoch, so that a revision published after Redis lost its data is above
 --         every one published before, even one no run put back
--- ARGV[17] how many live runs follow, L
--- ARGV[18..17+L] the live runs that started before the window ended (they could
+-- ARGV[17] '1' if the window began within a fleet wait of the fleet's epoch: a run
+--         whose heartbeat went with Redis's data may hold ids for it unseen, so
+--         its record never says complete; else '0'
+-- ARGV[18] how many live runs follow, L
+-- ARGV[19..18+L] the live runs that started before the window ended (they could
 --         have ids for it)
--- ARGV[18+L..] more runs to wait for: any that delivered to the window or that
+-- ARGV[19+L..] more runs to wait for: any that delivered to the window or that
 --         this run saw take part, and any it saw live shortly before Redis lost its
 --         data (in case their marks or heartbeats went with it)
 --
@@ -76,11 +83,14 @@ end
 local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
 if mark ~= '' and redis.call('HGET', KEYS[1], me) ~= mark then
   redis.call('HSET', KEYS[1], me, mark)
-  generation = redis.call('HINCRBY', KEYS[2], 'generation', 1)
+  local clock = redis.call('TIME')
+  generation = math.max(clock[1] * 1000000 + clock[2], generation + 1)
+  -- '%.0f': tostring() writes a number this large in exponent form.
+  redis.call('HSET', KEYS[2], 'generation', string.format('%.0f', generation))
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], record_ttl)
-if ARGV[6] ~= tostring(generation) then
+if tonumber(ARGV[6]) ~= generation then
   return answer('again', generation, 0)
 end
 
@@ -110,8 +120,8 @@ local function pending(run)
 end
 
 local waiting, others_pending = false, false
-local live = tonumber(ARGV[17])
-for i = 18, 17 + live do
+local live = tonumber(ARGV[18])
+for i = 19, 18 + live do
   if pending(ARGV[i]) then
     waiting = true
     if ARGV[i] ~= me then
@@ -119,7 +129,7 @@ for i = 18, 17 + live do
     end
   end
 end
-for i = 18 + live, #ARGV do
+for i = 19 + live, #ARGV do
   if pending(ARGV[i]) then
     waiting = true
   end
@@ -132,7 +142,7 @@ end
 
 local count = tonumber(ARGV[7])
 local complete = 0
-if not waiting then
+if not waiting and ARGV[17] ~= '1' then
   complete = 1
 end
 local forced = force == '1' or (force == 'alone' and not others_pending)

@@ -7,10 +7,11 @@
 //! [`Force`] says. Invariants: the script publishes for exactly one caller per
 //! revision, never a count below the stored record's, and answers `again` when
 //! a run became done after the shards were read (the window's generation
-//! changed); the caller passes the latest record it knows, so that one Redis lost
-//! is put back. Who is waited for is decided in `rules` ([`rules::awaited`],
-//! [`rules::lost_with_data`]) and by what this run remembers of a loss
-//! (`membership`). The protocol is described in docs/architecture.md ("The fleet
+//! changed; a loss never brings an old one back); the caller passes the latest
+//! record it knows, so that one Redis lost is put back. Who is waited for is
+//! decided in `rules` ([`rules::awaited`], [`rules::lost_with_data`]) and by what
+//! this run remembers of a loss (`membership`); a window that began within a
+//! fleet wait of the epoch is never complete ([`rules::may_be_complete`]). The protocol is described in docs/architecture.md ("The fleet
 //! protocol", steps 3 to 6 and 8).
 
 use std::collections::BTreeSet;
@@ -255,7 +256,10 @@ impl Fleet {
                 .arg(&known.by),
             None => call.arg(&[0u64; 7][..]).arg(""),
         };
-        call.arg(rules::first_revision(rules::epoch_number(&survey.epoch)))
+        let began_ms = rules::epoch_began_ms(&survey.epoch);
+        let never_complete = !rules::may_be_complete(window, began_ms, self.wait);
+        call.arg(rules::first_revision(window, began_ms))
+            .arg(u8::from(never_complete))
             .arg(may_have_ids.len())
             .arg(&may_have_ids)
             .arg(&awaited);

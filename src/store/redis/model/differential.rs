@@ -1,6 +1,8 @@
 //! `settle.lua` against its transcription ([`settle_lua`]): the real script on a
 //! redis-server of its own, and the model's function, on the same window keys
-//! and arguments drawn at random, must answer alike and leave the same keys.
+//! and arguments drawn at random, must answer alike and leave the same keys. A
+//! generation the script sets is Redis's clock, which the model cannot know: both
+//! sides write any generation above the one drawn as `fresh`.
 
 use super::*;
 
@@ -33,9 +35,10 @@ fn the_transcription_of_settle_lua_answers_as_the_script_does() {
         let (before, call) = random.case();
         let mut model = before;
         let answer = settle_lua(&mut model, &call);
-        let real = run_settle(&mut link, &script, &before, &call);
-        let want = (answered(&answer), window_keys(&model));
-        let got = (real, read_window(&mut link));
+        let real = run_settle(&mut link, &script, &before, &call, before.generation);
+        let drawn = before.generation;
+        let want = (answered(&answer, drawn), window_keys(&model, drawn));
+        let got = (real, read_window(&mut link, drawn));
         assert_eq!(got, want, "case {case}: {before:?}");
     }
 }
@@ -76,7 +79,12 @@ impl Random {
 
     fn record(&mut self) -> Option<Record> {
         (self.next(3) > 0).then(|| Record {
-            revision: [1, 2, 3, rules::first_revision(1)][self.next(4) as usize],
+            revision: [
+                1,
+                2,
+                3,
+                rules::first_revision(WINDOW, Some(WINDOW.unix_secs() * 1000 + 1)),
+            ][self.next(4) as usize],
             count: self.next(4) as u8,
             complete: self.next(2) == 1,
             partial: self.next(2) == 1,
@@ -93,16 +101,23 @@ impl Random {
             redis.marks[r] = self.mark();
         }
         redis.record = self.record();
-        redis.generation = self.next(3) as u8;
+        redis.generation = self.next(3);
+        // Redis's clock is far past every generation drawn, as it is in the
+        // script (microseconds since 1970).
+        redis.clock = 1_000;
         let call = SettleCall {
             me: self.next(RUNS_DRAWN as u64) as Run,
             mark: self.mark().filter(|mark| *mark != Mark::Sending),
             force: [Force::No, Force::Yes][self.next(2) as usize],
             generation: [None, Some(0), Some(1), Some(2), Some(3)][self.next(5) as usize],
+            never_complete: self.next(4) == 0,
             count: self.next(4) as u8,
             counted: 0,
             known: self.record(),
-            first_revision: [1, rules::first_revision(1)][self.next(2) as usize],
+            first_revision: [
+                1,
+                rules::first_revision(WINDOW, Some(WINDOW.unix_secs() * 1000 + 1)),
+            ][self.next(2) as usize],
             live: self.next(1 << RUNS_DRAWN) as Runs,
             more: self.next(1 << RUNS_DRAWN) as Runs,
         };
@@ -123,16 +138,26 @@ fn mark_text(mark: Mark) -> &'static str {
 }
 
 /// The script's answer: outcome, the record's (revision, count, complete,
-/// partial, instances, by), the generation, the runs marked, release.
+/// partial, instances, by), the generation ([`generation`]), the runs marked,
+/// release.
 type Answer = (
     String,
     (u64, u64, u8, u8, u64, String),
-    u64,
+    String,
     Vec<String>,
     u8,
 );
 
-fn answered(answer: &SettleAnswer) -> Answer {
+/// A generation as compared: `fresh` if above the one `drawn` (a new one), else
+/// its value.
+fn generation(value: u64, drawn: u64) -> String {
+    match value > drawn {
+        true => "fresh".into(),
+        false => value.to_string(),
+    }
+}
+
+fn answered(answer: &SettleAnswer, drawn: u64) -> Answer {
     let outcome = match answer.outcome {
         Outcome::Gone => "gone",
         Outcome::Again => "again",
@@ -153,11 +178,10 @@ fn answered(answer: &SettleAnswer) -> Answer {
     });
     let mut members: Vec<String> = runs_in(answer.members).map(name).collect();
     members.sort();
-    let generation = u64::from(answer.generation);
     (
         outcome.into(),
         record,
-        generation,
+        generation(answer.generation, drawn),
         members,
         u8::from(answer.release),
     )
@@ -166,7 +190,7 @@ fn answered(answer: &SettleAnswer) -> Answer {
 /// The marks, and the record's fields with the generation, as Redis would hold them.
 type Keys = (Vec<(String, String)>, Vec<(String, String)>);
 
-fn window_keys(redis: &Redis) -> Keys {
+fn window_keys(redis: &Redis, drawn: u64) -> Keys {
     let marks = (0..RUNS_DRAWN)
         .filter_map(|r| redis.marks[r].map(|m| (name(r), mark_text(m).to_owned())))
         .collect();
@@ -185,13 +209,13 @@ fn window_keys(redis: &Redis) -> Keys {
     .map(|(field, value)| (field.to_owned(), value))
     .collect();
     if redis.generation > 0 {
-        record.push(("generation".into(), redis.generation.to_string()));
+        record.push(("generation".into(), generation(redis.generation, drawn)));
     }
     record.sort();
     (marks, record)
 }
 
-fn read_window(link: &mut redis::Connection) -> Keys {
+fn read_window(link: &mut redis::Connection, drawn: u64) -> Keys {
     let mut marks: Vec<(String, String)> = redis::cmd("HGETALL").arg(MARKS).query(link).unwrap();
     marks.sort();
     let all: Vec<(String, String)> = redis::cmd("HGETALL").arg(RECORD).query(link).unwrap();
@@ -199,6 +223,10 @@ fn read_window(link: &mut redis::Connection) -> Keys {
     let mut record: Vec<(String, String)> = all
         .into_iter()
         .filter(|(field, _)| field != "published_at" && field != "acked")
+        .map(|(field, value)| match field == "generation" {
+            true => (field, generation(value.parse().expect("a number"), drawn)),
+            false => (field, value),
+        })
         .collect();
     record.sort();
     (marks, record)
@@ -210,6 +238,7 @@ fn run_settle(
     script: &redis::Script,
     redis: &Redis,
     call: &SettleCall,
+    drawn: u64,
 ) -> Answer {
     redis::cmd("DEL").arg(MARKS).arg(RECORD).exec(link).unwrap();
     for r in 0..RUNS_DRAWN {
@@ -281,6 +310,7 @@ fn run_settle(
         None => invoke.arg(&[0u64; 7][..]).arg(""),
     };
     invoke.arg(call.first_revision);
+    invoke.arg(u8::from(call.never_complete));
     let live: Vec<String> = runs_in(call.live).map(name).collect();
     let more: Vec<String> = runs_in(call.more).map(name).collect();
     invoke.arg(live.len()).arg(&live).arg(&more);
@@ -293,7 +323,7 @@ fn run_settle(
     (
         outcome,
         (revision, count, complete, partial, instances, by),
-        generation,
+        self::generation(generation, drawn),
         members,
         release,
     )

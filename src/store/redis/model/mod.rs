@@ -20,18 +20,21 @@
 //! with the round's `MULTI`, `roster.lua` and `tally.lua`); the runs' side
 //! follows `forwarder.rs` and `fleet.rs` and takes every decision that `rules`
 //! makes from `rules` itself, so that a change there is checked here. Time is
-//! four phases (before the window, in it, after it, after the fleet's wait),
-//! which is what every rule compares; a heartbeat's expiry is either current
-//! or the phase it lapsed in. A run keeps its lease only while its heartbeat is
-//! current, and after a loss no time passes until every run that held a lease
-//! has heartbeated again or lapsed (it would within a lease term).
+//! five phases (more than a fleet wait before the window, within one before
+//! it, in it, after it, after the fleet's wait), which is what every rule
+//! compares; a heartbeat's expiry is either current or the phase it lapsed in.
+//! A run keeps its lease only while its heartbeat is current (one renewed in
+//! the first phase ends with it), and after a loss no time passes until every
+//! run that held a lease has heartbeated again or lapsed (it would within a
+//! lease term). Redis's clock moves on between two marks and two epochs, and a
+//! loss does not turn it back.
 //!
 //! The search is breadth first over hashed states, so the first violation has
-//! a shortest trace, printed one step a line with Redis's state after it.
-//! `Bounds` switches let in the two known violations (issue 23), each an
-//! ignored test with its trace: a run unseen before a loss is not awaited
-//! after it, and a settle after a loss trusts a survey (or a generation) from
-//! before it.
+//! a shortest trace, printed one step a line with Redis's state after it. Redis
+//! may lose its data at any step. The two violations it found (issue 23) are
+//! kept as replays of their traces (`tests.rs`): a run unseen before a loss
+//! could make a record complete after it, and a settle after a loss trusted a
+//! survey (or a generation) from before it.
 //!
 //! What is left out, each a simplification the search cannot see through: one
 //! shard; a Redis call always answers (a cut-off run simply takes no step, and
@@ -71,6 +74,10 @@ fn runs_in(runs: Runs) -> impl Iterator<Item = Run> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Phase {
+    /// More than a fleet wait before the window: a lease granted now ends, and a
+    /// heartbeat sent now expires, before the next phase.
+    Early,
+    /// Within a fleet wait of its start.
     Before,
     During,
     After,
@@ -83,6 +90,7 @@ impl Phase {
         let start = WINDOW.unix_secs() * 1000;
         let end = start + WINDOW_SECS * 1000;
         match self {
+            Phase::Early => start - 30_000,
             Phase::Before => start - 1_000,
             Phase::During => start + 30_000,
             Phase::After => end + 1_000,
@@ -94,7 +102,9 @@ impl Phase {
     /// loss noticed now is noticed in it.
     fn window(self) -> WindowStart {
         match self {
-            Phase::Before => WindowStart::from_unix_secs(WINDOW.unix_secs() - WINDOW_SECS),
+            Phase::Early | Phase::Before => {
+                WindowStart::from_unix_secs(WINDOW.unix_secs() - WINDOW_SECS)
+            }
             Phase::During => WINDOW,
             Phase::After | Phase::WaitOver => {
                 WindowStart::from_unix_secs(WINDOW.unix_secs() + WINDOW_SECS)
@@ -104,6 +114,7 @@ impl Phase {
 
     fn next(self) -> Option<Phase> {
         match self {
+            Phase::Early => Some(Phase::Before),
             Phase::Before => Some(Phase::During),
             Phase::During => Some(Phase::After),
             Phase::After => Some(Phase::WaitOver),
@@ -143,24 +154,30 @@ enum Mark {
     Partial,
 }
 
-/// `<number>:<tag>`, with tags numbered in the order epochs were set (distinct, as
-/// the real `run@ms` tags are).
+/// `<number>:<tag>:<began>`, with tags numbered in the order epochs were set
+/// (distinct, as the real `run@ms` tags are), and the phase `heartbeat.lua` set
+/// it in: its time, by Redis's clock, is the phase's and as many ms as the tag
+/// (Redis's clock moves on between two losses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Epoch {
     number: u64,
     tag: u8,
+    began: Phase,
 }
 
 impl Epoch {
     fn text(self) -> String {
-        format!("{}:{}", self.number, self.tag)
+        let began_ms = self.began.now_ms() + u64::from(self.tag);
+        format!("{}:{}:{began_ms}", self.number, self.tag)
     }
 
-    fn parse(text: &str) -> Epoch {
-        let tag = text.split_once(':').map_or("0", |(_, tag)| tag);
+    /// `next`, as `rules::next_epoch` wrote it, set at `now`.
+    fn set(next: &str, now: Phase) -> Epoch {
+        let tag = next.split_once(':').map_or("0", |(_, tag)| tag);
         Epoch {
-            number: rules::epoch_number(text),
+            number: rules::epoch_number(next),
             tag: tag.parse().expect("tags the model wrote"),
+            began: now,
         }
     }
 }
@@ -197,7 +214,10 @@ struct Redis {
     marks: [Option<Mark>; RUNS],
     /// `P:{W}:record` without its generation, which is `generation`.
     record: Option<Record>,
-    generation: u8,
+    generation: u64,
+    /// `TIME`, as far as the model needs it: it moves on between two marks, and
+    /// a loss of data does not turn it back.
+    clock: u64,
     /// `P:{fleet}:instances` (the expiry) and `…:joined` (the first window).
     registry: [Option<Entry>; RUNS],
     /// `P:{fleet}:epoch`.
@@ -220,7 +240,7 @@ struct SettleCall {
     mark: Option<Mark>,
     force: Force,
     /// ARGV[6]: `None` for ''.
-    generation: Option<u8>,
+    generation: Option<u64>,
     /// ARGV[7], and the ids it counts.
     count: u8,
     counted: Ids,
@@ -228,7 +248,9 @@ struct SettleCall {
     known: Option<Record>,
     /// ARGV[16].
     first_revision: u64,
-    /// ARGV[18..17+L] and ARGV[18+L..].
+    /// ARGV[17]: the window began within a fleet wait of the epoch.
+    never_complete: bool,
+    /// ARGV[19..18+L] and ARGV[19+L..].
     live: Runs,
     more: Runs,
 }
@@ -246,7 +268,7 @@ enum Outcome {
 struct SettleAnswer {
     outcome: Outcome,
     record: Option<Record>,
-    generation: u8,
+    generation: u64,
     members: Runs,
     release: bool,
 }
@@ -260,26 +282,28 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
         members: 0,
         release,
     };
-    // 72: stored(): revision 0 and zeros when the hash has no record.
+    // 79: stored(): revision 0 and zeros when the hash has no record.
     let mut record = redis.record;
-    // 73-75
+    // 80-82
     if call.mark.is_none() && record.is_none() && redis.marks.iter().all(Option::is_none) {
         return answer(Outcome::Gone, 0, true);
     }
-    // 76-80: a mark that makes the run done raises the generation.
+    // 83-90: a mark that makes the run done sets a new generation: Redis's clock,
+    // or one past the last.
     let mut generation = redis.generation;
     if let Some(mark) = call.mark {
         if redis.marks[call.me] != Some(mark) {
             redis.marks[call.me] = Some(mark);
-            redis.generation += 1;
+            redis.clock += 1;
+            redis.generation = redis.clock.max(generation + 1);
             generation = redis.generation;
         }
     }
-    // 81-82 renew the keys' TTLs; 83-85:
+    // 91-92 renew the keys' TTLs; 93-95:
     if call.generation != Some(generation) {
         return answer(Outcome::Again, generation, false);
     }
-    // 87-93: put back the latest record this run knows if Redis lost it.
+    // 97-103: put back the latest record this run knows if Redis lost it.
     let revision = |record: &Option<Record>| record.map_or(0, |r| r.revision);
     if let Some(known) = call
         .known
@@ -288,7 +312,7 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
         record = Some(known);
         redis.record = record;
     }
-    // 95-107
+    // 105-117
     let mut done = 0;
     let mut full = false;
     let mut members = 0;
@@ -300,13 +324,13 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
             full |= *mark == Mark::Full;
         }
     }
-    // 108-131
+    // 118-141
     // (`others_pending` only matters to 'alone', a leaving run's force: not modelled.)
     let pending = |run: Run| matches!(redis.marks[run], None | Some(Mark::Sending));
     let waiting =
         runs_in(call.live | call.more).any(pending) || redis.marks.contains(&Some(Mark::Sending));
-    // 133-160
-    let complete = !waiting;
+    // 143-170
+    let complete = !waiting && !call.never_complete;
     let forced = call.force == Force::Yes;
     let (was_revision, was_count, was_complete) =
         record.map_or((0, 0, false), |r| (r.revision, r.count, r.complete));
@@ -330,7 +354,7 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
     } else {
         Outcome::Known
     };
-    // 161-167
+    // 171-178
     let release = record.is_some_and(|r| r.complete) || (call.mark.is_none() && record.is_some());
     SettleAnswer {
         outcome,
@@ -342,33 +366,33 @@ fn settle_lua(redis: &mut Redis, call: &SettleCall) -> SettleAnswer {
 }
 
 /// `heartbeat.lua`, line by line: registers `run` (live, first window `first`),
-/// sets `next` as the epoch if Redis lost it or holds one no later than the one
-/// the run `knows` but another; returns the epoch, the live runs and whether the
-/// window is listed as unfinished.
+/// sets `next` as the epoch, begun `now`, if Redis lost it or holds one no later
+/// than the one the run `knows` but another; returns the epoch, the live runs
+/// and whether the window is listed as unfinished.
 fn heartbeat_lua(
     redis: &mut Redis,
     run: Run,
     first: WindowStart,
     knows: Option<Epoch>,
-    next: Epoch,
+    (next, now): (&str, Phase),
 ) -> (Epoch, Runs, bool) {
-    // 196-205: every run has the fleet's layout here. 206-216 forget runs lapsed
+    // 37-43: every run has the fleet's layout here. 44-54 forget runs lapsed
     // or left longer ago than the model spans.
-    // 217-218
+    // 55-56
     redis.registry[run] = Some(Entry {
         first,
         expiry: Expiry::Live,
     });
-    // 223-230
+    // 61-68
     let lost = match (redis.epoch, knows) {
         (None, _) => true,
         (Some(epoch), Some(knows)) => epoch != knows && epoch.number <= knows.number,
         (Some(_), None) => false,
     };
     if lost {
-        redis.epoch = Some(next);
+        redis.epoch = Some(Epoch::set(next, now));
     }
-    // 234-241: ZRANGEBYSCORE now +inf: the runs whose heartbeat is current.
+    // 72-79: ZRANGEBYSCORE now +inf: the runs whose heartbeat is current.
     let live = redis
         .registry
         .iter()
@@ -446,7 +470,7 @@ struct View {
     delivered: u8,
     known: Option<Record>,
     members: Runs,
-    generation: Option<u8>,
+    generation: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -559,16 +583,6 @@ pub(super) struct Bounds {
     pub depth: usize,
     /// Check I5 from every state found (costly: a whole settling each).
     pub finality: bool,
-    /// Redis may lose its data while a live run has not seen live, at one of its
-    /// heartbeats, every run in the registry (live or lapsed; a run that never
-    /// heartbeated has seen none), and a run may start after a loss: the known
-    /// violation of I2 (`a_run_unseen_before_a_loss_is_not_awaited_after_it`).
-    pub unseen_at_loss: bool,
-    /// Redis may lose its data once a run has surveyed the window to settle it
-    /// (it holds the survey, or the generation a `settle.lua` answered): the
-    /// other known violation, of I3 and I2
-    /// (`a_generation_seen_before_a_loss_is_matched_again_after_it`).
-    pub loss_after_a_survey: bool,
 }
 
 /// A step: of time, of a run (its process or its link), or of Redis.
@@ -616,11 +630,11 @@ impl State {
         assert!(slots <= RUNS, "at most {RUNS} runs");
         let mut runs = vec![Local::default(); slots];
         for run in runs.iter_mut().take(bounds.instances) {
-            *run = Local::started(Phase::Before.window());
+            *run = Local::started(Phase::Early.window());
         }
         State {
             instances: bounds.instances as u8,
-            phase: Phase::Before,
+            phase: Phase::Early,
             redis: Redis::default(),
             runs,
             epochs: 0,
@@ -676,7 +690,6 @@ impl State {
                 actions.push(Action::Die(r));
             } else if run.life == Life::Unstarted
                 && self.runs[r - bounds.instances].life == Life::Dead
-                && (bounds.unseen_at_loss || self.losses == 0)
             {
                 actions.push(Action::Restart(r));
             }
@@ -684,30 +697,10 @@ impl State {
                 actions.push(Action::Lapse(r));
             }
         }
-        if self.losses < bounds.losses && self.may_lose(bounds) {
+        if self.losses < bounds.losses {
             actions.push(Action::Flush);
         }
         actions
-    }
-
-    /// Whether Redis may lose its data now, short of the known violations.
-    fn may_lose(&self, bounds: &Bounds) -> bool {
-        let registry = self.redis.registry.iter().enumerate();
-        let registered = registry
-            .filter(|(_, entry)| entry.is_some())
-            .fold(0, |runs, (r, _)| runs | 1 << r);
-        let mut living = self.runs.iter().filter(|run| run.alive());
-        let surveyed = |run: &Local| {
-            let adopting = match run.task {
-                Task::Survey(Job::Adopt(view), _) => view,
-                Task::Settle(..) => return true,
-                _ => View::default(),
-            };
-            let view = run.tracked.unwrap_or(adopting);
-            view.generation.is_some()
-        };
-        (bounds.unseen_at_loss || living.all(|run| run.seen & registered == registered))
-            && (bounds.loss_after_a_survey || !self.runs.iter().any(surveyed))
     }
 
     /// The aggregator closes every window from the run's first on, once it ended;
@@ -723,7 +716,19 @@ impl State {
     fn apply(&mut self, action: Action) -> Result<(), String> {
         let now = self.phase;
         match action {
-            Action::Advance => self.phase = now.next().expect("offered only before the last"),
+            Action::Advance => {
+                self.phase = now.next().expect("offered only before the last");
+                if now == Phase::Early {
+                    // A lease renewed and a heartbeat sent in it end before the next.
+                    for (r, run) in self.runs.iter_mut().enumerate() {
+                        run.lease = false;
+                        run.stale = false;
+                        if let Some(entry) = self.redis.registry[r].as_mut() {
+                            entry.expiry = Expiry::LapsedIn(Phase::Early);
+                        }
+                    }
+                }
+            }
             Action::Accept(r, id) => self.runs[r].accepted |= 1 << id,
             Action::Deliver(r) => {
                 let run = &mut self.runs[r];
@@ -783,7 +788,10 @@ impl State {
                 self.runs[r] = Local::started(now.window());
             }
             Action::Flush => {
-                self.redis = Redis::default();
+                self.redis = Redis {
+                    clock: self.redis.clock,
+                    ..Redis::default()
+                };
                 self.losses += 1;
                 self.lost |= self.truth();
                 for run in &mut self.runs {
@@ -803,17 +811,15 @@ impl State {
     fn beat(&mut self, r: Run) -> bool {
         let run = &self.runs[r];
         let knows = run.epoch.map(Epoch::text);
-        let next = Epoch::parse(&rules::next_epoch(
-            knows.as_deref(),
-            &self.epochs.to_string(),
-        ));
+        let next = rules::next_epoch(knows.as_deref(), &self.epochs.to_string());
         let first = run.first.expect("a started run");
         let before = self.redis.epoch;
-        let (epoch, live, listed) = heartbeat_lua(&mut self.redis, r, first, run.epoch, next);
+        let now = self.phase;
+        let (epoch, live, listed) =
+            heartbeat_lua(&mut self.redis, r, first, run.epoch, (&next, now));
         if self.redis.epoch != before {
             self.epochs += 1;
         }
-        let now = self.phase;
         let run = &mut self.runs[r];
         // `Fleet::learn_epoch`
         if run.epoch.is_some_and(|known| known != epoch) {
@@ -913,6 +919,8 @@ impl State {
             .fold(0, |runs, name| runs | 1 << slot(name));
         // `roster.lua` answers '' for no epoch.
         let epoch = found.epoch.map_or(String::new(), Epoch::text);
+        let began_ms = rules::epoch_began_ms(&epoch);
+        let wait = std::time::Duration::from_millis(WAIT_MS);
         let answer = settle_lua(
             &mut self.redis,
             &SettleCall {
@@ -923,7 +931,8 @@ impl State {
                 count: found.count,
                 counted: found.counted,
                 known: view.known,
-                first_revision: rules::first_revision(rules::epoch_number(&epoch)),
+                first_revision: rules::first_revision(WINDOW, began_ms),
+                never_complete: !rules::may_be_complete(WINDOW, began_ms, wait),
                 live,
                 more,
             },

@@ -7,6 +7,16 @@ FROM rust:1-slim-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The dependencies first, in a layer of their own, built against stub sources:
+# an edit to verve (or its docs) then rebuilds verve alone, not the ~160 crates
+# under it. The stubs' own build of verve is dropped, so the real one is built.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && for bench in hot_path set_growth ingest; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && cargo build --release --locked --bin verve \
+    && rm -rf src benches target/release/verve target/release/.fingerprint/verve-* \
+        target/release/deps/verve-* target/release/deps/libverve-*
 COPY . .
 # Debug info is for profiling on a build host; symbols stay for backtraces.
 RUN cargo build --release --locked --bin verve \

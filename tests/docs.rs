@@ -1,5 +1,6 @@
 //! docs/configuration.md must list exactly the flags of `verve --help`, with the
-//! same environment variables and defaults.
+//! same environment variables and defaults; every fleet guarantee names a test;
+//! the Dockerfile stubs every target Cargo.toml declares.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -121,4 +122,32 @@ fn every_fleet_guarantee_names_a_test_that_exists() {
             );
         }
     }
+}
+
+/// The Dockerfile builds the dependencies against stub sources, one per target
+/// that Cargo.toml declares: a bench added there and not to the stubs would
+/// break `docker build` (cargo refuses a manifest whose targets are missing).
+#[test]
+fn the_dockerfile_stubs_every_declared_bench() {
+    let manifest = std::fs::read_to_string("Cargo.toml").unwrap();
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    let stubs = dockerfile
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("&& for bench in "))
+        .and_then(|rest| rest.split_once("; do"))
+        .map(|(names, _)| names.split_whitespace().collect::<Vec<_>>())
+        .expect("the Dockerfile's loop over bench stubs");
+    let mut declared: Vec<&str> = manifest
+        .split("[[bench]]")
+        .skip(1)
+        .filter_map(|bench| bench.lines().find_map(|l| l.trim().strip_prefix("name = ")))
+        .map(|name| name.trim_matches('"'))
+        .collect();
+    declared.sort_unstable();
+    let mut stubbed = stubs.clone();
+    stubbed.sort_unstable();
+    assert_eq!(
+        stubbed, declared,
+        "Dockerfile stubs vs Cargo.toml's [[bench]]"
+    );
 }

@@ -11,14 +11,13 @@ mod common;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::redis_server::RedisServer;
 use common::{
-    accept_all, command, eventually, fleet_member, metric, signal, start_of_next_window,
-    wait_with_deadline, Client, Verve, WindowLine,
+    accept_all, command, eventually, fleet_member, metric, refused_at_start, signal,
+    start_of_next_window, wait_with_deadline, Client, Verve, WindowLine,
 };
 use verve::window::{WindowLength, WindowStart};
 
@@ -84,13 +83,7 @@ fn refused(data: &Path) -> String {
     let scratch = tempfile::tempdir().unwrap();
     cmd.env("VERVE_DATA_DIR", data)
         .env("VERVE_COUNT_LOG", scratch.path().join("counts.log"));
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    stderr.trim_end().to_owned()
+    refused_at_start(cmd)
 }
 
 #[test]

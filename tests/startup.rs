@@ -3,10 +3,9 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{command, wait_with_deadline, Verve};
+use common::{command, refused_at_start, Verve};
 
 /// Runs verve expecting it to fail at once, and returns its one line of stderr.
 fn fails(env: &[(&str, &str)]) -> String {
@@ -20,13 +19,7 @@ fn fails(env: &[(&str, &str)]) -> String {
     for (key, value) in env {
         cmd.env(key, value);
     }
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    stderr.trim_end().to_owned()
+    refused_at_start(cmd)
 }
 
 #[test]

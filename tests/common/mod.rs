@@ -349,6 +349,18 @@ pub fn command(env: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// Runs `command` expecting verve to refuse to start: exit status 1 and one line
+/// on stderr, which it returns.
+pub fn refused_at_start(mut command: Command) -> String {
+    let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
 pub fn signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) with a pid we own and a valid signal number.
     let rc = unsafe { libc::kill(child.id() as i32, signal) };

@@ -451,7 +451,7 @@ impl Forwarder {
                     window_start = %window,
                     unique_requests = settled.count,
                     instances_done = settled.done,
-                    revision = tracked.view.known.as_ref().map_or(0, |k| k.revision),
+                    revision = tracked.view.known.as_ref().map_or(0, |k| k.fleet.revision),
                     "stopped following a window the fleet has not completed"
                 );
                 self.forget_journal(window);
@@ -473,8 +473,8 @@ impl Forwarder {
     /// this instance writes to shared sinks, they acknowledged it.
     fn is_finished(&self, tracked: &Tracked) -> bool {
         tracked.view.known.as_ref().is_some_and(|known| {
-            let acked = tracked.view.acked >= known.revision;
-            known.complete && (acked || !self.reporter.has_shared_sinks())
+            let acked = tracked.view.acked >= known.fleet.revision;
+            known.fleet.complete && (acked || !self.reporter.has_shared_sinks())
         })
     }
 
@@ -526,7 +526,7 @@ impl Forwarder {
         let newer = view
             .known
             .as_ref()
-            .map_or(true, |known| known.revision < record.revision);
+            .map_or(true, |known| known.fleet.revision < record.fleet.revision);
         if newer {
             // A publication whose answer was lost (a timeout) shows up as this
             // process's record on the next call.
@@ -537,22 +537,22 @@ impl Forwarder {
         // The publisher had its time: since it left, or (live, or dead) since it
         // published.
         let since = match settled.publisher_left_ms {
-            0 => record.published_at_ms,
+            0 => record.fleet.published_at_ms,
             left => left,
         };
         let waited = Duration::from_millis(Timestamp::now().unix_millis().saturating_sub(since));
         let unacknowledged = Unacknowledged {
-            revision: record.revision,
+            revision: record.fleet.revision,
             acked: settled.acked,
             mine: record.by == self.fleet.run,
             resent: tracked.redelivered,
             waited,
         };
         if unacknowledged.resends(self.redeliver_after) && self.reporter.has_shared_sinks() {
-            tracked.redelivered = record.revision;
+            tracked.redelivered = record.fleet.revision;
             tracing::warn!(
                 window_start = %window,
-                revision = record.revision,
+                revision = record.fleet.revision,
                 publisher_live = settled.publisher_live,
                 "the shared sinks have not acknowledged this record in time (its publisher stopped, or cannot reach them); sending it on"
             );

@@ -117,30 +117,17 @@ pub(super) enum Outcome {
     Unchanged,
 }
 
-/// A record as stored in Redis.
+/// A record as stored in Redis: the fleet's record, and who published it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Published {
-    pub revision: u64,
-    pub unique_requests: u64,
-    pub complete: bool,
-    pub partial: bool,
-    pub instances: u64,
-    pub published_at_ms: u64,
+    pub fleet: FleetRecord,
     /// The run that published it ([`Fleet::run`]).
     pub by: String,
 }
 
 impl Published {
     pub fn to_record(&self, window: WindowStart, length: WindowLength) -> CountRecord {
-        let fleet = FleetRecord {
-            revision: self.revision,
-            unique_requests: self.unique_requests,
-            complete: self.complete,
-            partial: self.partial,
-            instances: self.instances,
-            published_at_ms: self.published_at_ms,
-        };
-        CountRecord::fleet(window, length, fleet)
+        CountRecord::fleet(window, length, self.fleet)
     }
 }
 
@@ -245,15 +232,15 @@ impl Fleet {
             .arg(view.generation.map_or(String::new(), |g| g.to_string()))
             .arg(survey.count);
         match &view.known {
-            Some(known) => call
-                .arg(known.revision)
-                .arg(known.unique_requests)
-                .arg(u8::from(known.complete))
-                .arg(u8::from(known.partial))
-                .arg(known.instances)
-                .arg(known.published_at_ms)
+            Some(Published { fleet, by }) => call
+                .arg(fleet.revision)
+                .arg(fleet.unique_requests)
+                .arg(u8::from(fleet.complete))
+                .arg(u8::from(fleet.partial))
+                .arg(fleet.instances)
+                .arg(fleet.published_at_ms)
                 .arg(view.acked)
-                .arg(&known.by),
+                .arg(by),
             None => call.arg(&[0u64; 7][..]).arg(""),
         };
         let began_ms = rules::epoch_began_ms(&survey.epoch);
@@ -278,12 +265,14 @@ impl Fleet {
                 .exec(link.connection())?;
         }
         let record = (revision > 0).then_some(Published {
-            revision,
-            unique_requests,
-            complete: complete == 1,
-            partial: partial == 1,
-            instances,
-            published_at_ms: at,
+            fleet: FleetRecord {
+                revision,
+                unique_requests,
+                complete: complete == 1,
+                partial: partial == 1,
+                instances,
+                published_at_ms: at,
+            },
             by,
         });
         let publisher_live = record.as_ref().is_some_and(|r| {
@@ -295,7 +284,7 @@ impl Fleet {
         // When a publisher that is gone left matters only for a record the shared
         // sinks have not acknowledged: asked for then alone.
         let publisher_left_ms = match &record {
-            Some(r) if !publisher_live && r.revision > acked && r.by != self.run => {
+            Some(r) if !publisher_live && r.fleet.revision > acked && r.by != self.run => {
                 let left: Option<u64> = redis::cmd("HGET")
                     .arg(self.keys.fleet("left"))
                     .arg(&r.by)

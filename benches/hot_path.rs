@@ -10,24 +10,24 @@ use std::time::{Duration, SystemTime};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use verve::aggregator::Aggregator;
 use verve::batch::{Batch, Watermark};
+use verve::http;
 use verve::record::CountRecord;
 use verve::report::Reporter;
 use verve::server::query::parse_accept_query;
-use verve::server::request;
 use verve::sink::CountSink;
 use verve::store::LocalStore;
 use verve::window::{WindowLength, WindowStart};
 
 const REQUEST: &[u8] = b"GET /api/verve/accept?id=123456789 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n";
 
-const LIMITS: request::Limits = request::Limits::DEFAULT;
+const LIMITS: http::Limits = http::Limits::DEFAULT;
 
 fn parsing(c: &mut Criterion) {
     let mut group = c.benchmark_group("parse");
     group.throughput(Throughput::Elements(1));
     group.bench_function("request", |b| {
         b.iter(|| {
-            request::parse(black_box(REQUEST), &LIMITS)
+            http::parse(black_box(REQUEST), &LIMITS)
                 .unwrap()
                 .unwrap()
                 .len
@@ -38,7 +38,7 @@ fn parsing(c: &mut Criterion) {
     group.throughput(Throughput::Elements(16));
     group.bench_function("request_pipelined_16", |b| {
         b.iter(|| {
-            let framed = request::frame_requests(black_box(&pipelined), &LIMITS, |req| {
+            let framed = http::frame_requests(black_box(&pipelined), &LIMITS, |req| {
                 black_box(req.len);
                 ControlFlow::Continue(())
             });

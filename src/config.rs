@@ -17,12 +17,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::callback::{AllowList, DispatcherSettings};
 pub use crate::callback::{CallbackMethod, CallbackTiming};
+use crate::http::MAX_HEADERS_CEILING;
 use crate::window::WindowLength;
-
-/// The most header fields `VERVE_MAX_HEADERS` may allow: the size of the
-/// uninitialised array httparse fills, on a worker's stack, so the limit costs
-/// nothing per request.
-pub const MAX_HEADERS_CEILING: usize = 256;
 
 /// Counts unique request ids per time window, thread-per-core.
 #[derive(Debug, Clone, Parser)]

@@ -33,6 +33,8 @@ pub mod aggregator;
 #[doc(hidden)]
 pub mod batch;
 #[doc(hidden)]
+pub mod http;
+#[doc(hidden)]
 pub mod report;
 #[doc(hidden)]
 pub mod server;

@@ -6,7 +6,7 @@ mod common;
 
 use common::framing::transcript;
 use proptest::prelude::*;
-use verve::server::request::Limits;
+use verve::http::Limits;
 
 /// Pieces of requests, valid and not, that concatenate into plausible input.
 fn piece() -> impl Strategy<Value = Vec<u8>> {

@@ -10,8 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{accept_all, drivers, eventually, metric, within_one_window, Client, Response, Verve};
+use verve::http::Limits;
 use verve::server::file_limit;
-use verve::server::request::Limits;
 
 /// Sends `raw` on a new connection and returns the answer, which must close it.
 fn refused(addr: SocketAddr, raw: &[u8]) -> u16 {

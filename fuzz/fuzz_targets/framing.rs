@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use verve::server::request::{Limits, MAX_HEADERS_CEILING};
+use verve::http::{Limits, MAX_HEADERS_CEILING};
 
 #[path = "../../tests/common/framing.rs"]
 mod framing;

@@ -12,8 +12,8 @@ use std::ops::ControlFlow;
 
 use super::context::RequestContext;
 use super::handler;
-use super::request::{self, FrameEnd};
 use super::response::Status;
+use crate::http::{self, FrameEnd};
 use crate::window::WindowStart;
 
 pub(crate) struct ConnectionBuffers {
@@ -66,7 +66,7 @@ impl ConnectionBuffers {
             write_buf,
             scratch,
         } = self;
-        let framed = request::frame_requests(read_buf, context.limits(), |req| {
+        let framed = http::frame_requests(read_buf, context.limits(), |req| {
             handler::answer(&req, context, window, scratch, write_buf);
             match write_buf.len() < OUTPUT_LIMIT {
                 true => ControlFlow::Continue(()),
@@ -117,7 +117,7 @@ mod tests {
 
     use crate::admission::Admission;
     use crate::callback::CallbackPolicy;
-    use crate::server::request::Limits;
+    use crate::http::Limits;
     use crate::server::response::{self, Persistence};
     use crate::window::WindowLength;
 

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::counters::WorkerCounters;
-use super::request::Limits;
 use crate::batch::{Batcher, Overloaded};
 use crate::callback::CallbackPolicy;
+use crate::http::Limits;
 use crate::window::{WindowLength, WindowStart};
 
 /// What the tasks of one worker thread share to answer requests.

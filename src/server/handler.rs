@@ -6,8 +6,8 @@
 use super::context::RequestContext;
 use super::counters::Route;
 use super::query::parse_accept_query;
-use super::request::{FrameError, Method, Request};
 use super::response::{self, Persistence, Status};
+use crate::http::{FrameError, Method, Request};
 use crate::window::WindowStart;
 
 /// The path of the one counting endpoint.

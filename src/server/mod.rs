@@ -18,7 +18,6 @@ pub mod file_limit;
 mod handler;
 pub mod query;
 pub mod registry;
-pub mod request;
 pub mod response;
 mod ticker;
 mod worker;
@@ -36,6 +35,7 @@ use crate::admission::Admission;
 use crate::batch::Handoff;
 use crate::callback::CallbackPolicy;
 use crate::config::{Config, IoDriver};
+use crate::http;
 use crate::window::WindowStart;
 use counters::ServerCounters;
 use ticker::Ticker;
@@ -47,7 +47,7 @@ pub use handler::ACCEPT_PATH;
 /// How much a client may ask of the server before it is cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientLimits {
-    pub request: request::Limits,
+    pub request: http::Limits,
     pub timeouts: registry::Timeouts,
     /// Connections one worker holds at most; more are closed as they arrive.
     pub connections_per_worker: usize,
@@ -58,7 +58,7 @@ impl ClientLimits {
     /// settled on.
     pub fn from_config(config: &Config, connections_per_worker: usize) -> Self {
         ClientLimits {
-            request: request::Limits {
+            request: http::Limits {
                 head_bytes: config.max_head_bytes as usize,
                 request_line_bytes: config.max_request_line_bytes as usize,
                 headers: usize::from(config.max_headers),
@@ -256,7 +256,7 @@ mod tests {
     fn the_configured_defaults_are_the_servers_own() {
         let config = Config::load_from(["verve"]).unwrap();
         let limits = ClientLimits::from_config(&config, 7);
-        assert_eq!(limits.request, request::Limits::DEFAULT);
+        assert_eq!(limits.request, crate::http::Limits::DEFAULT);
         assert_eq!(limits.timeouts, registry::Timeouts::DEFAULT);
         assert_eq!(limits.connections_per_worker, 7);
     }

@@ -4,8 +4,8 @@
 
 use std::ops::ControlFlow;
 
+use verve::http::{frame_requests, FrameEnd, FrameError, Limits, Method, Request};
 use verve::server::query::{parse_accept_query, QueryError};
-use verve::server::request::{frame_requests, FrameEnd, FrameError, Limits, Method, Request};
 use verve::server::ACCEPT_PATH;
 
 /// What the server makes of one request: everything its answer depends on.

@@ -18,7 +18,10 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::ops::ControlFlow;
 
-use crate::config::MAX_HEADERS_CEILING;
+/// The most header fields `VERVE_MAX_HEADERS` may allow: the size of the
+/// uninitialised array httparse fills, on a worker's stack, so the limit costs
+/// nothing per request.
+pub const MAX_HEADERS_CEILING: usize = 256;
 
 /// How large a request may be. Each bound is a configuration knob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,9 +23,10 @@ pub struct CountRecord {
     /// Distinct ids in the window: this instance's, or the fleet's, as `scope` says.
     pub unique_requests: u64,
     pub scope: Scope,
-    /// 1 for the first record of a window, higher for each revision (from
-    /// epoch × 2^32 + 1 once Redis lost its data: see the fleet protocol); 0 for
-    /// a count so far that is not a published record.
+    /// 1 for the first record of a window, higher for each revision (numbered
+    /// from the loss's time by Redis's clock for a window that began before
+    /// Redis lost its data: see the fleet protocol); 0 for a count so far that
+    /// is not a published record.
     pub revision: u64,
     /// Every instance that took part had handed over all its ids when this was
     /// counted; `false` when the record was published at `VERVE_FLEET_WAIT_MS`

@@ -425,11 +425,21 @@ impl Forwarder {
     /// for a window this instance knows no record of (an instance that does may
     /// still have to put it back, or its revision would be used twice).
     fn force(&mut self, tracked: &Tracked) -> Force {
-        let wait_over = Instant::now() >= tracked.wait_over;
-        let unsure = tracked.view.known.is_none() && self.fleet.is_uncertain();
-        match wait_over && !unsure {
+        match Instant::now() >= tracked.wait_over {
             true => Force::Yes,
             false => Force::No,
+        }
+    }
+
+    /// `force` as it stands at a settle: for a heartbeat lifetime after a loss of
+    /// Redis's data, a run that knows no record of the window does not publish
+    /// it by force (runs that knew the record put it back first). Decided at
+    /// each `settle.lua`, not once per check: the survey or the replay just
+    /// before may be where this run noticed the loss.
+    fn force_now(&mut self, force: Force, view: &WindowView) -> Force {
+        match force {
+            Force::Yes if view.known.is_none() && self.fleet.is_uncertain() => Force::No,
+            force => force,
         }
     }
 
@@ -498,6 +508,7 @@ impl Forwarder {
                 tracked.rounds = self.replay(window, &closed.ids, &short, tracked.rounds)?;
                 continue;
             }
+            let force = self.force_now(force, &tracked.view);
             let view = &tracked.view;
             let answer =
                 self.call(|link, fleet| fleet.settle(link, window, view, &survey, force))?;

@@ -551,13 +551,20 @@ impl Local {
         self.uncertain = true;
     }
 
-    /// `Forwarder::force`: once the wait is over, unless a loss was noticed lately
-    /// and no record of the window is known.
-    fn force(&self, view: &View, now: Phase) -> Force {
-        let unsure = view.known.is_none() && self.uncertain;
-        match now == Phase::WaitOver && !unsure {
+    /// `Forwarder::force`: once the wait is over.
+    fn force(now: Phase) -> Force {
+        match now == Phase::WaitOver {
             true => Force::Yes,
             false => Force::No,
+        }
+    }
+
+    /// `Forwarder::force_now`, at each `settle.lua`: not by force while a loss
+    /// was noticed lately and no record of the window is known.
+    fn force_now(&self, force: Force, view: &View) -> Force {
+        match force {
+            Force::Yes if view.known.is_none() && self.uncertain => Force::No,
+            force => force,
         }
     }
 }
@@ -764,13 +771,12 @@ impl State {
                     delivered: ids_in(run.delivered),
                     ..View::default()
                 };
-                run.task = Task::Survey(Job::Close, run.force(&view, now));
+                run.task = Task::Survey(Job::Close, Local::force(now));
                 run.tracked = Some(view);
             }
             Action::Check(r) => {
                 let run = &mut self.runs[r];
-                let view = run.tracked.expect("offered if tracked");
-                run.task = Task::Survey(Job::Check, run.force(&view, now));
+                run.task = Task::Survey(Job::Check, Local::force(now));
             }
             Action::Survey(r) => self.survey_step(r),
             Action::Settle(r) => return self.settle_step(r),
@@ -909,6 +915,7 @@ impl State {
                 .fold(0, |runs, name| runs | 1 << slot(name)),
         };
         let view = *self.view(r);
+        let forced = self.runs[r].force_now(force, &view);
         more |= view.members | found.delivered_by;
         let (live, lapsed) = rules::awaited(&registry, WINDOW, found.now.now_ms());
         more |= lapsed
@@ -926,7 +933,7 @@ impl State {
             &SettleCall {
                 me: r,
                 mark: view.coverage,
-                force,
+                force: forced,
                 generation: view.generation,
                 count: found.count,
                 counted: found.counted,

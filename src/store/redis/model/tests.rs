@@ -160,6 +160,47 @@ fn a_generation_seen_before_a_loss_is_never_matched_again_after_it() {
     assert_eq!(state.published.len(), 1, "{:?}", state.published);
 }
 
+/// Found by the chaos test (seed 14, three losses in four seconds): a run that
+/// decided to publish by force at the start of a check (the wait over, no loss
+/// noticed) noticed a loss at that check's survey, and still published by force
+/// a window it knew no record of, before the runs that knew the lost record put
+/// it back: a revision counting fewer ids than the one before, every id still
+/// held by a live run. The force is decided again at each `settle.lua`
+/// (`Forwarder::force_now`).
+#[test]
+fn a_loss_noticed_during_a_check_withdraws_its_force() {
+    use Action::*;
+    let bounds = Bounds {
+        losses: 1,
+        ..calm()
+    };
+    let state = replay(
+        &bounds,
+        &[
+            Advance,
+            Advance,
+            Advance,
+            Advance, // WaitOver
+            Heartbeat(A1),
+            Close(A1),
+            Survey(A1),
+            Settle(A1), // a1's mark: again
+            Survey(A1),
+            Settle(A1), // forced: a1's record, which b1 never learns
+            Heartbeat(B1),
+            Close(B1), // by force: the wait is over
+            Flush,
+            Survey(B1), // b1 notices the loss: it beats, and is uncertain
+            Survey(B1),
+            Settle(B1), // b1's mark: again
+            Survey(B1),
+            Settle(B1), // was: forced, a second record
+        ],
+    );
+    assert_eq!(state.published.len(), 1, "{:?}", state.published);
+    assert_eq!(state.redis.record, None, "b1 published while uncertain");
+}
+
 /// A search as wide as `VERVE_MODEL` says: instances, ids, restarts, losses,
 /// depth, and whether (0 or 1) to check I5, comma-separated, e.g.
 /// `VERVE_MODEL=2,2,1,1,16,1 cargo test --release --lib

@@ -2,7 +2,7 @@
 //!
 //! Workers send it [`Handoff`]s: batches of ids, which it inserts into the
 //! [`IdSet`] of the batch's window (itself, or through the owner threads of its
-//! [`Partitions`]), telling the [`DedupStore`] which ids were new to this instance
+//! `Partitions`), telling the [`DedupStore`] which ids were new to this instance
 //! when the store asks; and watermarks, each worker's promise that it has handed
 //! over every id of the windows before its watermark. A window closes once every
 //! worker's watermark is past it, not after a fixed delay that a held-up worker
@@ -15,7 +15,7 @@
 //! Counts are kept as ids go in: an [`IdSet`]'s length is the number of inserts
 //! that found their id new, and a window's count is the sum over its parts.
 //!
-//! With a [`Journal`], the ids new to this instance go to it as well (queued per
+//! With a `Journal`, the ids new to this instance go to it as well (queued per
 //! batch, written whenever the workers' channel runs empty), and the windows it
 //! held at start are put back: those still open into their sets, the ones that
 //! ended while the process was down published at once. A window's file goes once

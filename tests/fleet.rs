@@ -362,15 +362,7 @@ fn a_fleets_first_window_is_never_complete() {
     let redis = RedisServer::start();
     let wait = [("VERVE_FLEET_WAIT_MS", "5000")];
     let a = common::fleet_member_starting(&redis.url(), "a", &wait);
-    let began_ms = eventually(
-        LIMIT,
-        || format!("a in the fleet:\n{}", a.stderr_text()),
-        || {
-            let scraped = a.scrape();
-            (metric(&scraped, "verve_redis_in_fleet") == 1)
-                .then(|| metric(&scraped, "verve_redis_epoch_began_ms"))
-        },
-    );
+    let began_ms = common::epoch_began_ms(&a, "a", LIMIT);
     let young = |window: WindowStart| window.unix_secs() * 1000 < began_ms + 5_000;
     let mut client = Client::connect(a.addr);
     let (first, ()) = within_one_window(|| accept_all(&mut client, 0..100));
@@ -384,12 +376,7 @@ fn a_fleets_first_window_is_never_complete() {
         (100, false),
         "{line:?}"
     );
-    let started = UNIX_EPOCH + Duration::from_millis(began_ms + 5_000);
-    std::thread::sleep(
-        started
-            .duration_since(SystemTime::now())
-            .unwrap_or_default(),
-    );
+    common::sleep_until(UNIX_EPOCH + Duration::from_millis(began_ms + 5_000));
     let (later, ()) = within_one_window(|| accept_all(&mut client, 100..150));
     assert!(!young(later));
     let line = a.wait_for_record(later, "a later window's record", |_| true);

@@ -292,7 +292,16 @@ pub fn in_fleet(verve: Verve, name: &str) -> Verve {
 /// `rules::may_be_complete`), so a test that sends in the next window may
 /// expect it.
 pub fn in_fleet_within(verve: Verve, name: &str, limit: Duration) -> Verve {
-    let began_ms = eventually(
+    let began_ms = epoch_began_ms(&verve, name, limit);
+    sleep_until(UNIX_EPOCH + Duration::from_millis(began_ms) + verve.fleet_wait);
+    verve
+}
+
+/// When the fleet's epoch began (`verve_redis_epoch_began_ms`, ms since the Unix
+/// epoch by Redis's clock), once the fleet took `verve` (instance `name`) in,
+/// waiting up to `limit`.
+pub fn epoch_began_ms(verve: &Verve, name: &str, limit: Duration) -> u64 {
+    eventually(
         limit,
         || format!("{name} in the fleet:\n{}", verve.stderr_text()),
         || {
@@ -300,13 +309,15 @@ pub fn in_fleet_within(verve: Verve, name: &str, limit: Duration) -> Verve {
             (metric(&scraped, "verve_redis_in_fleet") == 1)
                 .then(|| metric(&scraped, "verve_redis_epoch_began_ms"))
         },
-    );
-    let trusted = UNIX_EPOCH + Duration::from_millis(began_ms) + verve.fleet_wait;
-    // Waiting for the clock to pass a moment is the condition itself.
-    if let Ok(left) = trusted.duration_since(SystemTime::now()) {
+    )
+}
+
+/// Sleeps until this host's clock reaches `moment` (not at all if it has):
+/// waiting for the clock is then the condition itself.
+pub fn sleep_until(moment: SystemTime) {
+    if let Ok(left) = moment.duration_since(SystemTime::now()) {
         std::thread::sleep(left);
     }
-    verve
 }
 
 /// Two fleet members `a` and `b` sharing `redis_url` (with `extra`), sent ids 0..200
@@ -418,10 +429,8 @@ pub fn window_length() -> WindowLength {
 /// Sleeps until just after the next boundary of windows of `length`, and returns
 /// the window that starts there.
 pub fn start_of_next_window(length: WindowLength) -> WindowStart {
-    let now = SystemTime::now();
-    let next = length.end_of(length.window_of(now));
-    // Waiting for the clock to reach a boundary is the condition itself.
-    std::thread::sleep(next.duration_since(now).unwrap_or_default() + Duration::from_millis(20));
+    let next = length.end_of(length.window_of(SystemTime::now()));
+    sleep_until(next + Duration::from_millis(20));
     length.window_of(SystemTime::now())
 }
 

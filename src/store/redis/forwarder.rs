@@ -421,10 +421,9 @@ impl Forwarder {
     }
 
     /// How hard a settle of `tracked` may push: once the fleet's wait is over it
-    /// publishes whatever is there, except shortly after a loss of Redis's data
-    /// for a window this instance knows no record of (an instance that does may
-    /// still have to put it back, or its revision would be used twice).
-    fn force(&mut self, tracked: &Tracked) -> Force {
+    /// publishes whatever is there, unless [`Self::force_now`] takes that back
+    /// at the settle itself (shortly after a loss of Redis's data).
+    fn force(&self, tracked: &Tracked) -> Force {
         match Instant::now() >= tracked.wait_over {
             true => Force::Yes,
             false => Force::No,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use verve::window::{WindowLength, WindowStart};
 
 use crate::common::kafka::all_records;
-use crate::common::{parse_count_line, start_of_next_window};
+use crate::common::{parse_count_line, sleep_until, start_of_next_window};
 
 use super::checker::{check, Content, Cutoff, Published};
 use super::clients::Clients;
@@ -295,13 +295,6 @@ impl Chaos<'_> {
     fn note(&mut self, event: String) {
         eprintln!("chaos: {event}");
         self.events.push(event);
-    }
-}
-
-fn sleep_until(t: SystemTime) {
-    // Waiting for the clock to reach a planned moment is the condition itself.
-    if let Ok(left) = t.duration_since(SystemTime::now()) {
-        std::thread::sleep(left);
     }
 }
 

@@ -72,12 +72,13 @@ def run_fleet(args, procs):
     redis_cpu = cpu_seconds(redis.pid) - cpu_before
     stats = subprocess.run(["redis-cli", "-p", str(redis_port), "INFO", "commandstats"],
                            capture_output=True, text=True, check=True).stdout
-    # The window sets are the keys ending in their hash tag: verve:{<window start>}.
-    keys = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan", "--pattern", "verve:{*}"],
+    # The window sets: the keys ending in their hash tag, verve:{<window start>},
+    # or split, verve:{<window start>}:<sets>/<set>.
+    keys = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan", "--pattern", "verve:{*}*"],
                           capture_output=True, text=True, check=True).stdout.split()
     new_ids = sum(int(subprocess.run(["redis-cli", "-p", str(redis_port), "SCARD", key],
                                      capture_output=True, text=True, check=True).stdout)
-                  for key in keys if key.endswith("}"))
+                  for key in keys if key.endswith("}") or re.search(r"\}:\d+/\d+$", key))
     return stats, requests, elapsed, redis_cpu, new_ids
 
 

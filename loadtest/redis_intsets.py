@@ -18,6 +18,7 @@ figures.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -61,24 +62,53 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def commands(ids, size, round_ids):
-    """The RESP of every round's SADDs, then the EXPIREs."""
+# One call per round: the ids grouped by set, each group one SADD from Lua,
+# and an EXPIRE for the sets the SADD created (what verve's round.lua does).
+ROUND_LUA = b"""
+local at = 2 + 2 * tonumber(ARGV[1])
+for g = 0, tonumber(ARGV[1]) - 1 do
+  local key = KEYS[1] .. ARGV[2 + 2 * g]
+  local last = at + tonumber(ARGV[3 + 2 * g]) - 1
+  local added = 0
+  for first = at, last, 4000 do
+    added = added + redis.call('SADD', key, unpack(ARGV, first, math.min(first + 3999, last)))
+  end
+  if added == redis.call('SCARD', key) then redis.call('EXPIRE', key, 300) end
+  at = last + 1
+end
+return 0"""
+
+
+def commands(ids, size, round_ids, lua):
+    """The RESP of every round's SADDs, then the EXPIREs; or with `lua`, of
+    every round's one call of ROUND_LUA."""
     sets = 1 if size == 0 else math.ceil(len(ids) / size)
     key = lambda s: b"v:{%d}:600" % s
     chunks = []
+    sha = hashlib.sha1(ROUND_LUA).hexdigest().encode()
+    if lua:
+        chunks.append(resp(b"SCRIPT", b"LOAD", ROUND_LUA))
     for start in range(0, len(ids), round_ids):
         by_set = {}
         for id_ in ids[start:start + round_ids]:
             by_set.setdefault(hash(id_) % sets, []).append(id_)
+        if lua:
+            head = [len(by_set)]
+            for s, members in by_set.items():
+                head += [b"}:600/%d" % s, len(members)]
+            body = [m for members in by_set.values() for m in members]
+            chunks.append(resp(b"EVALSHA", sha, 1, b"v:{w", *head, *body))
+            continue
         for s, members in by_set.items():
             chunks.append(resp(b"SADD", key(s), *members))
-    for s in range(sets):
-        chunks.append(resp(b"EXPIRE", key(s), 300))
+    if not lua:
+        for s in range(sets):
+            chunks.append(resp(b"EXPIRE", key(s), 300))
     return b"".join(chunks), sets
 
 
-def measure(ids, size, round_ids):
-    payload, sets = commands(ids, size, round_ids)
+def measure(ids, size, round_ids, lua):
+    payload, sets = commands(ids, size, round_ids, lua)
     port = free_port()
     per_set = len(ids) / sets
     # Room for the largest set: a hash spreads ids about evenly (binomial).
@@ -109,7 +139,8 @@ def measure(ids, size, round_ids):
             intsets = 0
             if size:
                 sample = random.Random(1).sample(range(sets), min(sets, 20))
-                intsets = sum(cli(port, "OBJECT", "ENCODING", f"v:{{{s}}}:600").strip() == "intset"
+                name = (lambda s: f"v:{{w}}:600/{s}") if lua else (lambda s: f"v:{{{s}}}:600")
+                intsets = sum(cli(port, "OBJECT", "ENCODING", name(s)).strip() == "intset"
                               for s in sample) / len(sample)
         finally:
             server.kill()
@@ -123,6 +154,8 @@ def main():
     parser.add_argument("--sizes", default="0,256,512,2048,4096")
     parser.add_argument("--rounds", default="1024,16384,131072")
     parser.add_argument("--small", action="store_true", help="ids below 2^32")
+    parser.add_argument("--lua", action="store_true",
+                        help="each round one script call, as verve's round.lua (not a SADD per set)")
     args = parser.parse_args()
     top = 2**32 if args.small else 2**63
     ids = random.Random(7).sample(range(1, top), args.ids)
@@ -130,7 +163,7 @@ def main():
     print(f"{'set size':>9} {'round':>7} {'sets':>7} {'cpu us/id':>10} {'bytes/id':>9} {'intset':>7}")
     for size in map(int, args.sizes.split(",")):
         for round_ids in map(int, args.rounds.split(",")):
-            sets, cpu, memory, intsets = measure(ids, size, round_ids)
+            sets, cpu, memory, intsets = measure(ids, size, round_ids, args.lua)
             label = "one" if size == 0 else str(size)
             print(f"{label:>9} {round_ids:>7} {sets:>7} {cpu:>10.3f} {memory:>9.1f} {intsets:>7.0%}",
                   flush=True)

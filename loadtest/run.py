@@ -381,10 +381,13 @@ def commandstats(port):
 
 def window_sets(port, window):
     """The sizes of `window`'s id sets one Redis node holds: `verve:{W}`, or the
-    shards `verve:{W/k}` (VERVE_REDIS_SHARDS > 1). SCAN sees only the node's own
-    keys, so in a cluster each set is read on the master that owns its slot."""
+    shards `verve:{W/k}` (VERVE_REDIS_SHARDS > 1), each maybe split into sets
+    `…:<sets>/<set>`. SCAN sees only the node's own keys, so in a cluster each
+    set is read on the master that owns its slot. (Sets a refused round wrote,
+    of another count than the window's, are counted too: a handful at most.)"""
     keys = set()
-    for pattern in (f"verve:{{{window}}}", f"verve:{{{window}/*}}"):
+    for pattern in (f"verve:{{{window}}}", f"verve:{{{window}/*}}", f"verve:{{{window}}}:*/*",
+                    f"verve:{{{window}/*}}:*/*"):
         keys.update(redis_cli(port, "--scan", "--pattern", pattern).split())
     return {key: int(redis_cli(port, "SCARD", key)) for key in sorted(keys)}
 

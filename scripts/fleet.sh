@@ -201,7 +201,7 @@ join() { local IFS=,; echo "$*"; }
 
 # Redis: fresh and in memory only (no snapshot, no AOF), and noeviction, which
 # the fleet protocol needs: an evicted window set would be counted short.
-redis_args=(--bind 127.0.0.1 --save "" --appendonly no --maxmemory-policy noeviction --dir "$run_dir")
+redis_args=(--bind 127.0.0.1 --save "" --appendonly no --maxmemory-policy noeviction --set-max-intset-entries 8192 --dir "$run_dir")
 if [ "$cluster" -eq 0 ]; then
   redis_mode=single
   redis_url="redis://127.0.0.1:$redis_port/0"
@@ -404,10 +404,10 @@ per window; a higher revision if the count was revised):
   tail -f $run_dir/verve-1.counts.log
 EOF
 if [ "$cluster" -eq 0 ]; then
-  echo "  redis-cli -p $redis_port --scan --pattern 'verve:{*}'     # the open windows' keys"
+  echo "  redis-cli -p $redis_port --scan --pattern 'verve:{*}*'     # the open windows' keys"
 else
   # Each node scans its own keys only.
-  echo "  for p in ${redis_ports[*]}; do redis-cli -p \$p --scan --pattern 'verve:{*}'; done   # the open windows' keys, per master"
+  echo "  for p in ${redis_ports[*]}; do redis-cli -p \$p --scan --pattern 'verve:{*}*'; done   # the open windows' keys, per master"
 fi
 if [ "$kafka" -eq 1 ]; then
   cat <<EOF

@@ -19,7 +19,8 @@ use crate::config::RedisMode;
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{
-    Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisResult, Script, ServerErrorKind, Value,
+    Client, Cmd, Connection, ConnectionLike, ErrorKind, Pipeline, RedisResult, Script,
+    ServerErrorKind, Value,
 };
 
 /// Where Redis is: what a [`RedisLink`] is made from.
@@ -177,7 +178,7 @@ impl RedisLink {
                 for command in commands {
                     pipe.add_command(command);
                 }
-                teaching_scripts(connection, scripts, |c| pipe.query(c))
+                teaching_scripts(connection, scripts, |c| query_to_first_failure(c, &pipe))
             }
             RedisLink::Cluster(connection) => {
                 debug_assert!(!atomic, "a cluster has no transaction across nodes");
@@ -207,6 +208,54 @@ impl RedisLink {
             }
         }
     }
+}
+
+/// Runs `pipe` on one server and reads its answers, giving up at the first
+/// that does not come: redis-rs's own `query` reads on past a timeout, so that
+/// a round of thousands of `SADD`s to a stalled server would wait a timeout
+/// per command before it failed. The connection is out of step after a failure;
+/// the caller drops it. An answer that is an error (a script not loaded, say)
+/// is the pipeline's error.
+fn query_to_first_failure(connection: &mut Connection, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+    connection.send_packed_command(&pipe.get_packed_pipeline())?;
+    let answers = match pipe.is_transaction() {
+        // `MULTI`'s OK, a `QUEUED` per command, then `EXEC`'s answers.
+        true => pipe.len() + 2,
+        false => pipe.len(),
+    };
+    let mut values = Vec::with_capacity(answers);
+    for _ in 0..answers {
+        values.push(connection.recv_response()?);
+    }
+    let values = match pipe.is_transaction() {
+        true => match values.pop() {
+            Some(Value::Array(executed)) => {
+                // A command refused while queued aborted the transaction.
+                if let Some(refused) = values
+                    .into_iter()
+                    .find(|v| matches!(v, Value::ServerError(_)))
+                {
+                    refused.extract_error()?;
+                }
+                executed
+            }
+            Some(Value::ServerError(error)) => return Err(error.into()),
+            _ => {
+                return Err((
+                    ErrorKind::UnexpectedReturnType,
+                    "a transaction without its answers",
+                )
+                    .into())
+            }
+        },
+        false => values,
+    };
+    for value in &values {
+        if let Value::ServerError(error) = value {
+            return Err(error.clone().into());
+        }
+    }
+    Ok(values)
 }
 
 /// Runs `send`; if a node answered `NOSCRIPT`, loads `scripts` (on every master,

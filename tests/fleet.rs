@@ -865,16 +865,16 @@ fn a_revision_is_never_published_twice_after_a_windows_sets_expired() {
     let env = [("VERVE_TEST_KEY_TTL_SECS", "5")];
     let (a, b, link, window) = b_cut_off_from_a_windows_start(&redis, &env, 50..200);
     // a stops following the window, and its sets expire.
-    let set = verve::store::window_sets("verve", window, 1).remove(0);
+    let sets = redis.window_sets(window, 1);
     eventually(
         Duration::from_secs(30),
-        || format!("{set} expired"),
+        || format!("{window}'s sets expired"),
         || {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(&set)
+            let exists: u64 = redis::cmd("EXISTS")
+                .arg(&sets)
                 .query(&mut redis.connection())
                 .unwrap();
-            (!exists).then_some(())
+            (exists == 0).then_some(())
         },
     );
     link.release();

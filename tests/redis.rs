@@ -52,11 +52,77 @@ fn two_instances_count_each_id_once_and_publish_one_record() {
     assert_eq!(redis.record_field(window, "revision").as_deref(), Some("1"));
     let by = redis.record_field(window, "by").unwrap();
     assert!(by.starts_with("a/") || by.starts_with("b/"), "{by}");
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(format!("verve:{{{window}}}"))
-        .query(&mut redis.connection())
+    // Every set the window's ids went to expires (-2: a set no id went to).
+    let mut connection = redis.connection();
+    let ttls: Vec<i64> = redis
+        .window_sets(window, 1)
+        .iter()
+        .map(|set| redis::cmd("TTL").arg(set).query(&mut connection).unwrap())
+        .filter(|&ttl: &i64| ttl != -2)
+        .collect();
+    assert!(
+        !ttls.is_empty() && ttls.iter().all(|&ttl| ttl > 0),
+        "window keys expire: {ttls:?}"
+    );
+}
+
+/// Issue 26: a window's shards are split into as many sets as the first round
+/// to reach its sentinel said. Here the next window is split into 3 before any
+/// round reaches it, as if another run had proposed 3 (runs propose powers of
+/// two): this run's first round, split its own way, is refused, and sent again
+/// split into 3. Its refused `SADD`s stay in sets of another count, which no
+/// survey counts: the count is exact, and every id is in its set of the 3.
+#[test]
+fn a_round_split_another_way_than_its_window_is_sent_again_the_windows_way() {
+    let redis = RedisServer::start();
+    let a = fleet_member(&redis.url(), "a", &[]);
+    let length = common::window_length();
+    let ids = 0..600i64;
+    let window = (0..3)
+        .find_map(|_| {
+            let start = length.end_of(length.window_of(SystemTime::now()));
+            let window = length.window_of(start);
+            let _: () = redis::cmd("HSET")
+                .arg(format!("verve:{{{window}}}:rounds"))
+                .arg("sets")
+                .arg(3)
+                .query(&mut redis.connection())
+                .unwrap();
+            common::sleep_until(start + Duration::from_millis(20));
+            accept_all(&mut Client::connect(a.addr), ids.clone());
+            (length.window_of(SystemTime::now()) == window).then_some(window)
+        })
+        .expect("600 ids sent within one window, in three tries");
+    let line = a.wait_for_window(window);
+    assert_eq!(line.unique_requests, 600);
+    assert_eq!(redis.sets_per_shard(window), 3);
+    let shards = verve::store::window_shards("verve", window, 1);
+    let mut connection = redis.connection();
+    let mut held = 0;
+    for set in verve::store::window_sets(&shards[0], 3) {
+        let size: u64 = redis::cmd("SCARD")
+            .arg(&set)
+            .query(&mut connection)
+            .unwrap();
+        held += size;
+    }
+    assert_eq!(held, 600);
+    for id in ids {
+        let set = verve::store::set_of_id(&shards, 3, id);
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg(&set)
+            .arg(id)
+            .query(&mut connection)
+            .unwrap();
+        assert!(member, "{id} not in {set}");
+    }
+    // The refused round's sets, of another count, are there, uncounted.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("verve:{{{window}}}:*/*"))
+        .query(&mut connection)
         .unwrap();
-    assert!(ttl > 0, "window keys expire: ttl {ttl}");
+    let refused: Vec<&String> = keys.iter().filter(|k| !k.contains("}:3/")).collect();
+    assert!(!refused.is_empty(), "{keys:?}");
 }
 
 #[test]
@@ -74,18 +140,25 @@ fn a_window_sharded_over_sixteen_sets_counts_exactly() {
     let line = a.wait_for_window(window);
     assert_eq!(b.wait_for_window(window), line);
     assert_eq!((line.unique_requests, line.complete), (1000, true));
-    // Every shard took its part of the ids, each with a time to live; no
-    // unsharded set was written.
+    // Every shard took its part of the ids, split into the sets the window's
+    // sentinel records, each set with a time to live; no unsharded set was
+    // written.
+    let sets = redis.sets_per_shard(window);
     let mut connection = redis.connection();
-    let sizes: Vec<u64> = verve::store::window_sets("verve", window, 16)
-        .into_iter()
-        .map(|key| {
-            let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
-            assert!(ttl > 0, "{key}: ttl {ttl}");
-            redis::cmd("SCARD")
-                .arg(&key)
-                .query(&mut connection)
-                .unwrap()
+    let sizes: Vec<u64> = verve::store::window_shards("verve", window, 16)
+        .iter()
+        .map(|shard| {
+            let mut size = 0;
+            for key in verve::store::window_sets(shard, sets) {
+                let ids: u64 = redis::cmd("SCARD")
+                    .arg(&key)
+                    .query(&mut connection)
+                    .unwrap();
+                let ttl: i64 = redis::cmd("TTL").arg(&key).query(&mut connection).unwrap();
+                assert!(ids == 0 || ttl > 0, "{key}: ttl {ttl}");
+                size += ids;
+            }
+            size
         })
         .collect();
     assert_eq!(sizes.iter().sum::<u64>(), 1000);

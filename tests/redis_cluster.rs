@@ -41,7 +41,7 @@ fn two_instances_over_three_masters_count_exactly() {
     // the window's 48 shards, give or take the one slice a range boundary splits
     // (slot 5461, the second master's first, is in slice 15), whatever the window.
     let mut shards_by_master: BTreeMap<u16, usize> = BTreeMap::new();
-    for key in verve::store::window_sets("verve", window, DEFAULT_SHARDS) {
+    for key in verve::store::window_shards("verve", window, DEFAULT_SHARDS) {
         *shards_by_master
             .entry(cluster.owner_of_key(&key))
             .or_default() += 1;
@@ -65,7 +65,7 @@ fn default_shards_in_cluster_mode_are_forty_eight() {
     let line = verve.wait_for_window(window);
     assert_eq!((line.unique_requests, line.complete), (3000, true));
     // 3,000 ids leave one of 48 shards empty with chance about 48·(47/48)^3000 ≈ 1e-26.
-    let expected: BTreeSet<String> = verve::store::window_sets("verve", window, DEFAULT_SHARDS)
+    let expected: BTreeSet<String> = verve::store::window_shards("verve", window, DEFAULT_SHARDS)
         .into_iter()
         .collect();
     assert_eq!(cluster.shard_keys(window), expected);

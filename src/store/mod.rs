@@ -22,7 +22,9 @@ use std::time::Instant;
 
 pub use id_set::{id_hasher, IdHasher, IdSet};
 pub use local::LocalStore;
-pub use redis::{window_sets, RedisGauges, RedisSettings, RedisStore, StoreError};
+pub use redis::{
+    set_of_id, window_sets, window_shards, RedisGauges, RedisSettings, RedisStore, StoreError,
+};
 
 use crate::window::WindowStart;
 

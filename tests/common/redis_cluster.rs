@@ -188,9 +188,12 @@ impl RedisCluster {
             .map(|(_, port)| (*port, connection(*port)))
             .collect();
         let mut sizes: BTreeMap<u16, u64> = map.iter().map(|(_, port)| (*port, 0)).collect();
-        for key in shard_keys(window, shards) {
-            let port = owner(&map, keyslot(&mut slots, &key));
-            *sizes.get_mut(&port).unwrap() += scard(connections.get_mut(&port).unwrap(), &key);
+        for shard in window_shards(window, shards) {
+            let port = owner(&map, keyslot(&mut slots, &shard));
+            let connection = connections.get_mut(&port).unwrap();
+            for set in shard_sets(connection, &shard) {
+                *sizes.get_mut(&port).unwrap() += scard(connection, &set);
+            }
         }
         sizes
     }
@@ -210,9 +213,11 @@ impl RedisCluster {
         // Without it a replica redirects reads to its master.
         let _: () = redis::cmd("READONLY").query(&mut connection).unwrap();
         let mut ids = 0;
-        for key in shard_keys(window, shards) {
-            if owner(&map, keyslot(&mut connection, &key)) == master {
-                ids += scard(&mut connection, &key);
+        for shard in window_shards(window, shards) {
+            if owner(&map, keyslot(&mut connection, &shard)) == master {
+                for set in shard_sets(&mut connection, &shard) {
+                    ids += scard(&mut connection, &set);
+                }
             }
         }
         ids
@@ -254,19 +259,26 @@ impl RedisCluster {
         );
     }
 
-    /// The id sets of `window` that exist, on any master: the keys `verve:{W/…}`
-    /// (not the shards' bookkeeping, whose keys go on past the braces).
+    /// The shards of `window` that hold ids, on any master: the keys
+    /// `verve:{W/…}` their sets are named from, for every set key
+    /// (`verve:{W/…}`, or `verve:{W/…}:<sets>/<set>`; not the shards'
+    /// bookkeeping, `:delivered` and `:rounds`).
     pub fn shard_keys(&self, window: WindowStart) -> BTreeSet<String> {
-        let pattern = format!("verve:{{{window}/*}}");
-        let mut keys = BTreeSet::new();
+        let pattern = format!("verve:{{{window}/*}}*");
+        let mut shards = BTreeSet::new();
         for port in self.masters() {
             let found: Vec<String> = redis::cmd("KEYS")
                 .arg(&pattern)
                 .query(&mut connection(port))
                 .unwrap();
-            keys.extend(found);
+            for key in found {
+                let (shard, rest) = key.split_at(key.find('}').unwrap() + 1);
+                if !rest.ends_with(":delivered") && !rest.ends_with(":rounds") {
+                    shards.insert(shard.to_owned());
+                }
+            }
         }
-        keys
+        shards
     }
 
     /// Whether `key` exists, asked of its master.
@@ -466,9 +478,20 @@ fn query<T: redis::FromRedisValue>(
         .map_err(|e| format!("{port}: {e}"))
 }
 
-/// The keys of `window`'s id sets.
-fn shard_keys(window: WindowStart, shards: usize) -> Vec<String> {
-    verve::store::window_sets("verve", window, shards)
+/// The keys of `window`'s shards, which their sets are named from.
+fn window_shards(window: WindowStart, shards: usize) -> Vec<String> {
+    verve::store::window_shards("verve", window, shards)
+}
+
+/// The keys of a shard's sets, as many as its sentinel records, read on
+/// `connection` (the shard's master, or a replica of it).
+fn shard_sets(connection: &mut redis::Connection, shard: &str) -> Vec<String> {
+    let sets: Option<u32> = redis::cmd("HGET")
+        .arg(format!("{shard}:rounds"))
+        .arg("sets")
+        .query(connection)
+        .unwrap();
+    verve::store::window_sets(shard, sets.unwrap_or(1))
 }
 
 fn keyslot(connection: &mut redis::Connection, key: &str) -> u16 {

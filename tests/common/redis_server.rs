@@ -135,13 +135,28 @@ impl RedisServer {
         );
     }
 
-    /// How many ids `window` holds, split over `shards` sets.
+    /// How many ids `window` holds, split over `shards` shards.
     pub fn scard(&self, window: WindowStart, shards: usize) -> u64 {
         let mut connection = self.connection();
-        verve::store::window_sets("verve", window, shards)
+        self.window_sets(window, shards)
             .into_iter()
             .map(|key| -> u64 { redis::cmd("SCARD").arg(key).query(&mut connection).unwrap() })
             .sum()
+    }
+
+    /// How many sets each shard of `window` is split into, as its sentinel
+    /// records (1 if none is recorded).
+    pub fn sets_per_shard(&self, window: WindowStart) -> u32 {
+        sets_per_shard(&mut self.connection(), window)
+    }
+
+    /// The keys of `window`'s sets, split over `shards` shards.
+    pub fn window_sets(&self, window: WindowStart, shards: usize) -> Vec<String> {
+        let sets = self.sets_per_shard(window);
+        verve::store::window_shards("verve", window, shards)
+            .iter()
+            .flat_map(|shard| verve::store::window_sets(shard, sets))
+            .collect()
     }
 
     /// A field of `window`'s published record.
@@ -152,6 +167,17 @@ impl RedisServer {
             .query(&mut self.connection())
             .unwrap()
     }
+}
+
+/// How many sets each shard of `window` is split into, as its sentinel on one
+/// server records (1 if none is recorded).
+pub fn sets_per_shard(connection: &mut redis::Connection, window: WindowStart) -> u32 {
+    let sets: Option<u32> = redis::cmd("HGET")
+        .arg(format!("verve:{{{window}}}:rounds"))
+        .arg("sets")
+        .query(connection)
+        .unwrap();
+    sets.unwrap_or(1)
 }
 
 impl Drop for RedisServer {

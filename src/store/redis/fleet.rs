@@ -4,9 +4,10 @@
 //!
 //! The protocol is described once, in docs/architecture.md ("The fleet
 //! protocol": the keys, the steps, and why revisions never repeat). Its parts
-//! are `impl Fleet` blocks, one job per file: `keys` (key names, shards),
+//! are `impl Fleet` blocks, one job per file: `keys` (key names, shards, sets),
 //! `membership` (heartbeat, leaving, what the run remembers of the fleet),
-//! `delivery` (rounds of ids, the `sending` mark) and `settle` (survey, settle,
+//! `delivery` (rounds of ids split into each window's sets, the `sending`
+//! mark) and `settle` (survey, settle,
 //! acknowledgements); its decisions (who is awaited, who adopts, who is refused,
 //! who resends) are plain functions in `rules`, and the Lua scripts are its
 //! atomic steps. Invariants: the fleet's members are runs, one per process
@@ -21,18 +22,23 @@ use redis::{Cmd, RedisResult, Script, Value};
 
 use super::keys::Keys;
 use super::membership::Membership;
+use super::rules;
+use super::sets::SetCounts;
 use super::settle::ACK;
 use super::RedisSettings;
 use crate::config::RedisMode;
 use crate::record::Timestamp;
 use crate::redis_link::RedisLink;
-use crate::window::WindowLength;
+use crate::window::{WindowLength, WindowStart};
 
 /// The longest between two heartbeats.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// The longest between two checks of a window the fleet has not finished.
 const POLL: Duration = Duration::from_millis(250);
+
+/// Redis's default `set-max-intset-entries`.
+const DEFAULT_INTSET_LIMIT: u64 = 512;
 
 /// This run's side of the protocol: key names, scripts, what it knows of the
 /// fleet. Its fields are shared by the protocol's parts (`keys`, `membership`,
@@ -47,8 +53,16 @@ pub(super) struct Fleet {
     /// minutes and four fleet waits (longer than any run follows a window), or
     /// the test hook's.
     pub(super) key_ttl_secs: u64,
-    /// `VERVE_REDIS_SHARDS`: sets per window.
+    /// `VERVE_REDIS_SHARDS`: shards per window.
     pub shards: usize,
+    /// How many sets each shard of recent windows is split into.
+    pub(super) sets: SetCounts,
+    /// Redis keeps sets of up to this many integers as intsets
+    /// (`set-max-intset-entries`; its default until read).
+    pub intset_limit: u64,
+    /// Live runs at the last heartbeat (this one included): the fleet's
+    /// traffic is about this many times this run's.
+    pub live_runs: usize,
     /// One server: a round may be a transaction over all its keys.
     pub(super) atomic: bool,
     /// `count.lua`, for the rounds of a single server.
@@ -89,6 +103,9 @@ impl Fleet {
             length,
             key_ttl_secs: settings.key_ttl_secs.unwrap_or(default_ttl),
             shards,
+            sets: SetCounts::default(),
+            intset_limit: DEFAULT_INTSET_LIMIT,
+            live_runs: 1,
             atomic: mode == RedisMode::Single,
             count: include_str!("count.lua"),
             wait,
@@ -128,25 +145,17 @@ impl Fleet {
         link.pipeline(commands, atomic, &[&self.round, &self.tally, &self.roster])
     }
 
-    /// Warns when Redis (any master of a cluster) may evict keys: an evicted
-    /// window set would be counted short. Users without the right to read the
-    /// configuration are simply not warned.
-    pub fn check_eviction_policy(link: &mut RedisLink) {
-        let mut get = redis::cmd("CONFIG");
-        get.arg("GET").arg("maxmemory-policy");
-        let policies = link.on_every_master(&get).and_then(|answers| {
-            answers
-                .into_iter()
-                .map(|answer| Ok(redis::from_redis_value::<Vec<String>>(answer)?))
-                .collect::<RedisResult<Vec<_>>>()
-        });
-        match policies {
+    /// Reads the settings of Redis (every master of a cluster) that counts
+    /// depend on: warns when it may evict keys (an evicted window set would be
+    /// counted short), and learns how large a set it keeps compact
+    /// (`set-max-intset-entries`, the least of the masters'), saying how many
+    /// ids a window then holds at about 8 bytes each. Users without the right
+    /// to read the configuration (managed services often refuse `CONFIG`) are
+    /// told once, and Redis's defaults are assumed.
+    pub fn check_settings(&mut self, link: &mut RedisLink) {
+        match config_get(link, "maxmemory-policy") {
             Ok(policies) => {
-                let evicting = policies.iter().find_map(|answer| match answer.as_slice() {
-                    [_, policy] if policy != "noeviction" => Some(policy.clone()),
-                    _ => None,
-                });
-                if let Some(policy) = evicting {
+                if let Some(policy) = policies.iter().find(|policy| *policy != "noeviction") {
                     tracing::warn!(
                         policy = %policy,
                         "Redis may evict keys (maxmemory-policy is not noeviction): a window's ids \
@@ -156,7 +165,68 @@ impl Fleet {
             }
             Err(error) => tracing::debug!(%error, "cannot read Redis's maxmemory-policy"),
         }
+        let limits = config_get(link, "set-max-intset-entries").map(|limits| {
+            limits
+                .iter()
+                .filter_map(|limit| limit.parse::<u64>().ok())
+                .min()
+        });
+        match limits {
+            Ok(Some(limit)) => {
+                self.intset_limit = limit;
+                let sets = rules::sets_per_shard(u64::MAX, self.shards, limit);
+                let compact = u64::from(sets) * self.shards as u64 * limit;
+                tracing::info!(
+                    set_max_intset_entries = limit,
+                    compact_ids_per_window = compact,
+                    "Redis keeps a window compact (about 8 bytes per id) up to this many ids; \
+                     raise set-max-intset-entries (8192 suits most) for more"
+                );
+            }
+            Ok(None) | Err(_) => tracing::info!(
+                "cannot read Redis's set-max-intset-entries (CONFIG GET refused): assuming its \
+                 default, 512; if it was raised, windows are split into more sets than needed"
+            ),
+        }
     }
+}
+
+impl Fleet {
+    /// Says when `window`'s `count` ids outgrew what its sets keep compact
+    /// (more per set than `set-max-intset-entries`): Redis then holds them at
+    /// about 72 bytes each rather than 8. A window far busier than the one
+    /// before it does this; so does a low `set-max-intset-entries`.
+    pub fn warn_if_not_compact(&self, window: WindowStart, count: u64) {
+        if !self.sets.knows(window) {
+            return;
+        }
+        let sets = u64::from(self.sets.of(window, 0)) * self.shards as u64;
+        let compact = sets * self.intset_limit;
+        if count > compact {
+            tracing::warn!(
+                window_start = %window,
+                unique_requests = count,
+                sets,
+                set_max_intset_entries = self.intset_limit,
+                "a window held more ids than its sets keep compact in Redis (about 72 bytes per \
+                 id instead of 8): it was far busier than the one before it, or \
+                 set-max-intset-entries is low (8192 suits most)"
+            );
+        }
+    }
+}
+
+/// `CONFIG GET name` on every master: each one's value.
+fn config_get(link: &mut RedisLink, name: &str) -> RedisResult<Vec<String>> {
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg(name);
+    link.on_every_master(&get)?
+        .into_iter()
+        .map(|answer| {
+            let pair: Vec<String> = redis::from_redis_value(answer)?;
+            Ok(pair.into_iter().nth(1).unwrap_or_default())
+        })
+        .collect()
 }
 
 /// An `EVALSHA` of `script` on `keys`, for a pipeline; the caller adds the

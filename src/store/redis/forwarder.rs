@@ -44,7 +44,7 @@ use crate::store::ClosedWindow;
 use crate::window::{WindowLength, WindowStart};
 
 /// Ids sent in one round trip, at most.
-pub(super) const ROUND_IDS: usize = 64 * 1024;
+pub(super) const ROUND_IDS: usize = 256 * 1024;
 /// The first retry after a failed call waits this long, each further one twice as
 /// long, never longer than a heartbeat interval: this instance must not drop out of
 /// the fleet for waiting on itself once Redis is back.
@@ -87,6 +87,12 @@ pub(super) struct Forwarder {
     retry: Option<Round>,
     /// A check ran last: a round goes next, if there is one.
     round_next: bool,
+    /// How long ids wait for more to join their round.
+    round_wait: Duration,
+    /// The count of the latest window whose record this run learned: what
+    /// the next window is expected to hold, at least.
+    latest_count: u64,
+    latest_window: Option<WindowStart>,
     next_heartbeat: Instant,
     /// After a failure nothing is tried before this.
     resume_at: Option<Instant>,
@@ -132,10 +138,20 @@ impl Delivery {
 }
 
 enum Round {
-    /// Ids, per window, with each window's round number (kept if the round is sent
-    /// again, so that it is counted once).
-    Ids(Vec<(WindowStart, Vec<i64>, u64)>),
+    /// Ids, per window.
+    Ids(Vec<Batch>),
     Close(ClosedWindow),
+}
+
+/// A round's ids for one window.
+struct Batch {
+    window: WindowStart,
+    ids: Vec<i64>,
+    /// Its round number, once given (kept if the round is sent again, so that
+    /// it is counted once); 0 before.
+    round: u64,
+    /// When the first of the ids was queued.
+    since: Instant,
 }
 
 enum Work {
@@ -196,6 +212,9 @@ impl Forwarder {
             tracked: BTreeMap::new(),
             retry: None,
             round_next: false,
+            round_wait: rules::round_wait(settings.length),
+            latest_count: 0,
+            latest_window: None,
             next_heartbeat: Instant::now(),
             resume_at: None,
             backoff: Backoff::new(FIRST_BACKOFF, heartbeat_interval),
@@ -267,17 +286,22 @@ impl Forwarder {
                         return Work::Check(window);
                     }
                     self.round_next = false;
-                    if let Some(round) = take_round(&mut queue) {
-                        return Work::Round(round);
+                    let ripe = ripe_at(&queue, now, self.round_wait, finishing.is_some());
+                    if ripe.is_some_and(|at| at <= now) {
+                        if let Some(round) = take_round(&mut queue) {
+                            return Work::Round(round);
+                        }
                     }
                     if let Some((_, window)) = due {
                         return Work::Check(window);
                     }
-                    if finishing.is_some() {
+                    if finishing.is_some() && queue.items.is_empty() {
                         return Work::Leave;
                     }
                     // At least once a heartbeat interval, to drain acknowledgements.
-                    next_check.map_or(self.next_heartbeat, |(at, _)| at.min(self.next_heartbeat))
+                    let wake = next_check
+                        .map_or(self.next_heartbeat, |(at, _)| at.min(self.next_heartbeat));
+                    ripe.map_or(wake, |at| at.min(wake))
                 }
             };
             let wake = finishing.map_or(wake, |deadline| wake.min(deadline));
@@ -285,11 +309,12 @@ impl Forwarder {
         }
     }
 
-    /// Sends a round of ids: per window, the ids in one transaction with their
-    /// count as this run's deliveries, numbered so that a round sent again (its
-    /// answer lost) or executed late is counted once (a count too high could hide
-    /// a later loss).
-    fn send_ids(&mut self, mut batches: Vec<(WindowStart, Vec<i64>, u64)>) {
+    /// Sends a round of ids: per window, the ids with their count as this
+    /// run's deliveries, numbered so that a round sent again (its answer lost)
+    /// or executed late is counted once (a count too high could hide a later
+    /// loss). A window's first round proposes how many sets its shards are
+    /// split into, from what this run expects of it.
+    fn send_ids(&mut self, mut batches: Vec<Batch>) {
         if self.fleet.refusal.is_some() {
             // Split the fleet's way or not at all: the ids wait (and the buffer
             // fills, then 503) until the configuration is fixed.
@@ -297,34 +322,47 @@ impl Forwarder {
             self.resume_at = Some(Instant::now() + self.fleet.heartbeat_interval());
             return;
         }
-        let mut commands = Vec::new();
-        let mut atomic = false;
-        let mut shards = Vec::with_capacity(batches.len());
-        for (window, ids, round) in &mut batches {
-            let delivery = self.delivered.get(window);
-            if *round == 0 {
-                *round = delivery.map_or(0, |d| d.rounds) + 1;
+        while !batches.is_empty() {
+            let mut batch = batches.remove(0);
+            let window = batch.window;
+            if batch.round == 0 {
+                batch.round = self.delivered.get(&window).map_or(0, |d| d.rounds) + 1;
             }
-            let this = self.fleet.round(*window, ids, *round, Count::Add);
-            commands.extend(this.commands);
-            atomic = this.atomic;
-            shards.push(this.shards);
-        }
-        if self
-            .call(|link, fleet| fleet.pipeline(link, commands, atomic))
-            .is_none()
-        {
-            self.retry = Some(Round::Ids(batches));
-            return;
-        }
-        let mut sent = 0;
-        for ((window, ids, round), shards) in batches.iter().zip(shards) {
-            let delivery = self.delivered.entry(*window).or_default();
+            if !self.fleet.sets.knows(window) {
+                self.propose_sets(&batch);
+            }
+            let (ids, round) = (&batch.ids, batch.round);
+            let Some(shards) =
+                self.call(|link, fleet| fleet.deliver(link, window, ids, round, Count::Add))
+            else {
+                batches.insert(0, batch);
+                self.retry = Some(Round::Ids(batches));
+                return;
+            };
+            let delivery = self.delivered.entry(window).or_default();
             delivery.add(&shards, self.fleet.shards);
-            delivery.rounds = *round;
-            sent += ids.len();
+            delivery.rounds = round;
+            self.taken(batch.ids.len());
         }
-        self.taken(sent);
+    }
+
+    /// Proposes how many sets each shard of a window is split into, from the
+    /// ids this run expects in it: the latest count the fleet published, or
+    /// this round's ids over the time they gathered, over the whole window and
+    /// every live run.
+    fn propose_sets(&mut self, batch: &Batch) {
+        let window = Duration::from_secs(self.length.as_secs());
+        let expected = rules::expected_ids(
+            self.latest_count,
+            batch.ids.len(),
+            batch.since.elapsed(),
+            window,
+            self.fleet.live_runs,
+        );
+        let fleet = &mut self.fleet;
+        let sets = rules::sets_per_shard(expected, fleet.shards, fleet.intset_limit);
+        let sentinels = fleet.sentinels();
+        fleet.sets.propose(batch.window, sets, sentinels);
     }
 
     /// Accounts for ids Redis took, and reopens admission once the buffer drained.
@@ -543,6 +581,14 @@ impl Forwarder {
             let published = settled.outcome == Outcome::Published || record.by == self.fleet.run;
             view.known = Some(record.clone());
             self.reporter.report(&count, published, endpoints);
+            if published {
+                self.fleet
+                    .warn_if_not_compact(window, record.fleet.unique_requests);
+            }
+        }
+        if self.latest_window.map_or(true, |latest| latest <= window) {
+            self.latest_window = Some(window);
+            self.latest_count = record.fleet.unique_requests;
         }
         // The publisher had its time: since it left, or (live, or dead) since it
         // published.
@@ -617,8 +663,7 @@ impl Forwarder {
                     0 => Count::Set,
                     _ => Count::Add,
                 };
-                let this = self.fleet.round(window, chunk, round, count);
-                self.call(|link, fleet| fleet.pipeline(link, this.commands, this.atomic))?;
+                self.call(|link, fleet| fleet.deliver(link, window, chunk, round, count))?;
             }
         }
         Some(round)
@@ -795,20 +840,25 @@ impl Forwarder {
     fn give_up(mut self) {
         let mut queue = self.shared.queue();
         let items = std::mem::take(&mut queue.items);
+        queue.closes = 0;
         drop(queue);
         let mut unsent: BTreeMap<WindowStart, usize> = BTreeMap::new();
         let mut unreported = Vec::new();
         let retried = match self.retry.take() {
             Some(Round::Ids(batches)) => batches
                 .into_iter()
-                .map(|(w, ids, _)| Item::Ids { window: w, ids })
+                .map(|b| Item::Ids {
+                    window: b.window,
+                    ids: b.ids,
+                    since: b.since,
+                })
                 .collect(),
             Some(Round::Close(closed)) => vec![Item::Close(closed)],
             None => Vec::new(),
         };
         for item in retried.into_iter().chain(items) {
             match item {
-                Item::Ids { window, ids } => *unsent.entry(window).or_default() += ids.len(),
+                Item::Ids { window, ids, .. } => *unsent.entry(window).or_default() += ids.len(),
                 Item::Close(closed) => unreported.push(closed),
             }
         }
@@ -899,7 +949,7 @@ impl Forwarder {
         let mut link = self.endpoint.connect(self.timeout)?;
         if !self.ever_connected {
             self.ever_connected = true;
-            Fleet::check_eviction_policy(&mut link);
+            self.fleet.check_settings(&mut link);
         }
         self.connection = Some(link);
         Ok(())
@@ -944,27 +994,56 @@ impl Forwarder {
     }
 }
 
+/// When the next round off the queue may go (`now` or earlier: at once): for a
+/// closed window, or
+/// when stopping, or when a round's worth of ids (or a closed window behind
+/// them) is queued; else once the oldest ids waited `wait` for more to join
+/// them. `None` when the queue is empty.
+fn ripe_at(queue: &Queue, now: Instant, wait: Duration, finishing: bool) -> Option<Instant> {
+    match queue.items.front()? {
+        Item::Close(_) => Some(now),
+        Item::Ids { since, .. } => {
+            let full = queue.buffered_ids >= ROUND_IDS || queue.closes > 0;
+            Some(match full || finishing {
+                true => *since,
+                false => *since + wait,
+            })
+        }
+    }
+}
+
 /// The next round off the queue: one closed window, or ids up to [`ROUND_IDS`],
 /// gathered by window (two windows interleave around a boundary).
 fn take_round(queue: &mut Queue) -> Option<Round> {
-    let (window, ids) = match queue.items.pop_front()? {
-        Item::Close(closed) => return Some(Round::Close(closed)),
-        Item::Ids { window, ids } => (window, ids),
+    let (window, ids, since) = match queue.items.pop_front()? {
+        Item::Close(closed) => {
+            queue.closes -= 1;
+            return Some(Round::Close(closed));
+        }
+        Item::Ids { window, ids, since } => (window, ids, since),
     };
     let mut count = ids.len();
-    let mut batches = vec![(window, ids)];
+    let mut batches = vec![Batch {
+        window,
+        ids,
+        round: 0,
+        since,
+    }];
     while count < ROUND_IDS && matches!(queue.items.front(), Some(Item::Ids { .. })) {
-        if let Some(Item::Ids { window, ids }) = queue.items.pop_front() {
+        if let Some(Item::Ids { window, ids, since }) = queue.items.pop_front() {
             count += ids.len();
-            match batches.iter_mut().find(|(w, _)| *w == window) {
-                Some((_, gathered)) => gathered.extend_from_slice(&ids),
-                None => batches.push((window, ids)),
+            match batches.iter_mut().find(|b| b.window == window) {
+                Some(batch) => batch.ids.extend_from_slice(&ids),
+                None => batches.push(Batch {
+                    window,
+                    ids,
+                    round: 0,
+                    since,
+                }),
             }
         }
     }
-    Some(Round::Ids(
-        batches.into_iter().map(|(w, ids)| (w, ids, 0)).collect(),
-    ))
+    Some(Round::Ids(batches))
 }
 
 /// Waits on the queue's condition until `at`, or until woken.
@@ -986,5 +1065,54 @@ fn instant_of(t: SystemTime) -> Instant {
     match t.duration_since(SystemTime::now()) {
         Ok(ahead) => now + ahead,
         Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: WindowStart = WindowStart::from_unix_secs(600);
+
+    fn queued(ids: usize, since: Instant) -> Item {
+        Item::Ids {
+            window: W,
+            ids: vec![7; ids],
+            since,
+        }
+    }
+
+    #[test]
+    fn ids_wait_for_their_round_unless_a_round_or_a_close_is_queued() {
+        let wait = Duration::from_millis(400);
+        let since = Instant::now();
+        let now = since + Duration::from_millis(100);
+        let mut queue = Queue::default();
+        assert_eq!(ripe_at(&queue, now, wait, false), None);
+        queue.items.push_back(queued(10, since));
+        queue.buffered_ids = 10;
+        assert_eq!(ripe_at(&queue, now, wait, false), Some(since + wait));
+        // Stopping: at once.
+        assert_eq!(ripe_at(&queue, now, wait, true), Some(since));
+        // A round's worth queued: at once.
+        queue.buffered_ids = ROUND_IDS;
+        assert_eq!(ripe_at(&queue, now, wait, false), Some(since));
+        queue.buffered_ids = 10;
+        // A closed window behind the ids: they go at once, and so does it.
+        let closed = ClosedWindow {
+            window: W,
+            unique_requests: 0,
+            ids: Vec::new(),
+            endpoints: Vec::new(),
+            partial: false,
+            published_before: 0,
+        };
+        queue.items.push_back(Item::Close(closed));
+        queue.closes = 1;
+        assert_eq!(ripe_at(&queue, now, wait, false), Some(since));
+        assert!(matches!(take_round(&mut queue), Some(Round::Ids(_))));
+        assert_eq!(ripe_at(&queue, now, wait, false), Some(now));
+        assert!(matches!(take_round(&mut queue), Some(Round::Close(_))));
+        assert_eq!(queue.closes, 0);
     }
 }

@@ -15,7 +15,9 @@
 -- KEYS[7] the fleet's window length (s)
 -- ARGV[1] this run; ARGV[2] the heartbeat's lifetime (ms); ARGV[3] its first window
 -- ARGV[4] the epoch this run knows ('' for none); ARGV[5] how long to remember a run that left (ms)
--- ARGV[6] this run's number of shards, if the fleet has none yet
+-- ARGV[6] this run's number of shards, if the fleet has none yet (with `+sets`:
+--         each shard split into sets counted per window; an earlier version
+--         registered the number alone)
 -- ARGV[7] how long a lapsed run stays in the registry (ms)
 -- ARGV[8] the registry keys' time to live (s)
 -- ARGV[9] this run's window length (s), if the fleet has none yet

@@ -34,7 +34,7 @@ const LEFT_REMEMBERED: Duration = Duration::from_secs(3600);
 
 /// `heartbeat.lua`'s answer: the epoch, the live runs, the unfinished windows,
 /// the fleet's shards and window length, and Redis's clock (us).
-type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, usize, u64, u64);
+type HeartbeatAnswer = (String, Vec<String>, Vec<u64>, String, u64, u64);
 
 /// What this run knows of the fleet's members between heartbeats; only the
 /// heartbeat and a noticed loss change it.
@@ -113,7 +113,7 @@ impl Fleet {
             .arg(self.membership.first_window.unix_secs())
             .arg(self.membership.epoch.as_deref().unwrap_or_default())
             .arg(LEFT_REMEMBERED.as_millis() as u64)
-            .arg(self.shards)
+            .arg(self.layout().registered_shards())
             .arg(self.membership.lapsed_kept_ms)
             .arg(self.registry_ttl_secs())
             .arg(self.length.as_secs())
@@ -126,15 +126,8 @@ impl Fleet {
         let (epoch, live, orphans, shards, window_secs, redis_us) = answer;
         let received_us = unix_micros();
         self.clock_offset_ms = Some(rules::clock_offset_ms(sent_us, received_us, redis_us));
-        let here = Layout {
-            shards: self.shards,
-            window_secs: self.length.as_secs(),
-        };
-        let fleet = Layout {
-            shards,
-            window_secs,
-        };
-        if let Some(refusal) = rules::refusal(here, fleet, self.keys.prefix()) {
+        let fleet = Layout::of_fleet(&shards, window_secs);
+        if let Some(refusal) = rules::refusal(self.layout(), fleet, self.keys.prefix()) {
             if self.refusal.is_none() {
                 tracing::error!("{refusal}; this instance delivers nothing until it is fixed");
             }
@@ -144,6 +137,7 @@ impl Fleet {
         self.refusal = None;
         self.learn_epoch(epoch);
         let now = Instant::now();
+        self.live_runs = live.len().max(1);
         for run in live {
             self.membership.seen.insert(run, now);
         }
@@ -155,6 +149,15 @@ impl Fleet {
             .into_iter()
             .map(WindowStart::from_unix_secs)
             .collect())
+    }
+
+    /// This run's layout, as the fleet must share it.
+    fn layout(&self) -> Layout {
+        Layout {
+            shards: self.shards,
+            window_secs: self.length.as_secs(),
+            sets_per_window: true,
+        }
     }
 
     fn learn_epoch(&mut self, epoch: String) {

@@ -3,9 +3,10 @@
 //! The aggregator queues ids new to this instance, and closed windows, with
 //! [`RedisStore`]; a forwarder thread of its own sends them, so Redis being slow or
 //! gone never stalls the aggregator, let alone a worker. Ids go to a window's Redis
-//! sets (one, or `VERVE_REDIS_SHARDS` on a Redis Cluster's slots) with `SADD`
-//! inside a script per set (atomic per set: an id two instances send at once is
-//! added once), in pipelined rounds. A closed window comes after this instance's last ids
+//! sets (`VERVE_REDIS_SHARDS` on a Redis Cluster's slots, each split into as
+//! many sets as the window's traffic needs for Redis to keep them compact) with
+//! `SADD` (an id two instances send at once is added once), in pipelined
+//! rounds that wait a little for ids to gather (a 128th of a window). A closed window comes after this instance's last ids
 //! for it in the queue, so when the forwarder reaches it, every id is in: it marks
 //! the instance done and the fleet protocol (`fleet`) decides when the window's
 //! count is published, and by whom.
@@ -34,6 +35,7 @@ mod membership;
 #[cfg(test)]
 mod model;
 mod rules;
+mod sets;
 mod settle;
 mod slots;
 
@@ -53,7 +55,7 @@ use crate::report::Reporter;
 use crate::sink::Acknowledged;
 use crate::window::{WindowLength, WindowStart};
 use forwarder::Forwarder;
-pub use keys::window_sets;
+pub use keys::{set_of_id, window_sets, window_shards};
 use lease::Lease;
 
 /// How to reach Redis, what to call things there, and how long the fleet waits.
@@ -176,14 +178,16 @@ impl RedisGauges {
         if self.buffered_ids.load(Ordering::Relaxed) * 10 > capacity * 9 {
             return Err("dedup buffer over 90%");
         }
-        let down_since = self.down_since_ms.load(Ordering::Relaxed);
-        if down_since != 0 && now_ms.saturating_sub(down_since) > down_limit.as_millis() as u64 {
-            return Err("redis unreachable for longer than a window");
-        }
+        // Before "unreachable": both hold once Redis is gone for a window, and
+        // this one says that ids are refused.
         if self.lease_lapsed.load(Ordering::Relaxed) == 1
             && self.in_fleet.load(Ordering::Relaxed) == 1
         {
             return Err("no heartbeat answered within the lease: refusing ids");
+        }
+        let down_since = self.down_since_ms.load(Ordering::Relaxed);
+        if down_since != 0 && now_ms.saturating_sub(down_since) > down_limit.as_millis() as u64 {
+            return Err("redis unreachable for longer than a window");
         }
         let offset = self.clock_offset_ms.load(Ordering::Relaxed);
         if offset.unsigned_abs() > max_clock_skew_ms {
@@ -218,10 +222,18 @@ struct Queue {
     buffered_ids: usize,
     /// Set at shutdown: send what is queued, leave the fleet, stop by then.
     finish_by: Option<Instant>,
+    /// Closed windows queued: the ids before them go without waiting for
+    /// more to join their round.
+    closes: usize,
 }
 
 enum Item {
-    Ids { window: WindowStart, ids: Vec<i64> },
+    Ids {
+        window: WindowStart,
+        ids: Vec<i64>,
+        /// When the first of them was queued.
+        since: Instant,
+    },
     Close(ClosedWindow),
 }
 
@@ -319,12 +331,14 @@ impl DedupStore for RedisStore {
             Some(Item::Ids {
                 window: last,
                 ids: queued,
+                ..
             }) if *last == window && queued.len() < forwarder::ROUND_IDS => {
                 queued.extend_from_slice(ids)
             }
             _ => queue.items.push_back(Item::Ids {
                 window,
                 ids: ids.to_vec(),
+                since: Instant::now(),
             }),
         }
         drop(queue);
@@ -334,6 +348,7 @@ impl DedupStore for RedisStore {
     fn close(&mut self, closed: ClosedWindow) {
         let mut queue = self.shared.queue();
         queue.items.push_back(Item::Close(closed));
+        queue.closes += 1;
         drop(queue);
         self.shared.wake.notify_one();
     }

@@ -138,10 +138,39 @@ pub(super) fn short_shards(
 /// What a run must share with the fleet to write to its sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Layout {
-    /// `VERVE_REDIS_SHARDS`: sets per window.
+    /// `VERVE_REDIS_SHARDS`: shards per window.
     pub shards: usize,
     /// `VERVE_WINDOW_SECS`.
     pub window_secs: u64,
+    /// Each shard is split over as many sets as its sentinel says (this
+    /// version); a fleet of an earlier version writes one set per shard, which
+    /// this version would never count.
+    pub sets_per_window: bool,
+}
+
+/// The suffix of the registry's shard count from versions that split each
+/// shard over sets counted per window: an earlier version compares the whole
+/// value with its own count and refuses itself.
+const SETS_PER_WINDOW: &str = "+sets";
+
+impl Layout {
+    /// How the registry keeps the shard count (`P:{fleet}:shards`).
+    pub fn registered_shards(&self) -> String {
+        format!("{}{SETS_PER_WINDOW}", self.shards)
+    }
+
+    /// The fleet's layout from the registry's shard count and window length.
+    pub fn of_fleet(shards: &str, window_secs: u64) -> Self {
+        let (count, sets_per_window) = match shards.strip_suffix(SETS_PER_WINDOW) {
+            Some(count) => (count, true),
+            None => (shards, false),
+        };
+        Layout {
+            shards: count.parse().unwrap_or(0),
+            window_secs,
+            sets_per_window,
+        }
+    }
 }
 
 /// Why a run laid out as `here` must not deliver to a fleet laid out as `fleet`
@@ -149,6 +178,14 @@ pub(super) struct Layout {
 /// Another split would count some ids twice; another window length would put
 /// ids of one window into another's set.
 pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<String> {
+    if here.sets_per_window != fleet.sets_per_window {
+        return Some(format!(
+            "the fleet sharing this Redis (prefix {prefix}) runs a verve that writes one set \
+             per shard, and this one splits shards over sets counted per window: the two would \
+             not count each other's ids; stop that fleet before starting this version (or use \
+             another VERVE_REDIS_PREFIX)"
+        ));
+    }
     if here.shards != fleet.shards {
         return Some(format!(
             "VERVE_REDIS_SHARDS is {} here but {} in the fleet sharing this Redis \
@@ -166,6 +203,76 @@ pub(super) fn refusal(here: Layout, fleet: Layout, prefix: &str) -> Option<Strin
         ));
     }
     None
+}
+
+/// A window's sets, together, are at most this many: a round of
+/// `ROUND_IDS` (65,536) ids then still carries 4 per set, and a survey (the sum
+/// of every set's size, in Lua) stays within a few ms of Redis's time. With
+/// `set-max-intset-entries` at 8192, a window is compact up to 134 M ids.
+const MOST_SETS_PER_WINDOW: u32 = 16_384;
+
+/// A run projects its rate over at most this much of a window: a window of an
+/// hour or a day learns its size from the one before it instead, rather than
+/// from the first second's rate (every id new then), which would split it far
+/// finer than its ids fill.
+const PROJECTED_OVER: Duration = Duration::from_secs(60);
+
+/// The ids a set is aimed at holding, at most: an intset's insert moves half
+/// of it, so past a few thousand ids that costs more than a command per set
+/// per round saves (docs/performance.md, "Redis's cost per id").
+const MOST_IDS_PER_SET: u64 = 2_048;
+
+/// How many sets each of `shards` shards of a window expected to hold
+/// `expected_ids` is split into, for Redis that keeps sets of up to
+/// `intset_limit` integers compact (`set-max-intset-entries`): a power of two
+/// that leaves each set half that, or [`MOST_IDS_PER_SET`], so that a window
+/// twice as busy as expected stays compact; one set for a quiet window, or
+/// when Redis keeps no set of more than [`LEAST_INTSET_LIMIT`] compact.
+pub(super) fn sets_per_shard(expected_ids: u64, shards: usize, intset_limit: u64) -> u32 {
+    if intset_limit < LEAST_INTSET_LIMIT {
+        return 1;
+    }
+    let per_set = (intset_limit / 2).min(MOST_IDS_PER_SET);
+    let shards = shards.max(1) as u64;
+    let most = (u64::from(MOST_SETS_PER_WINDOW) / shards).max(1);
+    let most = 1 << most.ilog2();
+    let needed = expected_ids.div_ceil(shards * per_set);
+    needed
+        .checked_next_power_of_two()
+        .map_or(most, |sets| sets.min(most)) as u32
+}
+
+/// Below this `set-max-intset-entries`, splitting a shard would make sets so
+/// small that a command per set per round costs more than compact sets save.
+const LEAST_INTSET_LIMIT: u64 = 64;
+
+/// The ids a run expects in a window it is about to send its first round to:
+/// the count of the latest window the fleet published, or what its own
+/// rate (`ids` new to it queued over `queued_for`) makes over the `window`
+/// (over [`PROJECTED_OVER`] at most), times the runs sharing the traffic,
+/// whichever is more.
+pub(super) fn expected_ids(
+    latest_count: u64,
+    ids: usize,
+    queued_for: Duration,
+    window: Duration,
+    live_runs: usize,
+) -> u64 {
+    let queued_for = queued_for.max(Duration::from_millis(1));
+    let rate = ids as f64 / queued_for.as_secs_f64();
+    let over = window.min(PROJECTED_OVER).as_secs_f64();
+    let projected = rate * over * live_runs.max(1) as f64;
+    latest_count.max(projected as u64)
+}
+
+/// How long ids may wait in the queue for more to join their round: 1/128 of
+/// a window (a few ms to half a second), so that a round carries, per set,
+/// about as many ids as a set holds over 128 (a window's ids are spread over
+/// sets of [`MOST_IDS_PER_SET`]) whatever the rate, rather than one command
+/// per id at low rates.
+pub(super) fn round_wait(length: WindowLength) -> Duration {
+    (Duration::from_secs(length.as_secs()) / 128)
+        .clamp(Duration::from_millis(1), Duration::from_millis(500))
 }
 
 /// How far Redis's clock (`redis_us`, read by a heartbeat) is ahead of this
@@ -477,8 +584,71 @@ mod tests {
         let layout = Layout {
             shards: 16,
             window_secs: 60,
+            sets_per_window: true,
         };
         assert_eq!(refusal(layout, layout, "verve"), None);
+        assert_eq!(layout.registered_shards(), "16+sets");
+        assert_eq!(Layout::of_fleet("16+sets", 60), layout);
+    }
+
+    #[test]
+    fn a_fleet_of_an_earlier_version_is_refused_whatever_its_counts() {
+        let here = Layout {
+            shards: 16,
+            window_secs: 60,
+            sets_per_window: true,
+        };
+        // What an earlier version registered: the count alone.
+        let fleet = Layout::of_fleet("16", 60);
+        assert!(!fleet.sets_per_window);
+        let line = refusal(here, fleet, "verve").unwrap();
+        assert!(line.starts_with("the fleet sharing this Redis (prefix verve) runs a verve that writes one set per shard"), "{line}");
+    }
+
+    #[test]
+    fn a_shard_is_split_into_enough_sets_for_twice_the_expected_ids() {
+        // Redis's default set-max-intset-entries (512): sets of 256.
+        assert_eq!(sets_per_shard(0, 1, 512), 1);
+        assert_eq!(sets_per_shard(256, 1, 512), 1);
+        assert_eq!(sets_per_shard(257, 1, 512), 2);
+        assert_eq!(sets_per_shard(1_000_000, 1, 512), 4_096);
+        // A raised limit: sets of 2,048 at most, however high it is.
+        assert_eq!(sets_per_shard(5_000_000, 1, 8_192), 4_096);
+        assert_eq!(sets_per_shard(5_000_000, 1, 1 << 20), 4_096);
+        assert_eq!(sets_per_shard(5_000_000, 48, 8_192), 64);
+        // Never more than 16,384 sets per window in all.
+        assert_eq!(sets_per_shard(u64::MAX / 2, 1, 8_192), 16_384);
+        assert_eq!(sets_per_shard(u64::MAX / 2, 48, 8_192), 256);
+        assert_eq!(sets_per_shard(u64::MAX / 2, 100_000, 8_192), 1);
+        // No compact sets worth the name: one set per shard.
+        assert_eq!(sets_per_shard(1_000_000, 1, 0), 1);
+        assert_eq!(sets_per_shard(1_000_000, 1, 63), 1);
+        assert_eq!(sets_per_shard(1_000_000, 1, 64), 16_384);
+        assert_eq!(sets_per_shard(u64::MAX, 1, 8_192), 16_384);
+    }
+
+    #[test]
+    fn a_window_is_expected_to_hold_the_latest_count_or_the_rate_over_the_window() {
+        let minute = Duration::from_secs(60);
+        let second = Duration::from_secs(1);
+        assert_eq!(expected_ids(0, 0, second, minute, 1), 0);
+        assert_eq!(expected_ids(0, 1_000, second, minute, 1), 60_000);
+        assert_eq!(expected_ids(0, 1_000, second, minute, 3), 180_000);
+        assert_eq!(expected_ids(500_000, 1_000, second, minute, 3), 500_000);
+        // Ids queued no time ago count as queued over a millisecond.
+        assert_eq!(expected_ids(0, 2, Duration::ZERO, minute, 1), 120_000);
+        // A day's window: the rate over a minute, or the latest window's count.
+        let day = Duration::from_secs(86_400);
+        assert_eq!(expected_ids(0, 1_000, second, day, 1), 60_000);
+        assert_eq!(expected_ids(9_000_000, 1_000, second, day, 1), 9_000_000);
+    }
+
+    #[test]
+    fn ids_wait_a_128th_of_a_window_for_their_round() {
+        let wait = |secs| round_wait(WindowLength::from_secs(secs));
+        assert_eq!(wait(60), Duration::from_micros(468_750));
+        assert_eq!(wait(2), Duration::from_micros(15_625));
+        assert_eq!(wait(3600), Duration::from_millis(500));
     }
 
     #[test]
@@ -486,6 +656,7 @@ mod tests {
         let here = Layout {
             shards: 1,
             window_secs: 6,
+            sets_per_window: true,
         };
         let fleet = Layout {
             window_secs: 3,
@@ -506,10 +677,12 @@ mod tests {
         let here = Layout {
             shards: 4,
             window_secs: 6,
+            sets_per_window: true,
         };
         let fleet = Layout {
             shards: 16,
             window_secs: 3,
+            sets_per_window: true,
         };
         let line = refusal(here, fleet, "p").unwrap();
         assert!(

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use verve::window::{WindowLength, WindowStart};
 
 use crate::common::kafka::all_records;
+use crate::common::redis_server::sets_per_shard;
 use crate::common::{parse_count_line, sleep_until, start_of_next_window};
 
 use super::checker::{check, Content, Cutoff, Published};
@@ -243,12 +244,20 @@ impl Chaos<'_> {
             // Its clients were waiting for it (paused, or the machine busy).
             return Vec::new();
         }
+        let mut connection = self.fleet.redis.connection();
+        let mut sets = std::collections::BTreeMap::new();
         let mut pipe = redis::pipe();
         for (id, answered) in &oks {
-            let set = verve::store::window_sets("verve", self.length.window_of(*answered), 1);
-            pipe.cmd("SISMEMBER").arg(&set[0]).arg(id);
+            let window = self.length.window_of(*answered);
+            let sets = *sets
+                .entry(window)
+                .or_insert_with(|| sets_per_shard(&mut connection, window));
+            let shards = verve::store::window_shards("verve", window, 1);
+            pipe.cmd("SISMEMBER")
+                .arg(verve::store::set_of_id(&shards, sets, *id))
+                .arg(id);
         }
-        let held: Vec<bool> = pipe.query(&mut self.fleet.redis.connection()).unwrap();
+        let held: Vec<bool> = pipe.query(&mut connection).unwrap();
         let mut undelivered: Vec<Undelivered> = oks
             .iter()
             .zip(held)

@@ -12,9 +12,9 @@ worker, one window of a day, journal off) pinned with it to --server-cpu, and
 wrk on --load-cpu sending every id new, --pipeline deep, for --seconds. Once
 verve has handed Redis every id: redis-server's `used_memory` growth and CPU
 (user + system, /proc) per id the window's sets hold, verve's CPU per request,
-how the window is split (sets, and how many of them are intsets), and the
+how the window is split (sets, and how many of them are intsets), the
 protocol's share of Redis's time in commands (INFO commandstats: all but the
-ids' own SADD and EXPIRE).
+ids' own SADD and EXPIRE), and what a survey of the window's sets costs Redis.
 """
 
 import argparse
@@ -56,6 +56,22 @@ def window_sets(port):
     keys = cli(port, "--scan", "--pattern", "verve:{*}*").split()
     return [k for k in keys if not k.startswith("verve:{fleet}")
             and (k.endswith("}") or re.search(r"\}:\d+/\d+$", k))]
+
+
+# What tally.lua does per set: renew its time to live, add its size.
+SURVEY = "local n = 0 for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, 600) n = n + redis.call('SCARD', k) end return n"
+
+
+def time_survey(port, sets):
+    """The median over 5 of redis-server's own time (INFO commandstats) for a
+    script that does to every set of the window what a survey does."""
+    times = []
+    for _ in range(5):
+        cli(port, "CONFIG", "RESETSTAT")
+        cli(port, "EVAL", SURVEY, len(sets), *sets)
+        stats = cli(port, "INFO", "commandstats")
+        times.append(int(re.search(r"cmdstat_eval:calls=\d+,usec=(\d+)", stats).group(1)) / 1000)
+    return sorted(times)[2]
 
 
 def measure(name, binary, args):
@@ -103,17 +119,20 @@ def measure(name, binary, args):
         # scripts: the round's count, heartbeats, surveys, settles; MULTI/EXEC).
         usec = {name: int(us) for name, us in
                 re.findall(r"cmdstat_([\w|]+):calls=\d+,usec=(\d+)", cli(redis_port, "INFO", "commandstats"))}
-        for own in ("info", "config|resetstat"):
+        # EXEC's time is that of the commands it ran, each counted too.
+        for own in ("info", "config|resetstat", "exec"):
             usec.pop(own, None)
         for_ids = usec.get("sadd", 0) + usec.get("expire", 0)
         protocol = sum(usec.values()) - for_ids
         sets = window_sets(redis_port)
         ids = sum(int(cli(redis_port, "SCARD", k)) for k in sets)
+        survey_ms = time_survey(redis_port, sets)
         sample = random.Random(1).sample(sets, min(len(sets), 50))
         intsets = sum(cli(redis_port, "OBJECT", "ENCODING", k).strip() == "intset" for k in sample)
         return {"requests": requests, "ids": ids, "sets": len(sets),
                 "intsets": intsets / max(len(sample), 1),
                 "protocol_share": protocol / max(for_ids + protocol, 1),
+                "survey_ms": survey_ms,
                 "bytes_per_id": memory / max(ids, 1), "redis_us_per_id": redis_cpu / max(ids, 1) * 1e6,
                 "verve_us_per_request": verve_cpu / max(requests, 1) * 1e6,
                 "us_per_request": (redis_cpu + verve_cpu) / max(requests, 1) * 1e6}
@@ -147,7 +166,8 @@ def main():
               f"({r['intsets']:.0%} intsets): redis-server {r['bytes_per_id']:.1f} bytes and "
               f"{r['redis_us_per_id']:.3f} µs per id; verve {r['verve_us_per_request']:.3f} µs, "
               f"both {r['us_per_request']:.3f} µs per request; the protocol's scripts "
-              f"{r['protocol_share']:.1%} of Redis's time in commands", flush=True)
+              f"{r['protocol_share']:.1%} of Redis's time in commands; a survey of the window "
+              f"{r['survey_ms']:.2f} ms", flush=True)
     if args.compare:
         old, new = results[args.compare], results["verve"]
         for key in ("bytes_per_id", "redis_us_per_id", "verve_us_per_request", "us_per_request"):

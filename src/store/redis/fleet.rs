@@ -128,9 +128,13 @@ impl Fleet {
         HEARTBEAT.min(self.wait / 4)
     }
 
-    /// How often to check a window the fleet has not finished.
-    pub fn poll_interval(&self) -> Duration {
-        POLL.min(self.wait / 4)
+    /// How often to check `window` while the fleet has not finished it: a
+    /// quarter of the fleet's wait, at most [`POLL`], and less often for a
+    /// window of many sets, whose survey costs Redis more
+    /// ([`rules::poll_interval`]).
+    pub fn poll_interval(&self, window: WindowStart) -> Duration {
+        let sets = u64::from(self.sets.of(window, 0)) * self.shards as u64;
+        rules::poll_interval(POLL.min(self.wait / 4), sets)
     }
 
     /// Runs `commands` in one pipeline (one round trip per node), as one

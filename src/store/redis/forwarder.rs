@@ -438,7 +438,7 @@ impl Forwarder {
             },
             closed,
             rounds: delivery.rounds,
-            next_check: Instant::now() + self.fleet.poll_interval(),
+            next_check: Instant::now() + self.fleet.poll_interval(window),
             wait_over,
             forget_at: wait_over + self.fleet.wait.max(window_length) + self.redeliver_after,
             redelivered: 0,
@@ -504,7 +504,7 @@ impl Forwarder {
                 self.forget_journal(window);
                 return;
             }
-            tracked.next_check = now + self.fleet.poll_interval();
+            tracked.next_check = now + self.fleet.poll_interval(window);
         }
         self.tracked.insert(window, tracked);
     }

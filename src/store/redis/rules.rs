@@ -265,6 +265,17 @@ pub(super) fn expected_ids(
     latest_count.max(projected as u64)
 }
 
+/// What a survey costs Redis per set it reads, about (`tally.lua`'s `EXPIRE`
+/// and `SCARD` from Lua: 42 to 45 ms for 16,384 sets, docs/performance.md).
+const SURVEY_PER_SET: Duration = Duration::from_micros(3);
+
+/// How often a run checks a window of `sets` sets the fleet has not finished:
+/// every `poll`, or so that its surveys take at most 2.5 % of Redis's time
+/// (40 times a survey's cost: 2 s for 16,384 sets), whichever is longer.
+pub(super) fn poll_interval(poll: Duration, sets: u64) -> Duration {
+    poll.max(SURVEY_PER_SET * 40 * sets.min(u64::from(u32::MAX)) as u32)
+}
+
 /// How long ids may wait in the queue for more to join their round: 1/128 of
 /// a window (a few ms to half a second), so that a round carries, per set,
 /// about as many ids as a set holds over 128 (a window's ids are spread over
@@ -641,6 +652,18 @@ mod tests {
         let day = Duration::from_secs(86_400);
         assert_eq!(expected_ids(0, 1_000, second, day, 1), 60_000);
         assert_eq!(expected_ids(9_000_000, 1_000, second, day, 1), 9_000_000);
+    }
+
+    #[test]
+    fn a_window_of_many_sets_is_checked_less_often() {
+        let poll = Duration::from_millis(250);
+        assert_eq!(poll_interval(poll, 1), poll);
+        assert_eq!(poll_interval(poll, 2_048), poll);
+        assert_eq!(poll_interval(poll, 4_096), Duration::from_micros(491_520));
+        assert_eq!(
+            poll_interval(poll, 16_384),
+            Duration::from_micros(1_966_080)
+        );
     }
 
     #[test]

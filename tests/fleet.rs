@@ -701,14 +701,7 @@ fn a_run_cut_off_past_its_lease_refuses_ids_so_a_complete_record_is_never_short(
         Duration::from_secs(10),
         || "b's heartbeat expired in Redis".into(),
         || {
-            let mut connection = redis.connection();
-            let (now, _): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
-            let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg("verve:{fleet}:instances")
-                .arg(now * 1000)
-                .arg("+inf")
-                .query(&mut connection)
-                .unwrap();
+            let live = redis.live_runs();
             let runs = redis.registered_runs();
             let b_run = runs.into_iter().find(|run| run.starts_with("b/"))?;
             (!live.contains(&b_run)).then_some(b_run)

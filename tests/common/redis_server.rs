@@ -111,6 +111,18 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// The runs whose heartbeat has not expired, by Redis's clock.
+    pub fn live_runs(&self) -> Vec<String> {
+        let mut connection = self.connection();
+        let (now, _): (u64, u64) = redis::cmd("TIME").query(&mut connection).unwrap();
+        redis::cmd("ZRANGEBYSCORE")
+            .arg("verve:{fleet}:instances")
+            .arg(now * 1000)
+            .arg("+inf")
+            .query(&mut connection)
+            .unwrap()
+    }
+
     /// `instance`'s mark for `window` in the fleet protocol: `sending`, `full`,
     /// `partial`, or none. Marks belong to runs, `<instance>/<pid>-<start>`; an
     /// instance of the tests runs once.

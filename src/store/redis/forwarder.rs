@@ -3,8 +3,9 @@
 //! It takes work in this order: a round that failed (once its backoff is over),
 //! acknowledgements from the shared sinks to record, a heartbeat that is due, a
 //! window check that is due (alternating with rounds, so that neither starves),
-//! then the next round off the queue: a round of ids (one pipeline, up to
-//! [`ROUND_IDS`] ids: a `MULTI` on one server, a `round.lua` per shard on a
+//! then the next round off the queue: a round of ids (one pipeline per window,
+//! up to [`ROUND_IDS`] ids, once the oldest waited [`rules::round_wait`] for
+//! more to join them: a `MULTI` on one server, a `round.lua` per shard on a
 //! cluster) or a closed window (all of this
 //! instance's ids for it are in by then: it marks itself done and follows the
 //! window until the fleet's record is complete). Every call that fails is retried

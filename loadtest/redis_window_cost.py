@@ -23,7 +23,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -33,7 +32,6 @@ from procs import cpu_seconds, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
-sys.path.insert(0, str(ROOT / "loadtest"))
 
 
 def cli(port, *args):

@@ -344,10 +344,7 @@ pub fn two_members_with_overlapping_ids(
 pub fn command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_verve"));
     cmd.env_clear()
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_RUST_LOG").unwrap_or("info".into()),
-        )
+        .env("RUST_LOG", "info")
         .env("VERVE_ADDR", "127.0.0.1:0")
         // Instances run side by side: each gets its own operations port.
         .env("VERVE_ADMIN_ADDR", "127.0.0.1:0")

@@ -36,6 +36,7 @@ in --out for a closer look (`callgrind_annotate --inclusive=yes FILE`).
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,11 @@ def measure(server, depth, args, out):
                VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"),
                VERVE_DATA_DIR=str(out / f"{server}-d{depth}.data"),
                VERVE_JOURNAL=str(server != "verve-nojournal").lower())
+    # A fresh journal and count log: a journal left by an earlier run in the same
+    # (day-long) window would be read back at start, and its ids would make the
+    # stream's look old to the set.
+    shutil.rmtree(env["VERVE_DATA_DIR"], ignore_errors=True)
+    Path(env["VERVE_COUNT_LOG"]).unlink(missing_ok=True)
     pattern = out / f"{server}-d{depth}.%p"
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                              str(binary)], env=env, stdout=subprocess.DEVNULL,

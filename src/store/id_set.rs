@@ -13,26 +13,33 @@
 //! every table has just grown. They do not grow in step: each table is created at
 //! a random point of its growth cycle, so across many tables the loads spread over
 //! that range and the set holds about `8 / (0.9 × ln 1.25 / 0.25)` = 10 bytes per
-//! id, at every size. Slots hold ids themselves (no control bytes, no stored hash): a
-//! bucket is eight ids in one cache line, 0 marks a free slot, and id 0 is a flag.
+//! id, at every size.
+//!
+//! CPU: the hash is a keyed permutation ([`Scramble`]), and slots hold the
+//! scrambled ids, which are their own hashes: no control bytes, no stored hash,
+//! and an id is hashed once, on arrival, however often its table grows (about
+//! five moves per id at this growth rate, most of the set's work). A bucket is
+//! eight of them in one cache line, 0 marks a free slot, and the one id that
+//! scrambles to 0 is a flag.
 //!
 //! Invariants: ids are only ever added (never removed), so an id present in a table
-//! lies between its home bucket and the first bucket with a free slot; each table
-//! keeps a free slot; `len` counts the inserts that found their id new.
+//! lies between its home bucket and the first bucket with a free slot, and a
+//! bucket's free slots are its last ones; each table keeps a free slot; `len`
+//! counts the inserts that found their id new.
 
 use std::hash::BuildHasher;
 use std::sync::OnceLock;
 
 use foldhash::SharedSeed;
 
-/// How [`IdSet`] hashes ids: foldhash, with seeds from the operating system's
-/// randomness (through std's `RandomState`), one shared by the process and one per
-/// set. Clients pick the ids, so the hash must be one they cannot aim collisions
-/// at; SipHash, std's default, resists that even when its output leaks, at several
-/// times the cost. Foldhash resists it while its seeds stay unknown, and here
-/// nothing shows them: a request is answered before its id reaches the set, so no
-/// answer's timing depends on where an id lands, and each window's set hashes
-/// differently. (Foldhash's own default seeds come from addresses and the time.)
+/// How ids are spread over partition owners ([`crate::partition`]): foldhash,
+/// with seeds from the operating system's randomness (through std's
+/// `RandomState`), one shared by the process and one per hasher. Clients pick the
+/// ids, so the hash must be one they cannot aim collisions at; SipHash, std's
+/// default, resists that even when its output leaks, at several times the cost.
+/// Foldhash resists it while its seeds stay unknown, and nothing shows them (see
+/// [`Scramble`], the set's own hash, for why). (Foldhash's own default seeds come
+/// from addresses and the time.)
 pub type IdHasher = foldhash::fast::SeedableRandomState;
 
 /// A hasher with a seed of its own (and the process's shared seed).
@@ -50,8 +57,8 @@ fn random_u64() -> u64 {
 /// Ids per bucket: one 64-byte cache line.
 const BUCKET_IDS: usize = 8;
 
-/// The free-slot marker; the id 0 itself is kept as a flag.
-const FREE: i64 = 0;
+/// The free-slot marker. The one id that scrambles to it is kept as a flag.
+const FREE: u64 = 0;
 
 /// A table grows once more than this share of its slots is taken (9/10): with
 /// eight slots to a bucket, an insert still probes 1.2 buckets on average.
@@ -67,12 +74,12 @@ const GROWTH: f64 = 1.25;
 /// times, so no batch meets a wave of them.
 const SPLIT_BUCKETS: usize = 1 << 11;
 
-/// The directory never takes more leading hash bits than this (a table past it
-/// only grows); 2^24 tables of [`SPLIT_BUCKETS`] buckets is far beyond any window.
+/// The directory never takes more leading bits than this (a table past it only
+/// grows); 2^24 tables of [`SPLIT_BUCKETS`] buckets is far beyond any window.
 const MAX_DEPTH: u32 = 24;
 
-/// Ids are mixed in chunks of this many, so that their buckets are fetched from
-/// memory together rather than one miss after another.
+/// Ids are scrambled in chunks of this many, so that their buckets are fetched
+/// from memory together rather than one miss after another.
 const PREFETCH_CHUNK: usize = 16;
 
 /// Asks for `bucket`'s cache line ahead of its use.
@@ -88,20 +95,117 @@ fn prefetch(bucket: &Bucket) {
     let _ = line;
 }
 
+/// A keyed permutation of the 64-bit ids: the set stores and places each id by
+/// its scrambled form, which is the id's hash and the id at once. So an id is
+/// hashed once, when it arrives, and never again when its table grows or splits
+/// (the moves that make up most of the set's work), and [`IdSet::for_each`]
+/// gets the ids back by undoing it.
+///
+/// Clients pick the ids, so where they land must not be something a client can
+/// aim at: both keys come from the operating system's randomness, one pair per
+/// set, and nothing shows the result (a request is answered before its id
+/// reaches the set, so no answer's timing depends on where it lands). The rounds
+/// are those of SplitMix64's finaliser (every bit of the input moves about half
+/// the bits of the output), with a key added between them.
+#[derive(Clone, Copy)]
+struct Scramble {
+    before: u64,
+    between: u64,
+}
+
+impl Scramble {
+    const MUL_1: u64 = 0xbf58_476d_1ce4_e5b9;
+    const MUL_2: u64 = 0x94d0_49bb_1331_11eb;
+    const INV_1: u64 = inverse(Scramble::MUL_1);
+    const INV_2: u64 = inverse(Scramble::MUL_2);
+
+    fn random() -> Scramble {
+        Scramble {
+            before: random_u64(),
+            between: random_u64(),
+        }
+    }
+
+    #[inline]
+    fn apply(self, id: i64) -> u64 {
+        let mut x = id as u64 ^ self.before;
+        x = (x ^ (x >> 30)).wrapping_mul(Scramble::MUL_1);
+        x = x.wrapping_add(self.between);
+        x = (x ^ (x >> 27)).wrapping_mul(Scramble::MUL_2);
+        x ^ (x >> 31)
+    }
+
+    fn undo(self, scrambled: u64) -> i64 {
+        let mut x = unshift(scrambled, 31).wrapping_mul(Scramble::INV_2);
+        x = unshift(x, 27).wrapping_sub(self.between);
+        x = unshift(x.wrapping_mul(Scramble::INV_1), 30);
+        (x ^ self.before) as i64
+    }
+}
+
+/// The multiplicative inverse of an odd `a` modulo 2^64 (Newton's iteration,
+/// each step doubling the correct low bits).
+const fn inverse(a: u64) -> u64 {
+    let mut x = a;
+    let mut step = 0;
+    while step < 6 {
+        x = x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x)));
+        step += 1;
+    }
+    x
+}
+
+/// Undoes `x ^ (x >> shift)`.
+fn unshift(y: u64, shift: u32) -> u64 {
+    let mut x = y;
+    let mut known = shift;
+    while known < 64 {
+        x = y ^ (x >> shift);
+        known += shift;
+    }
+    x
+}
+
+/// Eight slots: scrambled ids, then free slots. Slots fill in order and are
+/// never emptied, so the free ones are always the bucket's tail.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Bucket([i64; BUCKET_IDS]);
+struct Bucket([u64; BUCKET_IDS]);
 
 const EMPTY_BUCKET: Bucket = Bucket([FREE; BUCKET_IDS]);
 
 impl Bucket {
-    /// Bit `i` set where slot `i` holds `id`.
+    /// Whether a slot holds `x` (not [`FREE`]). All eight are compared, with
+    /// no branch on where a scan would stop, which no predictor can guess.
     #[inline]
-    fn mask_of(&self, id: i64) -> u32 {
+    fn holds(&self, x: u64) -> bool {
         self.0
             .iter()
-            .enumerate()
-            .fold(0, |mask, (i, &slot)| mask | (u32::from(slot == id) << i))
+            .fold(false, |found, &slot| found | (slot == x))
+    }
+
+    #[inline]
+    fn is_full(&self) -> bool {
+        self.0[BUCKET_IDS - 1] != FREE
+    }
+
+    /// Puts `x` in the first free slot of a bucket that is not full: found in
+    /// three steps, since the taken slots are a prefix.
+    #[inline]
+    fn push(&mut self, x: u64) {
+        let mut taken = 0;
+        for step in [4, 2, 1] {
+            if self.0[taken + step - 1] != FREE {
+                taken += step;
+            }
+        }
+        self.0[taken] = x;
+    }
+
+    /// The bucket's scrambled ids.
+    #[inline]
+    fn taken(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().copied().take_while(|&x| x != FREE)
     }
 }
 
@@ -109,16 +213,20 @@ impl Bucket {
 struct Table {
     buckets: Box<[Bucket]>,
     len: usize,
-    /// Leading hash bits shared by every id of this table, and how many.
+    /// The most ids the table holds before it grows ([`MAX_LOAD`]).
+    limit: usize,
+    /// Leading bits shared by every scrambled id of this table, and how many.
     prefix: u64,
     depth: u32,
 }
 
 impl Table {
     fn with_buckets(buckets: usize, prefix: u64, depth: u32) -> Table {
+        let buckets = buckets.max(1);
         Table {
-            buckets: vec![EMPTY_BUCKET; buckets.max(1)].into_boxed_slice(),
+            buckets: vec![EMPTY_BUCKET; buckets].into_boxed_slice(),
             len: 0,
+            limit: buckets * BUCKET_IDS * MAX_LOAD.0 / MAX_LOAD.1,
             prefix,
             depth,
         }
@@ -134,31 +242,30 @@ impl Table {
 
     #[inline]
     fn is_over_load(&self) -> bool {
-        self.len * MAX_LOAD.1 > self.buckets.len() * BUCKET_IDS * MAX_LOAD.0
+        self.len > self.limit
     }
 
-    /// The home bucket of hash `h`: its low 32 bits scaled to the bucket count
-    /// (the leading bits pick the table, so the two never overlap).
+    /// The home bucket of scrambled id `x`: its low 32 bits scaled to the
+    /// bucket count (the leading bits pick the table, so the two never overlap).
+    /// It keeps the order of those bits, so a table's ids, read bucket by
+    /// bucket, reach a grown table's buckets in about the same order.
     #[inline]
-    fn home(&self, h: u64) -> usize {
-        (((h & 0xFFFF_FFFF) * self.buckets.len() as u64) >> 32) as usize
+    fn home(&self, x: u64) -> usize {
+        (((x & 0xFFFF_FFFF) * self.buckets.len() as u64) >> 32) as usize
     }
 
-    /// Adds `id` (not [`FREE`]) with hash `h`; false if it was there. The table
+    /// Adds scrambled id `x` (not [`FREE`]); false if it was there. The table
     /// must have a free slot, which [`MAX_LOAD`] keeps.
     #[inline]
-    fn insert(&mut self, id: i64, h: u64) -> bool {
-        let mut at = self.home(h);
+    fn insert(&mut self, x: u64) -> bool {
+        let mut at = self.home(x);
         loop {
             let bucket = &mut self.buckets[at];
-            // Whole-bucket masks rather than a slot-by-slot loop: no branch on
-            // where in the bucket the scan stops, which no predictor can guess.
-            if bucket.mask_of(id) != 0 {
+            if bucket.holds(x) {
                 return false;
             }
-            let free = bucket.mask_of(FREE);
-            if free != 0 {
-                bucket.0[free.trailing_zeros() as usize] = id;
+            if !bucket.is_full() {
+                bucket.push(x);
                 self.len += 1;
                 return true;
             }
@@ -166,60 +273,41 @@ impl Table {
         }
     }
 
-    /// Whether `id` (not [`FREE`]) with hash `h` is in the table: it would lie
+    /// Whether scrambled id `x` (not [`FREE`]) is in the table: it would lie
     /// before the first bucket with a free slot.
-    fn contains(&self, id: i64, h: u64) -> bool {
-        let mut at = self.home(h);
+    fn contains(&self, x: u64) -> bool {
+        let mut at = self.home(x);
         loop {
             let bucket = &self.buckets[at];
-            if bucket.mask_of(id) != 0 {
+            if bucket.holds(x) {
                 return true;
             }
-            if bucket.mask_of(FREE) != 0 {
+            if !bucket.is_full() {
                 return false;
             }
             at = self.next(at);
         }
     }
 
-    /// Adds `id`, known not to be in the table (moving ids to a new table).
+    /// Adds scrambled id `x`, known not to be in the table (moving ids).
     #[inline]
-    fn place(&mut self, id: i64, h: u64) {
-        self.place_from(id, self.home(h));
-    }
-
-    /// [`Table::place`] with the home bucket already worked out.
-    #[inline]
-    fn place_from(&mut self, id: i64, home: usize) {
-        let mut at = home;
-        loop {
-            let bucket = &mut self.buckets[at];
-            let free = bucket.mask_of(FREE);
-            if free != 0 {
-                bucket.0[free.trailing_zeros() as usize] = id;
-                self.len += 1;
-                return;
-            }
+    fn place(&mut self, x: u64) {
+        let mut at = self.home(x);
+        while self.buckets[at].is_full() {
             at = self.next(at);
         }
+        self.buckets[at].push(x);
+        self.len += 1;
     }
 
     /// Adds every id of `old`, a table this one replaces and has room for at
-    /// [`MAX_LOAD`] (so it cannot fill up on the way), a prefetched chunk at a
-    /// time: a table just allocated is not in the cache.
-    fn refill(&mut self, old: &Table, hasher: &IdHasher) {
-        let mut chunk = [(0i64, 0usize); PREFETCH_CHUNK];
-        let mut ids = old.ids().peekable();
-        while ids.peek().is_some() {
-            let mut taken = 0;
-            for (slot, id) in chunk.iter_mut().zip(&mut ids) {
-                let home = self.home(hasher.hash_one(id));
-                prefetch(&self.buckets[home]);
-                *slot = (id, home);
-                taken += 1;
-            }
-            for &(id, home) in &chunk[..taken] {
-                self.place_from(id, home);
+    /// [`MAX_LOAD`] (so it cannot fill up on the way). Read in bucket order,
+    /// the ids' homes here rise in the same order: both tables are walked
+    /// front to back, which the hardware prefetches by itself.
+    fn refill(&mut self, old: &Table) {
+        for bucket in old.buckets.iter() {
+            for x in bucket.taken() {
+                self.place(x);
             }
         }
     }
@@ -233,44 +321,42 @@ impl Table {
         }
     }
 
-    fn ids(&self) -> impl Iterator<Item = i64> + '_ {
-        self.buckets
-            .iter()
-            .flat_map(|bucket| bucket.0.iter().copied())
-            .filter(|&id| id != FREE)
+    fn scrambled_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.buckets.iter().flat_map(Bucket::taken)
     }
 }
 
 /// The ids of one window: a set that only grows. See the module's paragraph.
 pub struct IdSet {
-    hasher: IdHasher,
-    /// Entry `i` names the table of the ids whose hash starts with the `depth`
-    /// bits of `i`.
+    scramble: Scramble,
+    /// Entry `i` names the table of the ids whose scrambled form starts with
+    /// the `depth` bits of `i`.
     directory: Vec<u32>,
     depth: u32,
     tables: Vec<Table>,
     len: u64,
-    holds_zero: bool,
+    /// Whether the id that scrambles to [`FREE`] is in the set.
+    holds_free_id: bool,
     /// Picks each new table's starting point in its growth cycle (xorshift).
     stagger: u64,
 }
 
 impl IdSet {
-    /// An empty set with a seed of its own.
+    /// An empty set with keys of its own.
     pub fn new() -> IdSet {
         IdSet::with_capacity(0)
     }
 
     /// An empty set laid out for about `capacity` ids (split into as many tables
-    /// as it would have at that size), with a seed of its own.
+    /// as it would have at that size), with keys of its own.
     pub fn with_capacity(capacity: usize) -> IdSet {
         let mut set = IdSet {
-            hasher: id_hasher(),
+            scramble: Scramble::random(),
             directory: Vec::new(),
             depth: 0,
             tables: Vec::new(),
             len: 0,
-            holds_zero: false,
+            holds_free_id: false,
             stagger: random_u64() | 1,
         };
         // Tables start with as many ids as after a split.
@@ -301,8 +387,7 @@ impl IdSet {
 
     /// Adds `id`; true if it was new.
     pub fn insert(&mut self, id: i64) -> bool {
-        let h = self.hasher.hash_one(id);
-        self.insert_hashed(id, h)
+        self.insert_scrambled(self.scramble.apply(id))
     }
 
     /// Adds every id of `ids`, calling `new` with each that was new, in order;
@@ -310,14 +395,14 @@ impl IdSet {
     /// buckets are prefetched before any is probed.
     pub fn insert_all(&mut self, ids: &[i64], mut new: impl FnMut(i64)) -> u64 {
         let before = self.len;
-        let mut hashes = [0u64; PREFETCH_CHUNK];
+        let mut scrambled = [0u64; PREFETCH_CHUNK];
         for chunk in ids.chunks(PREFETCH_CHUNK) {
-            for (h, &id) in hashes.iter_mut().zip(chunk) {
-                *h = self.hasher.hash_one(id);
-                self.prefetch(*h);
+            for (x, &id) in scrambled.iter_mut().zip(chunk) {
+                *x = self.scramble.apply(id);
+                self.prefetch(*x);
             }
-            for (&h, &id) in hashes.iter().zip(chunk) {
-                if self.insert_hashed(id, h) {
+            for (&x, &id) in scrambled.iter().zip(chunk) {
+                if self.insert_scrambled(x) {
                     new(id);
                 }
             }
@@ -326,20 +411,20 @@ impl IdSet {
     }
 
     pub fn contains(&self, id: i64) -> bool {
-        if id == FREE {
-            return self.holds_zero;
+        let x = self.scramble.apply(id);
+        if x == FREE {
+            return self.holds_free_id;
         }
-        let h = self.hasher.hash_one(id);
-        self.tables[self.directory[self.entry(h)] as usize].contains(id, h)
+        self.tables[self.directory[self.entry(x)] as usize].contains(x)
     }
 
     /// Calls `f` with every id, in no particular order.
     pub fn for_each(&self, mut f: impl FnMut(i64)) {
-        if self.holds_zero {
-            f(FREE);
+        if self.holds_free_id {
+            f(self.scramble.undo(FREE));
         }
         for table in &self.tables {
-            table.ids().for_each(&mut f);
+            table.scrambled_ids().for_each(|x| f(self.scramble.undo(x)));
         }
     }
 
@@ -351,24 +436,24 @@ impl IdSet {
             + self.directory.capacity() * size_of::<u32>()
     }
 
-    /// The directory entry of hash `h`: its leading `depth` bits.
+    /// The directory entry of scrambled id `x`: its leading `depth` bits.
     #[inline]
-    fn entry(&self, h: u64) -> usize {
+    fn entry(&self, x: u64) -> usize {
         // Two shifts, so that a depth of 0 gives entry 0 rather than overflowing.
-        (h >> 32 >> (32 - self.depth)) as usize
+        (x >> 32 >> (32 - self.depth)) as usize
     }
 
     #[inline]
-    fn insert_hashed(&mut self, id: i64, h: u64) -> bool {
-        if id == FREE {
-            let new = !self.holds_zero;
-            self.holds_zero = true;
+    fn insert_scrambled(&mut self, x: u64) -> bool {
+        if x == FREE {
+            let new = !self.holds_free_id;
+            self.holds_free_id = true;
             self.len += u64::from(new);
             return new;
         }
-        let at = self.directory[self.entry(h)] as usize;
+        let at = self.directory[self.entry(x)] as usize;
         let table = &mut self.tables[at];
-        if !table.insert(id, h) {
+        if !table.insert(x) {
             return false;
         }
         self.len += 1;
@@ -379,34 +464,23 @@ impl IdSet {
     }
 
     #[inline]
-    fn prefetch(&self, h: u64) {
-        let table = &self.tables[self.directory[self.entry(h)] as usize];
-        prefetch(&table.buckets[table.home(h)]);
+    fn prefetch(&self, x: u64) {
+        let table = &self.tables[self.directory[self.entry(x)] as usize];
+        prefetch(&table.buckets[table.home(x)]);
     }
 
     /// Moves every id of a split table's `old` self into the table the directory
-    /// names for it, with a chunk's buckets prefetched first (tables just
-    /// allocated are not in the cache). Going through the directory for each id
-    /// keeps it in its right table even when one filled by the move grows or
-    /// splits in turn (an uneven split).
+    /// names for it. Going through the directory for each id keeps it in its
+    /// right table even when one filled by the move grows or splits in turn (an
+    /// uneven split). Both new tables are filled front to back, as in
+    /// [`Table::refill`].
     fn move_ids(&mut self, old: &Table) {
-        let mut chunk = [(0i64, 0u64); PREFETCH_CHUNK];
-        let mut ids = old.ids().peekable();
-        while ids.peek().is_some() {
-            let mut taken = 0;
-            for (slot, id) in chunk.iter_mut().zip(&mut ids) {
-                let h = self.hasher.hash_one(id);
-                self.prefetch(h);
-                *slot = (id, h);
-                taken += 1;
-            }
-            for &(id, h) in &chunk[..taken] {
-                let at = self.directory[self.entry(h)] as usize;
-                self.tables[at].place(id, h);
-                if self.tables[at].is_over_load() {
-                    // An uneven split: rare, and an ordinary growth.
-                    self.grow(at);
-                }
+        for x in old.scrambled_ids() {
+            let at = self.directory[self.entry(x)] as usize;
+            self.tables[at].place(x);
+            if self.tables[at].is_over_load() {
+                // An uneven split: rare, and an ordinary growth.
+                self.grow(at);
             }
         }
     }
@@ -422,7 +496,7 @@ impl IdSet {
         }
         let grown = Table::with_buckets(buckets, table.prefix, table.depth);
         let old = std::mem::replace(&mut self.tables[at], grown);
-        self.tables[at].refill(&old, &self.hasher);
+        self.tables[at].refill(&old);
     }
 
     /// Splits table `at` by the next bit of its ids' hashes into itself and a new
@@ -506,6 +580,40 @@ mod tests {
     }
 
     #[test]
+    fn the_id_that_scrambles_to_the_free_marker_is_counted_once_and_listed() {
+        let mut set = IdSet::new();
+        let marker = set.scramble.undo(FREE);
+        assert_eq!(set.scramble.apply(marker), FREE);
+        assert!(!set.contains(marker));
+        assert!(set.insert(marker));
+        assert!(!set.insert(marker));
+        assert!(set.insert(7));
+        assert_eq!(set.len(), 2);
+        assert!(set.contains(marker));
+        let mut seen = Vec::new();
+        set.for_each(|id| seen.push(id));
+        seen.sort();
+        let mut expected = vec![marker, 7];
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_bucket_fills_its_slots_in_order() {
+        let mut bucket = EMPTY_BUCKET;
+        for x in 1..=BUCKET_IDS as u64 {
+            assert!(!bucket.is_full());
+            bucket.push(x * 10);
+            assert_eq!(
+                bucket.taken().collect::<Vec<_>>(),
+                (1..=x).map(|x| x * 10).collect::<Vec<_>>()
+            );
+            assert!(bucket.holds(x * 10) && !bucket.holds(x * 10 + 1));
+        }
+        assert!(bucket.is_full());
+    }
+
+    #[test]
     fn agrees_with_a_std_set_through_many_splits() {
         let input = ids(300_000, 200_000);
         let mut set = IdSet::new();
@@ -579,6 +687,12 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn scrambling_is_undone_exactly(id in any::<i64>(), before in any::<u64>(), between in any::<u64>()) {
+            let scramble = Scramble { before, between };
+            prop_assert_eq!(scramble.undo(scramble.apply(id)), id);
+        }
+
         #[test]
         fn insert_reports_new_exactly_as_a_std_set_does(
             input in proptest::collection::vec(prop_oneof![any::<i64>(), -50i64..50], 0..3000),

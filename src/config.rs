@@ -85,7 +85,7 @@ pub struct Config {
     pub io_driver: IoDriver,
 
     /// Ids a worker collects before it hands them to the aggregator as one batch.
-    #[arg(long, env = "VERVE_BATCH_IDS", default_value_t = 512,
+    #[arg(long, env = "VERVE_BATCH_IDS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_ids: u32,
 
@@ -95,7 +95,7 @@ pub struct Config {
     pub flush_ms: u64,
 
     /// Batches that may wait for the aggregator; when full, requests get 503.
-    #[arg(long, env = "VERVE_QUEUE_BATCHES", default_value_t = 1024,
+    #[arg(long, env = "VERVE_QUEUE_BATCHES", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub queue_batches: u32,
 

@@ -13,6 +13,11 @@ in Redis mode) starts it with one worker pinned to --server-cpu and drives it fr
      both of which correct for coordinated omission);
   2. at maximum throughput with wrk, without pipelining and 16 deep.
 
+wrk's Lua script limits the 16-deep phase to about a tenth of the server's
+capacity, so its ratio is that of two servers mostly waiting: for the pipelined
+path at full load, and a figure that can see a change of 5 %, use
+loadtest/pipelined.py.
+
 It records the achieved rate, p50/p99/p99.9 latency, server CPU seconds per request
 (/proc/<pid>/stat, all threads: the aggregator and, in Redis mode, redis-server
 too), and peak RSS; checks that verve's count log holds exactly the number of

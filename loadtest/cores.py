@@ -33,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from procs import cpu_seconds, free_port, wait_for_port
+from procs import cpu_seconds, free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -60,10 +60,8 @@ def run(args, name, binary, workers, pipeline):
     port, admin = free_port(), free_port()
     run_dir = Path(tempfile.mkdtemp(prefix=f"verve-cores-{name}-"))
     count_log = run_dir / "counts.log"
-    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_WORKERS=str(workers),
-               VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS="86400",
-               VERVE_COUNT_LOG=str(count_log), VERVE_DATA_DIR=str(run_dir / "data"),
-               RUST_LOG="warn")
+    env = verve_env(port, count_log, run_dir / "data", VERVE_WORKERS=str(workers),
+                    VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS="86400")
     env.update(dict(kv.split("=", 1) for kv in args.env))
     proc = subprocess.Popen(pinned(args.server_cpus, [str(binary)]), env=env, cwd=run_dir,
                             stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))

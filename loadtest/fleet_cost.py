@@ -15,7 +15,6 @@ next to the per-id part.
 """
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from procs import cpu_seconds, free_port, wait_for_port
+from procs import cpu_seconds, free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -40,11 +39,9 @@ def run_fleet(args, procs):
     instances = []
     for i in range(args.instances):
         port = free_port()
-        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
-                   VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
-                   VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                   VERVE_COUNT_LOG=str(work / f"i{i}.log"), VERVE_DATA_DIR=str(work / f"i{i}.data"),
-                   RUST_LOG="warn")
+        env = verve_env(port, work / f"i{i}.log", work / f"i{i}.data",
+                        VERVE_WINDOW_SECS=str(args.window_secs), VERVE_INSTANCE=f"i{i}",
+                        VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
         env.update(item.split("=", 1) for item in args.env)
         proc = subprocess.Popen([str(args.binary)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(work / f"i{i}.err", "w"))

@@ -34,7 +34,6 @@ in --out for a closer look (`callgrind_annotate --inclusive=yes FILE`).
 """
 
 import argparse
-import os
 import re
 import shutil
 import signal
@@ -42,7 +41,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from procs import free_port, wait_for_port
+from procs import free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
@@ -74,14 +73,12 @@ def measure(server, depth, args, out):
     port = free_port()
     binary = {"baseline": RELEASE / "examples" / "baseline", "verve": RELEASE / "verve",
               "verve-nojournal": RELEASE / "verve", "before": args.compare}[server]
-    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
-               VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", RUST_LOG="warn",
-               # Batches fill before the flush tick, as under a high load; the
-               # ticks' own work depends on how long the run takes.
-               VERVE_FLUSH_MS="1000",
-               VERVE_COUNT_LOG=str(out / f"{server}-d{depth}.log"),
-               VERVE_DATA_DIR=str(out / f"{server}-d{depth}.data"),
-               VERVE_JOURNAL=str(server != "verve-nojournal").lower())
+    env = verve_env(port, out / f"{server}-d{depth}.log", out / f"{server}-d{depth}.data",
+                    VERVE_WINDOW_SECS="86400",
+                    # Batches fill before the flush tick, as under a high load; the
+                    # ticks' own work depends on how long the run takes.
+                    VERVE_FLUSH_MS="1000",
+                    VERVE_JOURNAL=str(server != "verve-nojournal").lower())
     # A fresh journal and count log: a journal left by an earlier run in the same
     # (day-long) window would be read back at start, and its ids would make the
     # stream's look old to the set.

@@ -40,7 +40,7 @@ import zlib
 from pathlib import Path
 
 from cores import metric, pinned
-from procs import TICKS, cpu_seconds, free_port, wait_for_port
+from procs import TICKS, cpu_seconds, free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -48,10 +48,9 @@ WINDOW_SECS = 86400
 
 
 def start(args, binary, run_dir, journal, port, admin, log="warn"):
-    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_WORKERS="1",
-               VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS=str(WINDOW_SECS),
-               VERVE_COUNT_LOG=str(run_dir / "counts.log"), VERVE_DATA_DIR=str(run_dir / "data"),
-               VERVE_JOURNAL=journal, VERVE_JOURNAL_FSYNC=args.fsync, RUST_LOG=log)
+    env = verve_env(port, run_dir / "counts.log", run_dir / "data",
+                    VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS=str(WINDOW_SECS),
+                    VERVE_JOURNAL=journal, VERVE_JOURNAL_FSYNC=args.fsync, RUST_LOG=log)
     return subprocess.Popen(pinned(args.server_cpus, [str(binary)]), env=env, cwd=run_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

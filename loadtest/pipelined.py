@@ -40,7 +40,6 @@ loadtest/run.py --compare), with its ratio to the current verve.
 """
 
 import argparse
-import os
 import random
 import re
 import signal
@@ -50,7 +49,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from procs import free_port, wait_for_port
+from procs import free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
@@ -60,9 +59,7 @@ LOADS = {"new": 0, "repeat": 65_536}
 def start(binary, cpu, tmp):
     """Starts one server (one worker) pinned to `cpu`; returns (process, port)."""
     port = free_port()
-    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
-               VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", RUST_LOG="warn",
-               VERVE_COUNT_LOG=f"{tmp}/counts.log", VERVE_DATA_DIR=f"{tmp}/data")
+    env = verve_env(port, tmp / "counts.log", tmp / "data", VERVE_WINDOW_SECS="86400")
     proc = subprocess.Popen(["taskset", "-c", str(cpu), str(binary)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, binary.name, proc=proc)

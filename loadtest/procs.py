@@ -1,5 +1,6 @@
 """What the load-test scripts need of the processes they start: a free loopback
-port, waiting until one listens, and a process's CPU time from /proc."""
+port, the environment of a verve under test, waiting until one listens, and a
+process's CPU time from /proc."""
 
 import os
 import socket
@@ -13,6 +14,17 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def verve_env(port, count_log, data_dir, **settings):
+    """The environment of one verve under test: listening on loopback `port`, one
+    worker, no operations port, warnings only, its count log and data directory
+    where given; `settings` add or override variables."""
+    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
+               VERVE_WORKERS="1", RUST_LOG="warn", VERVE_COUNT_LOG=str(count_log),
+               VERVE_DATA_DIR=str(data_dir))
+    env.update(settings)
+    return env
 
 
 def wait_for_port(port, name="a server", limit=10, proc=None):

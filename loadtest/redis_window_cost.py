@@ -18,7 +18,6 @@ ids' own SADD and EXPIRE), and what a survey of the window's sets costs Redis.
 """
 
 import argparse
-import os
 import random
 import re
 import signal
@@ -28,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from procs import cpu_seconds, free_port, wait_for_port
+from procs import cpu_seconds, free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -83,10 +82,9 @@ def measure(name, binary, args):
             stdout=subprocess.DEVNULL)
         procs.append(redis)
         wait_for_port(redis_port, "redis-server")
-        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}",
-                   VERVE_WORKERS="1", VERVE_WINDOW_SECS="86400", VERVE_JOURNAL="false",
-                   VERVE_COUNT_LOG=str(work / "counts.log"), VERVE_DATA_DIR=str(work / "data"),
-                   VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", RUST_LOG="warn")
+        env = verve_env(port, work / "counts.log", work / "data",
+                        VERVE_ADMIN_ADDR=f"127.0.0.1:{admin}", VERVE_WINDOW_SECS="86400",
+                        VERVE_JOURNAL="false", VERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
         verve = subprocess.Popen(["taskset", "-c", str(args.server_cpu), str(binary)], env=env,
                                  stdout=subprocess.DEVNULL, stderr=open(work / "stderr.log", "w"))
         procs.append(verve)

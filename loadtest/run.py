@@ -64,7 +64,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from procs import cpu_seconds, free_port, wait_for_port
+from procs import cpu_seconds, free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -105,9 +105,7 @@ class Server:
         self.count_log = self.dir / "counts.log"
 
     def start(self):
-        env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{self.port}", VERVE_ADMIN_ADDR="", VERVE_WORKERS="1",
-                   VERVE_WINDOW_SECS="86400", VERVE_COUNT_LOG=str(self.count_log),
-                   VERVE_DATA_DIR=str(self.dir / "data"), RUST_LOG="warn")
+        env = verve_env(self.port, self.count_log, self.dir / "data", VERVE_WINDOW_SECS="86400")
         self.redis_proc = None
         if self.redis:
             redis_port = free_port()

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from procs import free_port, wait_for_port
+from procs import free_port, verve_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "accept.lua"
@@ -58,9 +58,7 @@ def thread_stats(pid):
 def measure(binary, args, round_no):
     port = free_port()
     log = Path("/tmp") / f"threads-{os.getpid()}-{round_no}.log"
-    env = dict(os.environ, VERVE_ADDR=f"127.0.0.1:{port}", VERVE_ADMIN_ADDR="",
-               VERVE_WORKERS="1", RUST_LOG="warn", VERVE_COUNT_LOG=str(log),
-               VERVE_DATA_DIR=tempfile.mkdtemp(prefix="verve-threads-data-"))
+    env = verve_env(port, log, tempfile.mkdtemp(prefix="verve-threads-data-"))
     proc = subprocess.Popen(["taskset", "-c", str(args.server_cpu), str(binary)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -38,7 +38,7 @@ use foldhash::SharedSeed;
 /// ids, so the hash must be one they cannot aim collisions at; SipHash, std's
 /// default, resists that even when its output leaks, at several times the cost.
 /// Foldhash resists it while its seeds stay unknown, and nothing shows them (see
-/// [`Scramble`], the set's own hash, for why). (Foldhash's own default seeds come
+/// `Scramble`, the set's own hash, for why). (Foldhash's own default seeds come
 /// from addresses and the time.)
 pub type IdHasher = foldhash::fast::SeedableRandomState;
 
@@ -213,8 +213,6 @@ impl Bucket {
 struct Table {
     buckets: Box<[Bucket]>,
     len: usize,
-    /// The most ids the table holds before it grows ([`MAX_LOAD`]).
-    limit: usize,
     /// Leading bits shared by every scrambled id of this table, and how many.
     prefix: u64,
     depth: u32,
@@ -222,11 +220,9 @@ struct Table {
 
 impl Table {
     fn with_buckets(buckets: usize, prefix: u64, depth: u32) -> Table {
-        let buckets = buckets.max(1);
         Table {
-            buckets: vec![EMPTY_BUCKET; buckets].into_boxed_slice(),
+            buckets: vec![EMPTY_BUCKET; buckets.max(1)].into_boxed_slice(),
             len: 0,
-            limit: buckets * BUCKET_IDS * MAX_LOAD.0 / MAX_LOAD.1,
             prefix,
             depth,
         }
@@ -242,7 +238,7 @@ impl Table {
 
     #[inline]
     fn is_over_load(&self) -> bool {
-        self.len > self.limit
+        self.len * MAX_LOAD.1 > self.buckets.len() * BUCKET_IDS * MAX_LOAD.0
     }
 
     /// The home bucket of scrambled id `x`: its low 32 bits scaled to the
@@ -305,10 +301,8 @@ impl Table {
     /// the ids' homes here rise in the same order: both tables are walked
     /// front to back, which the hardware prefetches by itself.
     fn refill(&mut self, old: &Table) {
-        for bucket in old.buckets.iter() {
-            for x in bucket.taken() {
-                self.place(x);
-            }
+        for x in old.scrambled_ids() {
+            self.place(x);
         }
     }
 

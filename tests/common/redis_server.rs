@@ -1,8 +1,10 @@
 //! A real redis-server for tests, on a free loopback port, without persistence.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use verve::window::WindowStart;
@@ -212,11 +214,24 @@ pub fn server_command(port: u16, dir: &Path) -> Command {
     command
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, and never handed out before in this
+/// process. The kernel may give a port just released to the next bind, and tests
+/// run side by side: two clusters starting together could otherwise share a
+/// port, or a new node take the port of a node an older cluster still gossips
+/// with, and the two clusters merge.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }

@@ -70,16 +70,45 @@ pub enum Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'b> {
     pub method: Method,
-    /// The path, without the query.
-    pub path: &'b [u8],
-    /// The query, without the `?`; empty when there is none.
-    pub query: &'b [u8],
+    /// The request target as sent: the path, then `?` and the query if any.
+    pub target: &'b [u8],
     /// Whether the connection stays open after the response.
     pub keep_alive: bool,
     /// HTTP/1.0 keep-alive must be confirmed in the response; HTTP/1.1 assumes it.
     pub http10: bool,
     /// Bytes of the buffer this request used, head and body.
     pub len: usize,
+}
+
+impl<'b> Request<'b> {
+    /// The path, without the query.
+    pub fn path(&self) -> &'b [u8] {
+        self.split_target().0
+    }
+
+    /// The query, without the `?`; empty when there is none.
+    pub fn query(&self) -> &'b [u8] {
+        self.split_target().1
+    }
+
+    /// The query (empty when there is none) if the path is exactly `path`. A
+    /// router with one route asks this instead of splitting the target: a
+    /// compare of `path`'s length, not a search for the `?`.
+    #[inline]
+    pub fn query_if_path(&self, path: &[u8]) -> Option<&'b [u8]> {
+        match self.target.strip_prefix(path)? {
+            [] => Some(&[]),
+            [b'?', query @ ..] => Some(query),
+            _ => None,
+        }
+    }
+
+    fn split_target(&self) -> (&'b [u8], &'b [u8]) {
+        match memchr::memchr(b'?', self.target) {
+            Some(q) => (&self.target[..q], &self.target[q + 1..]),
+            None => (self.target, &[]),
+        }
+    }
 }
 
 /// Why a request cannot be framed. The connection answers and closes.
@@ -239,11 +268,6 @@ pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, 
         return Ok(None);
     }
 
-    let target = target.as_bytes();
-    let (path, query) = match memchr::memchr(b'?', target) {
-        Some(q) => (&target[..q], &target[q + 1..]),
-        None => (target, &target[target.len()..]),
-    };
     let method = match method {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
@@ -251,8 +275,7 @@ pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, 
     };
     Ok(Some(Request {
         method,
-        path,
-        query,
+        target: target.as_bytes(),
         keep_alive,
         http10,
         len,
@@ -325,8 +348,8 @@ mod tests {
     fn a_complete_request() {
         let req = frame(GET).unwrap().unwrap();
         assert_eq!(req.method, Method::Get);
-        assert_eq!(req.path, b"/api/verve/accept");
-        assert_eq!(req.query, b"id=1");
+        assert_eq!(req.path(), b"/api/verve/accept");
+        assert_eq!(req.query(), b"id=1");
         assert!(req.keep_alive);
         assert!(!req.http10);
         assert_eq!(req.len, GET.len());
@@ -340,6 +363,30 @@ mod tests {
     }
 
     #[test]
+    fn the_query_of_one_path_only_for_that_path() {
+        let target = |line: &str| {
+            let head = format!("GET {line} HTTP/1.1\r\n\r\n");
+            let req = frame(head.as_bytes()).unwrap().unwrap();
+            req.query_if_path(b"/api/verve/accept").map(<[u8]>::to_vec)
+        };
+        assert_eq!(target("/api/verve/accept?id=1"), Some(b"id=1".to_vec()));
+        assert_eq!(target("/api/verve/accept?"), Some(Vec::new()));
+        assert_eq!(target("/api/verve/accept"), Some(Vec::new()));
+        assert_eq!(target("/api/verve/acceptx?id=1"), None);
+        assert_eq!(target("/api/verve/accept/?id=1"), None);
+        assert_eq!(target("/api/verve/accep"), None);
+        assert_eq!(target("/?/api/verve/accept"), None);
+    }
+
+    #[test]
+    fn path_and_query_split_at_the_first_question_mark() {
+        let req = frame(b"GET /a?b?c HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!((req.path(), req.query()), (&b"/a"[..], &b"b?c"[..]));
+        let req = frame(b"GET /a HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!((req.path(), req.query()), (&b"/a"[..], &b""[..]));
+    }
+
+    #[test]
     fn pipelined_requests_frame_one_at_a_time() {
         let second = b"GET /api/verve/accept?id=2 HTTP/1.1\r\nConnection: close\r\n\r\n";
         let mut buf = GET.to_vec();
@@ -347,7 +394,7 @@ mod tests {
         buf.extend_from_slice(GET);
         let mut queries = Vec::new();
         let framed = frame_requests(&buf, &LIMITS, |req| {
-            queries.push(req.query);
+            queries.push(req.query());
             ControlFlow::Continue(())
         });
         assert_eq!(queries, [&b"id=1"[..], b"id=2"]);

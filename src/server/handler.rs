@@ -30,9 +30,9 @@ pub(crate) fn answer(
     };
     let head_only = req.method == Method::Head;
     // Only the API: `/metrics` and `/healthz` have a listener of their own.
-    let (route, status) = match req.path {
-        ACCEPT_PATH => (Route::Accept, accept(req, context, window, scratch)),
-        _ => (Route::Other, Status::NotFound),
+    let (route, status) = match req.query_if_path(ACCEPT_PATH) {
+        Some(query) => (Route::Accept, accept(req, query, context, window, scratch)),
+        None => (Route::Other, Status::NotFound),
     };
     response::write(out, status, persistence, head_only);
     context.counters().record(route, status);
@@ -58,6 +58,7 @@ pub(crate) fn refusal_status(err: FrameError) -> Status {
 /// Answers the accept endpoint, accepting the id when it is valid.
 fn accept(
     req: &Request<'_>,
+    query: &[u8],
     context: &RequestContext,
     window: WindowStart,
     scratch: &mut Vec<u8>,
@@ -65,7 +66,7 @@ fn accept(
     if req.method != Method::Get {
         return Status::MethodNotAllowed;
     }
-    let query = match parse_accept_query(req.query, scratch) {
+    let query = match parse_accept_query(query, scratch) {
         Ok(query) => query,
         Err(err) => {
             tracing::debug!(error = %err, "refused accept request");

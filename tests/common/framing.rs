@@ -25,13 +25,13 @@ pub enum Event {
 
 impl Event {
     fn of(req: Request<'_>, scratch: &mut Vec<u8>) -> Event {
-        let accept = (req.path == ACCEPT_PATH).then(|| {
-            parse_accept_query(req.query, scratch)
+        let accept = (req.path() == ACCEPT_PATH).then(|| {
+            parse_accept_query(req.query(), scratch)
                 .map(|q| (q.id, q.endpoint.map(|e| e.url.to_owned())))
         });
         Event::Request {
             method: req.method,
-            path: req.path.to_vec(),
+            path: req.path().to_vec(),
             keep_alive: req.keep_alive,
             http10: req.http10,
             len: req.len,

@@ -2,7 +2,8 @@
 """Instructions per request, verve against the bare baseline, under callgrind.
 
     loadtest/instructions.py [--requests 100000] [--warmup 20000] [--gap-us 300] [--depths 1,16]
-                             [--servers baseline,verve] [--compare BINARY] [--top 15]
+                             [--loads new,repeat] [--servers baseline,verve]
+                             [--compare BINARY] [--top 15]
                              [--skip-build]
                              [--out loadtest/results/instructions]
 
@@ -13,12 +14,17 @@ with examples/request_stream.rs (one connection, `depth` requests per write, and
 a pause of --gap-us after each group's answers, so that the server waits for every
 group instead of sometimes finding it already read: which of the two happens
 otherwise depends on how busy the machine is, and changes the count by a third),
-zeroes callgrind's counters, sends the measured stream (other ids, same shape),
-dumps the counters, and divides the instructions the server executed (every
+zeroes callgrind's counters, sends the measured stream (same shape), dumps the counters, and divides the instructions the server executed (every
 thread: workers, aggregator, timers) by the requests. Start-up and shutdown are
 outside the dump; what is inside is the work the stream caused, plus the periodic
 flush and sweep ticks that fell within it (a little, and it depends on how long
 the run took, so counts repeat to within a fraction of a percent, not exactly).
+
+Two loads, as in loadtest/pipelined.py: `new`, the measured stream's ids all
+new to the window (the set grows, and every id goes into the journal: counting's
+worst case), and `repeat`, the measured stream's ids all sent in the warm-up
+(the set only looks them up: the request path, and the steady state of a client
+that repeats its ids).
 
 --servers may name `verve-nojournal`: verve with VERVE_JOURNAL=false, to see what
 the journal costs (`--servers verve-nojournal,verve`); callgrind counts user-space
@@ -68,12 +74,13 @@ def total_instructions(dump):
     raise SystemExit(f"no totals in {dump}")
 
 
-def measure(server, depth, args, out):
+def measure(server, depth, load, args, out):
     """Runs one server under callgrind; returns instructions per request and the dump."""
     port = free_port()
     binary = {"baseline": RELEASE / "examples" / "baseline", "verve": RELEASE / "verve",
               "verve-nojournal": RELEASE / "verve", "before": args.compare}[server]
-    env = verve_env(port, out / f"{server}-d{depth}.log", out / f"{server}-d{depth}.data",
+    run = f"{server}-d{depth}-{load}"
+    env = verve_env(port, out / f"{run}.log", out / f"{run}.data",
                     VERVE_WINDOW_SECS="86400",
                     # Batches fill before the flush tick, as under a high load; the
                     # ticks' own work depends on how long the run takes.
@@ -84,15 +91,20 @@ def measure(server, depth, args, out):
     # stream's look old to the set.
     shutil.rmtree(env["VERVE_DATA_DIR"], ignore_errors=True)
     Path(env["VERVE_COUNT_LOG"]).unlink(missing_ok=True)
-    pattern = out / f"{server}-d{depth}.%p"
+    pattern = out / f"{run}.%p"
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                              str(binary)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, server, limit=60, proc=proc)
-        stream(port, args.warmup, depth, 0, args.gap_us)
+        if load == "new":
+            stream(port, args.warmup, depth, 0, args.gap_us)
+            first = args.warmup
+        else:
+            stream(port, max(args.warmup, args.requests), depth, 0, args.gap_us)
+            first = 0
         callgrind_control("--zero", proc.pid)
-        stream(port, args.requests, depth, args.warmup, args.gap_us)
+        stream(port, args.requests, depth, first, args.gap_us)
         callgrind_control("--dump", proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -101,7 +113,7 @@ def measure(server, depth, args, out):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    dump = out / f"{server}-d{depth}.{proc.pid}.1"
+    dump = out / f"{run}.{proc.pid}.1"
     return total_instructions(dump) / args.requests, dump
 
 
@@ -184,6 +196,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=20_000)
     parser.add_argument("--gap-us", type=int, default=300)
     parser.add_argument("--depths", default="1,16")
+    parser.add_argument("--loads", default="new,repeat")
     parser.add_argument("--servers", default="baseline,verve")
     parser.add_argument("--compare", type=Path, metavar="BINARY")
     parser.add_argument("--top", type=int, default=15)
@@ -196,35 +209,39 @@ def main():
                         "--example", "request_stream"], cwd=ROOT, check=True)
 
     depths = [int(d) for d in args.depths.split(",")]
+    loads = args.loads.split(",")
     servers = args.servers.split(",") + (["before"] if args.compare else [])
     results = {}
-    for depth in depths:
-        for server in servers:
-            per_request, dump = measure(server, depth, args, args.out)
-            results[(server, depth)] = (per_request, dump)
-            print(f"{server:>8}  depth {depth:>2}: {per_request:,.0f} instructions per request",
-                  flush=True)
+    for load in loads:
+        for depth in depths:
+            for server in servers:
+                per_request, dump = measure(server, depth, load, args, args.out)
+                results[(server, depth, load)] = (per_request, dump)
+                print(f"{server:>8}  depth {depth:>2}  {load:>6}: {per_request:,.0f} "
+                      "instructions per request", flush=True)
 
     print(f"\n{args.requests:,} requests after {args.warmup:,} of warm-up, one connection, "
           "one worker, under callgrind\n")
     compared = "before" in servers
-    print("| depth | " + " | ".join(servers) + " | verve / baseline |"
+    print("| load | depth | " + " | ".join(servers) + " | verve / baseline |"
           + (" verve / before |" if compared else ""))
-    print("|---|" + "---|" * (len(servers) + 1 + compared))
-    for depth in depths:
-        cells = [f"{results[(s, depth)][0]:,.0f}" for s in servers]
-        ratio = ""
-        if ("baseline", depth) in results and ("verve", depth) in results:
-            ratio = f"{results[('verve', depth)][0] / results[('baseline', depth)][0]:.2f}"
-        if compared:
-            ratio += f" | {results[('verve', depth)][0] / results[('before', depth)][0]:.3f}"
-        print(f"| {depth} | " + " | ".join(cells) + f" | {ratio} |")
-    for (server, depth), (_, dump) in results.items():
+    print("|---|---|" + "---|" * (len(servers) + 1 + compared))
+    for load in loads:
+        for depth in depths:
+            count = {s: results[(s, depth, load)][0] for s in servers}
+            cells = [f"{count[s]:,.0f}" for s in servers]
+            ratio = ""
+            if "baseline" in count and "verve" in count:
+                ratio = f"{count['verve'] / count['baseline']:.2f}"
+            if compared:
+                ratio += f" | {count['verve'] / count['before']:.3f}"
+            print(f"| {load} | {depth} | " + " | ".join(cells) + f" | {ratio} |")
+    for (server, depth, load), (_, dump) in results.items():
         rows = own_costs(dump)
-        print(f"\n{server}, depth {depth}: instructions per request by source (own cost)")
+        print(f"\n{server}, depth {depth}, {load}: instructions per request by source (own cost)")
         for label, instructions in by_source(rows)[:args.top]:
             print(f"  {instructions / args.requests:>9,.0f}  {label}")
-        print(f"{server}, depth {depth}: by function")
+        print(f"{server}, depth {depth}, {load}: by function")
         for instructions, name in rows[:args.top]:
             print(f"  {instructions / args.requests:>9,.0f}  {name[:120]}")
 

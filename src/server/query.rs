@@ -147,6 +147,10 @@ fn parse_id(raw: &[u8]) -> Result<i64, QueryError> {
     }
 }
 
+/// Digits that cannot overflow an `i64` whatever they are (below 10^18), so the
+/// usual id is read without a check per digit.
+const UNCHECKED_DIGITS: usize = 18;
+
 /// A decimal `i64` exactly as `str::parse::<i64>` reads one (an optional sign, then
 /// ASCII digits; each digit is checked before the overflow it would cause), straight
 /// from the bytes: every request carries an id, and the UTF-8 check and the generic
@@ -159,6 +163,17 @@ fn parse_decimal(text: &[u8]) -> Result<i64, QueryError> {
         [b'+', digits @ ..] => (false, digits),
         digits => (false, digits),
     };
+    if digits.len() <= UNCHECKED_DIGITS {
+        let mut magnitude: i64 = 0;
+        for &byte in digits {
+            let digit = byte.wrapping_sub(b'0');
+            if digit > 9 {
+                return Err(QueryError::InvalidId);
+            }
+            magnitude = magnitude * 10 + i64::from(digit);
+        }
+        return Ok(if negative { -magnitude } else { magnitude });
+    }
     let mut value: i64 = 0;
     for &byte in digits {
         let digit = byte.wrapping_sub(b'0');
@@ -346,6 +361,16 @@ mod tests {
         assert_eq!(id("id=+7"), Ok(7));
         assert_eq!(id("id=007"), Ok(7));
         assert_eq!(id("id=0"), Ok(0));
+    }
+
+    #[test]
+    fn ids_either_side_of_eighteen_digits() {
+        assert_eq!(id("id=999999999999999999"), Ok(999_999_999_999_999_999));
+        assert_eq!(id("id=-999999999999999999"), Ok(-999_999_999_999_999_999));
+        assert_eq!(id("id=1000000000000000000"), Ok(1_000_000_000_000_000_000));
+        assert_eq!(id("id=0000000000000000001"), Ok(1));
+        assert_eq!(id("id=-9223372036854775808"), Ok(i64::MIN));
+        assert_eq!(id("id=99999999999999999x"), Err(QueryError::InvalidId));
     }
 
     #[test]

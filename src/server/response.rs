@@ -68,11 +68,18 @@ const OK_KEEP_ALIVE: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
 
 /// Appends a full response to `out`. `head_only` leaves out the body (HEAD).
+#[inline]
 pub fn write(out: &mut Vec<u8>, status: Status, persistence: Persistence, head_only: bool) {
     if (status, persistence, head_only) == (Status::Ok, Persistence::KeepAlive, false) {
         out.extend_from_slice(OK_KEEP_ALIVE);
-        return;
+    } else {
+        write_other(out, status, persistence, head_only);
     }
+}
+
+/// Every answer but the usual one, out of line so that the usual one is inlined.
+#[inline(never)]
+fn write_other(out: &mut Vec<u8>, status: Status, persistence: Persistence, head_only: bool) {
     let (length, body): (&[u8], &[u8]) = if status == Status::Ok {
         (b"content-length: 2\r\n", b"ok")
     } else {

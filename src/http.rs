@@ -201,9 +201,9 @@ pub fn frame_requests<'b>(
 fn empty_lines(buf: &[u8]) -> usize {
     let mut len = 0;
     loop {
-        match &buf[len..] {
-            [b'\n', ..] => len += 1,
-            [b'\r', b'\n', ..] => len += 2,
+        match buf.get(len) {
+            Some(b'\n') => len += 1,
+            Some(b'\r') if buf.get(len + 1) == Some(&b'\n') => len += 2,
             _ => return len,
         }
     }

@@ -37,26 +37,19 @@ const STATUSES: [Status; 10] = [
 /// One worker's counters. Only that worker writes them.
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
+    /// Requests answered, by route and status. What became of the accept
+    /// endpoint's ids is read from its row (200 accepted, 503 overloaded, any
+    /// other refusal invalid), so a request costs one counter.
     requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
-    ids_accepted: AtomicU64,
-    ids_invalid: AtomicU64,
-    ids_overloaded: AtomicU64,
     /// The worker's registry of connections keeps these.
     pub(crate) connections: Arc<ConnectionCounters>,
 }
 
 impl WorkerCounters {
-    /// Counts one answered request; for the accept endpoint, also what became of its id.
+    /// Counts one answered request.
     #[inline]
     pub fn record(&self, route: Route, status: Status) {
         bump(&self.requests[route as usize][status as usize]);
-        if route == Route::Accept {
-            match status {
-                Status::Ok => bump(&self.ids_accepted),
-                Status::Unavailable => bump(&self.ids_overloaded),
-                _ => bump(&self.ids_invalid),
-            }
-        }
     }
 }
 
@@ -92,19 +85,27 @@ impl ServerCounters {
             workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
         };
         let mut requests = Vec::new();
-        for (r, (_, route)) in ROUTES.iter().enumerate() {
+        let (mut ids_accepted, mut ids_invalid, mut ids_overloaded) = (0, 0, 0);
+        for (r, (route, label)) in ROUTES.iter().enumerate() {
             for (s, status) in STATUSES.iter().enumerate() {
                 let n = sum(&|w| &w.requests[r][s]);
                 if n > 0 {
-                    requests.push((*route, status.code(), n));
+                    requests.push((*label, status.code(), n));
+                }
+                if *route == Route::Accept {
+                    match status {
+                        Status::Ok => ids_accepted += n,
+                        Status::Unavailable => ids_overloaded += n,
+                        _ => ids_invalid += n,
+                    }
                 }
             }
         }
         ServerTotals {
             requests,
-            ids_accepted: sum(&|w| &w.ids_accepted),
-            ids_invalid: sum(&|w| &w.ids_invalid),
-            ids_overloaded: sum(&|w| &w.ids_overloaded),
+            ids_accepted,
+            ids_invalid,
+            ids_overloaded,
             connections_open: sum(&|w| &w.connections.open),
             connections_refused: sum(&|w| &w.connections.refused),
             connections_timed_out: WAITS

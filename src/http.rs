@@ -259,14 +259,13 @@ pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, 
             return Err(FrameError::UnsupportedBody);
         }
     }
-    let body_len = body_len.unwrap_or(0);
-    if body_len > limits.body_bytes {
-        return Err(FrameError::BodyTooLarge);
-    }
-    let len = head_len + body_len;
-    if buf.len() < len {
-        return Ok(None);
-    }
+    // The head is in `buf`; only a body can be missing.
+    let len = match body_len {
+        None => head_len,
+        Some(body) if body > limits.body_bytes => return Err(FrameError::BodyTooLarge),
+        Some(body) if buf.len() < head_len + body => return Ok(None),
+        Some(body) => head_len + body,
+    };
 
     let method = match method {
         "GET" => Method::Get,

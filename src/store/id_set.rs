@@ -255,11 +255,11 @@ impl Table {
         (((x & 0xFFFF_FFFF) * self.buckets.len() as u64) >> 32) as usize
     }
 
-    /// Adds scrambled id `x` (not [`FREE`]); false if it was there. The table
-    /// must have a free slot, which [`MAX_LOAD`] keeps.
+    /// Adds scrambled id `x` (not [`FREE`]), whose home bucket is `home`; false
+    /// if it was there. The table must have a free slot, which [`MAX_LOAD`] keeps.
     #[inline]
-    fn insert(&mut self, x: u64) -> bool {
-        let mut at = self.home(x);
+    fn insert(&mut self, x: u64, home: usize) -> bool {
+        let mut at = home;
         loop {
             let bucket = &mut self.buckets[at];
             if bucket.holds(x) {
@@ -338,6 +338,9 @@ pub struct IdSet {
     holds_free_id: bool,
     /// Picks each new table's starting point in its growth cycle (xorshift).
     stagger: u64,
+    /// Growths and splits so far: where an id was located before one may have
+    /// moved (see [`IdSet::insert_all`]).
+    reshapes: u64,
 }
 
 impl IdSet {
@@ -357,6 +360,7 @@ impl IdSet {
             len: 0,
             holds_free_id: false,
             stagger: random_u64() | 1,
+            reshapes: 0,
         };
         // Tables start with as many ids as after a split.
         let split_ids = SPLIT_BUCKETS * BUCKET_IDS * MAX_LOAD.0 / MAX_LOAD.1 / 2;
@@ -386,22 +390,34 @@ impl IdSet {
 
     /// Adds `id`; true if it was new.
     pub fn insert(&mut self, id: i64) -> bool {
-        self.insert_scrambled(self.scramble.apply(id))
+        let x = self.scramble.apply(id);
+        let (at, home) = self.locate(x);
+        self.insert_located(x, at, home)
     }
 
     /// Adds every id of `ids`, calling `new` with each that was new, in order;
     /// returns how many were. Faster than one [`IdSet::insert`] each: a chunk's
-    /// buckets are prefetched before any is probed.
+    /// buckets are prefetched before any is probed, each id located (scrambled,
+    /// its table and home bucket found) once for both.
     pub fn insert_all(&mut self, ids: &[i64], mut new: impl FnMut(i64)) -> u64 {
         let before = self.len;
-        let mut scrambled = [0u64; PREFETCH_CHUNK];
+        let mut located = [(0u64, 0usize, 0usize); PREFETCH_CHUNK];
         for chunk in ids.chunks(PREFETCH_CHUNK) {
-            for (x, &id) in scrambled.iter_mut().zip(chunk) {
-                *x = self.scramble.apply(id);
-                self.prefetch(*x);
+            for (place, &id) in located.iter_mut().zip(chunk) {
+                let x = self.scramble.apply(id);
+                let (at, home) = self.locate(x);
+                prefetch(&self.tables[at].buckets[home]);
+                *place = (x, at, home);
             }
-            for (&x, &id) in scrambled.iter().zip(chunk) {
-                if self.insert_scrambled(x) {
+            let reshapes = self.reshapes;
+            for (&(x, at, home), &id) in located.iter().zip(chunk) {
+                // A table that grew or split since has other homes, or ids moved
+                // to a new table: locate again (rare, and only in this chunk).
+                let (at, home) = match self.reshapes == reshapes {
+                    true => (at, home),
+                    false => self.locate(x),
+                };
+                if self.insert_located(x, at, home) {
                     new(id);
                 }
             }
@@ -442,17 +458,25 @@ impl IdSet {
         (x >> 32 >> (32 - self.depth)) as usize
     }
 
+    /// Scrambled id `x`'s table and its home bucket there.
     #[inline]
-    fn insert_scrambled(&mut self, x: u64) -> bool {
+    fn locate(&self, x: u64) -> (usize, usize) {
+        let at = self.directory[self.entry(x)] as usize;
+        (at, self.tables[at].home(x))
+    }
+
+    /// Adds scrambled id `x`, located at table `at` and bucket `home` with the
+    /// tables as they are; true if it was new.
+    #[inline(always)]
+    fn insert_located(&mut self, x: u64, at: usize, home: usize) -> bool {
         if x == FREE {
             let new = !self.holds_free_id;
             self.holds_free_id = true;
             self.len += u64::from(new);
             return new;
         }
-        let at = self.directory[self.entry(x)] as usize;
         let table = &mut self.tables[at];
-        if !table.insert(x) {
+        if !table.insert(x, home) {
             return false;
         }
         self.len += 1;
@@ -460,12 +484,6 @@ impl IdSet {
             self.grow(at);
         }
         true
-    }
-
-    #[inline]
-    fn prefetch(&self, x: u64) {
-        let table = &self.tables[self.directory[self.entry(x)] as usize];
-        prefetch(&table.buckets[table.home(x)]);
     }
 
     /// Moves every id of a split table's `old` self into the table the directory
@@ -487,6 +505,7 @@ impl IdSet {
     /// Table `at` passed its load: it grows by half, or splits in two if
     /// that would take it past [`SPLIT_BUCKETS`]. Either moves all its ids.
     fn grow(&mut self, at: usize) {
+        self.reshapes += 1;
         let table = &self.tables[at];
         let buckets = (table.buckets.len() as f64 * GROWTH).ceil() as usize;
         if buckets > SPLIT_BUCKETS && table.depth < MAX_DEPTH {

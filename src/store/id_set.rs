@@ -67,9 +67,10 @@ const MAX_LOAD: (usize, usize) = (9, 10);
 /// the table's ids, so this trades memory for moves: a table doubles (and then
 /// splits) in 1.7 growths of a half against 3.1 of a quarter, which took a set
 /// growing from nothing from about 140 to 100 ns per id (`cargo bench --bench
-/// set_growth`, 20 M ids) for 11.1 bytes per id allocated against 10.0, and
-/// less resident memory at the end (the allocator keeps fewer freed tables of
-/// odd sizes). Doubling halves the moves again, at 12.8 bytes per id.
+/// set_growth`, 20 M ids) for 11.1 bytes per id allocated against 10.0; the
+/// resident memory at the end moved by less than that (15.3 against 16.0 at
+/// 20 M ids, 12.7 against 11.6 at 50 M). Doubling halves the moves again, at
+/// 12.8 bytes per id.
 const GROWTH: f64 = 1.5;
 
 /// A table that would grow past this many buckets (128 KiB, 16 K slots) splits

@@ -275,10 +275,10 @@ impl Table {
         }
     }
 
-    /// Whether scrambled id `x` (not [`FREE`]) is in the table: it would lie
-    /// before the first bucket with a free slot.
-    fn contains(&self, x: u64) -> bool {
-        let mut at = self.home(x);
+    /// Whether scrambled id `x` (not [`FREE`]), whose home bucket is `home`, is
+    /// in the table: it would lie before the first bucket with a free slot.
+    fn contains(&self, x: u64, home: usize) -> bool {
+        let mut at = home;
         loop {
             let bucket = &self.buckets[at];
             if bucket.holds(x) {
@@ -431,7 +431,8 @@ impl IdSet {
         if x == FREE {
             return self.holds_free_id;
         }
-        self.tables[self.directory[self.entry(x)] as usize].contains(x)
+        let (at, home) = self.locate(x);
+        self.tables[at].contains(x, home)
     }
 
     /// Calls `f` with every id, in no particular order.

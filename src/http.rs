@@ -210,23 +210,46 @@ fn empty_lines(buf: &[u8]) -> usize {
 }
 
 /// Frames the first request in `buf`.
+///
+/// This is the one place in the program that calls httparse's request parser (the
+/// operations port splits its two-path request line itself), and it calls it once:
+/// LLVM inlines the parser into the workers' loop only while it has a single call
+/// site, and that is worth about 85 instructions per pipelined request, a twelfth
+/// (docs/performance.md). So where the request line runs past its limit, httparse
+/// is shown only the bytes up to where that is decided, rather than asked a second
+/// time whether an error it found lies before them.
 pub fn parse<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Request<'b>>, FrameError> {
     let mut headers =
         [const { MaybeUninit::<httparse::Header<'b>>::uninit() }; MAX_HEADERS_CEILING];
     let headers = &mut headers[..limits.headers.min(MAX_HEADERS_CEILING)];
+    let line_overflow = request_line_overflow(buf, limits);
+    // One expression, not a match: with a branch here LLVM copied the call into
+    // both arms, two call sites, and inlined neither. An overflow is decided
+    // within the head limit.
+    let visible = &buf[..line_overflow.unwrap_or(buf.len()).min(limits.head_bytes)];
     let mut req = httparse::Request::new(&mut []);
-    let visible = &buf[..buf.len().min(limits.head_bytes)];
-    let head_len = match req.parse_with_uninit_headers(visible, headers) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            return match request_line_overflow(buf, limits) {
-                Some(_) => Err(FrameError::RequestLineTooLong),
-                None if buf.len() >= limits.head_bytes => Err(FrameError::HeadTooLarge),
-                None => Ok(None),
-            };
+    match req.parse_with_uninit_headers(visible, headers) {
+        Ok(httparse::Status::Complete(head_len)) => framed(&req, head_len, buf, limits),
+        Ok(httparse::Status::Partial) if line_overflow.is_some() => {
+            Err(FrameError::RequestLineTooLong)
         }
-        Err(err) => return Err(error_before_line_overflow(buf, limits, err)),
-    };
+        Ok(httparse::Status::Partial) if buf.len() >= limits.head_bytes => {
+            Err(FrameError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(FrameError::TooManyHeaders),
+        Err(_) => Err(FrameError::Malformed),
+    }
+}
+
+/// The request whose head httparse found complete in its first `head_len` bytes
+/// of `buf`, or why it cannot be served, or `Ok(None)` while its body is missing.
+fn framed<'b>(
+    req: &httparse::Request<'_, 'b>,
+    head_len: usize,
+    buf: &'b [u8],
+    limits: &Limits,
+) -> Result<Option<Request<'b>>, FrameError> {
     // httparse only reports Complete with all of these present.
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(FrameError::Malformed);
@@ -304,32 +327,21 @@ fn content_length(value: &[u8]) -> Result<usize, FrameError> {
 /// Where the request line is known to be too long: the length of the shortest
 /// prefix of `buf` that shows it, if `buf` shows it and no earlier than the head
 /// limit would. Leading empty lines, which HTTP lets a server skip, do not count.
+/// Framing asks this of every request, so the usual answer (the buffer is shorter
+/// than the longest line allowed) comes before any search for the line's end.
+#[inline]
 fn request_line_overflow(buf: &[u8], limits: &Limits) -> Option<usize> {
+    if buf.len() <= limits.request_line_bytes {
+        return None;
+    }
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
     let decided_at = start + limits.request_line_bytes + 1;
     if decided_at > buf.len() || decided_at > limits.head_bytes {
         return None;
     }
-    let line = &buf[start..decided_at];
-    (!line.iter().any(|&b| b == b'\r' || b == b'\n')).then_some(decided_at)
-}
-
-/// The verdict when httparse refuses the visible bytes: its own, unless the request
-/// line had already run over its limit before the byte httparse stopped at.
-#[cold]
-fn error_before_line_overflow(buf: &[u8], limits: &Limits, err: httparse::Error) -> FrameError {
-    if let Some(decided_at) = request_line_overflow(buf, limits) {
-        let mut headers = [httparse::EMPTY_HEADER; 0];
-        let mut req = httparse::Request::new(&mut headers);
-        // A line with no end has no headers yet, so an empty header array is enough.
-        if req.parse(&buf[..decided_at]).is_ok() {
-            return FrameError::RequestLineTooLong;
-        }
-    }
-    match err {
-        httparse::Error::TooManyHeaders => FrameError::TooManyHeaders,
-        _ => FrameError::Malformed,
-    }
+    memchr::memchr2(b'\r', b'\n', &buf[start..decided_at])
+        .is_none()
+        .then_some(decided_at)
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl ConnectionBuffers {
             FrameEnd::Paused => Next::AnswerMore,
             FrameEnd::Error(err) => {
                 tracing::debug!(error = %err, "closing connection");
-                handler::refuse(write_buf, context, handler::refusal_status(err));
+                handler::refuse(write_buf, context, Status::refusing(err));
                 Next::CloseAfterError
             }
             // Shutting down: everything received is answered above; then the

@@ -7,7 +7,7 @@ use super::context::RequestContext;
 use super::counters::Route;
 use super::query::parse_accept_query;
 use super::response::{self, Persistence, Status};
-use crate::http::{FrameError, Method, Request};
+use crate::http::{Method, Request};
 use crate::window::WindowStart;
 
 /// The path of the one counting endpoint.
@@ -42,17 +42,6 @@ pub(crate) fn answer(
 pub(crate) fn refuse(out: &mut Vec<u8>, context: &RequestContext, status: Status) {
     response::write(out, status, Persistence::Close, false);
     context.counters().record(Route::Other, status);
-}
-
-/// The answer to a request that cannot be framed.
-pub(crate) fn refusal_status(err: FrameError) -> Status {
-    match err {
-        FrameError::Malformed => Status::BadRequest,
-        FrameError::RequestLineTooLong => Status::UriTooLong,
-        FrameError::HeadTooLarge | FrameError::TooManyHeaders => Status::HeaderFieldsTooLarge,
-        FrameError::BodyTooLarge => Status::ContentTooLarge,
-        FrameError::UnsupportedBody => Status::NotImplemented,
-    }
 }
 
 /// Answers the accept endpoint, accepting the id when it is valid.

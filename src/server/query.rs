@@ -147,9 +147,11 @@ fn parse_id(raw: &[u8]) -> Result<i64, QueryError> {
     }
 }
 
-/// Digits that cannot overflow an `i64` whatever they are (below 10^18), so the
-/// usual id is read without a check per digit.
-const UNCHECKED_DIGITS: usize = 18;
+/// Digits that cannot overflow a `u64` whatever they are (below 10^19): the usual
+/// id, snowflake-style ones included, is read without a check per digit, and its
+/// sign's range is checked once at the end. Longer ids only come with leading
+/// zeros, and take the loop that checks every digit.
+const UNCHECKED_DIGITS: usize = 19;
 
 /// A decimal `i64` exactly as `str::parse::<i64>` reads one (an optional sign, then
 /// ASCII digits; each digit is checked before the overflow it would cause), straight
@@ -163,17 +165,28 @@ fn parse_decimal(text: &[u8]) -> Result<i64, QueryError> {
         [b'+', digits @ ..] => (false, digits),
         digits => (false, digits),
     };
-    if digits.len() <= UNCHECKED_DIGITS {
-        let mut magnitude: i64 = 0;
-        for &byte in digits {
-            let digit = byte.wrapping_sub(b'0');
-            if digit > 9 {
-                return Err(QueryError::InvalidId);
-            }
-            magnitude = magnitude * 10 + i64::from(digit);
-        }
-        return Ok(if negative { -magnitude } else { magnitude });
+    if digits.len() > UNCHECKED_DIGITS {
+        return parse_long_decimal(negative, digits);
     }
+    let mut magnitude: u64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return Err(QueryError::InvalidId);
+        }
+        magnitude = magnitude * 10 + u64::from(digit);
+    }
+    match negative {
+        false => i64::try_from(magnitude).map_err(|_| QueryError::IdOutOfRange),
+        true if magnitude <= i64::MIN.unsigned_abs() => Ok(0i64.wrapping_sub_unsigned(magnitude)),
+        true => Err(QueryError::IdOutOfRange),
+    }
+}
+
+/// An id of more than 19 digits: leading zeros, or out of range. Each digit is
+/// checked before the overflow it would cause, as `str::parse` does.
+#[cold]
+fn parse_long_decimal(negative: bool, digits: &[u8]) -> Result<i64, QueryError> {
     let mut value: i64 = 0;
     for &byte in digits {
         let digit = byte.wrapping_sub(b'0');
@@ -364,13 +377,56 @@ mod tests {
     }
 
     #[test]
-    fn ids_either_side_of_eighteen_digits() {
+    fn ids_either_side_of_nineteen_digits() {
         assert_eq!(id("id=999999999999999999"), Ok(999_999_999_999_999_999));
         assert_eq!(id("id=-999999999999999999"), Ok(-999_999_999_999_999_999));
         assert_eq!(id("id=1000000000000000000"), Ok(1_000_000_000_000_000_000));
         assert_eq!(id("id=0000000000000000001"), Ok(1));
         assert_eq!(id("id=-9223372036854775808"), Ok(i64::MIN));
         assert_eq!(id("id=99999999999999999x"), Err(QueryError::InvalidId));
+        assert_eq!(id("id=9999999999999999999"), Err(QueryError::IdOutOfRange));
+        assert_eq!(id("id=-9999999999999999999"), Err(QueryError::IdOutOfRange));
+        assert_eq!(id("id=00000000000000000001"), Ok(1));
+        assert_eq!(id("id=-00000000000000000001"), Ok(-1));
+    }
+
+    #[test]
+    fn ids_of_every_length_up_to_twenty_digits() {
+        let mut text = String::new();
+        for digit in "1234567890123456789".chars() {
+            text.push(digit);
+            assert_eq!(
+                parse_decimal(text.as_bytes()),
+                Ok(text.parse().unwrap()),
+                "{text}"
+            );
+            let negative = format!("-{text}");
+            assert_eq!(
+                parse_decimal(negative.as_bytes()),
+                Ok(negative.parse().unwrap())
+            );
+            let last_not_a_digit = format!("{}:", &text[..text.len() - 1]);
+            assert_eq!(
+                parse_decimal(last_not_a_digit.as_bytes()),
+                Err(QueryError::InvalidId)
+            );
+        }
+        text.push('0');
+        assert_eq!(
+            parse_decimal(text.as_bytes()),
+            Err(QueryError::IdOutOfRange)
+        );
+    }
+
+    #[test]
+    fn bytes_next_to_the_digits_are_not_digits() {
+        for byte in [b'/', b':', b'?', 0x20, 0xB0, 0x00, 0x40] {
+            for at in 0..12 {
+                let mut text = *b"123456789012";
+                text[at] = byte;
+                assert_eq!(parse_decimal(&text), Err(QueryError::InvalidId), "{text:?}");
+            }
+        }
     }
 
     #[test]
@@ -524,7 +580,9 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn ids_parse_exactly_as_str_parse_does(text in "[-+]?[0-9]{0,22}|[-+0-9a ]{0,24}") {
+        fn ids_parse_exactly_as_str_parse_does(
+            text in "[-+]?[0-9]{0,22}|[-+]?0{0,4}[1-9][0-9]{14,19}|[-+0-9a ]{0,24}|[-+]?[0-9/:?@`p\u{b0}]{1,20}"
+        ) {
             let expected = text.parse::<i64>().map_err(|e| match e.kind() {
                 std::num::IntErrorKind::Empty => QueryError::EmptyId,
                 std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {

@@ -5,6 +5,8 @@
 //! Responses are appended to the connection's write buffer so that a pipelined
 //! batch of requests goes back in one write.
 
+use crate::http::FrameError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Ok,
@@ -48,6 +50,17 @@ impl Status {
             Status::HeaderFieldsTooLarge => 431,
             Status::NotImplemented => 501,
             Status::Unavailable => 503,
+        }
+    }
+
+    /// The answer to a request that cannot be framed.
+    pub fn refusing(err: FrameError) -> Status {
+        match err {
+            FrameError::Malformed => Status::BadRequest,
+            FrameError::RequestLineTooLong => Status::UriTooLong,
+            FrameError::HeadTooLarge | FrameError::TooManyHeaders => Status::HeaderFieldsTooLarge,
+            FrameError::BodyTooLarge => Status::ContentTooLarge,
+            FrameError::UnsupportedBody => Status::NotImplemented,
         }
     }
 }

@@ -230,7 +230,7 @@ enum Endpoint {
 /// The request line is split here, and only the header fields go through httparse
 /// (`parse_headers`): httparse's request parser keeps one caller in the program,
 /// the public port's framing, which is what lets LLVM inline it into the workers'
-/// loop (about 90 instructions of a pipelined request's 1,100; docs/performance.md).
+/// loop (about 85 instructions per pipelined request; docs/performance.md).
 /// Two fixed paths and two methods need no more than a split at spaces.
 fn route(head: &[u8]) -> Option<Result<(Endpoint, bool), Status>> {
     // Empty lines before a request may be ignored (RFC 9112, 2.2).

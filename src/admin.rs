@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::http;
 use crate::metrics::Telemetry;
 use crate::server::response::{self, Persistence, Status};
 
@@ -233,8 +234,8 @@ enum Endpoint {
 /// loop (about 85 instructions per pipelined request; docs/performance.md).
 /// Two fixed paths and two methods need no more than a split at spaces.
 fn route(head: &[u8]) -> Option<Result<(Endpoint, bool), Status>> {
-    // Empty lines before a request may be ignored (RFC 9112, 2.2).
-    let head = &head[head.iter().position(|&b| b != b'\r' && b != b'\n')?..];
+    // Empty lines before a request may be ignored (RFC 9112, 2.2), as framing does.
+    let head = &head[http::empty_lines(head)..];
     let line_len = head
         .iter()
         .position(|b| !(b' '..=b'~').contains(b))
@@ -306,6 +307,7 @@ mod tests {
         let route = |head: &str| route(head.as_bytes());
         assert_eq!(route(""), None);
         assert_eq!(route("\r\n"), None);
+        assert_eq!(route("\r\n\r"), None);
         assert_eq!(route("GET /metr"), None);
         assert_eq!(route("GET /metrics HTTP/1.1\r"), None);
         assert_eq!(route("GET /metrics HTTP/1.1\r\n"), None);
@@ -322,6 +324,8 @@ mod tests {
         let bad = Some(Err(Status::BadRequest));
         // Refused as soon as a byte shows it, without waiting for the line's end.
         assert_eq!(route("\x16\x03\x01"), bad);
+        // A bare CR is no empty line.
+        assert_eq!(route("\r\rGET /metrics HTTP/1.1\r\n\r\n"), bad);
         assert_eq!(route("GET /metrics\tHTTP/1.1"), bad);
         assert_eq!(route("GET /metrics HTTP/2.0\r\n\r\n"), bad);
         assert_eq!(route("GET /metrics\r\n\r\n"), bad);

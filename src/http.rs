@@ -198,7 +198,7 @@ pub fn frame_requests<'b>(
 }
 
 /// The length of the complete empty lines (`\r\n` or `\n`) at the front of `buf`.
-fn empty_lines(buf: &[u8]) -> usize {
+pub(crate) fn empty_lines(buf: &[u8]) -> usize {
     let mut len = 0;
     loop {
         match buf.get(len) {
